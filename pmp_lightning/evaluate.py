@@ -1,0 +1,36 @@
+"""Detection metrics: how well a score finds the mislabeled examples (low score = suspect)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+METRICS = ("auroc", "ap", "precision_at_k", "recall_at_10pct")
+
+
+def detection_metrics(score: np.ndarray, is_mislabeled: np.ndarray) -> dict[str, float]:
+    """AUROC, average precision, precision@k (k = number mislabeled) and recall when the lowest 10% are flagged."""
+    mask = np.asarray(is_mislabeled, dtype=bool)
+    k = int(mask.sum())
+    if k == 0 or k == len(mask):
+        raise ValueError("detection metrics need both clean and mislabeled examples in the pool (noise=none has none)")
+    suspicion = -np.asarray(score, dtype=np.float64)
+    order = np.argsort(score, kind="stable")  # most suspect first
+    flagged = math.ceil(0.1 * len(mask))
+    return {
+        "auroc": float(roc_auc_score(mask, suspicion)),
+        "ap": float(average_precision_score(mask, suspicion)),
+        "precision_at_k": float(mask[order[:k]].mean()),
+        "recall_at_10pct": float(mask[order[:flagged]].sum() / k),
+    }
+
+
+def format_table(detection: dict[str, dict[str, float]]) -> str:
+    """The detection table as aligned text, best average precision first."""
+    rows = sorted(detection.items(), key=lambda kv: -kv[1]["ap"])
+    width = max(len("score"), *(len(name) for name in detection))
+    header = f"{'score':<{width}}  " + "  ".join(f"{m:>15}" for m in METRICS)
+    lines = [header, "-" * len(header)]
+    lines += [f"{name:<{width}}  " + "  ".join(f"{row[m]:>15.3f}" for m in METRICS) for name, row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Atomic writes: every artefact is written to a temporary file beside its target and renamed.
+
+A crash (or a full disk) mid-write leaves at most a ``.*.tmp`` file, never a truncated file under
+the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and rename the result to ``path``; remove the temp file on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_json(path, obj: Any) -> Path:
+    return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n"))
+
+
+def save_torch(path, obj: Any) -> Path:
+    return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def save_npz(path, **arrays: np.ndarray) -> Path:
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:  # a file object keeps numpy from appending ".npz" to the temp name
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
+def save_text(path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")

@@ -1,0 +1,317 @@
+"""The backward PMP replay as a LightningModule: one Trainer epoch per snapshot, newest first.
+
+Epoch e handles snapshot t = T-1-e. With λ_{t+1} known it loads θ_t, runs the per-example
+statistics pass over the pool (the epoch's batches), then propagates the costate:
+
+    λ_T = ∇J(θ_T)
+    λ_t = a_t ∇J(θ_t) + P_t(λ_{t+1})          (a_t = 1 for J = area, 0 for terminal)
+
+with P_t by ``curvature``:
+    exact / coarse   λ − η_t ∇²L(θ_t) λ                      (the paper's formula; exact checks that
+                                                               the trajectory was full-batch, one step per snapshot)
+    none             λ
+    expm             exp(−η_t H⁺) λ through ``lanczos_steps`` Lanczos iterations: the propagator of
+                     gradient flow over the interval, with H's negative Ritz values set to 0. Every
+                     factor is ≤ 1, so ‖P_t(λ)‖ ≤ ‖λ‖: stable for any η_t, and it still damps exactly
+                     the directions the Hessian says training moved along.
+
+Hessian-vector products use a fixed subsample of the trajectory's training set (all of it in
+exact mode). The net stays in eval mode (dropout off).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp
+from torch.utils.data import DataLoader, Subset
+
+from callbacks.theta_snapshot import load_manifest, load_snapshot
+from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
+from pmp_lightning.io import save_npz
+from pmp_lightning.stats import STAT_NAMES, per_example_stats
+
+CURVATURES = ("exact", "coarse", "none", "expm")
+OBJECTIVES = ("area", "terminal")
+PREFIX = "net."  # the training module keeps its network as ``self.net``
+
+
+@dataclass
+class ReplayStats:
+    """Everything the scores need: T × N per-example arrays and per-step vectors.
+
+    ``dot[t, n] = ⟨λ_{t+1}, ∇l_n(θ_t)⟩``; the PMP contribution is ``c[t, n] = eta[t] * dot[t, n]``.
+    ``lambda_norm[t] = ‖λ_{t+1}‖``. Columns follow the pool's positions.
+    """
+
+    dot: np.ndarray
+    grad_norm: np.ndarray
+    loss: np.ndarray
+    margin: np.ndarray
+    correct: np.ndarray
+    el2n: np.ndarray
+    eta: np.ndarray
+    lambda_norm: np.ndarray
+
+    @property
+    def contribution(self) -> np.ndarray:
+        return self.eta[:, None] * self.dot
+
+    def save(self, path: str | Path) -> Path:
+        return save_npz(path, **{f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReplayStats":
+        with np.load(path) as z:
+            return cls(**{f.name: z[f.name] for f in fields(cls)})
+
+
+class ReplayModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        snapshot_dir: str | Path,
+        pool,
+        downstream,
+        train_set,
+        curvature: str = "coarse",
+        objective: str = "area",
+        hvp_samples: int | None = 512,
+        batch_size: int = 256,
+        lanczos_steps: int = 10,
+        growth_warning: float = 10.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if curvature not in CURVATURES:
+            raise ReplayConfigError(f"unknown replay.curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
+        if objective not in OBJECTIVES:
+            raise ReplayConfigError(f"unknown replay.objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if len(pool) == 0:
+            raise ReplayConfigError("the pool to score is empty; give data.pool_size a positive value")
+        self.manifest = load_manifest(snapshot_dir)
+        self.snapshot_dir = Path(snapshot_dir)
+        self.net = net
+        self._check_model()
+        dtype = getattr(torch, self.manifest["dtype"])
+        self.to(dtype)  # the replay runs in the trajectory's precision
+        self.pool, self.downstream, self.train_set = pool.to(dtype), downstream.to(dtype), train_set.to(dtype)
+        self.curvature, self.objective = curvature, objective
+        self.batch_size, self.lanczos_steps, self.growth_warning = batch_size, lanczos_steps, growth_warning
+
+        snaps = self.manifest["snapshots"]
+        self.T = len(snaps) - 1
+        self.eta = np.array([s["lr_sum"] for s in snaps[1:]], dtype=np.float64)
+        if curvature == "exact":
+            self._check_exact(hvp_samples)
+        elif self.manifest["optimizer"].get("name") != "SGD" or self.manifest["optimizer"].get("momentum", 0):
+            warnings.warn(
+                f"the trajectory was trained with {self.manifest['optimizer']}; the replay treats it as plain "
+                f"gradient descent with the recorded learning rates"
+            )
+        n_hvp = len(self.train_set) if hvp_samples is None else min(int(hvp_samples), len(self.train_set))
+        gen = torch.Generator().manual_seed(seed)
+        self.hvp_set = Subset(self.train_set, torch.randperm(len(self.train_set), generator=gen)[:n_hvp].tolist())
+
+        n = len(self.pool)
+        self.arrays = {k: np.full((self.T, n), np.nan) for k in STAT_NAMES}
+        self.lambda_norm = np.full(self.T + 1, np.nan)  # index t: ‖λ_t‖ (λ_0 is never needed)
+        self.growth_warnings: list[int] = []
+        self.automatic_optimization = False
+
+    # ------------------------------------------------------------------ checks
+    def _check_model(self) -> None:
+        want = {PREFIX + k: list(v.shape) for k, v in self.net.state_dict().items()}
+        have = self.manifest["param_shapes"]
+        if want != have:
+            missing = sorted(set(want) - set(have))
+            extra = sorted(set(have) - set(want))
+            shape = [k for k in set(want) & set(have) if want[k] != have[k]]
+            detail = "; ".join(
+                part
+                for part in (
+                    f"parameters the model has but the snapshots lack: {missing[:4]}" if missing else "",
+                    f"parameters only in the snapshots: {extra[:4]}" if extra else "",
+                    ", ".join(f"{k} is {have[k]} in the snapshots but {want[k]} in the model" for k in sorted(shape)[:4]),
+                )
+                if part
+            )
+            raise SnapshotError(
+                f"the snapshots in {self.snapshot_dir} come from a different model ({self.manifest['model']}) "
+                f"than the one being replayed: {detail}. Replay with the model config used for training (model=...)."
+            )
+
+    def _check_exact(self, hvp_samples: int | None) -> None:
+        problems = []
+        if any(len(s["lrs"]) != 1 for s in self.manifest["snapshots"][1:]):
+            problems.append("a snapshot after every optimizer step (snapshot=every_step)")
+        if self.manifest["batches_per_epoch"] != 1:
+            problems.append("full-batch gradient descent (data.batch_size >= the training set size)")
+        if hvp_samples is not None and hvp_samples < len(self.train_set):
+            problems.append("Hessian-vector products on the whole training set (replay.hvp_samples=null)")
+        if self.manifest["optimizer"].get("name") != "SGD" or self.manifest["optimizer"].get("momentum", 0):
+            problems.append("plain SGD without momentum")
+        if problems:
+            raise ReplayConfigError("replay.curvature=exact needs " + "; ".join(problems) + ". Use replay.curvature=coarse or expm otherwise.")
+
+    # ------------------------------------------------------------------ lightning plumbing
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.net.eval()  # the replay differentiates the deterministic (dropout-off) network
+        return self
+
+    def configure_optimizers(self):
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.pool, batch_size=self.batch_size, shuffle=False)
+
+    def snapshot_of_epoch(self, epoch: int) -> int:
+        return self.T - 1 - epoch
+
+    def on_train_start(self) -> None:
+        self._load(self.T)
+        self.lam = self._grad_J()
+        self._record_norm(self.T)
+
+    def on_train_epoch_start(self) -> None:
+        self._load(self.snapshot_of_epoch(self.current_epoch))
+        self._lam_dict = self._unflatten(self.lam)
+
+    def training_step(self, batch, batch_idx):
+        x, y, i = batch
+        t = self.snapshot_of_epoch(self.current_epoch)
+        stats = per_example_stats(self.net, x, y, self._lam_dict)
+        idx = i.cpu().numpy()
+        for k, v in stats.items():
+            self.arrays[k][t, idx] = v.cpu().double().numpy()
+
+    def on_train_epoch_end(self) -> None:
+        t = self.snapshot_of_epoch(self.current_epoch)
+        if t == 0:  # λ_0 enters no score
+            return
+        lam = self._propagate(self.lam, float(self.eta[t]))
+        if self.objective == "area":
+            lam = lam + self._grad_J()
+        self.lam = lam
+        self._record_norm(t)
+
+    # ------------------------------------------------------------------ costate
+    def _propagate(self, lam: torch.Tensor, eta: float) -> torch.Tensor:
+        if self.curvature == "none":
+            return lam
+        if self.curvature in ("exact", "coarse"):
+            return lam - eta * self._hvp(lam)
+        return lanczos_expm(self._hvp, lam, eta, self.lanczos_steps)
+
+    def _record_norm(self, t: int) -> None:
+        norm = float(self.lam.norm())
+        if not math.isfinite(norm):
+            raise CostateDivergedError(
+                f"the costate λ_{t} became {norm} at snapshot {t} (step {self.manifest['snapshots'][t]['step']}) with "
+                f"replay.curvature={self.curvature}: η_t·λ_max(H) ≫ 2 makes the recursion explode. No scores were "
+                f"written. Use replay.curvature=expm (stable) or none, or snapshot more often."
+            )
+        prev = self.lambda_norm[t + 1] if t < self.T else float("nan")
+        if math.isfinite(prev) and prev > 0 and norm > self.growth_warning * prev:
+            self.growth_warnings.append(t)
+            warnings.warn(
+                f"costate norm grew {norm / prev:.3g}x at snapshot {t} (‖λ_{t}‖ = {norm:.3g}, η = {self.eta[t]:.3g}, "
+                f"curvature={self.curvature}); scores from an exploding recursion are unreliable: try replay.curvature=expm"
+            )
+        self.lambda_norm[t] = norm
+        self.log("replay/lambda_norm", norm, prog_bar=True, on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ θ_t, ∇J, Hessian-vector products
+    def _load(self, t: int) -> None:
+        state = load_snapshot(self.snapshot_dir, self.manifest["snapshots"][t])
+        net_state = {k[len(PREFIX):]: v for k, v in state.items()}
+        for k, v in net_state.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise SnapshotError(f"snapshot {t} ({self.manifest['snapshots'][t]['file']}) holds non-finite values in {k}; training diverged, lower the learning rate")
+        self.net.load_state_dict(net_state)
+        self._params = {k: p.detach() for k, p in self.net.named_parameters()}
+
+    def _flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[k].reshape(-1) for k in self._params])
+
+    def _unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for k, p in self._params.items():
+            out[k] = vec[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return out
+
+    def _summed_loss(self, params, x, y):
+        return F.cross_entropy(functional_call(self.net, params, (x,)), y, reduction="sum")
+
+    def _batches(self, dataset):
+        for x, y, _ in DataLoader(dataset, batch_size=self.batch_size, shuffle=False):
+            yield x.to(self.device), y.to(self.device)
+
+    def _grad_J(self) -> torch.Tensor:
+        total = torch.zeros(sum(p.numel() for p in self._params.values()), dtype=self.dtype, device=self.device)
+        for x, y in self._batches(self.downstream):
+            total += self._flatten(grad(self._summed_loss)(self._params, x, y))
+        return total / len(self.downstream)
+
+    def _hvp(self, vec: torch.Tensor) -> torch.Tensor:
+        """∇²L(θ_t) · vec for the mean training loss over the fixed subsample (forward-over-reverse)."""
+        v = self._unflatten(vec)
+        total = torch.zeros_like(vec)
+        for x, y in self._batches(self.hvp_set):
+            g = lambda p: grad(self._summed_loss)(p, x, y)  # noqa: E731
+            total += self._flatten(jvp(g, (self._params,), (v,))[1])
+        return total / len(self.hvp_set)
+
+    # ------------------------------------------------------------------ results
+    def results(self) -> ReplayStats:
+        if np.isnan(self.arrays["dot"]).any():
+            raise RuntimeError("the replay did not finish: some snapshots or pool examples have no statistics")
+        return ReplayStats(
+            **self.arrays,
+            eta=self.eta,
+            lambda_norm=self.lambda_norm[1:].copy(),
+        )
+
+
+def lanczos_expm(hvp, v: torch.Tensor, eta: float, steps: int) -> torch.Tensor:
+    """exp(−η H⁺) v from ``steps`` Lanczos iterations with full reorthogonalisation.
+
+    H⁺ is H with negative Ritz values set to 0, so every factor exp(−η θ_i) lies in (0, 1]: the result's
+    norm never exceeds ‖v‖.
+    """
+    beta0 = v.norm()
+    if beta0 == 0:
+        return v.clone()
+    basis = [v / beta0]
+    alphas, betas = [], []
+    for j in range(steps):
+        w = hvp(basis[j])
+        alphas.append(torch.dot(w, basis[j]))
+        for q in basis:  # full reorthogonalisation (twice is enough)
+            w = w - torch.dot(w, q) * q
+        for q in basis:
+            w = w - torch.dot(w, q) * q
+        b = w.norm()
+        scale = max(abs(float(a)) for a in alphas)
+        if j == steps - 1 or float(b) <= 1e-10 * scale:  # the Krylov space is invariant: T is exact
+            break
+        betas.append(b)
+        basis.append(w / b)
+    k = len(alphas)
+    T = torch.diag(torch.stack(alphas).double())
+    if k > 1:
+        off = torch.stack(betas[: k - 1]).double()
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    ritz, vecs = torch.linalg.eigh(T)
+    coeff = vecs @ (torch.exp(-eta * ritz.clamp(min=0)) * vecs[0])
+    coeff = coeff.to(v.dtype)
+    return beta0 * sum(c * q for c, q in zip(coeff, basis))

@@ -1,0 +1,146 @@
+"""Scores: small pure functions of the replay statistics, behind a registry.
+
+Convention: a **high** score means the example helps (keep it); the **lowest** scores are the
+suspects. Baselines whose natural direction is "large = suspicious" (loss, gradient norm, …) are
+negated so that every score reads the same way.
+
+Notation (arrays from ``ReplayStats``, t = 0…T-1 over snapshots, n over the pool):
+c[t, n] = η_t ⟨λ_{t+1}, ∇l_n(θ_t)⟩, g[t, n] = ‖∇l_n(θ_t)‖.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from pmp_lightning.errors import UnknownScoreError
+from pmp_lightning.replay import ReplayStats
+
+ScoreFn = Callable[[ReplayStats], np.ndarray]
+SCORES: dict[str, ScoreFn] = {}
+PMP_VARIANTS: list[str] = []  # the raw score and its normalisations, in registry order
+CLIP_QUANTILE = 0.5  # clipping threshold C_t: this quantile of the step's gradient norms
+
+
+def register(name: str, pmp: bool = False) -> Callable[[ScoreFn], ScoreFn]:
+    def add(fn: ScoreFn) -> ScoreFn:
+        SCORES[name] = fn
+        if pmp:
+            PMP_VARIANTS.append(name)
+        return fn
+
+    return add
+
+
+def compute_scores(names, stats: ReplayStats) -> dict[str, np.ndarray]:
+    unknown = [n for n in names if n not in SCORES]
+    if unknown:
+        raise UnknownScoreError(f"unknown score name(s) {unknown}; valid names: {', '.join(SCORES)}")
+    scores = {}
+    for name in names:
+        s = np.asarray(SCORES[name](stats), dtype=np.float64)
+        if not np.isfinite(s).all():
+            raise FloatingPointError(f"score {name!r} has {int((~np.isfinite(s)).sum())} non-finite values")
+        scores[name] = s
+    return scores
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
+
+
+# ----------------------------------------------------------------------------- PMP and its variants
+@register("raw", pmp=True)
+def raw(s: ReplayStats) -> np.ndarray:
+    """The paper's score Σ_t c_{t,n}."""
+    return s.contribution.sum(0)
+
+
+@register("cosine", pmp=True)
+def cosine(s: ReplayStats) -> np.ndarray:
+    """Direction only: Σ_t cos(λ_{t+1}, ∇l_n(θ_t))."""
+    return _safe_div(s.dot, s.lambda_norm[:, None] * s.grad_norm).sum(0)
+
+
+@register("unit_grad", pmp=True)
+def unit_grad(s: ReplayStats) -> np.ndarray:
+    """Σ_t η_t ⟨λ_{t+1}, ∇l_n/‖∇l_n‖⟩: unit gradients, keeping the time weighting of λ."""
+    return _safe_div(s.contribution, s.grad_norm).sum(0)
+
+
+@register("clip", pmp=True)
+def clip(s: ReplayStats) -> np.ndarray:
+    """Σ_t c_{t,n} · min(1, C_t / g_{t,n}), C_t the per-step median gradient norm."""
+    c_t = np.quantile(s.grad_norm, CLIP_QUANTILE, axis=1, keepdims=True)
+    return (s.contribution * np.minimum(1.0, _safe_div(np.broadcast_to(c_t, s.grad_norm.shape), s.grad_norm))).sum(0)
+
+
+@register("zscore", pmp=True)
+def zscore(s: ReplayStats) -> np.ndarray:
+    """Σ_t of c_{t,·} standardised across examples at each step."""
+    c = s.contribution
+    return _safe_div(c - c.mean(1, keepdims=True), c.std(1, keepdims=True)).sum(0)
+
+
+@register("rank", pmp=True)
+def rank(s: ReplayStats) -> np.ndarray:
+    """Σ_t of the per-step rank of c_{t,n} (0 = lowest)."""
+    return s.contribution.argsort(1).argsort(1).sum(0).astype(np.float64)
+
+
+@register("relative", pmp=True)
+def relative(s: ReplayStats) -> np.ndarray:
+    """Relative influence: s_n / sqrt(Σ_t η_t g²_{t,n})."""
+    return _safe_div(raw(s), np.sqrt((s.eta[:, None] * s.grad_norm**2).sum(0)))
+
+
+@register("early", pmp=True)
+def early(s: ReplayStats) -> np.ndarray:
+    """The raw score over the first half of the snapshots, before the network memorises the noise."""
+    return s.contribution[: max(1, len(s.eta) // 2)].sum(0)
+
+
+# ----------------------------------------------------------------------------- baselines
+@register("loss")
+def loss(s: ReplayStats) -> np.ndarray:
+    """Mean training loss over snapshots (negated)."""
+    return -s.loss.mean(0)
+
+
+@register("aum")
+def aum(s: ReplayStats) -> np.ndarray:
+    """Area under the margin (Pleiss et al. 2020): mean margin of the observed label."""
+    return s.margin.mean(0)
+
+
+@register("grand")
+def grand(s: ReplayStats) -> np.ndarray:
+    """GraNd (Paul et al. 2021): mean gradient norm (negated)."""
+    return -s.grad_norm.mean(0)
+
+
+@register("el2n")
+def el2n(s: ReplayStats) -> np.ndarray:
+    """EL2N (Paul et al. 2021): mean ‖softmax − onehot‖ (negated)."""
+    return -s.el2n.mean(0)
+
+
+@register("tracin_self")
+def tracin_self(s: ReplayStats) -> np.ndarray:
+    """TracIn self-influence (Pruthi et al. 2020): Σ_t η_t g²_{t,n} (negated)."""
+    return -(s.eta[:, None] * s.grad_norm**2).sum(0)
+
+
+@register("forgetting")
+def forgetting(s: ReplayStats) -> np.ndarray:
+    """Forgetting events (Toneva et al. 2019) across snapshots, never-learned examples counted as T (negated)."""
+    correct = s.correct > 0.5
+    events = (correct[:-1] & ~correct[1:]).sum(0)
+    never = ~correct.any(0)
+    return -np.where(never, len(correct), events).astype(np.float64)
+
+
+@register("random")
+def random(s: ReplayStats) -> np.ndarray:
+    """Uniform random scores (seed 0): the chance level."""
+    return np.random.default_rng(0).random(s.dot.shape[1])
