@@ -1,0 +1,96 @@
+"""Bad input gets an error that names the problem and the fix."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from callbacks.theta_snapshot import ThetaSnapshot
+from pmp_lightning.data import LabelNoise, PoolDataModule
+from pmp_lightning.errors import CostateDivergedError, DataConfigError, SnapshotError, UnknownScoreError
+from pmp_lightning.models import Classifier, mlp
+from pmp_lightning.pipeline import run
+from pmp_lightning.replay import ReplayModule
+from pmp_lightning.scores import compute_scores
+from tests.conftest import RandomSource
+from tests.test_pipeline import ROOT, make_cfg
+
+
+@pytest.fixture
+def trained(tmp_path):
+    pl.seed_everything(0)
+    dm = PoolDataModule(RandomSource(n=40), LabelNoise("symmetric", 0.2), pool_size=24, downstream_size=8, test_size=8, batch_size=8)
+    model = Classifier(mlp(in_features=4, hidden=5), optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    pl.Trainer(max_epochs=2, callbacks=[ThetaSnapshot(tmp_path / "snaps")], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(model, datamodule=dm)
+    return dm, tmp_path / "snaps"
+
+
+def _replay(dm, snaps, net=None, **kw):
+    return ReplayModule(net or mlp(in_features=4, hidden=5), snaps, dm.pool, dm.downstream, dm.train_set, **kw)
+
+
+def test_missing_snapshot_directory(trained, tmp_path):
+    dm, _ = trained
+    with pytest.raises(SnapshotError, match=r"snapshot directory .*nowhere does not exist; train first"):
+        _replay(dm, tmp_path / "nowhere")
+
+
+def test_snapshot_from_a_different_model(trained):
+    dm, snaps = trained
+    with pytest.raises(SnapshotError, match=r"different model .*net\.1\.weight is \[5, 4\] in the snapshots but \[7, 4\].*model="):
+        _replay(dm, snaps, net=mlp(in_features=4, hidden=7))
+
+
+def test_empty_pool(tmp_path):
+    with pytest.raises(DataConfigError, match="pool .* would be empty"):
+        run(make_cfg(tmp_path, "data.pool_size=0"))
+
+
+def test_empty_pool_given_to_the_replay(trained):
+    dm, snaps = trained
+    empty = dm.pool.__class__(dm.pool.x[:0], dm.pool.y[:0])
+    with pytest.raises(ValueError, match="pool to score is empty"):
+        ReplayModule(mlp(in_features=4, hidden=5), snaps, empty, dm.downstream, dm.train_set)
+
+
+@pytest.mark.parametrize("rate", [1.0, 1.5, -0.1])
+def test_noise_rate_outside_unit_interval(rate):
+    with pytest.raises(DataConfigError, match=rf"noise.rate={rate} is outside \[0, 1\)"):
+        LabelNoise("symmetric", rate)
+
+
+def test_unknown_score_name():
+    with pytest.raises(UnknownScoreError, match=r"unknown score name\(s\) \['rwa'\]; valid names: raw, cosine"):
+        compute_scores(["rwa"], stats=None)
+
+
+def test_exploding_costate_stops_before_any_score_is_written(trained, tmp_path):
+    dm, snaps = trained
+    manifest = json.loads((snaps / "manifest.json").read_text())
+    for s in manifest["snapshots"][1:]:
+        s["lr_sum"] = 1e38  # η·λ_max(H) far beyond 2: the coarse recursion overflows float32
+    (snaps / "manifest.json").write_text(json.dumps(manifest))
+    replay = _replay(dm, snaps, curvature="coarse")
+    with pytest.raises(CostateDivergedError, match="became (inf|nan).*No scores were written.*curvature=expm"):
+        pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False).fit(replay)
+
+
+def test_exact_mode_refuses_a_trajectory_it_cannot_be_exact_for(trained):
+    dm, snaps = trained
+    with pytest.raises(ValueError, match="curvature=exact needs a snapshot after every optimizer step.*full-batch"):
+        _replay(dm, snaps, curvature="exact")
+
+
+def test_the_command_line_prints_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "run.py", "+experiment=noisy_mnist", "noise.rate=1.0", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "noise.rate=1.0 is outside [0, 1)" in out and "Traceback" not in out

@@ -1,0 +1,82 @@
+"""End to end through Hydra's compose API on small data (the embedded MNIST images, offline)."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pmp_lightning.evaluate import METRICS
+from pmp_lightning.pipeline import run
+from pmp_lightning.scores import SCORES
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "+experiment=noisy_mnist",
+    "model=mlp",
+    "data.pool_size=600",
+    "data.downstream_size=100",
+    "data.test_size=300",
+    "trainer.max_epochs=4",
+    "trainer.enable_progress_bar=false",
+    "replay.hvp_samples=128",
+    "logger=none",
+]
+
+
+def make_cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*SMALL, f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def train_pool_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_pool")
+    return out, run(make_cfg(out))
+
+
+def test_metrics_json_has_every_field(train_pool_run):
+    out, returned = train_pool_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(returned))
+    assert set(metrics["detection"]) == set(SCORES)
+    for row in metrics["detection"].values():
+        assert set(row) == set(METRICS) and all(0.0 <= v <= 1.0 for v in row.values())
+    assert 0.5 < metrics["test_accuracy"] <= 1.0
+    assert metrics["costate"]["mode"] == "coarse" and len(metrics["costate"]["lambda_norms"]) == 4
+    assert {"data", "train", "test", "replay", "score"} <= set(metrics["timings"])
+
+
+def test_scores_csv_has_one_row_per_pool_example(train_pool_run):
+    out, _ = train_pool_run
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 600
+    assert list(rows[0])[:4] == ["index", "true_label", "observed_label", "is_mislabeled"]
+    assert len({r["index"] for r in rows}) == 600
+    truth = np.load(out / "ground_truth.npz")
+    assert [int(r["is_mislabeled"]) for r in rows] == truth["is_mislabeled"].astype(int).tolist()
+    assert sum(int(r["is_mislabeled"]) for r in rows) == 120  # exactly 20% of the pool
+    assert all((r["true_label"] != r["observed_label"]) == (r["is_mislabeled"] == "1") for r in rows)
+
+
+def test_the_loss_baseline_finds_mislabels_on_an_easy_problem(train_pool_run):
+    _, metrics = train_pool_run
+    assert metrics["detection"]["loss"]["auroc"] > 0.9
+    assert abs(metrics["detection"]["random"]["auroc"] - 0.5) < 0.1
+
+
+def test_artefacts_live_in_the_run_directory(train_pool_run):
+    out, _ = train_pool_run
+    assert (out / "snapshots" / "manifest.json").is_file() and (out / "replay" / "stats.npz").is_file()
+    stats = np.load(out / "replay" / "stats.npz")
+    assert stats["dot"].shape == (4, 600) and stats["eta"].shape == (4,)
+
+
+def test_holdout_pool_scores_examples_the_trajectory_never_saw(tmp_path):
+    metrics = run(make_cfg(tmp_path, "pool=holdout", "data.pool_size=300", "replay.curvature=expm", "replay.lanczos_steps=4",
+                           "scoring.scores=[raw,cosine,loss]"))
+    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
+    assert len(rows) == 300 and set(metrics["detection"]) == {"raw", "cosine", "loss"}
+    assert metrics["costate"]["mode"] == "expm"
+    assert metrics["detection"]["loss"]["auroc"] > 0.9
