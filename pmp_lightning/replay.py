@@ -162,11 +162,6 @@ class ReplayModule(pl.LightningModule):
             raise ReplayConfigError("replay.curvature=exact needs " + "; ".join(problems) + ". Use replay.curvature=coarse or expm otherwise.")
 
     # ------------------------------------------------------------------ lightning plumbing
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.net.eval()  # the replay differentiates the deterministic (dropout-off) network
-        return self
-
     def configure_optimizers(self):
         return None
 
@@ -237,6 +232,7 @@ class ReplayModule(pl.LightningModule):
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise SnapshotError(f"snapshot {t} ({self.manifest['snapshots'][t]['file']}) holds non-finite values in {k}; training diverged, lower the learning rate")
         self.net.load_state_dict(net_state)
+        self.net.eval()  # the replay differentiates the deterministic network: dropout off
         self._params = {k: p.detach() for k, p in self.net.named_parameters()}
 
     def _flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

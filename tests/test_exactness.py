@@ -100,3 +100,21 @@ def test_dropping_the_hessian_term_breaks_the_identity(tmp_path):
     s = compute_scores(["raw"], replay.results())["raw"]
     reference = _autograd_reference(dm, net, tmp_path / "snapshots", "area")
     assert np.abs(s - reference).max() / np.abs(reference).max() > 1e-6
+
+
+def test_the_replay_runs_the_network_without_dropout(tmp_path):
+    dm, _ = _train(tmp_path)
+
+    def with_dropout():
+        net = mlp(num_classes=10, in_features=4, hidden=6)
+        return torch.nn.Sequential(*net, torch.nn.Dropout(0.5))  # appended: parameter names unchanged
+
+    replay = ReplayModule(with_dropout(), tmp_path / "snapshots", dm.pool, dm.downstream, dm.train_set, curvature="none")
+    assert replay.net.training  # as built: Lightning itself never switches it
+    pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(replay)
+    net = with_dropout().double().eval()
+    state = load_snapshot(tmp_path / "snapshots", load_manifest(tmp_path / "snapshots")["snapshots"][0])
+    net.load_state_dict({k[len("net."):]: v for k, v in state.items()})
+    expected = F.cross_entropy(net(dm.pool.x.double()), dm.pool.y, reduction="none").detach().numpy()
+    np.testing.assert_allclose(replay.results().loss[0], expected, rtol=1e-12)
