@@ -10,8 +10,8 @@ layer's output (examples do not interact in eval mode, so the sum's gradient is 
 per layer, with ∇_W l_n = δ_n a_nᵀ (Linear) or Σ_p δ_{n,p} u_{n,p}ᵀ (Conv2d, u = unfolded patches):
 
     Linear:  ⟨V, δ_n a_nᵀ⟩ = (δ_n V) · a_n       ‖δ_n a_nᵀ‖² = ‖δ_n‖² ‖a_n‖²       ("ghost norm")
-    Conv2d:  ⟨V, ∇_W l_n⟩  = Σ δ_n ⊙ conv(a_n, V)  ‖∇_W l_n‖² from the small (out × in·k·k) per-example
-             gradient δ_n U_nᵀ (conv weights are small; the large Linear layers never materialise one)
+    Conv2d:  both from the small (out × in·k·k) per-example gradient δ_n U_nᵀ: conv weights are small,
+             and the large Linear layers never materialise one
 """
 from __future__ import annotations
 
@@ -81,10 +81,9 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
             sq += d2 * a.pow(2).sum(1)
             bias_grad = delta
         else:
-            conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
-            dot += (F.conv2d(a, vw, **conv) * delta).sum((1, 2, 3))
             patches = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
             per_example = torch.einsum("bop,bkp->bok", delta.flatten(2), patches)
+            dot += (per_example * vw.flatten(1)).sum((1, 2))
             sq += per_example.pow(2).sum((1, 2))
             bias_grad = delta.sum((2, 3))
         if vb is not None:
