@@ -12,17 +12,26 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.replay_progress import ReplayProgressBar
 from pmp_lightning.evaluate import detection_metrics, format_table
 from pmp_lightning.io import save_json, save_npz, save_text
 from pmp_lightning.models import Classifier
 from pmp_lightning.scores import compute_scores
 
 log = logging.getLogger(__name__)
+
+# Lightning's start-up notes and tips, and warnings that say nothing about this project's runs
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+for message in (".*does not have many workers.*", ".*returned `None`, this fit will run with no optimizer.*",
+                ".*isinstance\\(treespec, LeafSpec\\).*", ".*torch.jit.script.*is deprecated.*"):
+    warnings.filterwarnings("ignore", message=message)
 
 
 @contextmanager
@@ -76,8 +85,10 @@ def run(cfg: DictConfig) -> dict:
                 downstream=datamodule.downstream,
                 train_set=datamodule.train_set,
             )
+            progress = [ReplayProgressBar()] if cfg.trainer.enable_progress_bar else []
             replay_trainer = instantiate(
-                cfg.trainer, max_epochs=replay.T, logger=False, default_root_dir=out / "replay", enable_checkpointing=False
+                cfg.trainer, max_epochs=replay.T, callbacks=progress, logger=False, default_root_dir=out / "replay",
+                enable_checkpointing=False,
             )
             replay_trainer.fit(replay)
             stats = replay.results()

@@ -1,6 +1,3 @@
-import warnings
-
-import pytest
 import torch
 
 from pmp_lightning.data import Images
@@ -17,10 +14,3 @@ class RandomSource:
 
     def load(self):
         return Images(self.x, self.y), None
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*returned `None`, this fit will run with no optimizer.*")
-    yield
