@@ -16,12 +16,14 @@ import warnings
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.replay_progress import ReplayProgressBar
 from pmp_lightning.evaluate import detection_metrics, format_table
 from pmp_lightning.io import save_json, save_npz, save_text
+from pmp_lightning.memory import PeakMemory
 from pmp_lightning.models import Classifier
 from pmp_lightning.scores import compute_scores
 
@@ -35,10 +37,14 @@ for message in (".*does not have many workers.*", ".*returned `None`, this fit w
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str):
+def _stage(timings: dict[str, float], memory: dict[str, float], stage: str):
+    """Record the stage's wall time and the process's peak memory during it."""
     start = time.perf_counter()
-    yield
+    with PeakMemory("cuda" if torch.cuda.is_available() else "cpu") as peak:
+        yield
     timings[stage] = round(time.perf_counter() - start, 3)
+    if peak.peak_mib is not None:
+        memory[stage] = round(peak.peak_mib, 1)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -46,10 +52,11 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    memory: dict[str, float] = {}
     pl.seed_everything(cfg.seed, workers=True)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     try:
-        with _timed(timings, "data"):
+        with _stage(timings, memory, "data"):
             datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
             datamodule.setup()
         mask = datamodule.is_mislabeled
@@ -64,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-        with _timed(timings, "train"):
+        with _stage(timings, memory, "train"):
             classifier = Classifier(
                 net=instantiate(cfg.model),
                 optimizer=instantiate(cfg.optimizer),
@@ -73,10 +80,10 @@ def run(cfg: DictConfig) -> dict:
             snapshots = instantiate(cfg.snapshot, dirpath=out / "snapshots")
             trainer = instantiate(cfg.trainer, callbacks=[snapshots], logger=logger, default_root_dir=out)
             trainer.fit(classifier, datamodule=datamodule)
-        with _timed(timings, "test"):
+        with _stage(timings, memory, "test"):
             test_accuracy = float(trainer.test(classifier, datamodule=datamodule, verbose=False)[0]["test/accuracy"])
 
-        with _timed(timings, "replay"):
+        with _stage(timings, memory, "replay"):
             replay = instantiate(
                 cfg.replay,
                 net=instantiate(cfg.model),
@@ -94,7 +101,7 @@ def run(cfg: DictConfig) -> dict:
             stats = replay.results()
             stats.save(out / "replay" / "stats.npz")
 
-        with _timed(timings, "score"):
+        with _stage(timings, memory, "score"):
             scores = compute_scores(list(cfg.scoring.scores), stats)
             if mask.any():
                 detection = {name: detection_metrics(s, mask) for name, s in scores.items()}
@@ -112,6 +119,7 @@ def run(cfg: DictConfig) -> dict:
                 "growth_warnings": replay.growth_warnings,
             },
             "timings": timings,
+            "peak_memory_mib": memory,
         }
         _write_scores(out / "scores.csv", datamodule, scores)
         save_json(out / "metrics.json", metrics)
@@ -144,7 +152,10 @@ def _report(metrics: dict, out: Path) -> None:
     ]
     if metrics["detection"]:
         lines += ["", "detection of mislabeled examples (low score = suspect), best AP first:", format_table(metrics["detection"])]
-    lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings"].items()), f"outputs: {out}"]
+    lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings"].items())]
+    if metrics["peak_memory_mib"]:
+        lines += ["peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["peak_memory_mib"].items())]
+    lines += [f"outputs: {out}"]
     print("\n".join(lines), flush=True)
 
 

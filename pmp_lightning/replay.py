@@ -84,7 +84,7 @@ class ReplayModule(pl.LightningModule):
         curvature: str = "coarse",
         objective: str = "area",
         hvp_samples: int | None = 512,
-        batch_size: int = 256,
+        batch_size: int = 64,
         lanczos_steps: int = 10,
         growth_warning: float = 10.0,
         seed: int = 0,

@@ -10,8 +10,9 @@ layer's output (examples do not interact in eval mode, so the sum's gradient is 
 per layer, with ∇_W l_n = δ_n a_nᵀ (Linear) or Σ_p δ_{n,p} u_{n,p}ᵀ (Conv2d, u = unfolded patches):
 
     Linear:  ⟨V, δ_n a_nᵀ⟩ = (δ_n V) · a_n       ‖δ_n a_nᵀ‖² = ‖δ_n‖² ‖a_n‖²       ("ghost norm")
-    Conv2d:  both from the small (out × in·k·k) per-example gradient δ_n U_nᵀ: conv weights are small,
-             and the large Linear layers never materialise one
+    Conv2d:  ∇_W l_n[:, :, i, j] = δ_n · shift_{ij}(a_n)ᵀ, one small (out × in) block per kernel offset
+             (i, j); each block is reduced to its share of the dot and the squared norm at once, so
+             neither the per-example gradient nor the unfolded patch matrix is ever stored
 """
 from __future__ import annotations
 
@@ -81,10 +82,9 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
             sq += d2 * a.pow(2).sum(1)
             bias_grad = delta
         else:
-            patches = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-            per_example = torch.einsum("bop,bkp->bok", delta.flatten(2), patches)
-            dot += (per_example * vw.flatten(1)).sum((1, 2))
-            sq += per_example.pow(2).sum((1, 2))
+            conv_dot, conv_sq = _conv_weight_stats(layer, a, delta, vw)
+            dot += conv_dot
+            sq += conv_sq
             bias_grad = delta.sum((2, 3))
         if vb is not None:
             dot += bias_grad @ vb
@@ -104,3 +104,22 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
             "correct": (logits.argmax(1) == y).to(logits.dtype),
             "el2n": (probs - onehot).norm(dim=1),
         }
+
+
+def _conv_weight_stats(layer: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor, vw: torch.Tensor):
+    """Per-example ⟨V, ∇_W l_n⟩ and ‖∇_W l_n‖² of a Conv2d weight, one kernel offset at a time."""
+    b, out_ch, oh, ow = delta.shape
+    ph, pw = layer.padding if isinstance(layer.padding, tuple) else (layer.padding,) * 2
+    (sh, sw), (dh, dw) = layer.stride, layer.dilation
+    a = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    d = delta.reshape(b, out_ch, oh * ow)
+    dot = torch.zeros(b, dtype=a.dtype, device=a.device)
+    sq = torch.zeros_like(dot)
+    kh, kw = layer.kernel_size
+    for i in range(kh):
+        for j in range(kw):
+            window = a[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+            block = torch.bmm(d, window.reshape(b, a.shape[1], oh * ow).transpose(1, 2))  # (b, out, in)
+            dot += (block * vw[:, :, i, j]).sum((1, 2))
+            sq += block.pow(2).sum((1, 2))
+    return dot, sq

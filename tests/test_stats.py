@@ -8,10 +8,19 @@ from pmp_lightning.models import mlp, reported_cnn, small_cnn
 from pmp_lightning.stats import UnsupportedLayerError, per_example_stats
 
 
-@pytest.mark.parametrize("make", [reported_cnn, small_cnn, mlp])
+def odd_conv_net():
+    """Padding, dilation, stride and a non-square kernel: every index path of the conv formula."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 5, 3, padding=1, bias=False), torch.nn.Flatten(), torch.nn.LazyLinear(10),
+    )
+
+
+@pytest.mark.parametrize("make", [reported_cnn, small_cnn, mlp, odd_conv_net])
 def test_dots_and_norms_match_vmap_grad(make):
     torch.manual_seed(0)
     net = make().double().eval()
+    net(torch.zeros(1, 1, 28, 28, dtype=torch.float64))  # materialise lazy layers
     x, y = torch.randn(12, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (12,))
     params = {k: p.detach() for k, p in net.named_parameters()}
     v = {k: torch.randn_like(p) for k, p in params.items()}

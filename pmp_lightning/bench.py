@@ -1,0 +1,172 @@
+"""Benchmark of the replay's per-example statistics against the alternatives, in one process.
+
+    python -m pmp_lightning.bench [--model cnn] [--examples 256] [--chunk 64] [--repeats 5] [--device cpu]
+
+Methods, all on the same examples, parameters and direction λ:
+  (a) loop      the reported approach: one ``torch.autograd.grad`` per example, then dots and norms
+  (b) vmap_grad ``torch.func.vmap(grad)``: every per-example gradient materialised, then dots and norms
+  (c) vmap_jvp  ``vmap`` over examples of one ``jvp`` of the loss along λ: dots only, no norms
+  (d) stats     the project's pass (``pmp_lightning.stats.per_example_stats``): dots, norms, loss,
+                margin, correctness, EL2N from one forward and one backward
+  (e) train     one training step's forward and backward over the same examples (the physical limit)
+
+Each is timed as the median of ``--repeats`` runs after a warm-up. The ratios that matter are
+printed last. Peak memory (CPU: the process's peak resident set;
+GPU: the allocator's peak) is reported for (d) against (e), each in a fresh process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp, vmap
+
+from pmp_lightning import models
+from pmp_lightning.stats import per_example_stats
+
+MODELS = {"cnn": models.reported_cnn, "small_cnn": models.small_cnn, "mlp": models.mlp, "logreg": models.logistic_regression}
+METHODS = ("loop", "vmap_grad", "vmap_jvp", "stats", "train")
+
+
+def _setup(model: str, examples: int, device: str, seed: int = 0):
+    torch.manual_seed(seed)
+    net = MODELS[model]().to(device).eval()
+    x = torch.rand(examples, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (examples,), device=device)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    lam = {k: torch.randn_like(p) for k, p in params.items()}
+    return net, x, y, params, lam
+
+
+def make_methods(net, x, y, params, lam, chunk: int):
+    """name -> zero-argument function computing that method's outputs for all examples."""
+
+    def single_loss(p, xi, yi):
+        return F.cross_entropy(functional_call(net, p, (xi[None],)), yi[None])
+
+    def loop():
+        plist = list(net.parameters())
+        dots, norms = [], []
+        for xi, yi in zip(x, y):
+            g = torch.autograd.grad(F.cross_entropy(net(xi[None]), yi[None]), plist)
+            dots.append(sum((gi * lam[k]).sum() for gi, k in zip(g, params)))
+            norms.append(torch.sqrt(sum(gi.pow(2).sum() for gi in g)))
+        return torch.stack(dots), torch.stack(norms)
+
+    def vmap_grad():
+        dots, norms = [], []
+        for xs, ys in zip(x.split(chunk), y.split(chunk)):
+            g = vmap(grad(single_loss), in_dims=(None, 0, 0))(params, xs, ys)
+            dots.append(sum((g[k] * lam[k]).flatten(1).sum(1) for k in g))
+            norms.append(sum(g[k].pow(2).flatten(1).sum(1) for k in g).sqrt())
+        return torch.cat(dots), torch.cat(norms)
+
+    def vmap_jvp():
+        def dot(xi, yi):
+            return jvp(lambda p: single_loss(p, xi, yi), (params,), (lam,))[1]
+
+        return torch.cat([vmap(dot)(xs, ys) for xs, ys in zip(x.split(chunk), y.split(chunk))])
+
+    def stats():
+        out = [per_example_stats(net, xs, ys, lam) for xs, ys in zip(x.split(chunk), y.split(chunk))]
+        return torch.cat([o["dot"] for o in out]), torch.cat([o["grad_norm"] for o in out])
+
+    def train():
+        for xs, ys in zip(x.split(chunk), y.split(chunk)):
+            net.zero_grad(set_to_none=True)
+            F.cross_entropy(net(xs), ys).backward()
+
+    return {"loop": loop, "vmap_grad": vmap_grad, "vmap_jvp": vmap_jvp, "stats": stats, "train": train}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_method(fn, device: str, repeats: int) -> float:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mib(method: str, args) -> tuple[float, float] | None:
+    """Peak memory while running ``method`` once, in a fresh process so methods do not share a high-water mark."""
+    code = (
+        "import json; from pmp_lightning import bench; from pmp_lightning.memory import PeakMemory; "
+        f"a = json.loads({json.dumps(json.dumps(vars(args)))}); "
+        "fns = bench.make_methods(*bench._setup(a['model'], a['examples'], a['device']), a['chunk']); "
+        f"fns[{method!r}](); "  # warm-up: allocator caches and lazy initialisation are not the method's
+        "m = PeakMemory(a['device']); m.__enter__(); "
+        f"fns[{method!r}](); "
+        "m.__exit__(); print(json.dumps([m.peak_mib, m.base_mib]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak, base = json.loads(out.stdout.strip().splitlines()[-1])
+    return None if peak is None else (peak, peak - base)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cnn", choices=sorted(MODELS))
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=64, help="examples per batch for the batched methods (the replay default)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip", nargs="*", default=[], choices=METHODS, help="methods to leave out")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    args = parser.parse_args(argv)
+
+    net, x, y, params, lam = _setup(args.model, args.examples, args.device)
+    fns = make_methods(net, x, y, params, lam, args.chunk)
+    n_params = sum(p.numel() for p in params.values())
+    print(f"model {args.model} ({n_params:,} parameters), {args.examples} examples, chunk {args.chunk}, "
+          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    # every method computes the same numbers
+    ref_dot, ref_norm = fns["stats"]()
+    for name in ("loop", "vmap_grad"):
+        if name not in args.skip:
+            dot, norm = fns[name]()
+            assert torch.allclose(dot, ref_dot, rtol=1e-3, atol=1e-4 * ref_dot.abs().max()), name
+            assert torch.allclose(norm, ref_norm, rtol=1e-3), name
+    if "vmap_jvp" not in args.skip:
+        assert torch.allclose(fns["vmap_jvp"](), ref_dot, rtol=1e-3, atol=1e-4 * ref_dot.abs().max())
+
+    times = {}
+    for name in METHODS:
+        if name in args.skip:
+            continue
+        times[name] = time_method(fns[name], args.device, args.repeats)
+        print(f"  {name:<10} {times[name] * 1e3:10.1f} ms")
+
+    ratios = {}
+    for num, den in (("stats", "train"), ("vmap_grad", "stats"), ("loop", "stats"), ("vmap_jvp", "stats")):
+        if num in times and den in times:
+            ratios[f"{num}/{den}"] = times[num] / times[den]
+    print("ratios:  " + "   ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    result = {"times_s": times, "ratios": ratios}
+    if not args.no_memory:
+        memory = {m: peak_memory_mib(m, args) for m in ("stats", "train")}
+        if None not in memory.values():
+            (ps, gs), (pt, gt) = memory["stats"], memory["train"]
+            print(f"peak memory, whole process: stats {ps:.0f} MiB, train {pt:.0f} MiB (ratio {ps / pt:.2f}); "
+                  f"growth during the call: stats {gs:.0f} MiB, train {gt:.0f} MiB")
+        result["peak_memory_mib"] = memory
+    return result
+
+
+if __name__ == "__main__":
+    main()
