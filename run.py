@@ -5,8 +5,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from pmp_lightning.config import register_configs
 from pmp_lightning.errors import PMPError
 from pmp_lightning.pipeline import run
+
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -6,6 +6,7 @@ pool's positions to the source dataset's own indices (the ``index`` column of ``
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,12 +131,46 @@ class IndexedDataset(Dataset):
         return IndexedDataset(self.x.to(dtype), self.y)
 
 
+class _Draw:
+    """Consecutive disjoint draws from one random permutation of a set of images."""
+
+    def __init__(self, images: Images, gen: torch.Generator, name: str):
+        self.images, self.name = images, name
+        self.order = torch.randperm(len(images), generator=gen)
+        self.taken = 0
+
+    def take(self, n: int | None, what: str) -> torch.Tensor:
+        left = len(self.order) - self.taken
+        n = left if n is None else int(n)
+        if n <= 0:
+            raise DataConfigError(
+                f"the {what} would be empty ({n} examples); give it a positive size "
+                f"({left} of the {len(self.order)} images of {self.name} are left at that point)"
+            )
+        if n > left:
+            raise DataConfigError(
+                f"the {what} needs {n} examples but only {left} of the {len(self.order)} images of {self.name} are "
+                f"left after the earlier splits; lower the sizes (data.pool_size, data.downstream_size, "
+                f"data.test_size, data.train_size) or use a larger data set"
+            )
+        idx = self.order[self.taken : self.taken + n]
+        self.taken += n
+        return idx
+
+    def rest(self) -> torch.Tensor:
+        return self.order[self.taken :]
+
+
 class PoolDataModule(pl.LightningDataModule):
     """The scored pool, a clean downstream set defining J, a clean test set, and the training set.
 
     ``pool_mode='train'``: the trajectory trains on the (noisy) pool, which is what is scored.
     ``pool_mode='holdout'``: the trajectory trains on ``train_size`` clean examples (``None``: all
     that remain) and a disjoint held-out pool with corrupted labels is scored.
+    ``pool_mode='test'`` (sources with a test split): the trajectory trains on the training split and
+    the pool is ``pool_size`` test images with corrupted labels, as in the original problem report.
+    With ``downstream_includes_pool`` the downstream set is the whole test split, the pool's images
+    with their true labels included: the report's set-up, which leaks the answers into J (warned).
     ``pool_size=None`` takes every example left after the downstream (and test) sets.
     """
 
@@ -146,20 +181,24 @@ class PoolDataModule(pl.LightningDataModule):
         pool_mode: str = "train",
         pool_size: int | None = None,
         train_size: int | None = None,
-        downstream_size: int = 200,
-        test_size: int = 1000,
+        downstream_size: int | None = 200,
+        test_size: int | None = 1000,
+        downstream_includes_pool: bool = False,
         batch_size: int = 32,
         split_seed: int = 0,
         num_workers: int = 0,
     ):
         super().__init__()
-        if pool_mode not in ("train", "holdout"):
-            raise DataConfigError(f"unknown pool mode {pool_mode!r}; use pool=train or pool=holdout")
+        if pool_mode not in ("train", "holdout", "test"):
+            raise DataConfigError(f"unknown pool mode {pool_mode!r}; use pool=train, pool=holdout or pool=test")
         if pool_mode == "train" and train_size is not None:
-            raise DataConfigError("data.train_size only applies to pool=holdout; in pool=train the pool is the training set")
+            raise DataConfigError("data.train_size does not apply to pool=train, where the pool is the training set")
+        if downstream_includes_pool and pool_mode != "test":
+            raise DataConfigError("data.downstream_includes_pool applies to pool=test only")
         self.source, self.noise = source, noise
         self.pool_mode, self.pool_size, self.train_size = pool_mode, pool_size, train_size
         self.downstream_size, self.test_size = downstream_size, test_size
+        self.downstream_includes_pool = downstream_includes_pool
         self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
         self._ready = False
 
@@ -167,55 +206,59 @@ class PoolDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        main, test_source = self.source.load()
+        main, test_split = self.source.load()
         gen = torch.Generator().manual_seed(self.split_seed)
-        order = torch.randperm(len(main), generator=gen)
-        taken = 0
+        train_draw = _Draw(main, gen, "the training source")
+        test_draw = _Draw(test_split, gen, "the test split") if test_split is not None else None
 
-        def take(n: int | None, what: str) -> torch.Tensor:
-            nonlocal taken
-            left = len(order) - taken
-            n = left if n is None else int(n)
-            if n <= 0:
-                raise DataConfigError(
-                    f"the {what} would be empty ({n} examples); give it a positive size "
-                    f"({left} of the source's {len(main)} examples are left at that point)"
-                )
-            if n > left:
-                raise DataConfigError(
-                    f"the {what} needs {n} examples but only {left} of the source's {len(main)} are left "
-                    f"after the earlier splits; lower the sizes (data.pool_size, data.downstream_size, "
-                    f"data.test_size, data.train_size) or use a larger data set"
-                )
-            idx = order[taken : taken + n]
-            taken += n
-            return idx
-
-        if test_source is None:
-            test_idx = take(self.test_size, "test set (data.test_size)")
-            self.test_set = IndexedDataset(main.x[test_idx], main.y[test_idx])
+        if self.pool_mode == "test":
+            if test_draw is None:
+                raise DataConfigError(f"pool=test scores test-split images but {type(self.source).__name__} has no test "
+                                      f"split; use data=mnist or data=fashion_mnist")
+            pool_src, pool_idx = test_split, test_draw.take(self.pool_size, "pool (data.pool_size)")
+            if self.downstream_includes_pool:  # the reported set-up: J is the whole test split
+                ds_x, ds_y = test_split.x, test_split.y
+            else:
+                ds_idx = test_draw.take(self.downstream_size, "downstream set (data.downstream_size)")
+                ds_x, ds_y = test_split.x[ds_idx], test_split.y[ds_idx]
+            test_idx = test_draw.take(self.test_size, "test set (data.test_size)")
+            self.test_set = IndexedDataset(test_split.x[test_idx], test_split.y[test_idx])
+            self.downstream = IndexedDataset(ds_x, ds_y)
+            train_idx = train_draw.take(self.train_size, "training set (data.train_size)")
         else:
-            sel = torch.randperm(len(test_source), generator=gen)[: self.test_size]
-            self.test_set = IndexedDataset(test_source.x[sel], test_source.y[sel])
-        ds_idx = take(self.downstream_size, "downstream set (data.downstream_size)")
-        self.downstream = IndexedDataset(main.x[ds_idx], main.y[ds_idx])
-        if self.pool_mode == "holdout":
-            pool_idx = take(self.pool_size, "held-out pool (data.pool_size)")
-            if self.train_size is None and taken == len(order):
-                raise DataConfigError(
-                    "pool=holdout leaves no examples to train on; lower data.pool_size or set data.train_size"
-                )
-            train_idx = take(self.train_size, "clean training set (data.train_size)")
-        else:
-            pool_idx = take(self.pool_size, "pool (data.pool_size)")
-            train_idx = pool_idx
+            test_idx = (test_draw or train_draw).take(self.test_size, "test set (data.test_size)")
+            self.test_set = IndexedDataset((test_split or main).x[test_idx], (test_split or main).y[test_idx])
+            ds_idx = train_draw.take(self.downstream_size, "downstream set (data.downstream_size)")
+            self.downstream = IndexedDataset(main.x[ds_idx], main.y[ds_idx])
+            pool_src = main
+            if self.pool_mode == "holdout":
+                pool_idx = train_draw.take(self.pool_size, "held-out pool (data.pool_size)")
+                if self.train_size is None and not len(train_draw.rest()):
+                    raise DataConfigError("pool=holdout leaves no examples to train on; lower data.pool_size or set data.train_size")
+                train_idx = train_draw.take(self.train_size, "clean training set (data.train_size)")
+            else:
+                pool_idx = train_idx = train_draw.take(self.pool_size, "pool (data.pool_size)")
 
         self.pool_index = pool_idx.numpy()
-        self.true_labels = main.y[pool_idx].clone()
+        self.true_labels = pool_src.y[pool_idx].clone()
         self.observed_labels = self.noise(self.true_labels)
-        self.pool = IndexedDataset(main.x[pool_idx], self.observed_labels)
+        self.pool = IndexedDataset(pool_src.x[pool_idx], self.observed_labels)
         self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(main.x[train_idx], main.y[train_idx])
+        self.check_overlap()
         self._ready = True
+
+    def check_overlap(self) -> int:
+        """Warn when downstream images are also pool images: J then holds the pool's true labels."""
+        pool = {x.numpy().tobytes() for x in self.pool.x}
+        shared = sum(x.numpy().tobytes() in pool for x in self.downstream.x)
+        if shared:
+            warnings.warn(
+                f"the downstream set shares {shared} images with the pool ({len(self.pool)} examples): J then contains "
+                f"the true labels of those pool examples, which leaks the answer into the scores. Use disjoint sets "
+                f"(e.g. +experiment=issue_setting_fixed) unless this is the set-up under study.",
+                stacklevel=2,
+            )
+        return shared
 
     @property
     def is_mislabeled(self) -> np.ndarray:

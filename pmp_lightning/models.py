@@ -6,6 +6,7 @@ from typing import Callable
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import nn
 
 
@@ -48,6 +49,15 @@ class Classifier(pl.LightningModule):
     ):
         super().__init__()
         self.net, self.optimizer_factory, self.lr_schedule = net, optimizer, lr_schedule
+
+    @classmethod
+    def from_config(cls, cfg) -> "Classifier":
+        """The classifier a run's Hydra config describes: ``model``, ``optimizer``, ``lr_schedule``."""
+        return cls(
+            net=instantiate(cfg.model),
+            optimizer=instantiate(cfg.optimizer),
+            lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -1,7 +1,9 @@
 """The task function: train with snapshots, replay backward, score, evaluate, report.
 
-Everything is written under ``cfg.paths.output_dir`` (the Hydra run directory):
-``snapshots/``, ``replay/stats.npz``, ``ground_truth.npz``, ``scores.csv``, ``metrics.json``.
+Everything a run reports is written under ``cfg.paths.output_dir`` (the Hydra run directory):
+``ground_truth.npz``, ``scores.csv``, ``metrics.json``, and the links ``snapshots/`` and ``replay/``
+to the train and replay cache entries it used (``cfg.paths.cache_dir``), so that runs that differ
+only in their scoring train and replay once.
 """
 from __future__ import annotations
 
@@ -9,10 +11,9 @@ import csv
 import io
 import logging
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-
-import warnings
 
 import numpy as np
 import pytorch_lightning as pl
@@ -21,11 +22,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.replay_progress import ReplayProgressBar
+from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
+from pmp_lightning.config import score_names
 from pmp_lightning.evaluate import detection_metrics, format_table
 from pmp_lightning.io import save_json, save_npz, save_text
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.models import Classifier
+from pmp_lightning.replay import ReplayStats
 from pmp_lightning.scores import compute_scores
+from pmp_lightning.select import selection
+from pmp_lightning.wandb_logging import log_results, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ def run(cfg: DictConfig) -> dict:
     timings: dict[str, float] = {}
     memory: dict[str, float] = {}
     pl.seed_everything(cfg.seed, workers=True)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") else False
     try:
         with _stage(timings, memory, "data"):
             datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
@@ -71,67 +77,88 @@ def run(cfg: DictConfig) -> dict:
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-        with _stage(timings, memory, "train"):
-            classifier = Classifier(
-                net=instantiate(cfg.model),
-                optimizer=instantiate(cfg.optimizer),
-                lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
-            )
-            snapshots = instantiate(cfg.snapshot, dirpath=out / "snapshots")
-            trainer = instantiate(cfg.trainer, callbacks=[snapshots], logger=logger, default_root_dir=out)
-            trainer.fit(classifier, datamodule=datamodule)
-        with _stage(timings, memory, "test"):
-            test_accuracy = float(trainer.test(classifier, datamodule=datamodule, verbose=False)[0]["test/accuracy"])
-
-        with _stage(timings, memory, "replay"):
-            replay = instantiate(
-                cfg.replay,
-                net=instantiate(cfg.model),
-                snapshot_dir=out / "snapshots",
-                pool=datamodule.pool,
-                downstream=datamodule.downstream,
-                train_set=datamodule.train_set,
-            )
-            progress = [ReplayProgressBar()] if cfg.trainer.enable_progress_bar else []
-            replay_trainer = instantiate(
-                cfg.trainer, max_epochs=replay.T, callbacks=progress, logger=False, default_root_dir=out / "replay",
-                enable_checkpointing=False,
-            )
-            replay_trainer.fit(replay)
-            stats = replay.results()
-            stats.save(out / "replay" / "stats.npz")
+        train_cache = StageCache(cfg.paths.cache_dir, "train", train_key_config(cfg))
+        with train_cache.locked():
+            trained = train_cache.load()
+            if trained is None:
+                trained = train_cache.commit(_train(cfg, datamodule, logger, train_cache.start(), timings, memory))
+        replay_cache = StageCache(cfg.paths.cache_dir, "replay", replay_key_config(cfg, trained))
+        with replay_cache.locked():
+            replayed = replay_cache.load()
+            if replayed is None:
+                replayed = replay_cache.commit(
+                    _replay(cfg, datamodule, train_cache.dir / "snapshots", replay_cache.start(), timings, memory))
+        _link(out / "snapshots", train_cache.dir / "snapshots")
+        _link(out / "replay", replay_cache.dir)
+        stats = ReplayStats.load(replay_cache.dir / "stats.npz")
 
         with _stage(timings, memory, "score"):
-            scores = compute_scores(list(cfg.scoring.scores), stats)
+            scores = compute_scores(score_names(cfg.scoring), stats)
             if mask.any():
                 detection = {name: detection_metrics(s, mask) for name, s in scores.items()}
             else:
                 log.warning("the pool has no mislabeled examples (noise=none): detection metrics are skipped")
                 detection = {}
 
+        if cfg.select.fractions:
+            with _stage(timings, memory, "select"):
+                chosen = selection(cfg, datamodule, scores, trained["test_accuracy"])
+
         metrics = {
             "detection": detection,
-            "test_accuracy": test_accuracy,
-            "costate": {
-                "mode": replay.curvature,
-                "objective": replay.objective,
-                "lambda_norms": stats.lambda_norm.tolist(),
-                "growth_warnings": replay.growth_warnings,
-            },
+            "test_accuracy": trained["test_accuracy"],
+            "costate": {"mode": cfg.replay.curvature, "objective": cfg.replay.objective,
+                        "lambda_norms": stats.lambda_norm.tolist(), "growth_warnings": replayed["growth_warnings"]},
             "timings": timings,
             "peak_memory_mib": memory,
+            "cache": {"train": str(train_cache.dir), "replay": str(replay_cache.dir),
+                      "computed": [stage for stage in ("train", "replay") if stage in timings]},
         }
+        if cfg.select.fractions:
+            metrics["selection"] = chosen
         _write_scores(out / "scores.csv", datamodule, scores)
         save_json(out / "metrics.json", metrics)
         _report(metrics, out)
         if logger:
-            _log_summary(logger, metrics)
+            log_results(logger.experiment, metrics, scores, datamodule)
         return metrics
     finally:
         if logger:
             import wandb
 
             wandb.finish()
+
+
+def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, memory: dict) -> dict:
+    """Train with the snapshot callback writing into ``directory/snapshots``; returns the test accuracy."""
+    with _stage(timings, memory, "train"):
+        classifier = Classifier.from_config(cfg)
+        snapshots = instantiate(cfg.snapshot, dirpath=directory / "snapshots")
+        trainer = instantiate(cfg.trainer, callbacks=[snapshots], logger=logger, default_root_dir=directory)
+        trainer.fit(classifier, datamodule=datamodule)
+    with _stage(timings, memory, "test"):
+        accuracy = float(trainer.test(classifier, datamodule=datamodule, verbose=False)[0]["test/accuracy"])
+    return {"test_accuracy": accuracy}
+
+
+def _replay(cfg: DictConfig, datamodule, snapshot_dir: Path, directory: Path, timings: dict, memory: dict) -> dict:
+    """Replay the snapshots backward and save the statistics to ``directory/stats.npz``."""
+    with _stage(timings, memory, "replay"):
+        replay = instantiate(cfg.replay, net=instantiate(cfg.model), snapshot_dir=snapshot_dir, pool=datamodule.pool,
+                             downstream=datamodule.downstream, train_set=datamodule.train_set)
+        progress = [ReplayProgressBar()] if cfg.trainer.enable_progress_bar else []
+        replay_trainer = instantiate(cfg.trainer, max_epochs=replay.T, callbacks=progress, logger=False,
+                                     default_root_dir=directory, enable_checkpointing=False)
+        replay_trainer.fit(replay)
+        replay.results().save(directory / "stats.npz")
+    return {"growth_warnings": replay.growth_warnings}
+
+
+def _link(link: Path, target: Path) -> None:
+    """Point ``link`` in the run directory at the cache entry it used."""
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve(), target_is_directory=True)
 
 
 def _write_scores(path: Path, datamodule, scores: dict[str, np.ndarray]) -> None:
@@ -152,17 +179,14 @@ def _report(metrics: dict, out: Path) -> None:
     ]
     if metrics["detection"]:
         lines += ["", "detection of mislabeled examples (low score = suspect), best AP first:", format_table(metrics["detection"])]
+    if "selection" in metrics:
+        sel = metrics["selection"]
+        lines += ["", f"test accuracy after retraining without the lowest-scored examples (all kept: {sel['full']:.4f}, "
+                      f"oracle without exactly the mislabeled: {sel['oracle']:.4f}):"]
+        lines += [f"  removed {float(f):.0%}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
+                  for f, row in sel.items() if f not in ("full", "oracle")]
     lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings"].items())]
     if metrics["peak_memory_mib"]:
         lines += ["peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["peak_memory_mib"].items())]
     lines += [f"outputs: {out}"]
     print("\n".join(lines), flush=True)
-
-
-def _log_summary(logger, metrics: dict) -> None:
-    summary = {f"detection/{name}/{m}": v for name, row in metrics["detection"].items() for m, v in row.items()}
-    summary["test_accuracy"] = metrics["test_accuracy"]
-    summary.update({f"timings/{k}": v for k, v in metrics["timings"].items()})
-    for t, norm in enumerate(metrics["costate"]["lambda_norms"], start=1):
-        logger.experiment.log({"costate/lambda_norm": norm, "costate/t": t})
-    logger.experiment.summary.update(summary)

@@ -81,11 +81,11 @@ class ReplayModule(pl.LightningModule):
         pool,
         downstream,
         train_set,
-        curvature: str = "coarse",
+        curvature: str = "expm",
         objective: str = "area",
-        hvp_samples: int | None = 512,
+        hvp_samples: int | None = 256,
         batch_size: int = 64,
-        lanczos_steps: int = 10,
+        lanczos_steps: int = 8,
         growth_warning: float = 10.0,
         seed: int = 0,
     ):
@@ -111,7 +111,7 @@ class ReplayModule(pl.LightningModule):
         self.eta = np.array([s["lr_sum"] for s in snaps[1:]], dtype=np.float64)
         if curvature == "exact":
             self._check_exact(hvp_samples)
-        elif self.manifest["optimizer"].get("name") != "SGD" or self.manifest["optimizer"].get("momentum", 0):
+        elif not self._plain_sgd():
             warnings.warn(
                 f"the trajectory was trained with {self.manifest['optimizer']}; the replay treats it as plain "
                 f"gradient descent with the recorded learning rates"
@@ -148,6 +148,10 @@ class ReplayModule(pl.LightningModule):
                 f"than the one being replayed: {detail}. Replay with the model config used for training (model=...)."
             )
 
+    def _plain_sgd(self) -> bool:
+        optimizer = self.manifest["optimizer"]
+        return optimizer.get("name") == "SGD" and not optimizer.get("momentum", 0)
+
     def _check_exact(self, hvp_samples: int | None) -> None:
         problems = []
         if any(len(s["lrs"]) != 1 for s in self.manifest["snapshots"][1:]):
@@ -156,7 +160,7 @@ class ReplayModule(pl.LightningModule):
             problems.append("full-batch gradient descent (data.batch_size >= the training set size)")
         if hvp_samples is not None and hvp_samples < len(self.train_set):
             problems.append("Hessian-vector products on the whole training set (replay.hvp_samples=null)")
-        if self.manifest["optimizer"].get("name") != "SGD" or self.manifest["optimizer"].get("momentum", 0):
+        if not self._plain_sgd():
             problems.append("plain SGD without momentum")
         if problems:
             raise ReplayConfigError("replay.curvature=exact needs " + "; ".join(problems) + ". Use replay.curvature=coarse or expm otherwise.")

@@ -1,4 +1,5 @@
 """Label noise, splits, and the data sources."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,29 @@ def test_splits_are_disjoint_and_only_the_pool_is_noisy(mode):
         assert dm.train_set is dm.pool
     x, y, i = next(iter(dm.train_dataloader()))
     assert x.shape[1:] == (1, 28, 28) and x.dtype == torch.float32 and i.dtype == torch.long
+
+
+def test_pool_from_the_test_split_and_the_reported_leak():
+    from tests.conftest import RandomSource
+
+    source = RandomSource(n=100, test_n=50)
+    fixed = PoolDataModule(source, LabelNoise("symmetric", 0.2), pool_mode="test", pool_size=20, downstream_size=10, test_size=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # disjoint sets: no warning
+        fixed.setup()
+    assert (len(fixed.pool), len(fixed.downstream), len(fixed.test_set), len(fixed.train_set)) == (20, 10, 20, 100)
+    assert fixed.check_overlap() == 0
+
+    leaky = PoolDataModule(source, LabelNoise("symmetric", 0.2), pool_mode="test", pool_size=20, test_size=None,
+                           downstream_includes_pool=True)
+    with pytest.warns(UserWarning, match="downstream set shares 20 images with the pool"):
+        leaky.setup()
+    assert len(leaky.downstream) == 50  # the whole test split, the pool's true labels included
+
+
+def test_pool_from_a_test_split_that_is_not_there():
+    with pytest.raises(DataConfigError, match="has no test split; use data=mnist"):
+        PoolDataModule(MlxtendMNIST(), LabelNoise("symmetric", 0.2), pool_mode="test", pool_size=10).setup()
 
 
 def test_holdout_with_nothing_left_to_train_on():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from pmp_lightning.config import register_configs
 from pmp_lightning.evaluate import METRICS
 from pmp_lightning.pipeline import run
 from pmp_lightning.scores import SCORES
@@ -25,9 +26,11 @@ SMALL = [
 ]
 
 
-def make_cfg(tmp_path, *overrides):
+def make_cfg(tmp_path, *overrides, cache=None):
+    register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[*SMALL, f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}", *overrides])
+        return compose("config", overrides=[*SMALL, f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}",
+                                            f"paths.cache_dir={cache or tmp_path / 'cache'}", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +83,20 @@ def test_holdout_pool_scores_examples_the_trajectory_never_saw(tmp_path):
     assert len(rows) == 300 and set(metrics["detection"]) == {"raw", "cosine", "loss"}
     assert metrics["costate"]["mode"] == "coarse"
     assert metrics["detection"]["loss"]["auroc"] > 0.9
+
+
+def test_selection_retrains_without_the_lowest_scored_examples(tmp_path):
+    metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss]", "scoring.scores=[raw,loss]"))
+    sel = metrics["selection"]
+    assert set(sel) == {"full", "oracle", "0.2"} and set(sel["0.2"]) == {"loss", "random"}
+    assert all(0.0 < v <= 1.0 for v in (sel["full"], sel["oracle"], *sel["0.2"].values()))
+    # the loss baseline finds most mislabels (AUROC > 0.9 above), so dropping its lowest 20% beats a random 20%
+    assert sel["0.2"]["loss"] > sel["0.2"]["random"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["selection"] == sel
+
+
+def test_selection_needs_a_pool_that_is_the_training_set(tmp_path):
+    from pmp_lightning.errors import DataConfigError
+
+    with pytest.raises(DataConfigError, match="needs pool=train"):
+        run(make_cfg(tmp_path, "pool=holdout", "data.pool_size=300", "select.fractions=[0.1]", "scoring.scores=[raw,cosine,loss]"))

@@ -1,0 +1,100 @@
+"""Stage caches: train once, replay once, score many times.
+
+A stage's entry lives in ``<cache_dir>/<stage>/<key>/`` where ``key`` hashes exactly the config
+that affects the stage. ``cache_manifest.json`` records the stage, the key, that config and
+``complete``; it is written last and atomically, so an entry whose stage crashed is never taken
+for a finished one. On reload the stored config must equal the requested one (a hash collision or
+a hand-edited entry is refused, not silently used). A file lock serialises jobs that want the same
+entry, so parallel sweep jobs compute it once.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pmp_lightning.errors import PMPError
+from pmp_lightning.io import save_json
+
+log = logging.getLogger(__name__)
+MANIFEST = "cache_manifest.json"
+FORMAT = 1
+# trainer settings that change how a run looks, not what it computes
+COSMETIC_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+
+
+class CacheError(PMPError, RuntimeError):
+    """A cache entry that does not match what it claims to hold."""
+
+
+def train_key_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config that determines the trajectory (and so the snapshots and test accuracy)."""
+    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in COSMETIC_TRAINER_KEYS}
+    keys = ("data", "noise", "model", "optimizer", "lr_schedule", "snapshot")
+    return {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}}
+
+
+def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any]) -> dict[str, Any]:
+    """The replay settings and the identity of the train entry replayed (a retrained entry gets a new one)."""
+    return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True)}
+
+
+class StageCache:
+    def __init__(self, root: str | Path, stage: str, config: dict[str, Any]):
+        self.stage, self.config = stage, config
+        self.key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.dir = Path(root) / stage / self.key
+
+    @contextmanager
+    def locked(self):
+        """Hold this entry's lock: the first job computes it, the others wait and then hit."""
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dir.parent / f".{self.key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def load(self) -> dict[str, Any] | None:
+        """The entry's recorded results if it is complete and matches, else None (after clearing a partial entry)."""
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            if self.dir.exists():
+                log.info(f"{self.stage} cache: {self.dir} is a partial entry (no manifest); recomputing")
+                shutil.rmtree(self.dir)
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CacheError(f"{path} is not valid JSON ({err}); delete {self.dir} and rerun") from err
+        if manifest.get("format") != FORMAT or manifest.get("stage") != self.stage or manifest.get("key") != self.key:
+            raise CacheError(f"{path} describes another entry (format/stage/key differ); delete {self.dir} and rerun")
+        if json.loads(json.dumps(manifest.get("config"), default=str)) != json.loads(json.dumps(self.config, default=str)):
+            raise CacheError(f"{path} was written for a different config than its key says; delete {self.dir} and rerun")
+        if not manifest.get("complete"):
+            log.info(f"{self.stage} cache: {self.dir} is incomplete; recomputing")
+            shutil.rmtree(self.dir)
+            return None
+        log.info(f"{self.stage} cache hit: {self.dir}")
+        return manifest["results"]
+
+    def start(self) -> Path:
+        log.info(f"{self.stage} cache miss: computing into {self.dir}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return self.dir
+
+    def commit(self, results: dict[str, Any]) -> dict[str, Any]:
+        """Mark the entry complete; ``results`` gains an ``entry_id`` unique to this computation."""
+        results = {**results, "entry_id": uuid.uuid4().hex}
+        save_json(self.dir / MANIFEST, {"format": FORMAT, "stage": self.stage, "key": self.key, "complete": True,
+                                        "config": self.config, "results": results})
+        return results

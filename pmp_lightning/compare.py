@@ -1,0 +1,274 @@
+"""Comparison report over a Hydra multirun: which score finds mislabeled examples, under which settings.
+
+    python -m pmp_lightning.compare outputs/multiruns/<date_time>
+
+Also runs by itself at the end of every multirun (``CompareCallback`` in ``conf/hydra/default.yaml``).
+A *setting* is a job's overrides minus ``scoring`` and ``seed``; seeds are averaged. Writes into the
+sweep directory:
+
+- ``comparison.md`` / ``comparison.csv``: score × setting, mean ± std over seeds of AUROC, AP, precision@k
+- ``ap_per_score.png``: AP per score with error bars, one bar per setting
+- ``pr_curves.png``: precision–recall curves of every score, one panel per setting (first seed)
+- ``score_histograms.png``: clean vs mislabeled score histograms (first setting and seed)
+- ``lambda_norms.png``: ‖λ_t‖ per snapshot, one line per curvature mode
+- ``contribution_auroc.png``: detection AUROC of the per-snapshot contribution c_t against t
+- ``suspects_<score>.png``: the 32 most suspected examples per score, observed and true label
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_auc_score  # noqa: E402
+
+from pmp_lightning.io import atomic_write, save_text  # noqa: E402
+
+log = logging.getLogger(__name__)
+AVERAGED = ("scoring", "seed")  # override keys that do not define a setting
+NOT_A_SETTING = ("paths.", "hydra.", "trainer.enable_progress_bar")  # where outputs go, not what is computed
+TABLE_METRICS = ("auroc", "ap", "precision_at_k")
+N_SUSPECTS = 32
+
+
+class Job:
+    def __init__(self, path: Path):
+        self.path = path
+        self.metrics = json.loads((path / "metrics.json").read_text())
+        overrides = OmegaConf.load(path / ".hydra" / "overrides.yaml") if (path / ".hydra" / "overrides.yaml").is_file() else []
+        self.overrides = [str(o) for o in overrides]
+        keys = [o.split("=")[0].lstrip("+~") for o in self.overrides]
+        self.defining = [o for o, k in zip(self.overrides, keys) if k not in AVERAGED and not k.startswith(NOT_A_SETTING)]
+        self.setting = ""  # set by find_jobs: the defining overrides that differ between jobs
+        self.seed = next((o.split("=", 1)[1] for o in self.overrides if o.split("=")[0] == "seed"), "0")
+
+    def scores(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Per-example scores, the mislabeled mask and the source indices, from scores.csv."""
+        rows = list(csv.DictReader((self.path / "scores.csv").open()))
+        names = [k for k in rows[0] if k not in ("index", "true_label", "observed_label", "is_mislabeled")]
+        scores = {n: np.array([float(r[n]) for r in rows]) for n in names}
+        return scores, np.array([r["is_mislabeled"] == "1" for r in rows]), np.array([int(r["index"]) for r in rows])
+
+
+def find_jobs(sweep_dir: Path) -> list[Job]:
+    jobs = [Job(p.parent) for p in sorted(sweep_dir.glob("*/metrics.json"))]
+    if not jobs:
+        raise FileNotFoundError(f"no finished jobs (*/metrics.json) under {sweep_dir}; is it a Hydra multirun directory?")
+    common = set.intersection(*(set(j.defining) for j in jobs))
+    for job in jobs:
+        job.setting = " ".join(o for o in job.defining if o not in common) or "all jobs"
+    return jobs
+
+
+def common_overrides(jobs: list[Job]) -> list[str]:
+    common = set.intersection(*(set(j.defining) for j in jobs))
+    return [o for o in jobs[0].defining if o in common]
+
+
+def summarise(jobs: list[Job]) -> list[dict]:
+    """One row per (score, setting): mean and std over seeds of each table metric."""
+    values: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for job in jobs:
+        for score, row in job.metrics["detection"].items():
+            for m in TABLE_METRICS:
+                values[(score, job.setting)][m].append(row[m])
+    rows = []
+    for (score, setting), by_metric in values.items():
+        row = {"score": score, "setting": setting, "seeds": len(by_metric["ap"])}
+        for m in TABLE_METRICS:
+            row[f"{m}_mean"] = float(np.mean(by_metric[m]))
+            row[f"{m}_std"] = float(np.std(by_metric[m]))
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["setting"], -r["ap_mean"]))
+
+
+def write_tables(rows: list[dict], common: list[str], out: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    save_text(out / "comparison.csv", buf.getvalue())
+    lines = [f"Overrides shared by every job: `{' '.join(common) or '(none)'}`. Mean ± std over seeds; "
+             f"low score = suspect.", "",
+             "| setting | score | seeds | AUROC | AP | precision@k |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        cells = " | ".join(f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in TABLE_METRICS)
+        lines.append(f"| {r['setting']} | {r['score']} | {r['seeds']} | {cells} |")
+    save_text(out / "comparison.md", "\n".join(lines) + "\n")
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_ap(rows: list[dict], out: Path) -> None:
+    settings = sorted({r["setting"] for r in rows})
+    scores = [r["score"] for r in sorted(rows, key=lambda r: -r["ap_mean"]) if r["setting"] == settings[0]]
+    scores += sorted({r["score"] for r in rows} - set(scores))
+    lookup = {(r["score"], r["setting"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(scores) * max(1, len(settings)) ** 0.5), 4))
+    width = 0.8 / len(settings)
+    for i, setting in enumerate(settings):
+        x = [j + i * width for j, s in enumerate(scores) if (s, setting) in lookup]
+        r = [lookup[(s, setting)] for s in scores if (s, setting) in lookup]
+        ax.bar(x, [v["ap_mean"] for v in r], width, yerr=[v["ap_std"] for v in r], capsize=2, label=setting)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))], scores, rotation=60, ha="right")
+    ax.set_ylabel("average precision (mean ± std over seeds)")
+    ax.set_title("Detection of mislabeled examples")
+    ax.legend(fontsize=7)
+    _save(fig, out / "ap_per_score.png")
+
+
+def first_job_per_setting(jobs: list[Job]) -> dict[str, Job]:
+    chosen: dict[str, Job] = {}
+    for job in sorted(jobs, key=lambda j: j.seed):
+        chosen.setdefault(job.setting, job)
+    return chosen
+
+
+def scores_per_setting(jobs: list[Job]) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray, dict[str, Job]]]:
+    """Per setting, the first seed's per-example scores gathered from every job that computed one
+    (a scoring sweep computes one score per job), the mislabeled mask, and which job gave each score."""
+    merged: dict[str, tuple[dict, np.ndarray, dict]] = {}
+    for setting, first in first_job_per_setting(jobs).items():
+        scores, origin, mask = {}, {}, None
+        for job in jobs:
+            if job.setting == setting and job.seed == first.seed:
+                job_scores, mask, _ = job.scores()
+                for name, s in job_scores.items():
+                    scores.setdefault(name, s)
+                    origin.setdefault(name, job)
+        merged[setting] = (scores, mask, origin)
+    return merged
+
+
+def plot_pr_curves(merged, out: Path) -> None:
+    fig, axes = plt.subplots(1, len(merged), figsize=(5 * len(merged), 4), squeeze=False)
+    for ax, (setting, (scores, mask, _)) in zip(axes[0], merged.items()):
+        for name, s in scores.items():
+            precision, recall, _ = precision_recall_curve(mask, -s)
+            ax.plot(recall, precision, label=name, lw=1)
+        ax.set(xlabel="recall", ylabel="precision", title=setting[:60], ylim=(0, 1.02))
+        ax.legend(fontsize=6)
+    _save(fig, out / "pr_curves.png")
+
+
+def plot_histograms(merged, out: Path) -> None:
+    setting, (scores, mask, _) = next(iter(merged.items()))
+    cols = min(4, len(scores))
+    rows = -(-len(scores) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, (name, s) in zip(axes.flat, scores.items()):
+        bins = np.linspace(s.min(), s.max(), 40) if s.max() > s.min() else 10
+        ax.hist(s[~mask], bins=bins, alpha=0.6, density=True, label="clean")
+        ax.hist(s[mask], bins=bins, alpha=0.6, density=True, label="mislabeled")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(scores):]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"score histograms: {setting[:80]}", fontsize=9)
+    _save(fig, out / "score_histograms.png")
+
+
+def plot_lambda_norms(jobs: list[Job], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for setting, job in first_job_per_setting(jobs).items():
+        norms = job.metrics["costate"]["lambda_norms"]
+        ax.semilogy(range(1, len(norms) + 1), norms, marker="o", label=f"{job.metrics['costate']['mode']}: {setting[:50]}")
+    ax.set(xlabel="snapshot t", ylabel="‖λ_t‖", title="costate norm per snapshot")
+    ax.legend(fontsize=6)
+    _save(fig, out / "lambda_norms.png")
+
+
+def plot_contribution_auroc(jobs: list[Job], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for setting, job in first_job_per_setting(jobs).items():
+        stats_path = job.path / "replay" / "stats.npz"
+        if not stats_path.is_file():
+            continue
+        with np.load(stats_path) as stats:
+            contribution = stats["eta"][:, None] * stats["dot"]
+        mask = np.load(job.path / "ground_truth.npz")["is_mislabeled"]
+        auroc = [roc_auc_score(mask, -c) for c in contribution]
+        ax.plot(range(len(auroc)), auroc, marker="o", label=setting[:50])
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="snapshot t", ylabel="AUROC of c_t (low = suspect)", title="when does the contribution stop detecting?")
+    ax.legend(fontsize=6)
+    _save(fig, out / "contribution_auroc.png")
+
+
+def plot_suspects(merged, out: Path) -> None:
+    """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
+    from hydra.utils import instantiate
+
+    _, (scores, mask, origin) = next(iter(merged.items()))
+    job = next(iter(origin.values()))  # every job of a setting and seed shares its data
+    cfg = OmegaConf.load(job.path / ".hydra" / "config.yaml")
+    datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
+    datamodule.setup()
+    if not np.array_equal(job.scores()[2], datamodule.pool_index):
+        raise RuntimeError(f"{job.path}: the rebuilt pool does not match scores.csv; the data source changed since the run")
+    for name, s in scores.items():
+        order = np.argsort(s, kind="stable")[:N_SUSPECTS]
+        fig, axes = plt.subplots(4, 8, figsize=(10, 5.6))
+        for ax, i in zip(axes.flat, order):
+            ax.imshow(datamodule.pool.x[i, 0].numpy(), cmap="gray")
+            observed, true = int(datamodule.observed_labels[i]), int(datamodule.true_labels[i])
+            ax.set_title(f"obs {observed} / true {true}", fontsize=7, color="red" if mask[i] else "black")
+            ax.axis("off")
+        fig.suptitle(f"{name}: {N_SUSPECTS} most suspected (red = mislabeled)", fontsize=9)
+        _save(fig, out / f"suspects_{name}.png")
+
+
+def compare(sweep_dir: str | Path) -> list[dict]:
+    sweep_dir = Path(sweep_dir)
+    jobs = find_jobs(sweep_dir)
+    rows = summarise(jobs)
+    if not rows:
+        raise FileNotFoundError(f"the jobs under {sweep_dir} have no detection metrics (noise=none?); nothing to compare")
+    write_tables(rows, common_overrides(jobs), sweep_dir)
+    plot_ap(rows, sweep_dir)
+    merged = scores_per_setting(jobs)
+    plot_pr_curves(merged, sweep_dir)
+    plot_histograms(merged, sweep_dir)
+    plot_lambda_norms(jobs, sweep_dir)
+    plot_contribution_auroc(jobs, sweep_dir)
+    plot_suspects(merged, sweep_dir)
+    log.info(f"comparison of {len(jobs)} jobs written to {sweep_dir}/comparison.md")
+    return rows
+
+
+class CompareCallback(Callback):
+    """Hydra callback: write the comparison report into the sweep directory when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        try:
+            compare(config.hydra.sweep.dir)
+        except FileNotFoundError as err:  # every job failed: nothing to compare
+            log.warning(str(err))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the comparison report of a Hydra multirun directory.")
+    parser.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args(argv)
+    rows = compare(args.sweep_dir)
+    print((args.sweep_dir / "comparison.md").read_text(), end="")
+    print(f"{len(rows)} rows; plots in {args.sweep_dir}")
+
+
+if __name__ == "__main__":
+    main()

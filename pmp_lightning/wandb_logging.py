@@ -1,0 +1,53 @@
+"""What a run logs to Weights & Biases (``logger=wandb``; offline unless ``logger.mode=online``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from sklearn.metrics import precision_recall_curve
+
+N_SUSPECTS = 32
+PR_POINTS = 200  # points per precision-recall curve, enough to draw it
+
+
+def run_identity() -> dict[str, str]:
+    """W&B run name (the job's overrides) and group (the sweep), when Hydra is running the job."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    identity = {"name": hydra.job.override_dirname or hydra.job.name}
+    if hydra.mode == RunMode.MULTIRUN:
+        identity["group"] = Path(hydra.sweep.dir).name
+    return identity
+
+
+def log_results(experiment, metrics: dict, scores: dict[str, np.ndarray], datamodule) -> None:
+    """Summary metrics, ‖λ_t‖, PR curves, score histograms and a table of the top suspects."""
+    import wandb
+
+    summary = {f"detection/{name}/{m}": v for name, row in metrics["detection"].items() for m, v in row.items()}
+    summary["test_accuracy"] = metrics["test_accuracy"]
+    summary.update({f"timings/{k}": v for k, v in metrics["timings"].items()})
+    experiment.summary.update(summary)
+    for t, norm in enumerate(metrics["costate"]["lambda_norms"], start=1):
+        experiment.log({"costate/lambda_norm": norm, "costate/t": t})
+
+    mask = datamodule.is_mislabeled
+    if not mask.any():
+        return
+    pr_rows, suspects, plots = [], [], {}
+    for name, s in scores.items():
+        precision, recall, _ = precision_recall_curve(mask, -s)
+        keep = np.unique(np.linspace(0, len(recall) - 1, PR_POINTS).astype(int))
+        pr_rows += [[name, float(r), float(p)] for r, p in zip(recall[keep], precision[keep])]
+        plots[f"histogram/{name}/clean"] = wandb.Histogram(s[~mask])
+        plots[f"histogram/{name}/mislabeled"] = wandb.Histogram(s[mask])
+        for rank, i in enumerate(np.argsort(s, kind="stable")[:N_SUSPECTS]):
+            suspects.append([name, rank, wandb.Image(datamodule.pool.x[i, 0].numpy()), int(datamodule.pool_index[i]),
+                             int(datamodule.observed_labels[i]), int(datamodule.true_labels[i]), bool(mask[i])])
+    pr_table = wandb.Table(columns=["score", "recall", "precision"], data=pr_rows)
+    plots["pr_curves"] = wandb.plot.line(pr_table, "recall", "precision", stroke="score", title="Precision-recall (low score = suspect)")
+    plots["top_suspects"] = wandb.Table(columns=["score", "rank", "image", "index", "observed", "true", "mislabeled"], data=suspects)
+    experiment.log(plots)

@@ -1,0 +1,44 @@
+"""A scoring-only multirun trains and replays once; the comparison report matches the jobs."""
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_pipeline import ROOT, SMALL
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    cmd = [sys.executable, "run.py", "-m", *SMALL, "scoring=raw,cosine,loss", "seed=0,1",
+           f"hydra.sweep.dir={root / 'sweep'}", f"paths.cache_dir={root / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, proc.stdout + proc.stderr
+
+
+def test_train_and_replay_run_once_per_seed(sweep):
+    root, log = sweep
+    assert len(re.findall("train cache miss", log)) == 2 and len(re.findall("train cache hit", log)) == 4
+    assert len(re.findall("replay cache miss", log)) == 2 and len(re.findall("replay cache hit", log)) == 4
+    assert len([p for p in (root / "cache" / "train").iterdir() if p.is_dir()]) == 2
+
+
+def test_the_report_equals_the_jobs(sweep):
+    root, _ = sweep
+    out = root / "sweep"
+    jobs = [json.loads(p.read_text()) | {"overrides": (p.parent / ".hydra" / "overrides.yaml").read_text()}
+            for p in out.glob("*/metrics.json")]
+    assert len(jobs) == 6
+    rows = {r["score"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    assert set(rows) == {"raw", "cosine", "loss"}
+    for score, row in rows.items():
+        values = [j["detection"][score]["ap"] for j in jobs if score in j["detection"]]
+        assert int(row["seeds"]) == len(values) == 2
+        assert float(row["ap_mean"]) == pytest.approx(sum(values) / 2)
+    for name in ("comparison.md", "ap_per_score.png", "pr_curves.png", "score_histograms.png", "lambda_norms.png",
+                 "contribution_auroc.png", "suspects_raw.png", "suspects_loss.png"):
+        assert (out / name).stat().st_size > 0, name
