@@ -1,6 +1,7 @@
 """W&B offline: the run's own files hold the summary metrics and the logged plots."""
 import json
 import struct
+import time
 
 import pytest
 
@@ -39,6 +40,11 @@ def test_offline_run_files_hold_the_summary_metrics(tmp_path, monkeypatch):
     metrics = run(make_cfg(tmp_path, "logger=wandb", "scoring.scores=[raw,cosine,loss]"))
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
+    # wandb's writer is a separate process that may still be flushing after wandb.finish() returns
+    deadline = time.monotonic() + 60
+    while not any(r.WhichOneof("record_type") == "exit" for r in read_records(files[0])):
+        assert time.monotonic() < deadline, "the offline run never recorded its exit"
+        time.sleep(0.5)
     summary, history, config = {}, {}, {}
     for record in read_records(files[0]):
         kind = record.WhichOneof("record_type")
