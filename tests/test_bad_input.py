@@ -94,3 +94,19 @@ def test_the_command_line_prints_one_clear_line(tmp_path):
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert "noise.rate=1.0 is outside [0, 1)" in out and "Traceback" not in out
+
+
+def test_a_misspelled_score_fails_at_composition_with_the_valid_names(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg(tmp_path, "scoring.scores=[raw,rwa]")
+    assert "Invalid value 'rwa', expected one of [raw, cosine, unit_grad" in str(err.value.__cause__ or err.value)
+
+
+def test_a_misspelled_scoring_option_lists_the_options(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        make_cfg(tmp_path, "scoring=rwa")
+    assert "Could not find 'scoring/rwa'" in str(err.value) and set(err.value.options) >= {"raw", "cosine", "zscore", "all"}

@@ -42,3 +42,15 @@ def test_the_report_equals_the_jobs(sweep):
     for name in ("comparison.md", "ap_per_score.png", "pr_curves.png", "score_histograms.png", "lambda_norms.png",
                  "contribution_auroc.png", "suspects_raw.png", "suspects_loss.png"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_parallel_jobs_through_joblib_compute_a_shared_entry_once(tmp_path):
+    cmd = [sys.executable, "run.py", "-m", *SMALL, "trainer.max_epochs=2", "scoring=raw,cosine", "hydra/launcher=joblib",
+           "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "Joblib.Parallel(n_jobs=2" in log
+    for stage in ("train", "replay"):
+        assert log.count(f"{stage} cache miss") == 1 and log.count(f"{stage} cache hit") == 1
+    assert (tmp_path / "sweep" / "comparison.md").is_file()
