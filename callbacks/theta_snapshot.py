@@ -142,8 +142,15 @@ def load_manifest(dirpath: str | Path) -> dict[str, Any]:
             f"{dirpath} holds a partial trajectory (training did not finish: {len(manifest['snapshots'])} "
             f"snapshots written); resume or rerun training before replaying"
         )
-    if len(manifest["snapshots"]) < 2:
-        raise SnapshotError(f"{dirpath} has {len(manifest['snapshots'])} snapshot(s); the replay needs θ_0 and at least one more")
+    snaps = manifest["snapshots"]
+    if len(snaps) < 2:
+        raise SnapshotError(f"{dirpath} has {len(snaps)} snapshot(s); the replay needs θ_0 and at least one more")
+    for t, (before, after) in enumerate(zip(snaps, snaps[1:]), start=1):
+        if after["t"] != t or after["step"] - before["step"] != len(after["lrs"]):
+            raise SnapshotError(
+                f"{dirpath} has a gap: snapshot {after['file']} is at step {after['step']} after step {before['step']} "
+                f"but records {len(after['lrs'])} learning rate(s) in between; the trajectory is incomplete, retrain"
+            )
     return manifest
 
 

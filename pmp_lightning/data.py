@@ -244,6 +244,11 @@ class PoolDataModule(pl.LightningDataModule):
         self.observed_labels = self.noise(self.true_labels)
         self.pool = IndexedDataset(pool_src.x[pool_idx], self.observed_labels)
         self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(main.x[train_idx], main.y[train_idx])
+        if len(self.true_labels.unique()) < 2:
+            raise DataConfigError(
+                f"the pool holds a single class ({int(self.true_labels[0])}) in its {len(self.true_labels)} examples: "
+                f"label noise and detection need several classes; raise data.pool_size"
+            )
         self.check_overlap()
         self._ready = True
 

@@ -110,3 +110,40 @@ def test_a_misspelled_scoring_option_lists_the_options(tmp_path):
     with pytest.raises(MissingConfigException) as err:
         make_cfg(tmp_path, "scoring=rwa")
     assert "Could not find 'scoring/rwa'" in str(err.value) and set(err.value.options) >= {"raw", "cosine", "zscore", "all"}
+
+
+def test_a_truncated_snapshot_file(trained):
+    dm, snaps = trained
+    path = snaps / "theta_0001.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    replay = _replay(dm, snaps)
+    with pytest.raises(SnapshotError, match=r"theta_0001.pt cannot be read .*damaged, retrain"):
+        pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False).fit(replay)
+
+
+def test_a_snapshot_holding_nan(trained):
+    dm, snaps = trained
+    state = torch.load(snaps / "theta_0001.pt")
+    state["net.1.weight"][0, 0] = float("nan")
+    torch.save(state, snaps / "theta_0001.pt")
+    replay = _replay(dm, snaps)
+    with pytest.raises(SnapshotError, match=r"snapshot 1 .* non-finite values in 1.weight; training diverged"):
+        pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False).fit(replay)
+
+
+def test_a_gap_in_the_snapshot_steps(trained):
+    dm, snaps = trained
+    manifest = json.loads((snaps / "manifest.json").read_text())
+    manifest["snapshots"][2]["step"] += 3  # as if a snapshot between them were lost
+    (snaps / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="has a gap: snapshot theta_0002.pt is at step 9 after step 3"):
+        _replay(dm, snaps)
+
+
+def test_a_pool_with_a_single_class():
+    source = RandomSource(n=40)
+    source.y[:] = 3
+    with pytest.raises(DataConfigError, match=r"the pool holds a single class \(3\)"):
+        PoolDataModule(source, LabelNoise("symmetric", 0.2), pool_size=24, downstream_size=8, test_size=8).setup()
