@@ -26,12 +26,12 @@ class PeakMemory:
     """
 
     def __init__(self, device: str | torch.device = "cpu"):
-        self.cuda = torch.device(device).type == "cuda"
+        self.source = "cuda" if torch.device(device).type == "cuda" else "rss"  # None: cannot be measured here
         self.peak_mib: float | None = None
         self.base_mib: float | None = None
 
     def __enter__(self) -> "PeakMemory":
-        if self.cuda:
+        if self.source == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base_mib = torch.cuda.memory_allocated() / 2**20
@@ -39,13 +39,13 @@ class PeakMemory:
             try:
                 _CLEAR_REFS.write_text("5")  # resets VmHWM to the current VmRSS
                 self.base_mib = _status_kib("VmRSS") / 1024
-            except OSError:
-                self.cuda = None  # not Linux, or not permitted: leave peak_mib as None
+            except OSError:  # not Linux, or not permitted
+                self.source = None
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.cuda:
+        if self.source == "cuda":
             torch.cuda.synchronize()
             self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
-        elif self.cuda is False:
+        elif self.source == "rss":
             self.peak_mib = _status_kib("VmHWM") / 1024

@@ -1,3 +1,4 @@
+import pytorch_lightning as pl
 import torch
 
 from pmp_lightning.data import Images
@@ -16,3 +17,10 @@ class RandomSource:
     def load(self):
         train = Images(self.x[: self.n], self.y[: self.n])
         return train, (Images(self.x[self.n :], self.y[self.n :]) if self.test_n else None)
+
+
+def fit_replay(replay, root=None):
+    """Run a ReplayModule through its own Trainer, quietly, as the pipeline does."""
+    pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, default_root_dir=root).fit(replay)
+    return replay

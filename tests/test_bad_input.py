@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -15,7 +14,7 @@ from pmp_lightning.models import Classifier, mlp
 from pmp_lightning.pipeline import run
 from pmp_lightning.replay import ReplayModule
 from pmp_lightning.scores import compute_scores
-from tests.conftest import RandomSource
+from tests.conftest import RandomSource, fit_replay
 from tests.test_pipeline import ROOT, make_cfg
 
 
@@ -76,8 +75,7 @@ def test_exploding_costate_stops_before_any_score_is_written(trained, tmp_path):
     (snaps / "manifest.json").write_text(json.dumps(manifest))
     replay = _replay(dm, snaps, curvature="coarse")
     with pytest.raises(CostateDivergedError, match="became (inf|nan).*No scores were written.*curvature=expm"):
-        pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False).fit(replay)
+        fit_replay(replay)
 
 
 def test_exact_mode_refuses_a_trajectory_it_cannot_be_exact_for(trained):
@@ -118,8 +116,7 @@ def test_a_truncated_snapshot_file(trained):
     path.write_bytes(path.read_bytes()[:100])
     replay = _replay(dm, snaps)
     with pytest.raises(SnapshotError, match=r"theta_0001.pt cannot be read .*damaged, retrain"):
-        pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False).fit(replay)
+        fit_replay(replay)
 
 
 def test_a_snapshot_holding_nan(trained):
@@ -129,8 +126,7 @@ def test_a_snapshot_holding_nan(trained):
     torch.save(state, snaps / "theta_0001.pt")
     replay = _replay(dm, snaps)
     with pytest.raises(SnapshotError, match=r"snapshot 1 .* non-finite values in 1.weight; training diverged"):
-        pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False).fit(replay)
+        fit_replay(replay)
 
 
 def test_a_gap_in_the_snapshot_steps(trained):

@@ -16,7 +16,7 @@ from pmp_lightning.data import LabelNoise, PoolDataModule
 from pmp_lightning.models import Classifier, mlp
 from pmp_lightning.replay import ReplayModule
 from pmp_lightning.scores import compute_scores
-from tests.conftest import RandomSource
+from tests.conftest import RandomSource, fit_replay
 
 N_POOL, STEPS = 24, 6
 
@@ -79,8 +79,7 @@ def test_replay_matches_autograd_through_unrolled_training(tmp_path, objective):
         mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream, dm.train_set,
         curvature="exact", objective=objective, hvp_samples=None, batch_size=7,  # 7: several chunks per pass
     )
-    pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, default_root_dir=tmp_path).fit(replay)
+    fit_replay(replay, tmp_path)
     s = compute_scores(["raw"], replay.results())["raw"]
 
     reference = _autograd_reference(dm, net, tmp_path / "snapshots", objective)
@@ -95,8 +94,7 @@ def test_dropping_the_hessian_term_breaks_the_identity(tmp_path):
     dm, net = _train(tmp_path)
     replay = ReplayModule(mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream,
                           dm.train_set, curvature="none", hvp_samples=None)
-    pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(replay)
+    fit_replay(replay)
     s = compute_scores(["raw"], replay.results())["raw"]
     reference = _autograd_reference(dm, net, tmp_path / "snapshots", "area")
     assert np.abs(s - reference).max() / np.abs(reference).max() > 1e-6
@@ -111,8 +109,7 @@ def test_the_replay_runs_the_network_without_dropout(tmp_path):
 
     replay = ReplayModule(with_dropout(), tmp_path / "snapshots", dm.pool, dm.downstream, dm.train_set, curvature="none")
     assert replay.net.training  # as built: Lightning itself never switches it
-    pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(replay)
+    fit_replay(replay)
     net = with_dropout().double().eval()
     state = load_snapshot(tmp_path / "snapshots", load_manifest(tmp_path / "snapshots")["snapshots"][0])
     net.load_state_dict({k[len("net."):]: v for k, v in state.items()})
