@@ -2,8 +2,8 @@
 
 A stage's entry lives in ``<cache_dir>/<stage>/<key>/`` where ``key`` hashes exactly the config
 that affects the stage. ``cache_manifest.json`` records the stage, the key, that config and
-``complete``; it is written last and atomically, so an entry whose stage crashed is never taken
-for a finished one. On reload the stored config must equal the requested one (a hash collision or
+``complete``; it is written last and atomically, so an entry whose stage crashed has none and is
+recomputed, never taken for a finished one. On reload the stored config must equal the requested one (a hash collision or
 a hand-edited entry is refused, not silently used). A file lock serialises jobs that want the same
 entry, so parallel sweep jobs compute it once.
 """
@@ -49,8 +49,9 @@ def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any]) -> dict[str,
 
 class StageCache:
     def __init__(self, root: str | Path, stage: str, config: dict[str, Any]):
-        self.stage, self.config = stage, config
-        self.key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.stage = stage
+        self.config = json.loads(json.dumps(config, default=str))  # as the manifest will hold it
+        self.key = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / stage / self.key
 
     @contextmanager
@@ -67,7 +68,7 @@ class StageCache:
     def load(self) -> dict[str, Any] | None:
         """The entry's recorded results if it is complete and matches, else None (after clearing a partial entry)."""
         path = self.dir / MANIFEST
-        if not path.is_file():
+        if not path.is_file():  # the manifest is written last: without it the stage never finished
             if self.dir.exists():
                 log.info(f"{self.stage} cache: {self.dir} is a partial entry (no manifest); recomputing")
                 shutil.rmtree(self.dir)
@@ -76,14 +77,12 @@ class StageCache:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise CacheError(f"{path} is not valid JSON ({err}); delete {self.dir} and rerun") from err
-        if manifest.get("format") != FORMAT or manifest.get("stage") != self.stage or manifest.get("key") != self.key:
-            raise CacheError(f"{path} describes another entry (format/stage/key differ); delete {self.dir} and rerun")
-        if json.loads(json.dumps(manifest.get("config"), default=str)) != json.loads(json.dumps(self.config, default=str)):
+        if (manifest.get("format"), manifest.get("stage"), manifest.get("key"), manifest.get("complete")) != (
+            FORMAT, self.stage, self.key, True
+        ):
+            raise CacheError(f"{path} describes another entry (format/stage/key/complete differ); delete {self.dir} and rerun")
+        if manifest.get("config") != self.config:
             raise CacheError(f"{path} was written for a different config than its key says; delete {self.dir} and rerun")
-        if not manifest.get("complete"):
-            log.info(f"{self.stage} cache: {self.dir} is incomplete; recomputing")
-            shutil.rmtree(self.dir)
-            return None
         log.info(f"{self.stage} cache hit: {self.dir}")
         return manifest["results"]
 

@@ -138,25 +138,25 @@ def first_job_per_setting(jobs: list[Job]) -> dict[str, Job]:
     return chosen
 
 
-def scores_per_setting(jobs: list[Job]) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray, dict[str, Job]]]:
+def scores_per_setting(jobs: list[Job]) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, Job]]:
     """Per setting, the first seed's per-example scores gathered from every job that computed one
-    (a scoring sweep computes one score per job), the mislabeled mask, and which job gave each score."""
-    merged: dict[str, tuple[dict, np.ndarray, dict]] = {}
+    (a scoring sweep computes one score per job), the mislabeled mask, the source indices, and one of
+    those jobs (they share their data)."""
+    merged: dict[str, tuple[dict, np.ndarray, np.ndarray, Job]] = {}
     for setting, first in first_job_per_setting(jobs).items():
-        scores, origin, mask = {}, {}, None
+        scores = {}
         for job in jobs:
             if job.setting == setting and job.seed == first.seed:
-                job_scores, mask, _ = job.scores()
+                job_scores, mask, index = job.scores()
                 for name, s in job_scores.items():
                     scores.setdefault(name, s)
-                    origin.setdefault(name, job)
-        merged[setting] = (scores, mask, origin)
+        merged[setting] = (scores, mask, index, first)
     return merged
 
 
 def plot_pr_curves(merged, out: Path) -> None:
     fig, axes = plt.subplots(1, len(merged), figsize=(5 * len(merged), 4), squeeze=False)
-    for ax, (setting, (scores, mask, _)) in zip(axes[0], merged.items()):
+    for ax, (setting, (scores, mask, _, _)) in zip(axes[0], merged.items()):
         for name, s in scores.items():
             precision, recall, _ = precision_recall_curve(mask, -s)
             ax.plot(recall, precision, label=name, lw=1)
@@ -166,7 +166,7 @@ def plot_pr_curves(merged, out: Path) -> None:
 
 
 def plot_histograms(merged, out: Path) -> None:
-    setting, (scores, mask, _) = next(iter(merged.items()))
+    setting, (scores, mask, _, _) = next(iter(merged.items()))
     cols = min(4, len(scores))
     rows = -(-len(scores) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
@@ -214,12 +214,11 @@ def plot_suspects(merged, out: Path) -> None:
     """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
     from hydra.utils import instantiate
 
-    _, (scores, mask, origin) = next(iter(merged.items()))
-    job = next(iter(origin.values()))  # every job of a setting and seed shares its data
+    _, (scores, mask, index, job) = next(iter(merged.items()))
     cfg = OmegaConf.load(job.path / ".hydra" / "config.yaml")
     datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
     datamodule.setup()
-    if not np.array_equal(job.scores()[2], datamodule.pool_index):
+    if not np.array_equal(index, datamodule.pool_index):
         raise RuntimeError(f"{job.path}: the rebuilt pool does not match scores.csv; the data source changed since the run")
     for name, s in scores.items():
         order = np.argsort(s, kind="stable")[:N_SUSPECTS]

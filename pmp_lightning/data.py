@@ -135,7 +135,7 @@ class _Draw:
     """Consecutive disjoint draws from one random permutation of a set of images."""
 
     def __init__(self, images: Images, gen: torch.Generator, name: str):
-        self.images, self.name = images, name
+        self.name = name
         self.order = torch.randperm(len(images), generator=gen)
         self.taken = 0
 
@@ -226,8 +226,9 @@ class PoolDataModule(pl.LightningDataModule):
             self.downstream = IndexedDataset(ds_x, ds_y)
             train_idx = train_draw.take(self.train_size, "training set (data.train_size)")
         else:
-            test_idx = (test_draw or train_draw).take(self.test_size, "test set (data.test_size)")
-            self.test_set = IndexedDataset((test_split or main).x[test_idx], (test_split or main).y[test_idx])
+            test_src, test_from = (main, train_draw) if test_split is None else (test_split, test_draw)
+            test_idx = test_from.take(self.test_size, "test set (data.test_size)")
+            self.test_set = IndexedDataset(test_src.x[test_idx], test_src.y[test_idx])
             ds_idx = train_draw.take(self.downstream_size, "downstream set (data.downstream_size)")
             self.downstream = IndexedDataset(main.x[ds_idx], main.y[ds_idx])
             pool_src = main
