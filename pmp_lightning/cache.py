@@ -3,7 +3,7 @@
 A stage's entry lives in ``<cache_dir>/<stage>/<key>/`` where ``key`` hashes exactly the config
 that affects the stage. ``cache_manifest.json`` records the stage, the key, that config and
 ``complete``; it is written last and atomically, so an entry whose stage crashed has none and is
-recomputed, never taken for a finished one. On reload the stored config must equal the requested one (a hash collision or
+never taken for a finished one: it is recomputed (training) or resumed (the replay keeps its progress). On reload the stored config must equal the requested one (a hash collision or
 a hand-edited entry is refused, not silently used). A file lock serialises jobs that want the same
 entry, so parallel sweep jobs compute it once.
 """
@@ -66,12 +66,9 @@ class StageCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def load(self) -> dict[str, Any] | None:
-        """The entry's recorded results if it is complete and matches, else None (after clearing a partial entry)."""
+        """The entry's recorded results if it is complete and matches, else None."""
         path = self.dir / MANIFEST
         if not path.is_file():  # the manifest is written last: without it the stage never finished
-            if self.dir.exists():
-                log.info(f"{self.stage} cache: {self.dir} is a partial entry (no manifest); recomputing")
-                shutil.rmtree(self.dir)
             return None
         try:
             manifest = json.loads(path.read_text())
@@ -86,7 +83,11 @@ class StageCache:
         log.info(f"{self.stage} cache hit: {self.dir}")
         return manifest["results"]
 
-    def start(self) -> Path:
+    def start(self, resume: bool = False) -> Path:
+        """The directory to compute into: a partial entry is cleared, or kept when the stage can ``resume`` it."""
+        if self.dir.exists() and not resume:
+            log.info(f"{self.stage} cache: {self.dir} is a partial entry (no manifest); recomputing")
+            shutil.rmtree(self.dir)
         log.info(f"{self.stage} cache miss: computing into {self.dir}")
         self.dir.mkdir(parents=True, exist_ok=True)
         return self.dir

@@ -71,7 +71,7 @@ class Classifier(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         x, y, _ = batch
         acc = (self.net(x).argmax(1) == y).float().mean()
-        self.log("test/accuracy", acc, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("test/accuracy", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())

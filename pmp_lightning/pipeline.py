@@ -4,15 +4,23 @@ Everything a run reports is written under ``cfg.paths.output_dir`` (the Hydra ru
 ``ground_truth.npz``, ``scores.csv``, ``metrics.json``, and the links ``snapshots/`` and ``replay/``
 to the train and replay cache entries it used (``cfg.paths.cache_dir``), so that runs that differ
 only in their scoring train and replay once.
+
+Several processes (``trainer.strategy=ddp``): Lightning starts the other ranks by re-running the
+command line, so every rank runs this function. Global rank zero alone decides cache hits, takes
+the locks, writes files and reports; the other ranks follow its decisions (``_agree``) into the
+same training and replay fits and return after the replay. With ``ddp_spawn`` only the fits run in
+other processes, and they hand their results back through the files the replay writes.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+import os
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +28,17 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from callbacks.replay_progress import ReplayProgressBar
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
 from pmp_lightning.config import score_names
+from pmp_lightning.errors import ReplayConfigError
 from pmp_lightning.evaluate import detection_metrics, format_table
 from pmp_lightning.io import save_json, save_npz, save_text
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.models import Classifier
-from pmp_lightning.replay import ReplayStats
+from pmp_lightning.replay import ReplayStats, growth_steps
 from pmp_lightning.scores import compute_scores
 from pmp_lightning.select import selection
 from pmp_lightning.wandb_logging import log_results, run_identity
@@ -54,40 +64,47 @@ def _stage(timings: dict[str, float], memory: dict[str, float], stage: str):
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one experiment; returns the contents of ``metrics.json``."""
+    """Run one experiment; returns the contents of ``metrics.json`` (an empty dict on ranks other than zero)."""
+    lead = rank_zero_only.rank == 0  # Lightning sets it from the environment it gives the ranks it starts
+    _check_strategy(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     memory: dict[str, float] = {}
     pl.seed_everything(cfg.seed, workers=True)
-    logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") else False
+    logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") and lead else False
     try:
         with _stage(timings, memory, "data"):
             datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
             datamodule.setup()
         mask = datamodule.is_mislabeled
-        save_npz(
-            out / "ground_truth.npz",
-            index=datamodule.pool_index,
-            true_label=datamodule.true_labels.numpy(),
-            observed_label=datamodule.observed_labels.numpy(),
-            is_mislabeled=mask,
-        )
-        log.info(f"pool: {len(mask)} examples, {int(mask.sum())} mislabeled; training set: {len(datamodule.train_set)}")
+        if lead:
+            save_npz(
+                out / "ground_truth.npz",
+                index=datamodule.pool_index,
+                true_label=datamodule.true_labels.numpy(),
+                observed_label=datamodule.observed_labels.numpy(),
+                is_mislabeled=mask,
+            )
+            log.info(f"pool: {len(mask)} examples, {int(mask.sum())} mislabeled; training set: {len(datamodule.train_set)}")
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
         train_cache = StageCache(cfg.paths.cache_dir, "train", train_key_config(cfg))
-        with train_cache.locked():
-            trained = train_cache.load()
+        with train_cache.locked() if lead else nullcontext():
+            trained = _agree("train", train_cache.load() if lead else None)
             if trained is None:
-                trained = train_cache.commit(_train(cfg, datamodule, logger, train_cache.start(), timings, memory))
+                result = _train(cfg, datamodule, logger, train_cache.start() if lead else train_cache.dir, timings, memory)
+                trained = _agree("trained", train_cache.commit(result) if lead else None)
         replay_cache = StageCache(cfg.paths.cache_dir, "replay", replay_key_config(cfg, trained))
-        with replay_cache.locked():
-            replayed = replay_cache.load()
-            if replayed is None:
-                replayed = replay_cache.commit(
-                    _replay(cfg, datamodule, train_cache.dir / "snapshots", replay_cache.start(), timings, memory))
+        with replay_cache.locked() if lead else nullcontext():
+            if _agree("replay", replay_cache.load() if lead else None) is None:
+                _replay(cfg, datamodule, train_cache.dir / "snapshots",
+                        replay_cache.start(resume=True) if lead else replay_cache.dir, timings, memory)
+                if lead:
+                    replay_cache.commit({})
+        if not lead:
+            return {}
         _link(out / "snapshots", train_cache.dir / "snapshots")
         _link(out / "replay", replay_cache.dir)
         stats = ReplayStats.load(replay_cache.dir / "stats.npz")
@@ -108,7 +125,8 @@ def run(cfg: DictConfig) -> dict:
             "detection": detection,
             "test_accuracy": trained["test_accuracy"],
             "costate": {"mode": cfg.replay.curvature, "objective": cfg.replay.objective,
-                        "lambda_norms": stats.lambda_norm.tolist(), "growth_warnings": replayed["growth_warnings"]},
+                        "lambda_norms": stats.lambda_norm.tolist(),
+                        "growth_warnings": growth_steps(stats.lambda_norm, cfg.replay.growth_warning)},
             "timings": timings,
             "peak_memory_mib": memory,
             "cache": {"train": str(train_cache.dir), "replay": str(replay_cache.dir),
@@ -141,17 +159,56 @@ def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, 
     return {"test_accuracy": accuracy}
 
 
-def _replay(cfg: DictConfig, datamodule, snapshot_dir: Path, directory: Path, timings: dict, memory: dict) -> dict:
-    """Replay the snapshots backward and save the statistics to ``directory/stats.npz``."""
+def _replay(cfg: DictConfig, datamodule, snapshot_dir: Path, directory: Path, timings: dict, memory: dict) -> None:
+    """Replay the snapshots backward into ``directory`` (``stats.npz``), continuing a replay that was cut short."""
     with _stage(timings, memory, "replay"):
         replay = instantiate(cfg.replay, net=instantiate(cfg.model), snapshot_dir=snapshot_dir, pool=datamodule.pool,
-                             downstream=datamodule.downstream, train_set=datamodule.train_set)
-        progress = [ReplayProgressBar()] if cfg.trainer.enable_progress_bar else []
-        replay_trainer = instantiate(cfg.trainer, max_epochs=replay.T, callbacks=progress, logger=False,
-                                     default_root_dir=directory, enable_checkpointing=False)
-        replay_trainer.fit(replay)
-        replay.results().save(directory / "stats.npz")
-    return {"growth_warnings": replay.growth_warnings}
+                             downstream=datamodule.downstream, train_set=datamodule.train_set, progress_dir=directory)
+        if replay.remaining < replay.T:
+            log.info(f"replay: resuming in {directory}, {replay.T - replay.remaining} of {replay.T} snapshots already done")
+        if replay.remaining:
+            progress = [ReplayProgressBar()] if cfg.trainer.enable_progress_bar else []
+            replay_trainer = instantiate(cfg.trainer, max_epochs=replay.remaining, callbacks=progress, logger=False,
+                                         default_root_dir=directory, enable_checkpointing=False)
+            replay_trainer.fit(replay)  # global rank zero writes stats.npz when the last snapshot is done
+        elif rank_zero_only.rank == 0:
+            replay.results().save(directory / "stats.npz")
+
+
+def _agree(name: str, value):
+    """Global rank zero's ``value`` on every rank of a ``ddp`` run; ``value`` itself in a single process.
+
+    Before the ranks are connected, rank zero leaves its value in the environment, which Lightning
+    copies into the processes it starts at the first fit; afterwards it broadcasts it.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    key = f"PMP_AGREED_{name.upper()}"
+    if rank_zero_only.rank == 0:
+        os.environ[key] = json.dumps(value)
+        return value
+    if key not in os.environ:
+        raise ReplayConfigError(
+            "this rank was not started by Lightning's launcher (torchrun or srun tasks start every rank at once); "
+            "start one process per node and let trainer.strategy=ddp start the others"
+        )
+    return json.loads(os.environ[key])
+
+
+def _check_strategy(cfg: DictConfig) -> None:
+    """``ddp`` re-runs the command line in each process, which cannot reproduce one job of a Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    relaunches = strategy.startswith("ddp") and not any(k in strategy for k in ("spawn", "fork", "notebook"))
+    if relaunches and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ReplayConfigError(
+            f"trainer.strategy={strategy} starts its other processes by re-running the command line, which does not "
+            f"work inside a Hydra multirun; use trainer.strategy=ddp_spawn for sweeps"
+        )
 
 
 def _link(link: Path, target: Path) -> None:

@@ -17,9 +17,20 @@ with P_t by ``curvature``:
 
 Hessian-vector products use a fixed subsample of the trajectory's training set (all of it in
 exact mode). The net stays in eval mode (dropout off).
+
+Distributed (``trainer.strategy=ddp`` / ``ddp_spawn``): rank r scores the pool examples r, r+W, …
+(each exactly once), and computes its share of ∇J and of every Hessian-vector product; the shares
+are all-reduced, so λ is the same on every rank. Each snapshot's statistics are all-reduced too.
+
+Resume: with ``progress_dir`` set, global rank zero writes each finished snapshot's statistics
+(``rows/row_<t>.npz``) and then ``costate.npz`` (λ, the done-mask, a fingerprint of the inputs)
+atomically. A new ReplayModule on the same directory continues after the last finished snapshot;
+``stats.npz`` is written there only when every snapshot is done.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -32,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
 from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from callbacks.theta_snapshot import load_manifest, load_snapshot
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
@@ -73,6 +85,21 @@ class ReplayStats:
             return cls(**{f.name: z[f.name] for f in fields(cls)})
 
 
+def growth_steps(lambda_norm: np.ndarray, factor: float) -> list[int]:
+    """Snapshots t where ‖λ_t‖ > factor · ‖λ_{t+1}‖ (``lambda_norm[t-1] = ‖λ_t‖``)."""
+    return [t for t in range(1, len(lambda_norm)) if lambda_norm[t - 1] > factor * lambda_norm[t] > 0]
+
+
+class _Shard(DistributedSampler):
+    """Rank r's examples r, r+W, r+2W, …: every example exactly once over the ranks (no padding)."""
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 class ReplayModule(pl.LightningModule):
     def __init__(
         self,
@@ -88,6 +115,7 @@ class ReplayModule(pl.LightningModule):
         lanczos_steps: int = 8,
         growth_warning: float = 10.0,
         seed: int = 0,
+        progress_dir: str | Path | None = None,
     ):
         super().__init__()
         if curvature not in CURVATURES:
@@ -122,9 +150,20 @@ class ReplayModule(pl.LightningModule):
 
         n = len(self.pool)
         self.arrays = {k: np.full((self.T, n), np.nan) for k in STAT_NAMES}
-        self.lambda_norm = np.full(self.T + 1, np.nan)  # index t: ‖λ_t‖ (λ_0 is never needed)
-        self.growth_warnings: list[int] = []
+        self.lambda_norm = np.full(self.T, np.nan)  # index t-1: ‖λ_t‖, t = 1..T (λ_0 is never needed)
+        self.lam: torch.Tensor | None = None
+        self.done = np.zeros(self.T, dtype=bool)
         self.automatic_optimization = False
+        self.progress_dir = None if progress_dir is None else Path(progress_dir)
+        self.fingerprint = self._fingerprint(curvature, objective, n_hvp, seed)
+        if self.progress_dir is not None:
+            self._resume()
+        self._first = self.T - 1 - int(self.done.sum())  # the snapshot of epoch 0 (T-1 unless resumed)
+
+    @property
+    def remaining(self) -> int:
+        """Snapshots still to replay (all T unless resumed)."""
+        return int((~self.done).sum())
 
     # ------------------------------------------------------------------ checks
     def _check_model(self) -> None:
@@ -165,20 +204,64 @@ class ReplayModule(pl.LightningModule):
         if problems:
             raise ReplayConfigError("replay.curvature=exact needs " + "; ".join(problems) + ". Use replay.curvature=coarse or expm otherwise.")
 
+    def _fingerprint(self, curvature: str, objective: str, n_hvp: int, seed: int) -> str:
+        """What the statistics depend on besides θ: a resumed replay must match it exactly."""
+        labels = [int(self.pool[i][1]) for i in range(len(self.pool))]
+        ident = {"snapshots": self.manifest["snapshots"], "curvature": curvature, "objective": objective, "hvp_samples": n_hvp,
+                 "seed": seed, "lanczos_steps": self.lanczos_steps, "pool_labels": labels, "downstream": len(self.downstream)}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        path = self.progress_dir / "costate.npz"
+        if not path.is_file():
+            return
+        try:
+            with np.load(path) as z:
+                state = {k: z[k] for k in z.files}
+            if str(state["fingerprint"]) != self.fingerprint:
+                raise ReplayConfigError(
+                    f"{path} is the progress of a replay with other snapshots, pool or replay settings; delete "
+                    f"{self.progress_dir} or point the replay at a fresh directory"
+                )
+            done = state["done"].astype(bool)
+            for t in np.flatnonzero(done):
+                with np.load(self.progress_dir / "rows" / f"row_{t:05d}.npz") as row:
+                    for k in STAT_NAMES:
+                        self.arrays[k][t] = row[k]
+        except (OSError, KeyError, ValueError) as err:
+            if isinstance(err, ReplayConfigError):
+                raise
+            raise SnapshotError(f"the replay progress in {self.progress_dir} cannot be read ({err}); delete it and rerun") from err
+        self.done = done
+        self.lambda_norm = state["lambda_norm"].astype(np.float64)
+        self.lam = torch.from_numpy(state["costate"])
+
+    def _save_progress(self, t: int) -> None:
+        """Rank zero: snapshot t's rows, then (atomically, last) the costate and the done-mask."""
+        save_npz(self.progress_dir / "rows" / f"row_{t:05d}.npz", **{k: self.arrays[k][t] for k in STAT_NAMES})
+        save_npz(self.progress_dir / "costate.npz", costate=self.lam.detach().cpu().numpy(), done=self.done,
+                 lambda_norm=self.lambda_norm, fingerprint=np.array(self.fingerprint))
+
     # ------------------------------------------------------------------ lightning plumbing
     def configure_optimizers(self):
         return None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.pool, batch_size=self.batch_size, shuffle=False)
+        world = self.trainer.world_size
+        sampler = _Shard(self.pool, num_replicas=world, rank=self.global_rank, shuffle=False) if world > 1 else None
+        return DataLoader(self.pool, batch_size=self.batch_size, shuffle=False, sampler=sampler)
 
     def snapshot_of_epoch(self, epoch: int) -> int:
-        return self.T - 1 - epoch
+        return self._first - epoch
 
     def on_train_start(self) -> None:
-        self._load(self.T)
-        self.lam = self._grad_J()
-        self._record_norm(self.T)
+        if self.lam is None:
+            self._load(self.T)
+            self.lam = self._grad_J()
+            self._record_norm(self.T)
+        else:
+            self.lam = self.lam.to(self.device, self.dtype)
 
     def on_train_epoch_start(self) -> None:
         self._load(self.snapshot_of_epoch(self.current_epoch))
@@ -194,13 +277,40 @@ class ReplayModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         t = self.snapshot_of_epoch(self.current_epoch)
-        if t == 0:  # λ_0 enters no score
+        self._gather_row(t)
+        if t > 0:  # λ_0 enters no score
+            lam = self._propagate(self.lam, float(self.eta[t]))
+            if self.objective == "area":
+                lam = lam + self._grad_J()
+            self.lam = lam
+            self._record_norm(t)
+        self.done[t] = True
+        if self.progress_dir is not None and self.trainer.is_global_zero:
+            self._save_progress(t)
+
+    def on_train_end(self) -> None:
+        if self.progress_dir is not None and self.trainer.is_global_zero and self.done.all():
+            self.results().save(self.progress_dir / "stats.npz")
+
+    def _gather_row(self, t: int) -> None:
+        """Give every rank snapshot t's statistics for the whole pool (each rank computed its shard)."""
+        if self.trainer.world_size == 1:
             return
-        lam = self._propagate(self.lam, float(self.eta[t]))
-        if self.objective == "area":
-            lam = lam + self._grad_J()
-        self.lam = lam
-        self._record_norm(t)
+        rows = torch.from_numpy(np.stack([self.arrays[k][t] for k in STAT_NAMES]))
+        have = ~torch.isnan(rows[0])
+        summed = self._all_reduce(torch.cat([torch.nan_to_num(rows, nan=0.0), have[None].double()]))
+        count = summed[-1]
+        if not torch.equal(count, torch.ones_like(count)):
+            raise RuntimeError(f"snapshot {t}: pool examples were scored {int(count.min())} to {int(count.max())} times "
+                               f"across the ranks instead of once each")
+        for k, row in zip(STAT_NAMES, summed[:-1].cpu().numpy()):
+            self.arrays[k][t] = row
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks (identity in a single process)."""
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum")
 
     # ------------------------------------------------------------------ costate
     def _propagate(self, lam: torch.Tensor, eta: float) -> torch.Tensor:
@@ -218,15 +328,14 @@ class ReplayModule(pl.LightningModule):
                 f"replay.curvature={self.curvature}: η_t·λ_max(H) ≫ 2 makes the recursion explode. No scores were "
                 f"written. Use replay.curvature=expm (stable) or none, or snapshot more often."
             )
-        prev = self.lambda_norm[t + 1] if t < self.T else float("nan")
-        if math.isfinite(prev) and prev > 0 and norm > self.growth_warning * prev:
-            self.growth_warnings.append(t)
+        self.lambda_norm[t - 1] = norm
+        if t in growth_steps(self.lambda_norm, self.growth_warning):
+            prev = self.lambda_norm[t]
             warnings.warn(
                 f"costate norm grew {norm / prev:.3g}x at snapshot {t} (‖λ_{t}‖ = {norm:.3g}, η = {self.eta[t]:.3g}, "
                 f"curvature={self.curvature}); scores from an exploding recursion are unreliable: try replay.curvature=expm"
             )
-        self.lambda_norm[t] = norm
-        self.log("replay/lambda_norm", norm, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("replay/lambda_norm", norm, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ θ_t, ∇J, Hessian-vector products
     def _load(self, t: int) -> None:
@@ -253,14 +362,17 @@ class ReplayModule(pl.LightningModule):
         return F.cross_entropy(functional_call(self.net, params, (x,)), y, reduction="sum")
 
     def _batches(self, dataset):
-        for x, y, _ in DataLoader(dataset, batch_size=self.batch_size, shuffle=False):
+        """This rank's share of ``dataset``, in chunks."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        shard = Subset(dataset, range(self.global_rank, len(dataset), world)) if world > 1 else dataset
+        for x, y, _ in DataLoader(shard, batch_size=self.batch_size, shuffle=False):
             yield x.to(self.device), y.to(self.device)
 
     def _grad_J(self) -> torch.Tensor:
         total = torch.zeros(sum(p.numel() for p in self._params.values()), dtype=self.dtype, device=self.device)
         for x, y in self._batches(self.downstream):
             total += self._flatten(grad(self._summed_loss)(self._params, x, y))
-        return total / len(self.downstream)
+        return self._all_reduce(total) / len(self.downstream)
 
     def _hvp(self, vec: torch.Tensor) -> torch.Tensor:
         """∇²L(θ_t) · vec for the mean training loss over the fixed subsample (forward-over-reverse)."""
@@ -269,17 +381,13 @@ class ReplayModule(pl.LightningModule):
         for x, y in self._batches(self.hvp_set):
             g = lambda p: grad(self._summed_loss)(p, x, y)  # noqa: E731
             total += self._flatten(jvp(g, (self._params,), (v,))[1])
-        return total / len(self.hvp_set)
+        return self._all_reduce(total) / len(self.hvp_set)
 
     # ------------------------------------------------------------------ results
     def results(self) -> ReplayStats:
         if np.isnan(self.arrays["dot"]).any():
             raise RuntimeError("the replay did not finish: some snapshots or pool examples have no statistics")
-        return ReplayStats(
-            **self.arrays,
-            eta=self.eta,
-            lambda_norm=self.lambda_norm[1:].copy(),
-        )
+        return ReplayStats(**self.arrays, eta=self.eta, lambda_norm=self.lambda_norm.copy())
 
 
 def lanczos_expm(hvp, v: torch.Tensor, eta: float, steps: int) -> torch.Tensor:

@@ -25,7 +25,9 @@ def retrain_accuracy(cfg: DictConfig, datamodule, keep: np.ndarray) -> float:
     """Test accuracy of a model trained from scratch on the pool examples where ``keep`` is true."""
     pl.seed_everything(cfg.seed, workers=True)
     classifier = Classifier.from_config(cfg)
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    # one process even when the run uses several: the retrains are small and run on global rank zero only
+    trainer = instantiate(cfg.trainer, strategy="auto", devices=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False)
     train = DataLoader(Subset(datamodule.train_set, np.flatnonzero(keep).tolist()), batch_size=datamodule.batch_size, shuffle=True)
     trainer.fit(classifier, train_dataloaders=train)
     return float(trainer.test(classifier, dataloaders=datamodule.test_dataloader(), verbose=False)[0]["test/accuracy"])
