@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.replay_progress import ReplayProgressBar
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
 from pmp_lightning.config import score_names
@@ -145,6 +146,8 @@ def run(cfg: DictConfig) -> dict:
             import wandb
 
             wandb.finish()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # ddp ranks: a gloo group left alive aborts the process at exit
 
 
 def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, memory: dict) -> dict:
@@ -152,7 +155,8 @@ def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, 
     with _stage(timings, memory, "train"):
         classifier = Classifier.from_config(cfg)
         snapshots = instantiate(cfg.snapshot, dirpath=directory / "snapshots")
-        trainer = instantiate(cfg.trainer, callbacks=[snapshots], logger=logger, default_root_dir=directory)
+        trainer = instantiate(cfg.trainer, callbacks=[snapshots, ReleaseSpawnedProcessGroup()], logger=logger,
+                              default_root_dir=directory)
         trainer.fit(classifier, datamodule=datamodule)
     with _stage(timings, memory, "test"):
         accuracy = float(trainer.test(classifier, datamodule=datamodule, verbose=False)[0]["test/accuracy"])
@@ -167,9 +171,11 @@ def _replay(cfg: DictConfig, datamodule, snapshot_dir: Path, directory: Path, ti
         if replay.remaining < replay.T:
             log.info(f"replay: resuming in {directory}, {replay.T - replay.remaining} of {replay.T} snapshots already done")
         if replay.remaining:
-            progress = [ReplayProgressBar()] if cfg.trainer.enable_progress_bar else []
-            replay_trainer = instantiate(cfg.trainer, max_epochs=replay.remaining, callbacks=progress, logger=False,
+            callbacks = [ReleaseSpawnedProcessGroup()] + ([ReplayProgressBar()] if cfg.trainer.enable_progress_bar else [])
+            replay_trainer = instantiate(cfg.trainer, max_epochs=replay.remaining, callbacks=callbacks, logger=False,
                                          default_root_dir=directory, enable_checkpointing=False)
+            log.info(f"replay: {replay.remaining} snapshots, {len(replay.pool)} pool examples, "
+                     f"{replay_trainer.world_size} process(es)")
             replay_trainer.fit(replay)  # global rank zero writes stats.npz when the last snapshot is done
         elif rank_zero_only.rank == 0:
             replay.results().save(directory / "stats.npz")
