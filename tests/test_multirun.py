@@ -45,7 +45,7 @@ def test_the_report_equals_the_jobs(sweep):
 
 
 def test_parallel_jobs_through_joblib_compute_a_shared_entry_once(tmp_path):
-    cmd = [sys.executable, "run.py", "-m", *SMALL, "trainer.max_epochs=2", "scoring=raw,cosine", "hydra/launcher=joblib",
+    cmd = [sys.executable, "run.py", "-m", *SMALL, "trainer.max_epochs=2", "scoring=raw,cosine", "hydra/launcher=local",
            "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,3 +54,18 @@ def test_parallel_jobs_through_joblib_compute_a_shared_entry_once(tmp_path):
     for stage in ("train", "replay"):
         assert log.count(f"{stage} cache miss") == 1 and log.count(f"{stage} cache hit") == 1
     assert (tmp_path / "sweep" / "comparison.md").is_file()
+
+
+def test_the_slurm_launcher_config_composes_without_a_cluster():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+
+    from pmp_lightning.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*SMALL, "hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"  # the submitit plugin is installed
+    assert (launcher.partition, launcher.tasks_per_node, launcher.gpus_per_node) == ("gpu", 1, 1)
+    assert launcher.submitit_folder.endswith("/.submitit/%j")
