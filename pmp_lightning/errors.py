@@ -29,3 +29,7 @@ class UnknownScoreError(PMPError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class OutputError(PMPError, OSError):
+    """An output or cache directory that cannot be written."""

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -34,7 +35,7 @@ from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.replay_progress import ReplayProgressBar
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
 from pmp_lightning.config import score_names
-from pmp_lightning.errors import ReplayConfigError
+from pmp_lightning.errors import OutputError, ReplayConfigError
 from pmp_lightning.evaluate import detection_metrics, format_table
 from pmp_lightning.io import save_json, save_npz, save_text
 from pmp_lightning.memory import PeakMemory
@@ -69,7 +70,8 @@ def run(cfg: DictConfig) -> dict:
     lead = rank_zero_only.rank == 0  # Lightning sets it from the environment it gives the ranks it starts
     _check_strategy(cfg)
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _require_writable(out, "paths.output_dir (hydra.run.dir on the command line)")
+    _require_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")
     timings: dict[str, float] = {}
     memory: dict[str, float] = {}
     pl.seed_everything(cfg.seed, workers=True)
@@ -201,6 +203,16 @@ def _agree(name: str, value):
             "start one process per node and let trainer.strategy=ddp start the others"
         )
     return json.loads(os.environ[key])
+
+
+def _require_writable(directory: Path, setting: str) -> None:
+    """Fail before any work when ``directory`` cannot take files (read-only, not a directory, no permission)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write to {directory} ({err.strerror or err}); point {setting} at a writable directory") from err
 
 
 def _check_strategy(cfg: DictConfig) -> None:

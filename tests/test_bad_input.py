@@ -1,5 +1,7 @@
 """Bad input gets an error that names the problem and the fix."""
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import torch
 
 from callbacks.theta_snapshot import ThetaSnapshot
 from pmp_lightning.data import LabelNoise, PoolDataModule
-from pmp_lightning.errors import CostateDivergedError, DataConfigError, SnapshotError, UnknownScoreError
+from pmp_lightning.errors import CostateDivergedError, DataConfigError, OutputError, SnapshotError, UnknownScoreError
 from pmp_lightning.models import Classifier, mlp
 from pmp_lightning.pipeline import run
 from pmp_lightning.replay import ReplayModule
@@ -143,3 +145,24 @@ def test_a_pool_with_a_single_class():
     source.y[:] = 3
     with pytest.raises(DataConfigError, match=r"the pool holds a single class \(3\)"):
         PoolDataModule(source, LabelNoise("symmetric", 0.2), pool_size=24, downstream_size=8, test_size=8).setup()
+
+
+@pytest.mark.parametrize("which", ["output", "cache"])
+def test_a_read_only_directory_is_named_before_any_work(tmp_path, monkeypatch, which):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes through permission bits, so let the file system refuse as a read-only mount would
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def refuse(path):
+            if str(path).startswith(str(ro)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+        monkeypatch.setattr(os, "open", lambda path, *a, **k: refuse(path) or real_open(path, *a, **k))
+        monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: refuse(path) or real_mkdir(path, *a, **k))
+    out, cache = (ro / "run", tmp_path / "cache") if which == "output" else (tmp_path / "run", ro / "cache")
+    setting = "paths.output_dir" if which == "output" else "paths.cache_dir"
+    with pytest.raises(OutputError, match=f"cannot write to {ro}/.*(Read-only file system|Permission denied).*point {setting}.* at a writable"):
+        run(make_cfg(out, cache=cache))
+    assert not (tmp_path / "run" / "ground_truth.npz").exists()
