@@ -93,7 +93,13 @@ def summarise(jobs: list[Job]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["setting"], -r["ap_mean"]))
 
 
-def write_tables(rows: list[dict], common: list[str], out: Path) -> None:
+def unfinished_jobs(sweep_dir: Path) -> list[str]:
+    """Job directories without metrics.json (crashed, killed or still running): left out of the report."""
+    return sorted(p.parent.parent.name for p in sweep_dir.glob("*/.hydra/overrides.yaml")
+                  if not (p.parent.parent / "metrics.json").is_file())
+
+
+def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: list[str]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -102,6 +108,8 @@ def write_tables(rows: list[dict], common: list[str], out: Path) -> None:
     lines = [f"Overrides shared by every job: `{' '.join(common) or '(none)'}`. Mean ± std over seeds; "
              f"low score = suspect.", "",
              "| setting | score | seeds | AUROC | AP | precision@k |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    if unfinished:
+        lines[1:1] = ["", f"Left out, unfinished (no metrics.json): jobs {', '.join(unfinished)}."]
     for r in rows:
         cells = " | ".join(f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in TABLE_METRICS)
         lines.append(f"| {r['setting']} | {r['score']} | {r['seeds']} | {cells} |")
@@ -238,7 +246,10 @@ def compare(sweep_dir: str | Path) -> list[dict]:
     rows = summarise(jobs)
     if not rows:
         raise FileNotFoundError(f"the jobs under {sweep_dir} have no detection metrics (noise=none?); nothing to compare")
-    write_tables(rows, common_overrides(jobs), sweep_dir)
+    unfinished = unfinished_jobs(sweep_dir)
+    if unfinished:
+        log.warning(f"jobs {', '.join(unfinished)} under {sweep_dir} did not finish; the report leaves them out")
+    write_tables(rows, common_overrides(jobs), sweep_dir, unfinished)
     plot_ap(rows, sweep_dir)
     merged = scores_per_setting(jobs)
     plot_pr_curves(merged, sweep_dir)

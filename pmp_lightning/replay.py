@@ -219,20 +219,22 @@ class ReplayModule(pl.LightningModule):
         try:
             with np.load(path) as z:
                 state = {k: z[k] for k in z.files}
-            if str(state["fingerprint"]) != self.fingerprint:
-                raise ReplayConfigError(
-                    f"{path} is the progress of a replay with other snapshots, pool or replay settings; delete "
-                    f"{self.progress_dir} or point the replay at a fresh directory"
-                )
-            done = state["done"].astype(bool)
-            for t in np.flatnonzero(done):
+            rows = {}
+            for t in np.flatnonzero(state["done"]):
                 with np.load(self.progress_dir / "rows" / f"row_{t:05d}.npz") as row:
-                    for k in STAT_NAMES:
-                        self.arrays[k][t] = row[k]
-        except (OSError, KeyError, ValueError) as err:
-            if isinstance(err, ReplayConfigError):
-                raise
-            raise SnapshotError(f"the replay progress in {self.progress_dir} cannot be read ({err}); delete it and rerun") from err
+                    rows[t] = {k: row[k] for k in STAT_NAMES}
+        except Exception as err:  # a damaged npz raises various errors inside numpy and zipfile
+            raise SnapshotError(f"the replay progress in {self.progress_dir} cannot be read ({type(err).__name__}: {err}); "
+                                f"delete it and rerun") from err
+        if str(state["fingerprint"]) != self.fingerprint:
+            raise ReplayConfigError(
+                f"{path} is the progress of a replay with other snapshots, pool or replay settings; delete "
+                f"{self.progress_dir} or point the replay at a fresh directory"
+            )
+        done = state["done"].astype(bool)
+        for t, row in rows.items():
+            for k in STAT_NAMES:
+                self.arrays[k][t] = row[k]
         self.done = done
         self.lambda_norm = state["lambda_norm"].astype(np.float64)
         self.lam = torch.from_numpy(state["costate"])

@@ -69,3 +69,19 @@ def test_the_slurm_launcher_config_composes_without_a_cluster():
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"  # the submitit plugin is installed
     assert (launcher.partition, launcher.tasks_per_node, launcher.gpus_per_node) == ("gpu", 1, 1)
     assert launcher.submitit_folder.endswith("/.submitit/%j")
+
+
+def test_the_report_names_unfinished_jobs_and_leaves_them_out(sweep, tmp_path):
+    import shutil
+
+    from pmp_lightning.compare import compare
+
+    root, _ = sweep
+    out = tmp_path / "sweep"
+    shutil.copytree(root / "sweep", out)
+    killed = out / "6"  # a job that died before writing metrics.json
+    shutil.copytree(out / "0" / ".hydra", killed / ".hydra")
+    (killed / "scores.csv").write_text("index\n")
+    rows = compare(out)
+    assert "Left out, unfinished (no metrics.json): jobs 6." in (out / "comparison.md").read_text()
+    assert all(int(r["seeds"]) == 2 for r in rows)

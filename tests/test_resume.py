@@ -62,8 +62,8 @@ def test_a_killed_replay_resumes_and_ends_bit_identical(tmp_path):
     assert (tmp_path / "b" / "scores.csv").read_bytes() == (tmp_path / "c" / "scores.csv").read_bytes()
 
 
-def test_a_replay_progress_from_other_settings_is_refused(tmp_path):
-    from pmp_lightning.errors import ReplayConfigError
+def test_a_replay_progress_from_other_settings_or_damaged_is_refused(tmp_path):
+    from pmp_lightning.errors import ReplayConfigError, SnapshotError
     from pmp_lightning.replay import ReplayModule
 
     dm, snaps = _train(tmp_path, max_epochs=2)
@@ -73,6 +73,10 @@ def test_a_replay_progress_from_other_settings_is_refused(tmp_path):
     with pytest.raises(ReplayConfigError, match="other snapshots, pool or replay settings; delete"):
         ReplayModule(mlp(in_features=4, hidden=5), snaps, dm.pool, dm.downstream, dm.train_set, curvature="none",
                      progress_dir=tmp_path / "p")
+    costate = tmp_path / "p" / "costate.npz"
+    costate.write_bytes(costate.read_bytes()[:100])  # e.g. copied off a full disk
+    with pytest.raises(SnapshotError, match="progress in .* cannot be read .*; delete it and rerun"):
+        ReplayModule(mlp(in_features=4, hidden=5), snaps, dm.pool, dm.downstream, dm.train_set, progress_dir=tmp_path / "p")
 
 
 def _datamodule():
