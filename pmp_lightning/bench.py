@@ -1,6 +1,6 @@
 """Benchmark of the replay's per-example statistics against the alternatives, in one process.
 
-    python -m pmp_lightning.bench [--model cnn] [--examples 256] [--chunk 64] [--repeats 5] [--device cpu]
+    python -m pmp_lightning.bench [--model cnn] [--examples 256] [--chunk N] [--repeats 5] [--device cpu]
 
 Methods, all on the same examples, parameters and direction λ:
   (a) loop      the reported approach: one ``torch.autograd.grad`` per example, then dots and norms
@@ -122,12 +122,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cnn", choices=sorted(MODELS))
     parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=64, help="examples per batch for the batched methods (the replay default)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="examples per batch for the batched methods (default: the replay's, 64 on CPU and 1024 on GPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", nargs="*", default=[], choices=METHODS, help="methods to leave out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args(argv)
+    args.chunk = args.chunk or (1024 if args.device.startswith("cuda") else 64)
 
     net, x, y, params, lam = _setup(args.model, args.examples, args.device)
     fns = make_methods(net, x, y, params, lam, args.chunk)

@@ -111,7 +111,7 @@ class ReplayModule(pl.LightningModule):
         curvature: str = "expm",
         objective: str = "area",
         hvp_samples: int | None = 256,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         lanczos_steps: int = 8,
         growth_warning: float = 10.0,
         seed: int = 0,
@@ -133,6 +133,8 @@ class ReplayModule(pl.LightningModule):
         self.pool, self.downstream, self.train_set = pool.to(dtype), downstream.to(dtype), train_set.to(dtype)
         self.curvature, self.objective = curvature, objective
         self.batch_size, self.lanczos_steps, self.growth_warning = batch_size, lanczos_steps, growth_warning
+        if batch_size is not None and batch_size < 1:
+            raise ReplayConfigError(f"replay.batch_size={batch_size}; give a positive chunk size, or null for the device's default")
 
         snaps = self.manifest["snapshots"]
         self.T = len(snaps) - 1
@@ -159,6 +161,11 @@ class ReplayModule(pl.LightningModule):
         if self.progress_dir is not None:
             self._resume()
         self._first = self.T - 1 - int(self.done.sum())  # the snapshot of epoch 0 (T-1 unless resumed)
+
+    @property
+    def chunk(self) -> int:
+        """Examples per chunk: ``batch_size``, or by default 64 on a CPU and 1024 on a GPU (the fastest measured)."""
+        return self.batch_size or (1024 if self.device.type == "cuda" else 64)
 
     @property
     def remaining(self) -> int:
@@ -252,7 +259,7 @@ class ReplayModule(pl.LightningModule):
     def train_dataloader(self) -> DataLoader:
         world = self.trainer.world_size
         sampler = _Shard(self.pool, num_replicas=world, rank=self.global_rank, shuffle=False) if world > 1 else None
-        return DataLoader(self.pool, batch_size=self.batch_size, shuffle=False, sampler=sampler)
+        return DataLoader(self.pool, batch_size=self.chunk, shuffle=False, sampler=sampler)
 
     def snapshot_of_epoch(self, epoch: int) -> int:
         return self._first - epoch
@@ -367,7 +374,7 @@ class ReplayModule(pl.LightningModule):
         """This rank's share of ``dataset``, in chunks."""
         world = self.trainer.world_size if self._trainer is not None else 1
         shard = Subset(dataset, range(self.global_rank, len(dataset), world)) if world > 1 else dataset
-        for x, y, _ in DataLoader(shard, batch_size=self.batch_size, shuffle=False):
+        for x, y, _ in DataLoader(shard, batch_size=self.chunk, shuffle=False):
             yield x.to(self.device), y.to(self.device)
 
     def _grad_J(self) -> torch.Tensor:
