@@ -39,6 +39,8 @@ def test_two_processes_score_like_one(tmp_path, strategy):
 
     # one output directory for both ranks, each snapshot written once
     assert [p.name for p in tmp_path.iterdir() if p.name not in ("cache", "run")] == []
+    if strategy == "ddp":  # rank 1 re-ran the command line, and Lightning pointed its Hydra at the same directory
+        assert (run_dir / "train_ddp_process_1.log").is_file() and (run_dir / "run.log").is_file()
     manifest = json.loads((run_dir / "snapshots" / "manifest.json").read_text())
     assert manifest["complete"] and [s["t"] for s in manifest["snapshots"]] == [0, 1, 2]
     assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == ["manifest.json", "theta_0000.pt", "theta_0001.pt", "theta_0002.pt"]
