@@ -179,8 +179,8 @@ def _replay(cfg: DictConfig, datamodule, snapshot_dir: Path, directory: Path, ti
             log.info(f"replay: {replay.remaining} snapshots, {len(replay.pool)} pool examples, "
                      f"{replay_trainer.world_size} process(es)")
             replay_trainer.fit(replay)  # global rank zero writes stats.npz when the last snapshot is done
-        elif rank_zero_only.rank == 0:
-            replay.results().save(directory / "stats.npz")
+        elif rank_zero_only.rank == 0:  # every snapshot was done before an interruption; only stats.npz is missing
+            replay.save_stats()
 
 
 def _agree(name: str, value):

@@ -157,8 +157,8 @@ class ReplayModule(pl.LightningModule):
         self.done = np.zeros(self.T, dtype=bool)
         self.automatic_optimization = False
         self.progress_dir = None if progress_dir is None else Path(progress_dir)
-        self.fingerprint = self._fingerprint(curvature, objective, n_hvp, seed)
         if self.progress_dir is not None:
+            self.fingerprint = self._fingerprint(curvature, objective, n_hvp, seed)
             self._resume()
         self._first = self.T - 1 - int(self.done.sum())  # the snapshot of epoch 0 (T-1 unless resumed)
 
@@ -213,9 +213,9 @@ class ReplayModule(pl.LightningModule):
 
     def _fingerprint(self, curvature: str, objective: str, n_hvp: int, seed: int) -> str:
         """What the statistics depend on besides θ: a resumed replay must match it exactly."""
-        labels = [int(self.pool[i][1]) for i in range(len(self.pool))]
         ident = {"snapshots": self.manifest["snapshots"], "curvature": curvature, "objective": objective, "hvp_samples": n_hvp,
-                 "seed": seed, "lanczos_steps": self.lanczos_steps, "pool_labels": labels, "downstream": len(self.downstream)}
+                 "seed": seed, "lanczos_steps": self.lanczos_steps, "pool_labels": self.pool.y.tolist(),
+                 "downstream": len(self.downstream)}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ resume
@@ -257,9 +257,13 @@ class ReplayModule(pl.LightningModule):
         return None
 
     def train_dataloader(self) -> DataLoader:
+        return self._shard_loader(self.pool)
+
+    def _shard_loader(self, dataset) -> DataLoader:
+        """This rank's share of ``dataset`` (all of it in a single process), in chunks, in order."""
         world = self.trainer.world_size
-        sampler = _Shard(self.pool, num_replicas=world, rank=self.global_rank, shuffle=False) if world > 1 else None
-        return DataLoader(self.pool, batch_size=self.chunk, shuffle=False, sampler=sampler)
+        sampler = _Shard(dataset, num_replicas=world, rank=self.global_rank, shuffle=False) if world > 1 else None
+        return DataLoader(dataset, batch_size=self.chunk, shuffle=False, sampler=sampler)
 
     def snapshot_of_epoch(self, epoch: int) -> int:
         return self._first - epoch
@@ -299,7 +303,11 @@ class ReplayModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self.progress_dir is not None and self.trainer.is_global_zero and self.done.all():
-            self.results().save(self.progress_dir / "stats.npz")
+            self.save_stats()
+
+    def save_stats(self) -> Path:
+        """Write the finished statistics to ``progress_dir/stats.npz`` (what the pipeline's cache entry holds)."""
+        return self.results().save(self.progress_dir / "stats.npz")
 
     def _gather_row(self, t: int) -> None:
         """Give every rank snapshot t's statistics for the whole pool (each rank computed its shard)."""
@@ -371,10 +379,7 @@ class ReplayModule(pl.LightningModule):
         return F.cross_entropy(functional_call(self.net, params, (x,)), y, reduction="sum")
 
     def _batches(self, dataset):
-        """This rank's share of ``dataset``, in chunks."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        shard = Subset(dataset, range(self.global_rank, len(dataset), world)) if world > 1 else dataset
-        for x, y, _ in DataLoader(shard, batch_size=self.chunk, shuffle=False):
+        for x, y, _ in self._shard_loader(dataset):
             yield x.to(self.device), y.to(self.device)
 
     def _grad_J(self) -> torch.Tensor:
