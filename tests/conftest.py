@@ -1,7 +1,10 @@
+import pytest
 import pytorch_lightning as pl
 import torch
 
-from pmp_lightning.data import Images
+from callbacks.theta_snapshot import ThetaSnapshot
+from pmp_lightning.data import Images, LabelNoise, PoolDataModule
+from pmp_lightning.models import Classifier, mlp
 
 
 class RandomSource:
@@ -19,8 +22,19 @@ class RandomSource:
         return train, (Images(self.x[self.n :], self.y[self.n :]) if self.test_n else None)
 
 
-def fit_replay(replay, root=None):
+def fit_replay(replay, root=None, accelerator="auto"):
     """Run a ReplayModule through its own Trainer, quietly, as the pipeline does."""
     pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, default_root_dir=root).fit(replay)
+               enable_model_summary=False, default_root_dir=root, accelerator=accelerator, devices=1).fit(replay)
     return replay
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A tiny noisy pool, its datamodule and the snapshots of 2 epochs of SGD: ``(dm, tmp_path / "snaps")``."""
+    pl.seed_everything(0)
+    dm = PoolDataModule(RandomSource(n=40), LabelNoise("symmetric", 0.2), pool_size=24, downstream_size=8, test_size=8, batch_size=8)
+    model = Classifier(mlp(in_features=4, hidden=5), optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    pl.Trainer(max_epochs=2, callbacks=[ThetaSnapshot(tmp_path / "snaps")], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(model, datamodule=dm)
+    return dm, tmp_path / "snaps"

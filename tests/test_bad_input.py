@@ -6,28 +6,16 @@ import subprocess
 import sys
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
-from callbacks.theta_snapshot import ThetaSnapshot
 from pmp_lightning.data import LabelNoise, PoolDataModule
 from pmp_lightning.errors import CostateDivergedError, DataConfigError, OutputError, SnapshotError, UnknownScoreError
-from pmp_lightning.models import Classifier, mlp
+from pmp_lightning.models import mlp
 from pmp_lightning.pipeline import run
 from pmp_lightning.replay import ReplayModule
 from pmp_lightning.scores import compute_scores
 from tests.conftest import RandomSource, fit_replay
 from tests.test_pipeline import ROOT, make_cfg
-
-
-@pytest.fixture
-def trained(tmp_path):
-    pl.seed_everything(0)
-    dm = PoolDataModule(RandomSource(n=40), LabelNoise("symmetric", 0.2), pool_size=24, downstream_size=8, test_size=8, batch_size=8)
-    model = Classifier(mlp(in_features=4, hidden=5), optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
-    pl.Trainer(max_epochs=2, callbacks=[ThetaSnapshot(tmp_path / "snaps")], logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False).fit(model, datamodule=dm)
-    return dm, tmp_path / "snaps"
 
 
 def _replay(dm, snaps, net=None, **kw):

@@ -9,7 +9,6 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from pmp_lightning.replay import ReplayModule
 from pmp_lightning.scores import compute_scores
 from tests.conftest import fit_replay
 from tests.test_pipeline import ROOT, SMALL, make_cfg
@@ -18,13 +17,13 @@ DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2", "
        "scoring.scores=[raw,cosine,loss,grand]"]
 
 
-def single_process_scores(cfg, snapshot_dir, names):
+def single_process_scores(cfg, snapshot_dir, names, accelerator="cpu"):
+    """The run's datamodule and the scores of replaying ``snapshot_dir`` in this one process."""
     datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
     datamodule.setup()
     replay = instantiate(cfg.replay, net=instantiate(cfg.model), snapshot_dir=snapshot_dir, pool=datamodule.pool,
                          downstream=datamodule.downstream, train_set=datamodule.train_set)
-    assert isinstance(replay, ReplayModule)
-    return datamodule, compute_scores(names, fit_replay(replay).results())
+    return datamodule, compute_scores(names, fit_replay(replay, accelerator=accelerator).results())
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
@@ -68,20 +67,12 @@ def test_ddp_refuses_a_multirun_with_the_fix(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_the_replay_on_a_gpu_equals_the_cpu(tmp_path):
-    import pytorch_lightning as pl
-
     from pmp_lightning.pipeline import run
 
     cfg = make_cfg(tmp_path, "trainer.max_epochs=2", "data.pool_size=200", "trainer.accelerator=cpu", "scoring.scores=[raw]")
     run(cfg)
-    datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
-    datamodule.setup()
-    scores = {}
-    for accelerator in ("cpu", "gpu"):
-        replay = instantiate(cfg.replay, net=instantiate(cfg.model), snapshot_dir=tmp_path / "snapshots", pool=datamodule.pool,
-                             downstream=datamodule.downstream, train_set=datamodule.train_set)
-        pl.Trainer(accelerator=accelerator, devices=1, max_epochs=replay.T, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False).fit(replay)
-        scores[accelerator] = compute_scores(["raw", "cosine", "loss"], replay.results())
-    for name, cpu in scores["cpu"].items():
-        assert np.abs(scores["gpu"][name] - cpu).max() <= 1e-4 * np.abs(cpu).max(), name
+    names = ["raw", "cosine", "loss"]
+    _, cpu = single_process_scores(cfg, tmp_path / "snapshots", names, accelerator="cpu")
+    _, gpu = single_process_scores(cfg, tmp_path / "snapshots", names, accelerator="gpu")
+    for name in names:
+        assert np.abs(gpu[name] - cpu[name]).max() <= 1e-4 * np.abs(cpu[name]).max(), name
