@@ -43,8 +43,9 @@ def train_key_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any]) -> dict[str, Any]:
-    """The replay settings and the identity of the train entry replayed (a retrained entry gets a new one)."""
-    return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True)}
+    """The replay settings, the objective J and the identity of the train entry replayed (a retrained entry gets a new one)."""
+    return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True),
+            "objective": OmegaConf.to_container(cfg.objective, resolve=True)}
 
 
 class StageCache:

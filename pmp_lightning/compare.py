@@ -11,7 +11,8 @@ sweep directory:
 - ``pr_curves.png``: precision–recall curves of every score, one panel per setting (first seed)
 - ``score_histograms.png``: clean vs mislabeled score histograms (first setting and seed)
 - ``lambda_norms.png``: ‖λ_t‖ per snapshot, one line per curvature mode
-- ``contribution_auroc.png``: detection AUROC of the per-snapshot contribution c_t against t
+- ``saturation.png``: per snapshot, the share of the downstream set that carries ∇J (participation ratio)
+  beside the detection AUROC of that snapshot's contribution c_t: where J saturates, detection fails
 - ``suspects_<score>.png``: the 32 most suspected examples per score, observed and true label
 """
 from __future__ import annotations
@@ -201,21 +202,28 @@ def plot_lambda_norms(jobs: list[Job], out: Path) -> None:
     _save(fig, out / "lambda_norms.png")
 
 
-def plot_contribution_auroc(jobs: list[Job], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_saturation(jobs: list[Job], out: Path) -> None:
+    """The saturation diagnostic: per snapshot, the share of downstream examples carrying ∇J(θ_t) (left)
+    beside the detection AUROC of that snapshot's contribution c_t alone (right), one line per setting."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for setting, job in first_job_per_setting(jobs).items():
-        stats_path = job.path / "replay" / "stats.npz"
-        if not stats_path.is_file():
-            continue
-        with np.load(stats_path) as stats:
-            contribution = stats["eta"][:, None] * stats["dot"]
-        mask = np.load(job.path / "ground_truth.npz")["is_mislabeled"]
-        auroc = [roc_auc_score(mask, -c) for c in contribution]
-        ax.plot(range(len(auroc)), auroc, marker="o", label=setting[:50])
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="snapshot t", ylabel="AUROC of c_t (low = suspect)", title="when does the contribution stop detecting?")
-    ax.legend(fontsize=6)
-    _save(fig, out / "contribution_auroc.png")
+        costate = job.metrics["costate"]
+        label = f"{setting[:50]} (seed {job.seed})"
+        share = costate.get("participation", [])
+        left.plot(range(1, len(share) + 1), share, marker="o", label=label)
+        auroc = costate.get("contribution_auroc", [])
+        right.plot(range(len(auroc)), auroc, marker="o", label=label)
+    left.set(xlabel="snapshot t (θ_t)", ylabel="(Σw)² / (M Σw²), w_m = ‖∂J_m/∂z_m‖", ylim=(0, 1.02),
+             title="share of the downstream set carrying ∇J(θ_t)")
+    right.axhline(0.5, color="grey", lw=0.8, ls="--")
+    right.set(xlabel="snapshot t (c_t = η_t⟨λ_{t+1}, ∇l_n(θ_t)⟩)", ylabel="AUROC of c_t (low = suspect)", ylim=(0, 1.02),
+              title="detection by one snapshot's contribution")
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.legend(fontsize=6, loc="lower left")
+    _save(fig, out / "saturation.png")
 
 
 def plot_suspects(merged, out: Path) -> None:
@@ -255,7 +263,7 @@ def compare(sweep_dir: str | Path) -> list[dict]:
     plot_pr_curves(merged, sweep_dir)
     plot_histograms(merged, sweep_dir)
     plot_lambda_norms(jobs, sweep_dir)
-    plot_contribution_auroc(jobs, sweep_dir)
+    plot_saturation(jobs, sweep_dir)
     plot_suspects(merged, sweep_dir)
     log.info(f"comparison of {len(jobs)} jobs written to {sweep_dir}/comparison.md")
     return rows

@@ -26,6 +26,11 @@ def detection_metrics(score: np.ndarray, is_mislabeled: np.ndarray) -> dict[str,
     }
 
 
+def contribution_auroc(contribution: np.ndarray, is_mislabeled: np.ndarray) -> list[float]:
+    """Detection AUROC of each snapshot's contribution c_t alone (low = suspect): when the signal lives."""
+    return [float(roc_auc_score(is_mislabeled, -c)) for c in contribution]
+
+
 def format_table(detection: dict[str, dict[str, float]]) -> str:
     """The detection table as aligned text, best average precision first."""
     rows = sorted(detection.items(), key=lambda kv: -kv[1]["ap"])

@@ -35,8 +35,9 @@ from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.replay_progress import ReplayProgressBar
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
 from pmp_lightning.config import score_names
+from pmp_lightning.costate import describe
 from pmp_lightning.errors import OutputError, ReplayConfigError
-from pmp_lightning.evaluate import detection_metrics, format_table
+from pmp_lightning.evaluate import contribution_auroc, detection_metrics, format_table
 from pmp_lightning.io import save_json, save_npz, save_text
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.models import Classifier
@@ -116,7 +117,9 @@ def run(cfg: DictConfig) -> dict:
             scores = compute_scores(score_names(cfg.scoring), stats)
             if mask.any():
                 detection = {name: detection_metrics(s, mask) for name, s in scores.items()}
+                per_snapshot = contribution_auroc(stats.contribution, mask)
             else:
+                per_snapshot = []
                 log.warning("the pool has no mislabeled examples (noise=none): detection metrics are skipped")
                 detection = {}
 
@@ -127,8 +130,10 @@ def run(cfg: DictConfig) -> dict:
         metrics = {
             "detection": detection,
             "test_accuracy": trained["test_accuracy"],
-            "costate": {"mode": cfg.replay.curvature, "objective": cfg.replay.objective,
-                        "lambda_norms": stats.lambda_norm.tolist(),
+            "costate": {"mode": cfg.replay.curvature, "horizon": cfg.replay.horizon,
+                        "objective": describe(instantiate(cfg.objective)),
+                        "lambda_norms": stats.lambda_norm.tolist(), "participation": stats.participation.tolist(),
+                        "contribution_auroc": per_snapshot,
                         "growth_warnings": growth_steps(stats.lambda_norm, cfg.replay.growth_warning)},
             "timings": timings,
             "peak_memory_mib": memory,
@@ -168,7 +173,8 @@ def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, 
 def _replay(cfg: DictConfig, datamodule, snapshot_dir: Path, directory: Path, timings: dict, memory: dict) -> None:
     """Replay the snapshots backward into ``directory`` (``stats.npz``), continuing a replay that was cut short."""
     with _stage(timings, memory, "replay"):
-        replay = instantiate(cfg.replay, net=instantiate(cfg.model), snapshot_dir=snapshot_dir, pool=datamodule.pool,
+        replay = instantiate(cfg.replay, net=instantiate(cfg.model), objective=instantiate(cfg.objective),
+                             snapshot_dir=snapshot_dir, pool=datamodule.pool,
                              downstream=datamodule.downstream, train_set=datamodule.train_set, progress_dir=directory)
         if replay.remaining < replay.T:
             log.info(f"replay: resuming in {directory}, {replay.T - replay.remaining} of {replay.T} snapshots already done")
@@ -250,7 +256,10 @@ def _report(metrics: dict, out: Path) -> None:
     norms = ", ".join(f"{v:.3g}" for v in metrics["costate"]["lambda_norms"])
     lines = [
         f"test accuracy: {metrics['test_accuracy']:.4f}",
-        f"costate ({metrics['costate']['mode']}, J={metrics['costate']['objective']}) ‖λ_t‖, t=1..T: {norms}",
+        f"costate ({metrics['costate']['mode']}, J = {metrics['costate']['horizon']} of {metrics['costate']['objective']}) "
+        f"‖λ_t‖, t=1..T: {norms}",
+        "downstream examples carrying ∇J(θ_t), t=1..T: "
+        + ", ".join(f"{v:.0%}" for v in metrics["costate"]["participation"]),
     ]
     if metrics["detection"]:
         lines += ["", "detection of mislabeled examples (low score = suspect), best AP first:", format_table(metrics["detection"])]

@@ -4,16 +4,13 @@ Epoch e handles snapshot t = T-1-e. With λ_{t+1} known it loads θ_t, runs the 
 statistics pass over the pool (the epoch's batches), then propagates the costate:
 
     λ_T = ∇J(θ_T)
-    λ_t = a_t ∇J(θ_t) + P_t(λ_{t+1})          (a_t = 1 for J = area, 0 for terminal)
+    λ_t = a_t ∇J(θ_t) + P_t(λ_{t+1})          (a_t = 1 for horizon=area, 0 for terminal)
 
-with P_t by ``curvature``:
-    exact / coarse   λ − η_t ∇²L(θ_t) λ                      (the paper's formula; exact checks that
-                                                               the trajectory was full-batch, one step per snapshot)
-    none             λ
-    expm             exp(−η_t H⁺) λ through ``lanczos_steps`` Lanczos iterations: the propagator of
-                     gradient flow over the interval, with H's negative Ritz values set to 0. Every
-                     factor is ≤ 1, so ‖P_t(λ)‖ ≤ ‖λ‖: stable for any η_t, and it still damps exactly
-                     the directions the Hessian says training moved along.
+J is the mean of ``objective`` over the downstream set and P_t is picked by ``curvature``; both are
+pure functions in ``pmp_lightning/costate.py``. ``curvature=exact`` is the paper's step formula plus a
+check that the trajectory was full-batch with one step per snapshot (then the scores are exact).
+At each snapshot the replay also records how many downstream examples carry ∇J
+(``costate.participation``).
 
 Hessian-vector products use a fixed subsample of the trajectory's training set (all of it in
 exact mode). The net stays in eval mode (dropout off).
@@ -46,12 +43,14 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from callbacks.theta_snapshot import load_manifest, load_snapshot
+from pmp_lightning.costate import PROPAGATORS, ObjectiveFn, describe, logit_weights, participation
+from pmp_lightning.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
 from pmp_lightning.io import save_npz
 from pmp_lightning.stats import STAT_NAMES, per_example_stats
 
-CURVATURES = ("exact", "coarse", "none", "expm")
-OBJECTIVES = ("area", "terminal")
+CURVATURES = tuple(PROPAGATORS)
+HORIZONS = ("area", "terminal")
 PREFIX = "net."  # the training module keeps its network as ``self.net``
 
 
@@ -60,7 +59,8 @@ class ReplayStats:
     """Everything the scores need: T × N per-example arrays and per-step vectors.
 
     ``dot[t, n] = ⟨λ_{t+1}, ∇l_n(θ_t)⟩``; the PMP contribution is ``c[t, n] = eta[t] * dot[t, n]``.
-    ``lambda_norm[t] = ‖λ_{t+1}‖``. Columns follow the pool's positions.
+    ``lambda_norm[t] = ‖λ_{t+1}‖``; ``participation[t]`` is the fraction of downstream examples carrying
+    ∇J(θ_{t+1}) (``costate.participation``). Columns follow the pool's positions.
     """
 
     dot: np.ndarray
@@ -71,6 +71,7 @@ class ReplayStats:
     el2n: np.ndarray
     eta: np.ndarray
     lambda_norm: np.ndarray
+    participation: np.ndarray
 
     @property
     def contribution(self) -> np.ndarray:
@@ -109,7 +110,8 @@ class ReplayModule(pl.LightningModule):
         downstream,
         train_set,
         curvature: str = "expm",
-        objective: str = "area",
+        horizon: str = "area",
+        objective: ObjectiveFn | None = None,
         hvp_samples: int | None = 256,
         batch_size: int | None = None,
         lanczos_steps: int = 8,
@@ -120,8 +122,8 @@ class ReplayModule(pl.LightningModule):
         super().__init__()
         if curvature not in CURVATURES:
             raise ReplayConfigError(f"unknown replay.curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
-        if objective not in OBJECTIVES:
-            raise ReplayConfigError(f"unknown replay.objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if horizon not in HORIZONS:
+            raise ReplayConfigError(f"unknown replay.horizon {horizon!r}; choose one of {', '.join(HORIZONS)}")
         if len(pool) == 0:
             raise ReplayConfigError("the pool to score is empty; give data.pool_size a positive value")
         self.manifest = load_manifest(snapshot_dir)
@@ -131,7 +133,8 @@ class ReplayModule(pl.LightningModule):
         dtype = getattr(torch, self.manifest["dtype"])
         self.to(dtype)  # the replay runs in the trajectory's precision
         self.pool, self.downstream, self.train_set = pool.to(dtype), downstream.to(dtype), train_set.to(dtype)
-        self.curvature, self.objective = curvature, objective
+        self.curvature, self.horizon = curvature, horizon
+        self.objective = make_objective("ce") if objective is None else objective
         self.batch_size, self.lanczos_steps, self.growth_warning = batch_size, lanczos_steps, growth_warning
         if batch_size is not None and batch_size < 1:
             raise ReplayConfigError(f"replay.batch_size={batch_size}; give a positive chunk size, or null for the device's default")
@@ -153,12 +156,13 @@ class ReplayModule(pl.LightningModule):
         n = len(self.pool)
         self.arrays = {k: np.full((self.T, n), np.nan) for k in STAT_NAMES}
         self.lambda_norm = np.full(self.T, np.nan)  # index t-1: ‖λ_t‖, t = 1..T (λ_0 is never needed)
+        self.participation = np.full(self.T, np.nan)  # index t-1: at θ_t, t = 1..T
         self.lam: torch.Tensor | None = None
         self.done = np.zeros(self.T, dtype=bool)
         self.automatic_optimization = False
         self.progress_dir = None if progress_dir is None else Path(progress_dir)
         if self.progress_dir is not None:
-            self.fingerprint = self._fingerprint(curvature, objective, n_hvp, seed)
+            self.fingerprint = self._fingerprint(curvature, horizon, n_hvp, seed)
             self._resume()
         self._first = self.T - 1 - int(self.done.sum())  # the snapshot of epoch 0 (T-1 unless resumed)
 
@@ -211,9 +215,10 @@ class ReplayModule(pl.LightningModule):
         if problems:
             raise ReplayConfigError("replay.curvature=exact needs " + "; ".join(problems) + ". Use replay.curvature=coarse or expm otherwise.")
 
-    def _fingerprint(self, curvature: str, objective: str, n_hvp: int, seed: int) -> str:
+    def _fingerprint(self, curvature: str, horizon: str, n_hvp: int, seed: int) -> str:
         """What the statistics depend on besides θ: a resumed replay must match it exactly."""
-        ident = {"snapshots": self.manifest["snapshots"], "curvature": curvature, "objective": objective, "hvp_samples": n_hvp,
+        ident = {"snapshots": self.manifest["snapshots"], "curvature": curvature, "horizon": horizon,
+                 "objective": describe(self.objective), "hvp_samples": n_hvp,
                  "seed": seed, "lanczos_steps": self.lanczos_steps, "pool_labels": self.pool.y.tolist(),
                  "downstream": len(self.downstream)}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -244,13 +249,14 @@ class ReplayModule(pl.LightningModule):
                 self.arrays[k][t] = row[k]
         self.done = done
         self.lambda_norm = state["lambda_norm"].astype(np.float64)
+        self.participation = state["participation"].astype(np.float64)
         self.lam = torch.from_numpy(state["costate"])
 
     def _save_progress(self, t: int) -> None:
         """Rank zero: snapshot t's rows, then (atomically, last) the costate and the done-mask."""
         save_npz(self.progress_dir / "rows" / f"row_{t:05d}.npz", **{k: self.arrays[k][t] for k in STAT_NAMES})
         save_npz(self.progress_dir / "costate.npz", costate=self.lam.detach().cpu().numpy(), done=self.done,
-                 lambda_norm=self.lambda_norm, fingerprint=np.array(self.fingerprint))
+                 lambda_norm=self.lambda_norm, participation=self.participation, fingerprint=np.array(self.fingerprint))
 
     # ------------------------------------------------------------------ lightning plumbing
     def configure_optimizers(self):
@@ -292,8 +298,8 @@ class ReplayModule(pl.LightningModule):
         t = self.snapshot_of_epoch(self.current_epoch)
         self._gather_row(t)
         if t > 0:  # λ_0 enters no score
-            lam = self._propagate(self.lam, float(self.eta[t]))
-            if self.objective == "area":
+            lam = PROPAGATORS[self.curvature](self._hvp, self.lam, float(self.eta[t]), self.lanczos_steps)
+            if self.horizon == "area":
                 lam = lam + self._grad_J()
             self.lam = lam
             self._record_norm(t)
@@ -330,13 +336,6 @@ class ReplayModule(pl.LightningModule):
         return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum")
 
     # ------------------------------------------------------------------ costate
-    def _propagate(self, lam: torch.Tensor, eta: float) -> torch.Tensor:
-        if self.curvature == "none":
-            return lam
-        if self.curvature in ("exact", "coarse"):
-            return lam - eta * self._hvp(lam)
-        return lanczos_expm(self._hvp, lam, eta, self.lanczos_steps)
-
     def _record_norm(self, t: int) -> None:
         norm = float(self.lam.norm())
         if not math.isfinite(norm):
@@ -346,6 +345,7 @@ class ReplayModule(pl.LightningModule):
                 f"written. Use replay.curvature=expm (stable) or none, or snapshot more often."
             )
         self.lambda_norm[t - 1] = norm
+        self.participation[t - 1] = self._participation()
         if t in growth_steps(self.lambda_norm, self.growth_warning):
             prev = self.lambda_norm[t]
             warnings.warn(
@@ -378,6 +378,9 @@ class ReplayModule(pl.LightningModule):
     def _summed_loss(self, params, x, y):
         return F.cross_entropy(functional_call(self.net, params, (x,)), y, reduction="sum")
 
+    def _summed_objective(self, params, x, y):
+        return self.objective(functional_call(self.net, params, (x,)), y).sum()
+
     def _batches(self, dataset):
         for x, y, _ in self._shard_loader(dataset):
             yield x.to(self.device), y.to(self.device)
@@ -385,8 +388,19 @@ class ReplayModule(pl.LightningModule):
     def _grad_J(self) -> torch.Tensor:
         total = torch.zeros(sum(p.numel() for p in self._params.values()), dtype=self.dtype, device=self.device)
         for x, y in self._batches(self.downstream):
-            total += self._flatten(grad(self._summed_loss)(self._params, x, y))
+            total += self._flatten(grad(self._summed_objective)(self._params, x, y))
         return self._all_reduce(total) / len(self.downstream)
+
+    def _participation(self) -> float:
+        """The fraction of downstream examples that carry ∇J at the loaded θ (``costate.participation``)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for x, y in self._batches(self.downstream):
+            with torch.no_grad():
+                logits = self.net(x)
+            w = logit_weights(self.objective, logits, y).double()
+            sums += torch.stack([w.sum(), w.pow(2).sum()])
+        sums = self._all_reduce(sums)
+        return participation(float(sums[0]), float(sums[1]), len(self.downstream))
 
     def _hvp(self, vec: torch.Tensor) -> torch.Tensor:
         """∇²L(θ_t) · vec for the mean training loss over the fixed subsample (forward-over-reverse)."""
@@ -401,39 +415,6 @@ class ReplayModule(pl.LightningModule):
     def results(self) -> ReplayStats:
         if np.isnan(self.arrays["dot"]).any():
             raise RuntimeError("the replay did not finish: some snapshots or pool examples have no statistics")
-        return ReplayStats(**self.arrays, eta=self.eta, lambda_norm=self.lambda_norm.copy())
+        return ReplayStats(**self.arrays, eta=self.eta, lambda_norm=self.lambda_norm.copy(),
+                           participation=self.participation.copy())
 
-
-def lanczos_expm(hvp, v: torch.Tensor, eta: float, steps: int) -> torch.Tensor:
-    """exp(−η H⁺) v from ``steps`` Lanczos iterations with full reorthogonalisation.
-
-    H⁺ is H with negative Ritz values set to 0, so every factor exp(−η θ_i) lies in (0, 1]: the result's
-    norm never exceeds ‖v‖.
-    """
-    beta0 = v.norm()
-    if beta0 == 0:
-        return v.clone()
-    basis = [v / beta0]
-    alphas, betas = [], []
-    for j in range(steps):
-        w = hvp(basis[j])
-        alphas.append(torch.dot(w, basis[j]))
-        for q in basis:  # full reorthogonalisation (twice is enough)
-            w = w - torch.dot(w, q) * q
-        for q in basis:
-            w = w - torch.dot(w, q) * q
-        b = w.norm()
-        scale = max(abs(float(a)) for a in alphas)
-        if j == steps - 1 or float(b) <= 1e-10 * scale:  # the Krylov space is invariant: T is exact
-            break
-        betas.append(b)
-        basis.append(w / b)
-    k = len(alphas)
-    T = torch.diag(torch.stack(alphas).double())
-    if k > 1:
-        off = torch.stack(betas[: k - 1]).double()
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    ritz, vecs = torch.linalg.eigh(T)
-    coeff = vecs @ (torch.exp(-eta * ritz.clamp(min=0)) * vecs[0])
-    coeff = coeff.to(v.dtype)
-    return beta0 * sum(c * q for c, q in zip(coeff, basis))

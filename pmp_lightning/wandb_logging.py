@@ -31,8 +31,11 @@ def log_results(experiment, metrics: dict, scores: dict[str, np.ndarray], datamo
     summary["test_accuracy"] = metrics["test_accuracy"]
     summary.update({f"timings/{k}": v for k, v in metrics["timings"].items()})
     experiment.summary.update(summary)
-    for t, norm in enumerate(metrics["costate"]["lambda_norms"], start=1):
-        experiment.log({"costate/lambda_norm": norm, "costate/t": t})
+    costate = metrics["costate"]
+    for t, (norm, share) in enumerate(zip(costate["lambda_norms"], costate["participation"]), start=1):
+        experiment.log({"costate/lambda_norm": norm, "costate/participation": share, "costate/t": t})
+    for t, auroc in enumerate(costate["contribution_auroc"]):  # c_t uses θ_t and λ_{t+1}
+        experiment.log({"costate/contribution_auroc": auroc, "costate/t": t})
 
     mask = datamodule.is_mislabeled
     if not mask.any():

@@ -1,8 +1,8 @@
 """The replay's raw score equals −N ∂J_total/∂γ_n from autograd through the unrolled training.
 
 float64, a tiny MLP, full-batch gradient descent with a changing learning rate, a snapshot after
-every step; both J forms. Training runs through Lightning with the ThetaSnapshot callback and the
-replay through its own Trainer, exactly as the pipeline runs them.
+every step; every registered downstream objective, both horizons. Training runs through Lightning
+with the ThetaSnapshot callback and the replay through its own Trainer, exactly as the pipeline runs them.
 """
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from callbacks.theta_snapshot import ThetaSnapshot, load_manifest, load_snapshot
+from pmp_lightning.costate import OBJECTIVES, objective
 from pmp_lightning.data import LabelNoise, PoolDataModule
 from pmp_lightning.models import Classifier, mlp
 from pmp_lightning.replay import ReplayModule
@@ -19,6 +20,11 @@ from pmp_lightning.scores import compute_scores
 from tests.conftest import RandomSource, fit_replay
 
 N_POOL, STEPS = 24, 6
+PARAMS = {"tempered_ce": {"temperature": 3.0}}  # settings for the objectives that take one
+
+
+def _objective(name):
+    return objective(name, **PARAMS.get(name, {}))
 
 
 def _train(tmp_path):
@@ -42,7 +48,8 @@ def _train(tmp_path):
     return dm, net
 
 
-def _autograd_reference(dm, net, snapshot_dir, objective):
+def _autograd_reference(dm, net, snapshot_dir, horizon, j_fn):
+    """−N ∂J_total/∂γ_n, J_total built from the downstream mean of ``j_fn`` written out independently of the replay."""
     manifest = load_manifest(snapshot_dir)
     states = [load_snapshot(snapshot_dir, s) for s in manifest["snapshots"]]
     etas = [s["lr_sum"] for s in manifest["snapshots"][1:]]
@@ -63,13 +70,28 @@ def _autograd_reference(dm, net, snapshot_dir, objective):
         # the callback recorded the trajectory that was actually trained
         for k, v in strip(states[t + 1]).items():
             torch.testing.assert_close(theta[k].detach(), v, rtol=1e-12, atol=1e-12)
-        j_values.append(loss(theta, xd, yd))
-    j_total = sum(j_values) if objective == "area" else j_values[-1]
+        j_values.append(j_fn(functional_call(net, theta, (xd,)), yd).mean())
+    j_total = sum(j_values) if horizon == "area" else j_values[-1]
     return (-N_POOL * torch.autograd.grad(j_total, gamma)[0]).numpy()
 
 
-@pytest.mark.parametrize("objective", ["area", "terminal"])
-def test_replay_matches_autograd_through_unrolled_training(tmp_path, objective):
+# the objectives written out by hand, not through pmp_lightning.costate: the reference must not share the replay's code
+REFERENCE_J = {
+    "ce": lambda z, y: F.cross_entropy(z, y, reduction="none"),
+    "tempered_ce": lambda z, y: 3.0 * F.cross_entropy(z / 3.0, y, reduction="none"),
+    "logit_gap": lambda z, y: z.mean(1) - z[torch.arange(len(y)), y],
+    "margin": lambda z, y: torch.stack([torch.cat([r[:k], r[k + 1:]]).max() for r, k in zip(z, y)]) - z[torch.arange(len(y)), y],
+    "log_odds": lambda z, y: -torch.log(z.softmax(1)[torch.arange(len(y)), y] / (1 - z.softmax(1)[torch.arange(len(y)), y])),
+}
+
+
+def test_every_objective_has_a_reference():
+    assert set(REFERENCE_J) == set(OBJECTIVES)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("horizon", ["area", "terminal"])
+def test_replay_matches_autograd_through_unrolled_training(tmp_path, horizon, name):
     dm, net = _train(tmp_path)
     manifest = load_manifest(tmp_path / "snapshots")
     assert len(manifest["snapshots"]) == STEPS + 1
@@ -77,14 +99,14 @@ def test_replay_matches_autograd_through_unrolled_training(tmp_path, objective):
 
     replay = ReplayModule(
         mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream, dm.train_set,
-        curvature="exact", objective=objective, hvp_samples=None, batch_size=7,  # 7: several chunks per pass
+        curvature="exact", horizon=horizon, objective=_objective(name), hvp_samples=None, batch_size=7,  # 7: several chunks
     )
     fit_replay(replay, tmp_path)
     s = compute_scores(["raw"], replay.results())["raw"]
 
-    reference = _autograd_reference(dm, net, tmp_path / "snapshots", objective)
+    reference = _autograd_reference(dm, net, tmp_path / "snapshots", horizon, REFERENCE_J[name])
     rel = np.abs(s - reference).max() / np.abs(reference).max()
-    print(f"J={objective}: max relative error {rel:.2e}")
+    print(f"J={horizon} of {name}: max relative error {rel:.2e}")
     assert rel < 1e-9, rel
     assert np.abs(reference).max() > 1e-3  # the identity is not trivially 0 = 0
 
@@ -96,8 +118,29 @@ def test_dropping_the_hessian_term_breaks_the_identity(tmp_path):
                           dm.train_set, curvature="none", hvp_samples=None)
     fit_replay(replay)
     s = compute_scores(["raw"], replay.results())["raw"]
-    reference = _autograd_reference(dm, net, tmp_path / "snapshots", "area")
+    reference = _autograd_reference(dm, net, tmp_path / "snapshots", "area", REFERENCE_J["ce"])
     assert np.abs(s - reference).max() / np.abs(reference).max() > 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_a_wrong_objective_gradient_breaks_the_identity(tmp_path, name):
+    """Guards the exactness test: an objective with the right values but a wrong gradient is caught.
+
+    ``z + 0.05·(z − z.detach())²``-style perturbations would vanish at first order, so the wrong one adds a
+    term whose value is 0 but whose gradient is not: 0.1·(z₀ − z₀.detach()).
+    """
+    dm, net = _train(tmp_path)
+    right = _objective(name)
+
+    def wrong(z, y):
+        return right(z, y) + 0.1 * (z[:, 0] - z[:, 0].detach())
+
+    replay = ReplayModule(mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream,
+                          dm.train_set, curvature="exact", objective=wrong, hvp_samples=None)
+    fit_replay(replay)
+    s = compute_scores(["raw"], replay.results())["raw"]
+    reference = _autograd_reference(dm, net, tmp_path / "snapshots", "area", REFERENCE_J[name])
+    assert np.abs(s - reference).max() / np.abs(reference).max() > 1e-4
 
 
 def test_the_replay_runs_the_network_without_dropout(tmp_path):

@@ -40,7 +40,7 @@ def test_the_report_equals_the_jobs(sweep):
         assert int(row["seeds"]) == len(values) == 2
         assert float(row["ap_mean"]) == pytest.approx(sum(values) / 2)
     for name in ("comparison.md", "ap_per_score.png", "pr_curves.png", "score_histograms.png", "lambda_norms.png",
-                 "contribution_auroc.png", "suspects_raw.png", "suspects_loss.png"):
+                 "saturation.png", "suspects_raw.png", "suspects_loss.png"):
         assert (out / name).stat().st_size > 0, name
 
 
