@@ -12,12 +12,22 @@ from pmp_lightning.pipeline import run
 register_configs()
 
 
+def user_error(err: BaseException | None) -> PMPError | None:
+    """The project's own error behind ``err``: Hydra wraps what a ``_target_`` raises in InstantiationException."""
+    while err is not None and not isinstance(err, PMPError):
+        err = err.__cause__
+    return err
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except PMPError as err:  # bad input: one clear line, not a traceback
-        logging.getLogger("run").error(f"{type(err).__name__}: {err}")
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        logging.getLogger("run").error(f"{type(cause).__name__}: {cause}")  # bad input: one clear line, not a traceback
         sys.exit(1)
 
 

@@ -73,6 +73,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     _require_writable(out, "paths.output_dir (hydra.run.dir on the command line)")
     _require_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")
+    objective = instantiate(cfg.objective)  # a bad objective setting fails here, before any work
     timings: dict[str, float] = {}
     memory: dict[str, float] = {}
     pl.seed_everything(cfg.seed, workers=True)
@@ -103,7 +104,7 @@ def run(cfg: DictConfig) -> dict:
         replay_cache = StageCache(cfg.paths.cache_dir, "replay", replay_key_config(cfg, trained))
         with replay_cache.locked() if lead else nullcontext():
             if _agree("replay", replay_cache.load() if lead else None) is None:
-                _replay(cfg, datamodule, train_cache.dir / "snapshots",
+                _replay(cfg, objective, datamodule, train_cache.dir / "snapshots",
                         replay_cache.start(resume=True) if lead else replay_cache.dir, timings, memory)
                 if lead:
                     replay_cache.commit({})
@@ -131,7 +132,7 @@ def run(cfg: DictConfig) -> dict:
             "detection": detection,
             "test_accuracy": trained["test_accuracy"],
             "costate": {"mode": cfg.replay.curvature, "horizon": cfg.replay.horizon,
-                        "objective": describe(instantiate(cfg.objective)),
+                        "objective": describe(objective),
                         "lambda_norms": stats.lambda_norm.tolist(), "participation": stats.participation.tolist(),
                         "contribution_auroc": per_snapshot,
                         "growth_warnings": growth_steps(stats.lambda_norm, cfg.replay.growth_warning)},
@@ -170,10 +171,10 @@ def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, 
     return {"test_accuracy": accuracy}
 
 
-def _replay(cfg: DictConfig, datamodule, snapshot_dir: Path, directory: Path, timings: dict, memory: dict) -> None:
+def _replay(cfg: DictConfig, objective, datamodule, snapshot_dir: Path, directory: Path, timings: dict, memory: dict) -> None:
     """Replay the snapshots backward into ``directory`` (``stats.npz``), continuing a replay that was cut short."""
     with _stage(timings, memory, "replay"):
-        replay = instantiate(cfg.replay, net=instantiate(cfg.model), objective=instantiate(cfg.objective),
+        replay = instantiate(cfg.replay, net=instantiate(cfg.model), objective=objective,
                              snapshot_dir=snapshot_dir, pool=datamodule.pool,
                              downstream=datamodule.downstream, train_set=datamodule.train_set, progress_dir=directory)
         if replay.remaining < replay.T:

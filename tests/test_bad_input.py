@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -154,3 +155,17 @@ def test_a_read_only_directory_is_named_before_any_work(tmp_path, monkeypatch, w
     with pytest.raises(OutputError, match=f"cannot write to {ro}/.*(Read-only file system|Permission denied).*point {setting}.* at a writable"):
         run(make_cfg(out, cache=cache))
     assert not (tmp_path / "run" / "ground_truth.npz").exists()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("objective.name=entropy", "unknown objective 'entropy'; choose one of ce, tempered_ce"),
+    ("objective=tempered_ce objective.temperature=0", r"objective.temperature=0.*positive number"),
+    ("objective=ce +objective.temperature=8", r"objective=ce takes the setting\(s\) none, got \['temperature'\]"),
+])
+def test_a_bad_objective_is_one_line_from_the_command_line(tmp_path, override, message):
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), "+experiment=noisy_mnist", *override.split(),
+                           f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr + done.stdout
+    assert re.search(f"ReplayConfigError: .*{message}", done.stderr + done.stdout), done.stderr[-2000:]
