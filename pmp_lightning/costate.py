@@ -13,10 +13,14 @@ inside P_t keep the training loss (cross-entropy), because that is what training
                                                      the same for every example, fitted or not
     margin        l = max_{k≠y} z_k − z_y            the negated margin: ∂l/∂z = e_runner-up − e_y
     log_odds      l = −log(p_y / (1 − p_y))          TRAK's output function (negated)
+    unit_ce       l = CE(z, y) / ‖p − e_y‖            (the norm held constant): ∂l/∂z = (p − e_y)/‖p − e_y‖, CE's own
+                                                     direction, which names the class the model confuses y with, at
+                                                     unit length, so a fitted example pulls as hard as a misfit one
 
-Every one keeps ∂l/∂z of norm ≥ √2 on fitted examples except ``ce`` (and ``tempered_ce`` with a
+Every one keeps ∂l/∂z of norm ≥ 1 on fitted examples except ``ce`` (and ``tempered_ce`` with a
 small T), which is why ``ce`` lets a handful of misfitted downstream examples carry ∇J late in
-training (see ``participation``).
+training (see ``participation``). ``tempered_ce`` and ``logit_gap`` buy that by flattening p towards
+uniform, which discards which class the model confuses; ``unit_ce`` keeps it.
 
 **Propagators** P_t(λ) for ``replay.curvature``:
 
@@ -78,6 +82,16 @@ def log_odds(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """−log(p_y / (1 − p_y)) = logsumexp_{k≠y} z_k − z_y (TRAK's model output, negated)."""
     others = z.scatter(1, y[:, None], float("-inf"))
     return others.logsumexp(1) - z.gather(1, y[:, None]).squeeze(1)
+
+
+@register_objective("unit_ce")
+def unit_ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CE(z, y) / ‖p − e_y‖ with the norm held constant: CE's direction in logit space at unit length per example."""
+    p = z.detach().softmax(1)
+    others = p.scatter(1, y[:, None], 0.0)
+    # ‖p − e_y‖² = (1 − p_y)² + Σ_{k≠y} p_k², with 1 − p_y summed from the other classes (exact when p_y rounds to 1)
+    norm = (others.sum(1).pow(2) + others.pow(2).sum(1)).sqrt().clamp_min(torch.finfo(z.dtype).tiny)
+    return F.cross_entropy(z, y, reduction="none") / norm
 
 
 def objective(name: str, **params) -> ObjectiveFn:

@@ -82,6 +82,8 @@ REFERENCE_J = {
     "logit_gap": lambda z, y: z.mean(1) - z[torch.arange(len(y)), y],
     "margin": lambda z, y: torch.stack([torch.cat([r[:k], r[k + 1:]]).max() for r, k in zip(z, y)]) - z[torch.arange(len(y)), y],
     "log_odds": lambda z, y: -torch.log(z.softmax(1)[torch.arange(len(y)), y] / (1 - z.softmax(1)[torch.arange(len(y)), y])),
+    "unit_ce": lambda z, y: F.cross_entropy(z, y, reduction="none")
+    / (z.softmax(1) - F.one_hot(y, z.shape[1])).norm(dim=1).detach(),
 }
 
 
