@@ -100,7 +100,25 @@ def unfinished_jobs(sweep_dir: Path) -> list[str]:
                   if not (p.parent.parent / "metrics.json").is_file())
 
 
-def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: list[str]) -> None:
+def saturation_lines(jobs: list[Job]) -> list[str]:
+    """Per setting, the share of the downstream set carrying ∇J at the last snapshot and at its lowest (mean over seeds)."""
+    shares: dict[str, list[list[float]]] = defaultdict(list)
+    for job in jobs:
+        share = job.metrics["costate"].get("participation")
+        if share:
+            shares[job.setting].append(share)
+    if not shares:
+        return []
+    lines = ["", "Saturation: share of the downstream set carrying ∇J(θ_t), (Σw)²/(M Σw²) with w_m = ‖∂J_m/∂z_m‖ "
+                 "(1 = every example pulls equally; see saturation.png).", "",
+             "| setting | at θ_T | lowest over t |", "| --- | ---: | ---: |"]
+    for setting in sorted(shares):
+        values = np.array(shares[setting])
+        lines.append(f"| {setting} | {values[:, -1].mean():.2f} | {values.min(1).mean():.2f} |")
+    return lines
+
+
+def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: list[str], jobs: list[Job]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -114,6 +132,7 @@ def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: lis
     for r in rows:
         cells = " | ".join(f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in TABLE_METRICS)
         lines.append(f"| {r['setting']} | {r['score']} | {r['seeds']} | {cells} |")
+    lines += saturation_lines(jobs)
     save_text(out / "comparison.md", "\n".join(lines) + "\n")
 
 
@@ -257,7 +276,7 @@ def compare(sweep_dir: str | Path) -> list[dict]:
     unfinished = unfinished_jobs(sweep_dir)
     if unfinished:
         log.warning(f"jobs {', '.join(unfinished)} under {sweep_dir} did not finish; the report leaves them out")
-    write_tables(rows, common_overrides(jobs), sweep_dir, unfinished)
+    write_tables(rows, common_overrides(jobs), sweep_dir, unfinished, jobs)
     plot_ap(rows, sweep_dir)
     merged = scores_per_setting(jobs)
     plot_pr_curves(merged, sweep_dir)

@@ -17,7 +17,7 @@ inside P_t keep the training loss (cross-entropy), because that is what training
                                                      direction, which names the class the model confuses y with, at
                                                      unit length, so a fitted example pulls as hard as a misfit one
 
-Every one keeps ∂l/∂z of norm ≥ 1 on fitted examples except ``ce`` (and ``tempered_ce`` with a
+Every one keeps ‖∂l/∂z‖ ≥ √(1 − 1/K) on fitted examples except ``ce`` (and ``tempered_ce`` with a
 small T), which is why ``ce`` lets a handful of misfitted downstream examples carry ∇J late in
 training (see ``participation``). ``tempered_ce`` and ``logit_gap`` buy that by flattening p towards
 uniform, which discards which class the model confuses; ``unit_ce`` keeps it.

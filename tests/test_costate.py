@@ -1,0 +1,73 @@
+"""The downstream objectives and the saturation diagnostic (pmp_lightning/costate.py)."""
+import pytest
+import torch
+
+from pmp_lightning.costate import OBJECTIVES, describe, logit_weights, objective, participation
+from pmp_lightning.errors import ReplayConfigError
+
+
+def _logit_grad(fn, z, y):
+    z = z.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(z, y).sum(), z)
+    return g
+
+
+def _fitted_and_misfit():
+    """Four examples of class 0: two fitted with large margins, two misfit."""
+    z = torch.tensor([[12.0, 0, 0], [9.0, 1, 0], [0.0, 2, 0], [1.0, 0, 3]], dtype=torch.float64)
+    return z, torch.zeros(4, dtype=torch.long)
+
+
+def test_ce_saturates_and_the_others_do_not():
+    z, y = _fitted_and_misfit()
+    ce = logit_weights(objective("ce"), z, y)
+    assert ce[:2].max() < 1e-3 < 0.5 < ce[2:].min()  # fitted examples stop pulling on ∇J
+    assert participation(float(ce.sum()), float(ce.pow(2).sum()), 4) < 0.55  # about 2 of 4 carry it
+    for name in ("logit_gap", "margin", "unit_ce"):
+        w = logit_weights(objective(name), z, y)
+        assert w.min() >= (1 - 1 / 3) ** 0.5 - 1e-12, name  # ‖∂l/∂z‖ ≥ √(1 − 1/K) whether fitted or not
+    gap = logit_weights(objective("logit_gap"), z, y)
+    assert participation(float(gap.sum()), float(gap.pow(2).sum()), 4) == pytest.approx(1.0)
+
+
+def test_unit_ce_keeps_the_direction_of_ce_at_unit_length():
+    z, y = _fitted_and_misfit()
+    ce, unit = _logit_grad(objective("ce"), z, y), _logit_grad(objective("unit_ce"), z, y)
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(unit, ce / ce.norm(dim=1, keepdim=True))
+
+
+def test_unit_ce_stays_finite_when_p_y_rounds_to_one():
+    z = torch.tensor([[200.0, 0.0, 0.0]])  # float32: p_y is exactly 1
+    g = _logit_grad(objective("unit_ce"), z, torch.zeros(1, dtype=torch.long))
+    assert torch.isfinite(g).all()
+
+
+def test_tempered_ce_tends_to_the_logit_gap():
+    z, y = _fitted_and_misfit()
+    gap = _logit_grad(objective("logit_gap"), z, y)
+    errors = [float((_logit_grad(objective("tempered_ce", temperature=t), z, y) - gap).abs().max()) for t in (1, 10, 1000)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-2
+
+
+def test_participation_counts_the_examples_that_carry_the_gradient():
+    assert participation(4.0, 4.0, 4) == 1.0  # four equal weights
+    assert participation(1.0, 1.0, 4) == 0.25  # one weight, three zeros
+    assert participation(0.0, 0.0, 4) == 0.0
+
+
+@pytest.mark.parametrize(("name", "params", "message"), [
+    ("entropy", {}, "unknown objective 'entropy'; choose one of ce"),
+    ("ce", {"temperature": 2.0}, r"objective=ce takes the setting\(s\) none"),
+    ("tempered_ce", {}, r"objective=tempered_ce takes the setting\(s\) \['temperature'\], got none"),
+    ("tempered_ce", {"temperature": -1.0}, "objective.temperature=-1.0; give a positive number"),
+    ("tempered_ce", {"temperature": "abc"}, "objective.temperature='abc'; give a positive number"),
+])
+def test_bad_objective_settings_name_the_fix(name, params, message):
+    with pytest.raises(ReplayConfigError, match=message):
+        objective(name, **params)
+
+
+def test_every_objective_is_named_with_its_settings():
+    assert describe(objective("tempered_ce", temperature=8)) == "tempered_ce(temperature=8.0)"
+    assert {describe(objective(n, **({"temperature": 2} if n == "tempered_ce" else {}))).split("(")[0] for n in OBJECTIVES} == set(OBJECTIVES)
