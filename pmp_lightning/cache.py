@@ -13,11 +13,13 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,15 +61,31 @@ class StageCache:
     def locked(self):
         """Hold this entry's lock: the first job computes it, the others wait and then hit."""
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.dir.parent / f".{self.key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        path = self.dir.parent / f".{self.key}.lock"
+        with open(path, "a+") as lock:  # "a+": opening must not erase the holder's name
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another job"
+                log.info(f"{self.stage} cache: waiting for {holder}, which is computing {self.dir} (lock {path})")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                log.info(f"{self.stage} cache: {path.name} released, going on")
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
             try:
                 yield self
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def load(self) -> dict[str, Any] | None:
-        """The entry's recorded results if it is complete and matches, else None."""
+    def load(self, missing: Callable[[Path], list[str]] | None = None) -> dict[str, Any] | None:
+        """The entry's recorded results if it is complete, matches and (``missing``) lacks no file, else None.
+
+        ``missing(dir)`` lists the files a complete entry must hold but does not: such an entry (a file
+        deleted by hand, a disk cleaned up) is recomputed rather than hit.
+        """
         path = self.dir / MANIFEST
         if not path.is_file():  # the manifest is written last: without it the stage never finished
             return None
@@ -75,12 +93,20 @@ class StageCache:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise CacheError(f"{path} is not valid JSON ({err}); delete {self.dir} and rerun") from err
+        if not isinstance(manifest, dict):
+            raise CacheError(f"{path} holds a JSON {type(manifest).__name__}, not a cache manifest; delete {self.dir} and rerun")
         if (manifest.get("format"), manifest.get("stage"), manifest.get("key"), manifest.get("complete")) != (
             FORMAT, self.stage, self.key, True
         ):
             raise CacheError(f"{path} describes another entry (format/stage/key/complete differ); delete {self.dir} and rerun")
         if manifest.get("config") != self.config:
             raise CacheError(f"{path} was written for a different config than its key says; delete {self.dir} and rerun")
+        lost = missing(self.dir) if missing else []
+        if lost:
+            log.warning(f"{self.stage} cache entry {self.dir} is complete but lacks {', '.join(lost[:3])}"
+                        f"{' …' if len(lost) > 3 else ''}; recomputing it")
+            (self.dir / MANIFEST).unlink()
+            return None
         log.info(f"{self.stage} cache hit: {self.dir}")
         return manifest["results"]
 

@@ -52,7 +52,9 @@ class Job:
         keys = [o.split("=")[0].lstrip("+~") for o in self.overrides]
         self.defining = [o for o, k in zip(self.overrides, keys) if k not in AVERAGED and not k.startswith(NOT_A_SETTING)]
         self.setting = ""  # set by find_jobs: the defining overrides that differ between jobs
-        self.seed = next((o.split("=", 1)[1] for o in self.overrides if o.split("=")[0] == "seed"), "0")
+        config = path / ".hydra" / "config.yaml"
+        self.seed = str(OmegaConf.load(config).get("seed", 0)) if config.is_file() else next(
+            (o.split("=", 1)[1] for o in self.overrides if o.split("=")[0] == "seed"), "0")
 
     def scores(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Per-example scores, the mislabeled mask and the source indices, from scores.csv."""
@@ -77,21 +79,31 @@ def common_overrides(jobs: list[Job]) -> list[str]:
     return [o for o in jobs[0].defining if o in common]
 
 
-def summarise(jobs: list[Job]) -> list[dict]:
-    """One row per (score, setting): mean and std over seeds of each table metric."""
-    values: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def summarise(jobs: list[Job]) -> tuple[list[dict], list[str]]:
+    """One row per (score, setting): mean and std over distinct seeds of each table metric.
+
+    Two jobs that scored the same score in the same setting with the same seed are one measurement
+    taken twice: the first is counted, and the duplicates are returned (``"<job> = <job>"``) to be named.
+    """
+    values: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    first: dict[tuple[str, str, str], Job] = {}
+    duplicates: set[str] = set()
     for job in jobs:
         for score, row in job.metrics["detection"].items():
-            for m in TABLE_METRICS:
-                values[(score, job.setting)][m].append(row[m])
+            key = (score, job.setting, job.seed)
+            if key in first:
+                duplicates.add(f"{job.path.name} = {first[key].path.name}")
+                continue
+            first[key] = job
+            values[(score, job.setting)][job.seed] = row
     rows = []
-    for (score, setting), by_metric in values.items():
-        row = {"score": score, "setting": setting, "seeds": len(by_metric["ap"])}
+    for (score, setting), by_seed in values.items():
+        row = {"score": score, "setting": setting, "seeds": len(by_seed)}
         for m in TABLE_METRICS:
-            row[f"{m}_mean"] = float(np.mean(by_metric[m]))
-            row[f"{m}_std"] = float(np.std(by_metric[m]))
+            row[f"{m}_mean"] = float(np.mean([r[m] for r in by_seed.values()]))
+            row[f"{m}_std"] = float(np.std([r[m] for r in by_seed.values()]))
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["setting"], -r["ap_mean"]))
+    return sorted(rows, key=lambda r: (r["setting"], -r["ap_mean"])), sorted(duplicates)
 
 
 def unfinished_jobs(sweep_dir: Path) -> list[str]:
@@ -118,7 +130,8 @@ def saturation_lines(jobs: list[Job]) -> list[str]:
     return lines
 
 
-def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: list[str], jobs: list[Job]) -> None:
+def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: list[str], jobs: list[Job],
+                 duplicates: list[str]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -129,6 +142,8 @@ def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: lis
              "| setting | score | seeds | AUROC | AP | precision@k |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     if unfinished:
         lines[1:1] = ["", f"Left out, unfinished (no metrics.json): jobs {', '.join(unfinished)}."]
+    if duplicates:
+        lines[1:1] = ["", f"Duplicate jobs (same setting, seed and score; counted once): {'; '.join(duplicates)}."]
     for r in rows:
         cells = " | ".join(f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in TABLE_METRICS)
         lines.append(f"| {r['setting']} | {r['score']} | {r['seeds']} | {cells} |")
@@ -270,13 +285,15 @@ def plot_suspects(merged, out: Path) -> None:
 def compare(sweep_dir: str | Path) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     jobs = find_jobs(sweep_dir)
-    rows = summarise(jobs)
+    rows, duplicates = summarise(jobs)
+    if duplicates:
+        log.warning(f"duplicate jobs under {sweep_dir} (same setting, seed and score), each counted once: {'; '.join(duplicates)}")
     if not rows:
         raise FileNotFoundError(f"the jobs under {sweep_dir} have no detection metrics (noise=none?); nothing to compare")
     unfinished = unfinished_jobs(sweep_dir)
     if unfinished:
         log.warning(f"jobs {', '.join(unfinished)} under {sweep_dir} did not finish; the report leaves them out")
-    write_tables(rows, common_overrides(jobs), sweep_dir, unfinished, jobs)
+    write_tables(rows, common_overrides(jobs), sweep_dir, unfinished, jobs, duplicates)
     plot_ap(rows, sweep_dir)
     merged = scores_per_setting(jobs)
     plot_pr_curves(merged, sweep_dir)
@@ -302,7 +319,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Write the comparison report of a Hydra multirun directory.")
     parser.add_argument("sweep_dir", type=Path)
     args = parser.parse_args(argv)
-    rows = compare(args.sweep_dir)
+    if not args.sweep_dir.is_dir():
+        parser.exit(2, f"compare: {args.sweep_dir} is not a directory; give a Hydra multirun directory "
+                       f"(outputs/multiruns/<date_time>) or outputs/runs\n")
+    try:
+        rows = compare(args.sweep_dir)
+    except FileNotFoundError as err:
+        parser.exit(1, f"compare: {err}\n")
     print((args.sweep_dir / "comparison.md").read_text(), end="")
     print(f"{len(rows)} rows; plots in {args.sweep_dir}")
 

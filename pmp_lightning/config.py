@@ -13,6 +13,7 @@ from typing import List
 
 from hydra.core.config_store import ConfigStore
 
+from pmp_lightning.errors import ReplayConfigError
 from pmp_lightning.scores import PMP_VARIANTS, SCORES
 
 ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
@@ -35,3 +36,28 @@ def register_configs() -> None:
                 node=ScoringConfig(scores=[ScoreName[n] for n in SCORES if n not in PMP_VARIANTS]))
     for name in SCORES:
         store.store(group="scoring", name=name, node=ScoringConfig(scores=[ScoreName[name]]))
+
+
+# settings checked before any work: (key, smallest allowed, may be null, example)
+_NUMBERS = (
+    ("replay.lanczos_steps", 1, False, "8"),
+    ("replay.hvp_samples", 1, True, "256"),
+    ("replay.batch_size", 1, True, "64"),
+    ("trainer.max_epochs", 1, False, "10"),
+    ("data.batch_size", 1, False, "32"),
+)
+
+
+def check_settings(cfg) -> None:
+    """Refuse a numeric setting that cannot work before anything is loaded or trained, naming it."""
+    for key, least, nullable, example in _NUMBERS:
+        section, name = key.split(".")
+        value = cfg[section].get(name)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            allowed = f"an integer ≥ {least}" + (" or null" if nullable else "")
+            raise ReplayConfigError(f"{key}={value!r}: it must be {allowed}, e.g. {key}={example}")
+    growth = cfg.replay.get("growth_warning")
+    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or growth <= 1:
+        raise ReplayConfigError(f"replay.growth_warning={growth!r}: it must be a number > 1 (a growth factor of ‖λ‖), e.g. 10")

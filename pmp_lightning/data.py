@@ -90,7 +90,12 @@ class LabelNoise:
     def __init__(self, kind: str = "symmetric", rate: float = 0.2, seed: int = 0):
         if kind not in self.KINDS:
             raise DataConfigError(f"unknown noise kind {kind!r}; choose one of {', '.join(self.KINDS)}")
-        if not 0.0 <= float(rate) < 1.0:
+        try:
+            rate = float(rate)
+        except (TypeError, ValueError):
+            raise DataConfigError(f"noise.rate={rate!r} is not a number: it is the fraction of pool labels to corrupt; "
+                                  f"use e.g. noise.rate=0.2") from None
+        if not 0.0 <= rate < 1.0:
             raise DataConfigError(
                 f"noise.rate={rate} is outside [0, 1): it is the fraction of pool labels to corrupt; "
                 f"use e.g. noise.rate=0.2"

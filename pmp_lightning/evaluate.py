@@ -7,6 +7,17 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 METRICS = ("auroc", "ap", "precision_at_k", "recall_at_10pct")
+MIN_PER_CLASS = 10  # fewer mislabeled (or clean) examples than this make AUROC and AP noise
+
+
+def small_sample_caveat(is_mislabeled: np.ndarray) -> str | None:
+    """A warning when the pool has too few mislabeled or clean examples for the detection metrics to mean much."""
+    positives = int(np.sum(is_mislabeled))
+    negatives = len(is_mislabeled) - positives
+    if min(positives, negatives) >= MIN_PER_CLASS:
+        return None
+    return (f"the pool has {positives} mislabeled and {negatives} clean examples; with fewer than {MIN_PER_CLASS} of "
+            f"either, AUROC and AP swing between 0 and 1 by chance: raise data.pool_size or noise.rate")
 
 
 def detection_metrics(score: np.ndarray, is_mislabeled: np.ndarray) -> dict[str, float]:

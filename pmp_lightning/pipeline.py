@@ -34,10 +34,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.replay_progress import ReplayProgressBar
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
-from pmp_lightning.config import score_names
+from pmp_lightning.config import check_settings, score_names
 from pmp_lightning.costate import describe
 from pmp_lightning.errors import OutputError, ReplayConfigError
-from pmp_lightning.evaluate import contribution_auroc, detection_metrics, format_table
+from pmp_lightning.evaluate import contribution_auroc, detection_metrics, format_table, small_sample_caveat
 from pmp_lightning.io import save_json, save_npz, save_text
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.models import Classifier
@@ -70,6 +70,7 @@ def run(cfg: DictConfig) -> dict:
     """Run one experiment; returns the contents of ``metrics.json`` (an empty dict on ranks other than zero)."""
     lead = rank_zero_only.rank == 0  # Lightning sets it from the environment it gives the ranks it starts
     _check_strategy(cfg)
+    check_settings(cfg)
     out = Path(cfg.paths.output_dir)
     _require_writable(out, "paths.output_dir (hydra.run.dir on the command line)")
     _require_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")
@@ -97,13 +98,13 @@ def run(cfg: DictConfig) -> dict:
 
         train_cache = StageCache(cfg.paths.cache_dir, "train", train_key_config(cfg))
         with train_cache.locked() if lead else nullcontext():
-            trained = _agree("train", train_cache.load() if lead else None)
+            trained = _agree("train", train_cache.load(missing=_missing_snapshots) if lead else None)
             if trained is None:
                 result = _train(cfg, datamodule, logger, train_cache.start() if lead else train_cache.dir, timings, memory)
                 trained = _agree("trained", train_cache.commit(result) if lead else None)
         replay_cache = StageCache(cfg.paths.cache_dir, "replay", replay_key_config(cfg, trained))
         with replay_cache.locked() if lead else nullcontext():
-            if _agree("replay", replay_cache.load() if lead else None) is None:
+            if _agree("replay", replay_cache.load(missing=_missing_stats) if lead else None) is None:
                 _replay(cfg, objective, datamodule, train_cache.dir / "snapshots",
                         replay_cache.start(resume=True) if lead else replay_cache.dir, timings, memory)
                 if lead:
@@ -116,6 +117,9 @@ def run(cfg: DictConfig) -> dict:
 
         with _stage(timings, memory, "score"):
             scores = compute_scores(score_names(cfg.scoring), stats)
+            caveat = small_sample_caveat(mask) if mask.any() else None
+            if caveat:
+                log.warning(caveat)
             if mask.any():
                 detection = {name: detection_metrics(s, mask) for name, s in scores.items()}
                 per_snapshot = contribution_auroc(stats.contribution, mask)
@@ -141,6 +145,8 @@ def run(cfg: DictConfig) -> dict:
             "cache": {"train": str(train_cache.dir), "replay": str(replay_cache.dir),
                       "computed": [stage for stage in ("train", "replay") if stage in timings]},
         }
+        if caveat:
+            metrics["detection_caveat"] = caveat
         if cfg.select.fractions:
             metrics["selection"] = chosen
         _write_scores(out / "scores.csv", datamodule, scores)
@@ -188,6 +194,22 @@ def _replay(cfg: DictConfig, objective, datamodule, snapshot_dir: Path, director
             replay_trainer.fit(replay)  # global rank zero writes stats.npz when the last snapshot is done
         elif rank_zero_only.rank == 0:  # every snapshot was done before an interruption; only stats.npz is missing
             replay.save_stats()
+
+
+def _missing_snapshots(entry: Path) -> list[str]:
+    """Files of a train cache entry's trajectory that are gone (the manifest, or snapshots it lists)."""
+    manifest = entry / "snapshots" / "manifest.json"
+    if not manifest.is_file():
+        return ["snapshots/manifest.json"]
+    try:
+        files = [s["file"] for s in json.loads(manifest.read_text())["snapshots"]]
+    except (ValueError, KeyError, TypeError):
+        return ["a readable snapshots/manifest.json"]
+    return [f"snapshots/{f}" for f in files if not (entry / "snapshots" / f).is_file()]
+
+
+def _missing_stats(entry: Path) -> list[str]:
+    return [] if (entry / "stats.npz").is_file() else ["stats.npz"]
 
 
 def _agree(name: str, value):

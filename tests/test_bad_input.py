@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pmp_lightning.data import LabelNoise, PoolDataModule
-from pmp_lightning.errors import CostateDivergedError, DataConfigError, OutputError, SnapshotError, UnknownScoreError
+from pmp_lightning.errors import (CostateDivergedError, DataConfigError, OutputError, ReplayConfigError, SnapshotError,
+                                  UnknownScoreError)
 from pmp_lightning.models import mlp
 from pmp_lightning.pipeline import run
 from pmp_lightning.replay import ReplayModule
@@ -169,3 +170,21 @@ def test_a_bad_objective_is_one_line_from_the_command_line(tmp_path, override, m
     assert done.returncode == 1
     assert "Traceback" not in done.stderr + done.stdout
     assert re.search(f"ReplayConfigError: .*{message}", done.stderr + done.stdout), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("replay.lanczos_steps=0", r"replay.lanczos_steps=0: it must be an integer ≥ 1, e.g. replay.lanczos_steps=8"),
+    ("replay.hvp_samples=-3", r"replay.hvp_samples=-3: it must be an integer ≥ 1 or null"),
+    ("replay.batch_size=0.5", r"replay.batch_size=0.5: it must be an integer ≥ 1 or null"),
+    ("trainer.max_epochs=0", r"trainer.max_epochs=0: it must be an integer ≥ 1"),
+    ("replay.growth_warning=1", r"replay.growth_warning=1: it must be a number > 1"),
+])
+def test_numeric_settings_are_checked_before_any_work(tmp_path, override, message):
+    with pytest.raises(ReplayConfigError, match=message):
+        run(make_cfg(tmp_path, override))
+    assert not (tmp_path / "ground_truth.npz").exists()  # nothing was loaded or written
+
+
+def test_a_noise_rate_that_is_not_a_number_names_the_setting():
+    with pytest.raises(DataConfigError, match=r"noise.rate='abc' is not a number"):
+        LabelNoise("symmetric", "abc")

@@ -1,12 +1,14 @@
 """Train and replay once; score many times. Entries are checked on reload."""
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
-from pmp_lightning.cache import MANIFEST, CacheError
+from pmp_lightning.cache import MANIFEST, CacheError, StageCache
 from pmp_lightning.pipeline import run
-from tests.test_pipeline import make_cfg
+from tests.test_pipeline import ROOT, make_cfg
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +50,39 @@ def test_a_partial_entry_is_recomputed_and_a_mismatched_one_refused(first, tmp_p
     again = run(make_cfg(tmp_path / "b", "scoring=raw", cache=root / "cache"))
     assert again["cache"]["computed"] == ["train", "replay"]
     assert again["detection"]["raw"] == metrics["detection"]["raw"]  # same seed, same config: identical scores
+
+
+def test_an_entry_missing_a_snapshot_is_recomputed_not_hit(first, tmp_path, caplog):
+    root, metrics = first
+    entry = next(p for p in (root / "cache" / "train").iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    (entry / "snapshots" / "theta_0002.pt").unlink()  # deleted by hand, or a cleaned-up disk
+    with caplog.at_level(logging.INFO, logger="pmp_lightning.cache"):
+        again = run(make_cfg(tmp_path / "c", "scoring=raw", cache=root / "cache"))
+    assert "is complete but lacks snapshots/theta_0002.pt; recomputing it" in caplog.text
+    assert again["cache"]["computed"] == ["train", "replay"]
+    assert (entry / "snapshots" / "theta_0002.pt").is_file()
+    assert again["detection"]["raw"] == metrics["detection"]["raw"]
+
+
+@pytest.mark.parametrize("content", ["[]", "3", '"a string"'])
+def test_a_manifest_of_the_wrong_shape_is_refused_with_the_fix(tmp_path, content):
+    cache = StageCache(tmp_path, "train", {"seed": 0})
+    cache.dir.mkdir(parents=True)
+    (cache.dir / MANIFEST).write_text(content)
+    with pytest.raises(CacheError, match=rf"holds a JSON \w+, not a cache manifest; delete {cache.dir} and rerun"):
+        cache.load()
+
+
+def test_a_job_waiting_for_the_lock_says_for_whom(tmp_path, caplog):
+    """A second job that wants an entry another job is computing logs that it waits, and for which process."""
+    script = (f"import time; from pmp_lightning.cache import StageCache\n"
+              f"with StageCache({str(tmp_path)!r}, 'train', {{'seed': 0}}).locked():\n"
+              f"    print('held', flush=True); time.sleep(3)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    with caplog.at_level(logging.INFO, logger="pmp_lightning.cache"):
+        with StageCache(tmp_path, "train", {"seed": 0}).locked():
+            pass
+    holder.wait(timeout=30)
+    assert f"waiting for pid {holder.pid} on " in caplog.text and "which is computing" in caplog.text
+    assert "released, going on" in caplog.text

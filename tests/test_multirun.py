@@ -85,3 +85,31 @@ def test_the_report_names_unfinished_jobs_and_leaves_them_out(sweep, tmp_path):
     rows = compare(out)
     assert "Left out, unfinished (no metrics.json): jobs 6." in (out / "comparison.md").read_text()
     assert all(int(r["seeds"]) == 2 for r in rows)
+
+
+def _fake_job(path, seed, ap, overrides=("+experiment=noisy_mnist",)):
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(f"seed: {seed}\n")
+    (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    row = {"auroc": ap, "ap": ap, "precision_at_k": ap, "recall_at_10pct": ap}
+    (path / "metrics.json").write_text(json.dumps({"detection": {"raw": row}, "costate": {}}))
+
+
+def test_the_report_counts_seeds_not_jobs_and_names_duplicates(tmp_path):
+    from pmp_lightning.compare import find_jobs, summarise
+
+    _fake_job(tmp_path / "run_a", seed=0, ap=0.5)  # two separate runs of the same seed and setting
+    _fake_job(tmp_path / "run_b", seed=0, ap=0.7)
+    _fake_job(tmp_path / "run_c", seed=1, ap=0.9)
+    rows, duplicates = summarise(find_jobs(tmp_path))
+    assert [r["seeds"] for r in rows] == [2]
+    assert rows[0]["ap_mean"] == pytest.approx(0.7)  # run_a (first) and run_c; run_b is the same measurement again
+    assert duplicates == ["run_b = run_a"]
+
+
+def test_compare_on_a_missing_directory_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pmp_lightning.compare", str(tmp_path / "nowhere")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"compare: {tmp_path / 'nowhere'} is not a directory; give a Hydra multirun "
+                                   f"directory (outputs/multiruns/<date_time>) or outputs/runs")

@@ -100,3 +100,10 @@ def test_selection_needs_a_pool_that_is_the_training_set(tmp_path):
 
     with pytest.raises(DataConfigError, match="needs pool=train"):
         run(make_cfg(tmp_path, "pool=holdout", "data.pool_size=300", "select.fractions=[0.1]", "scoring.scores=[raw,cosine,loss]"))
+
+
+def test_a_handful_of_mislabeled_examples_gets_a_caveat(tmp_path):
+    metrics = run(make_cfg(tmp_path, "data.pool_size=40", "noise.rate=0.1", "trainer.max_epochs=2", "scoring=raw"))
+    assert "the pool has 4 mislabeled and 36 clean examples" in metrics["detection_caveat"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["detection_caveat"] == metrics["detection_caveat"]
+    assert "raw" in metrics["detection"]  # still computed, but flagged
