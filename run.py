@@ -7,9 +7,8 @@ from omegaconf import DictConfig
 
 from pmp_lightning.config import register_configs
 from pmp_lightning.errors import PMPError
-from pmp_lightning.pipeline import run
 
-register_configs()
+register_configs()  # light: torch and Lightning are imported only once Hydra has composed the config
 
 
 def user_error(err: BaseException | None) -> PMPError | None:
@@ -21,6 +20,8 @@ def user_error(err: BaseException | None) -> PMPError | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from pmp_lightning.pipeline import run  # after composition, so a config typo is reported in about a second
+
     try:
         run(cfg)
     except Exception as err:

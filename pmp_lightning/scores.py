@@ -9,14 +9,16 @@ c[t, n] = η_t ⟨λ_{t+1}, ∇l_n(θ_t)⟩, g[t, n] = ‖∇l_n(θ_t)‖.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from pmp_lightning.errors import UnknownScoreError
-from pmp_lightning.replay import ReplayStats
 
-ScoreFn = Callable[[ReplayStats], np.ndarray]
+if TYPE_CHECKING:  # the registry stays importable without torch, so Hydra composes before the heavy stack loads
+    from pmp_lightning.replay import ReplayStats
+
+ScoreFn = Callable[["ReplayStats"], np.ndarray]
 SCORES: dict[str, ScoreFn] = {}
 PMP_VARIANTS: list[str] = []  # the raw score and its normalisations, in registry order
 CLIP_QUANTILE = 0.5  # clipping threshold C_t: this quantile of the step's gradient norms

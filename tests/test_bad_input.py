@@ -188,3 +188,16 @@ def test_numeric_settings_are_checked_before_any_work(tmp_path, override, messag
 def test_a_noise_rate_that_is_not_a_number_names_the_setting():
     with pytest.raises(DataConfigError, match=r"noise.rate='abc' is not a number"):
         LabelNoise("symmetric", "abc")
+
+
+def test_a_config_typo_is_reported_before_torch_is_imported(tmp_path):
+    """Hydra composes before the heavy stack loads: importing the entry point loads neither torch nor Lightning,
+    and a misspelt group option fails with Hydra's list of the valid ones."""
+    probe = subprocess.run([sys.executable, "-c", "import sys; import run; "
+                            "print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "[]", probe.stderr[-2000:]
+    done = subprocess.run([sys.executable, "run.py", "+experiment=noisy_mnist", "model=cnnn", f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "Could not find 'model/cnnn'" in done.stderr and "small_cnn" in done.stderr
