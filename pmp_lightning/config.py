@@ -12,6 +12,7 @@ from enum import Enum
 from typing import List
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from pmp_lightning.errors import ReplayConfigError
 from pmp_lightning.scores import PMP_VARIANTS, SCORES
@@ -29,7 +30,22 @@ def score_names(scoring) -> list[str]:
     return [getattr(s, "value", s) for s in scoring.scores]
 
 
+# ``objective=auto``: J by what the pool is, never by its labels. A pool the trajectory trained on left its
+# damage in the model, where CE's direction (kept at unit length by unit_ce) finds it; a held-out pool did
+# no damage, so every downstream example has to pull alike and the same way (logit_gap).
+RECOMMENDED_OBJECTIVE = {"train": "unit_ce", "holdout": "logit_gap", "test": "logit_gap"}
+
+
+def recommended_objective(pool_mode: str) -> str:
+    if pool_mode not in RECOMMENDED_OBJECTIVE:
+        raise ReplayConfigError(f"objective=auto knows no objective for data.pool_mode={pool_mode!r}; "
+                                f"name one, e.g. objective=unit_ce")
+    return RECOMMENDED_OBJECTIVE[pool_mode]
+
+
 def register_configs() -> None:
+    if not OmegaConf.has_resolver("recommended_objective"):
+        OmegaConf.register_new_resolver("recommended_objective", recommended_objective)
     store = ConfigStore.instance()
     store.store(group="scoring", name="all", node=ScoringConfig())
     store.store(group="scoring", name="baselines",

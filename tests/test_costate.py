@@ -71,3 +71,19 @@ def test_bad_objective_settings_name_the_fix(name, params, message):
 def test_every_objective_is_named_with_its_settings():
     assert describe(objective("tempered_ce", temperature=8)) == "tempered_ce(temperature=8.0)"
     assert {describe(objective(n, **({"temperature": 2} if n == "tempered_ce" else {}))).split("(")[0] for n in OBJECTIVES} == set(OBJECTIVES)
+
+
+@pytest.mark.parametrize(("pool", "expected"), [("train", "unit_ce"), ("holdout", "logit_gap"), ("test", "logit_gap")])
+def test_the_default_objective_follows_what_the_pool_is(pool, expected):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pmp_lightning.config import register_configs
+    from tests.test_pipeline import ROOT
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=noisy_mnist", f"pool={pool}"])
+        chosen = compose("config", overrides=["+experiment=noisy_mnist", f"pool={pool}", "objective=ce"])
+    assert OmegaConf.to_container(cfg.objective, resolve=True)["name"] == expected
+    assert chosen.objective.name == "ce"  # a named objective wins
