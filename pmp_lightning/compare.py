@@ -9,7 +9,7 @@ sweep directory:
 - ``comparison.md`` / ``comparison.csv``: score × setting, mean ± std over seeds of AUROC, AP, precision@k
 - ``ap_per_score.png``: AP per score with error bars, one bar per setting
 - ``pr_curves.png``: precision–recall curves of every score, one panel per setting (first seed)
-- ``score_histograms.png``: clean vs mislabeled score histograms (first setting and seed)
+- ``score_histograms_<setting>.png``: clean vs mislabeled score histograms, one figure per setting (first seed)
 - ``lambda_norms.png``: ‖λ_t‖ per snapshot, one line per curvature mode
 - ``saturation.png``: per snapshot, the share of the downstream set that carries ∇J (participation ratio)
   beside the detection AUROC of that snapshot's contribution c_t: where J saturates, detection fails
@@ -197,41 +197,64 @@ def scores_per_setting(jobs: list[Job]) -> dict[str, tuple[dict[str, np.ndarray]
     return merged
 
 
+def score_styles(names) -> dict[str, dict]:
+    """One colour per score (tab20, then dashes), PMP variants solid and baselines dotted, the same in every plot."""
+    from pmp_lightning.scores import PMP_VARIANTS
+
+    colours = plt.get_cmap("tab20").colors
+    return {name: {"color": colours[i % len(colours)], "ls": ("-" if name in PMP_VARIANTS else ":") if i < len(colours) else "--"}
+            for i, name in enumerate(sorted(names))}
+
+
+def slug(setting: str) -> str:
+    """A file-name-safe form of a setting (``objective=ce pool=holdout`` -> ``objective-ce_pool-holdout``)."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in setting.replace("=", "-").replace(" ", "_"))[:80]
+
+
 def plot_pr_curves(merged, out: Path) -> None:
-    fig, axes = plt.subplots(1, len(merged), figsize=(5 * len(merged), 4), squeeze=False)
-    for ax, (setting, (scores, mask, _, _)) in zip(axes[0], merged.items()):
+    styles = score_styles({name for scores, *_ in merged.values() for name in scores})
+    fig, axes = plt.subplots(1, len(merged), figsize=(4.5 * len(merged) + 2, 4), squeeze=False)
+    for ax, (setting, (scores, mask, _, job)) in zip(axes[0], merged.items()):
         for name, s in scores.items():
             precision, recall, _ = precision_recall_curve(mask, -s)
-            ax.plot(recall, precision, label=name, lw=1)
-        ax.set(xlabel="recall", ylabel="precision", title=setting[:60], ylim=(0, 1.02))
-        ax.legend(fontsize=6)
+            ax.plot(recall, precision, label=name, lw=1.2, **styles[name])
+        ax.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02))
+        ax.set_title(f"{setting[:60]} (seed {job.seed})", fontsize=8)
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95), title="score (solid: PMP)")
+    fig.tight_layout()
     _save(fig, out / "pr_curves.png")
 
 
 def plot_histograms(merged, out: Path) -> None:
-    setting, (scores, mask, _, _) = next(iter(merged.items()))
-    cols = min(4, len(scores))
-    rows = -(-len(scores) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-    for ax, (name, s) in zip(axes.flat, scores.items()):
-        bins = np.linspace(s.min(), s.max(), 40) if s.max() > s.min() else 10
-        ax.hist(s[~mask], bins=bins, alpha=0.6, density=True, label="clean")
-        ax.hist(s[mask], bins=bins, alpha=0.6, density=True, label="mislabeled")
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(scores):]:
-        ax.axis("off")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"score histograms: {setting[:80]}", fontsize=9)
-    _save(fig, out / "score_histograms.png")
+    """One figure per setting, ``score_histograms_<setting>.png``: clean vs mislabeled scores of its first seed."""
+    for setting, (scores, mask, _, job) in merged.items():
+        cols = min(4, len(scores))
+        rows = -(-len(scores) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, layout="constrained")
+        for ax, (name, s) in zip(axes.flat, scores.items()):
+            bins = np.linspace(s.min(), s.max(), 40) if s.max() > s.min() else 10
+            ax.hist(s[~mask], bins=bins, alpha=0.6, density=True, label="clean")
+            ax.hist(s[mask], bins=bins, alpha=0.6, density=True, label="mislabeled")
+            ax.set_title(name, fontsize=9)
+            ax.tick_params(labelsize=6)
+        for ax in list(axes.flat)[len(scores):]:
+            ax.axis("off")
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle(f"score histograms: {setting[:80]} (seed {job.seed})", fontsize=9)
+        _save(fig, out / f"score_histograms_{slug(setting)}.png")
 
 
 def plot_lambda_norms(jobs: list[Job], out: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for setting, job in first_job_per_setting(jobs).items():
         norms = job.metrics["costate"]["lambda_norms"]
-        ax.semilogy(range(1, len(norms) + 1), norms, marker="o", label=f"{job.metrics['costate']['mode']}: {setting[:50]}")
-    ax.set(xlabel="snapshot t", ylabel="‖λ_t‖", title="costate norm per snapshot")
+        ax.semilogy(range(1, len(norms) + 1), norms, marker="o",
+                    label=f"{job.metrics['costate']['mode']}: {setting[:50]} (seed {job.seed})")
+    ax.set(xlabel="snapshot t (λ_t, t = 1..T)", ylabel="‖λ_t‖", title="costate norm per snapshot")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=6)
     _save(fig, out / "lambda_norms.png")
 
@@ -264,7 +287,7 @@ def plot_suspects(merged, out: Path) -> None:
     """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
     from hydra.utils import instantiate
 
-    _, (scores, mask, index, job) = next(iter(merged.items()))
+    setting, (scores, mask, index, job) = next(iter(merged.items()))
     cfg = OmegaConf.load(job.path / ".hydra" / "config.yaml")
     datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
     datamodule.setup()
@@ -278,7 +301,7 @@ def plot_suspects(merged, out: Path) -> None:
             observed, true = int(datamodule.observed_labels[i]), int(datamodule.true_labels[i])
             ax.set_title(f"obs {observed} / true {true}", fontsize=7, color="red" if mask[i] else "black")
             ax.axis("off")
-        fig.suptitle(f"{name}: {N_SUSPECTS} most suspected (red = mislabeled)", fontsize=9)
+        fig.suptitle(f"{name}: {N_SUSPECTS} most suspected (red = mislabeled); {setting[:60]}, seed {job.seed}", fontsize=9)
         _save(fig, out / f"suspects_{name}.png")
 
 

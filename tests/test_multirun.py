@@ -39,7 +39,7 @@ def test_the_report_equals_the_jobs(sweep):
         values = [j["detection"][score]["ap"] for j in jobs if score in j["detection"]]
         assert int(row["seeds"]) == len(values) == 2
         assert float(row["ap_mean"]) == pytest.approx(sum(values) / 2)
-    for name in ("comparison.md", "ap_per_score.png", "pr_curves.png", "score_histograms.png", "lambda_norms.png",
+    for name in ("comparison.md", "ap_per_score.png", "pr_curves.png", "lambda_norms.png",
                  "saturation.png", "suspects_raw.png", "suspects_loss.png"):
         assert (out / name).stat().st_size > 0, name
 
@@ -113,3 +113,34 @@ def test_compare_on_a_missing_directory_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"compare: {tmp_path / 'nowhere'} is not a directory; give a Hydra multirun "
                                    f"directory (outputs/multiruns/<date_time>) or outputs/runs")
+
+
+def test_plots_tell_scores_and_settings_apart(tmp_path, monkeypatch):
+    """Figure objects: distinct styles for all 15 scores and a legend off the curves; one histogram figure per setting,
+    each naming its setting and seed; integer snapshot ticks."""
+    import numpy as np
+
+    from pmp_lightning import compare
+    from pmp_lightning.scores import SCORES
+
+    figures = {}
+    monkeypatch.setattr(compare, "_save", lambda fig, path: figures.__setitem__(path.name, fig))
+    rng = np.random.default_rng(0)
+    mask = rng.random(50) < 0.3
+    job = type("J", (), {"seed": "7", "metrics": {"costate": {"mode": "expm", "lambda_norms": [3.0, 2.0, 1.0]}}})()
+    merged = {s: ({n: rng.random(50) for n in SCORES}, mask, np.arange(50), job) for s in ("pool=train", "pool=holdout")}
+    compare.plot_pr_curves(merged, tmp_path)
+    compare.plot_histograms(merged, tmp_path)
+    monkeypatch.setattr(compare, "first_job_per_setting", lambda jobs: {"pool=train": job})
+    compare.plot_lambda_norms([job], tmp_path)
+
+    pr = figures["pr_curves.png"]
+    lines = pr.axes[0].get_lines()
+    assert len(lines) == len(SCORES) == len({(ln.get_color(), ln.get_linestyle()) for ln in lines})
+    assert pr.legends and all(ax.get_legend() is None for ax in pr.axes)  # one figure legend, outside the panels
+    assert {f"score_histograms_{compare.slug(s)}.png" for s in merged} <= set(figures)
+    for s in merged:
+        assert figures[f"score_histograms_{compare.slug(s)}.png"].get_suptitle().endswith(f"{s} (seed 7)")
+    ticks = figures["lambda_norms.png"].axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)
+    assert "(seed 7)" in figures["lambda_norms.png"].axes[0].get_legend().get_texts()[0].get_text()
