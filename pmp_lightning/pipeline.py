@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from callbacks.process_group import ReleaseSpawnedProcessGroup
-from callbacks.replay_progress import ReplayProgressBar
+from callbacks.progress import progress_callbacks
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
 from pmp_lightning.config import check_settings, score_names
 from pmp_lightning.costate import describe
@@ -55,12 +55,24 @@ for message in (".*does not have many workers.*", ".*returned `None`, this fit w
     warnings.filterwarnings("ignore", message=message)
 
 
+AFTER_INTERRUPT = {
+    "train": "the train cache entry has no manifest, so the same command retrains it from scratch",
+    "replay": "the same command resumes the replay after its last finished snapshot",
+}
+
+
 @contextmanager
 def _stage(timings: dict[str, float], memory: dict[str, float], stage: str):
-    """Record the stage's wall time and the process's peak memory during it."""
+    """Record the stage's wall time and the process's peak memory during it; say so when it is interrupted."""
     start = time.perf_counter()
-    with PeakMemory("cuda" if torch.cuda.is_available() else "cpu") as peak:
-        yield
+    try:
+        with PeakMemory("cuda" if torch.cuda.is_available() else "cpu") as peak:
+            yield
+    except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
+        if isinstance(err, KeyboardInterrupt) or err.code not in (0, None):
+            log.error(f"interrupted during {stage} after {time.perf_counter() - start:.0f} s; no results were written; "
+                      f"{AFTER_INTERRUPT.get(stage, 'run the same command again')}")
+        raise
     timings[stage] = round(time.perf_counter() - start, 3)
     if peak.peak_mib is not None:
         memory[stage] = round(peak.peak_mib, 1)
@@ -169,7 +181,8 @@ def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, 
     with _stage(timings, memory, "train"):
         classifier = Classifier.from_config(cfg)
         snapshots = instantiate(cfg.snapshot, dirpath=directory / "snapshots")
-        trainer = instantiate(cfg.trainer, callbacks=[snapshots, ReleaseSpawnedProcessGroup()], logger=logger,
+        callbacks = [snapshots, ReleaseSpawnedProcessGroup(), *progress_callbacks(cfg.trainer.enable_progress_bar)]
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                               default_root_dir=directory)
         trainer.fit(classifier, datamodule=datamodule)
     with _stage(timings, memory, "test"):
@@ -186,7 +199,7 @@ def _replay(cfg: DictConfig, objective, datamodule, snapshot_dir: Path, director
         if replay.remaining < replay.T:
             log.info(f"replay: resuming in {directory}, {replay.T - replay.remaining} of {replay.T} snapshots already done")
         if replay.remaining:
-            callbacks = [ReleaseSpawnedProcessGroup()] + ([ReplayProgressBar()] if cfg.trainer.enable_progress_bar else [])
+            callbacks = [ReleaseSpawnedProcessGroup(), *progress_callbacks(cfg.trainer.enable_progress_bar, replay=True)]
             replay_trainer = instantiate(cfg.trainer, max_epochs=replay.remaining, callbacks=callbacks, logger=False,
                                          default_root_dir=directory, enable_checkpointing=False)
             log.info(f"replay: {replay.remaining} snapshots, {len(replay.pool)} pool examples, "

@@ -107,3 +107,40 @@ def test_a_handful_of_mislabeled_examples_gets_a_caveat(tmp_path):
     assert "the pool has 4 mislabeled and 36 clean examples" in metrics["detection_caveat"]
     assert json.loads((tmp_path / "metrics.json").read_text())["detection_caveat"] == metrics["detection_caveat"]
     assert "raw" in metrics["detection"]  # still computed, but flagged
+
+
+def _cli(tmp_path, *overrides):
+    """Start run.py with stdout and stderr going to a file, as under CI, SLURM or nohup."""
+    import subprocess
+    import sys
+
+    log = open(tmp_path / "run.out", "w")
+    cmd = [sys.executable, "run.py", *SMALL, "trainer.enable_progress_bar=true", f"hydra.run.dir={tmp_path / 'run'}",
+           f"paths.cache_dir={tmp_path / 'cache'}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), tmp_path / "run.out"
+
+
+def test_a_log_going_to_a_file_has_a_line_per_epoch_and_snapshot_and_no_bars(tmp_path):
+    proc, out = _cli(tmp_path)
+    assert proc.wait(timeout=600) == 0, out.read_text()[-3000:]
+    text = out.read_text()
+    assert "\r" not in text  # no carriage-return progress bars
+    assert [f"train epoch ({e}/4)" in text for e in range(1, 5)] == [True] * 4
+    assert [f"replay θ_{t} ({4 - t}/4)" in text for t in range(3, -1, -1)] == [True] * 4
+    assert "‖λ_4‖ = " in text and "examples/s" in text
+    assert len(text.encode()) < 20_000 and len(text.splitlines()) < 80, len(text.splitlines())
+
+
+def test_ctrl_c_during_training_says_what_the_rerun_does(tmp_path):
+    import signal
+    import time
+
+    proc, out = _cli(tmp_path, "trainer.max_epochs=200")
+    deadline = time.time() + 300
+    while "train epoch (1/200)" not in out.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    text = out.read_text()
+    assert "interrupted during train after" in text and "retrains it from scratch" in text, text[-2000:]
+    assert not (tmp_path / "run" / "metrics.json").exists()

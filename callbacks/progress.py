@@ -1,0 +1,77 @@
+"""Progress for people: live bars on a terminal, one line per epoch or snapshot in a file (CI, SLURM, nohup).
+
+``progress_callbacks(enabled, replay)`` picks: when stdout and stderr are terminals, Lightning's
+TQDM bar (for the replay labelled with the snapshot θ_t it is scoring); otherwise ``LineProgress``,
+which prints one line when an epoch (training) or a snapshot (replay) is done: elapsed time, rate,
+and the training loss or the costate norm ‖λ_{t+1}‖ the snapshot was scored with.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+
+
+class ReplayProgressBar(TQDMProgressBar):
+    """A bar per snapshot, labelled θ_t, newest first."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        t = pl_module.snapshot_of_epoch(trainer.current_epoch)
+        self.train_progress_bar.set_description(f"replay θ_{t} ({trainer.current_epoch + 1}/{trainer.max_epochs})")
+
+
+class LineProgress(ProgressBar):
+    """One printed line per finished training epoch or replay snapshot; nothing per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self._enabled = True
+        self._start = self._epoch_start = 0.0
+        self._examples = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start, self._examples = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._examples += len(batch[0])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._enabled or not trainer.is_global_zero:
+            return
+        now = time.perf_counter()
+        took = now - self._epoch_start
+        rate = f"{self._examples / took:.0f} examples/s" if took > 0 else "-"
+        done = f"({trainer.current_epoch + 1}/{trainer.max_epochs})"
+        if hasattr(pl_module, "snapshot_of_epoch"):  # the replay: an epoch scores one snapshot with λ_{t+1}
+            t = pl_module.snapshot_of_epoch(trainer.current_epoch)
+            what = f"replay θ_{t} {done}"
+            extra = f"‖λ_{t + 1}‖ = {float(pl_module.lam.norm()):.3g}"
+        else:
+            what = f"train epoch {done}"
+            loss = trainer.callback_metrics.get("train/loss")
+            extra = f"loss {float(loss):.4f}" if loss is not None else ""
+        print(f"{what}: {took:.1f} s, {rate}, {extra}; elapsed {now - self._start:.1f} s", flush=True)
+
+
+def on_a_terminal() -> bool:
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def progress_callbacks(enabled: bool, replay: bool = False) -> list:
+    """The progress callback for a fit: none when disabled, bars on a terminal, lines otherwise."""
+    if not enabled:
+        return []
+    if on_a_terminal():
+        return [ReplayProgressBar()] if replay else [TQDMProgressBar()]
+    return [LineProgress()]
