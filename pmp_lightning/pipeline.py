@@ -44,7 +44,7 @@ from pmp_lightning.models import Classifier
 from pmp_lightning.replay import ReplayStats, growth_steps
 from pmp_lightning.scores import compute_scores
 from pmp_lightning.select import selection
-from pmp_lightning.wandb_logging import log_results, run_identity
+from pmp_lightning.wandb_logging import keep_staging_in, log_results, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ def run(cfg: DictConfig) -> dict:
     timings: dict[str, float] = {}
     memory: dict[str, float] = {}
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("logger") and lead:
+        keep_staging_in(out)
     logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") and lead else False
     try:
         with _stage(timings, memory, "data"):

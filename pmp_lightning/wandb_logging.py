@@ -1,6 +1,7 @@
 """What a run logs to Weights & Biases (``logger=wandb``; offline unless ``logger.mode=online``)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,15 @@ from sklearn.metrics import precision_recall_curve
 
 N_SUSPECTS = 32
 PR_POINTS = 200  # points per precision-recall curve, enough to draw it
+
+
+_USER_DATA_DIR = os.environ.get("WANDB_DATA_DIR")  # a data directory the user chose wins
+
+
+def keep_staging_in(run_dir: Path) -> None:
+    """Stage W&B artefacts (the tables with images) under the run directory instead of ~/.local/share/wandb,
+    so a run directory copied to another machine syncs whole (``wandb sync``)."""
+    os.environ["WANDB_DATA_DIR"] = _USER_DATA_DIR or str(Path(run_dir) / "wandb" / "data")
 
 
 def run_identity() -> dict[str, str]:

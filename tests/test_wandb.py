@@ -37,6 +37,7 @@ def read_records(path):
 
 def test_offline_run_files_hold_the_summary_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where wandb would stage by default: ~/.local/share/wandb
     metrics = run(make_cfg(tmp_path, "logger=wandb", "scoring.scores=[raw,cosine,loss]"))
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
@@ -59,7 +60,11 @@ def test_offline_run_files_hold_the_summary_metrics(tmp_path, monkeypatch):
         for metric, value in metrics["detection"][score].items():
             assert summary[f"detection/{score}/{metric}"] == pytest.approx(value)
     assert summary["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
-    assert {"costate/lambda_norm", "pr_curves_table/_type", "histogram/raw/mislabeled/values"} <= set(history)
+    assert {"costate/lambda_norm", "costate/participation", "costate/contribution_auroc", "pr_curves_table/_type",
+            "histogram/raw/mislabeled/values"} <= set(history)
     assert json.loads(history["top_suspects/_type"]) == "table-file"
     assert json.loads(history["top_suspects/nrows"]) == 3 * 32  # 32 suspects per score, with images
     assert config["replay"]["curvature"] == "expm"  # the full config is logged
+    # everything a sync needs is under the run directory: the table images were staged there, not in ~/.local/share
+    assert any((tmp_path / "wandb" / "data" / "artifacts" / "staging").iterdir())
+    assert not list((tmp_path / "home").glob("**/artifacts/staging/*"))
