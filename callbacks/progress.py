@@ -7,8 +7,10 @@ and the training loss or the costate norm ‖λ_{t+1}‖ the snapshot was scored
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 
@@ -75,3 +77,20 @@ def progress_callbacks(enabled: bool, replay: bool = False) -> list:
     if on_a_terminal():
         return [ReplayProgressBar()] if replay else [TQDMProgressBar()]
     return [LineProgress()]
+
+
+@contextmanager
+def _log_above_bars():
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logging.captureWarnings(True)  # warnings.warn goes through logging too, so it cannot land inside a bar
+    try:
+        with logging_redirect_tqdm():
+            yield
+    finally:
+        logging.captureWarnings(False)
+
+
+def log_above_bars(enabled: bool):
+    """While bars are drawn on a terminal, print log records and warnings on their own lines above the bar."""
+    return _log_above_bars() if enabled and on_a_terminal() else nullcontext()

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from callbacks.process_group import ReleaseSpawnedProcessGroup
-from callbacks.progress import progress_callbacks
+from callbacks.progress import log_above_bars, progress_callbacks
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
 from pmp_lightning.config import check_settings, score_names
 from pmp_lightning.costate import describe
@@ -186,7 +186,8 @@ def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, 
         callbacks = [snapshots, ReleaseSpawnedProcessGroup(), *progress_callbacks(cfg.trainer.enable_progress_bar)]
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                               default_root_dir=directory)
-        trainer.fit(classifier, datamodule=datamodule)
+        with log_above_bars(cfg.trainer.enable_progress_bar):
+            trainer.fit(classifier, datamodule=datamodule)
     with _stage(timings, memory, "test"):
         accuracy = float(trainer.test(classifier, datamodule=datamodule, verbose=False)[0]["test/accuracy"])
     return {"test_accuracy": accuracy}
@@ -206,7 +207,8 @@ def _replay(cfg: DictConfig, objective, datamodule, snapshot_dir: Path, director
                                          default_root_dir=directory, enable_checkpointing=False)
             log.info(f"replay: {replay.remaining} snapshots, {len(replay.pool)} pool examples, "
                      f"{replay_trainer.world_size} process(es)")
-            replay_trainer.fit(replay)  # global rank zero writes stats.npz when the last snapshot is done
+            with log_above_bars(cfg.trainer.enable_progress_bar):
+                replay_trainer.fit(replay)  # global rank zero writes stats.npz when the last snapshot is done
         elif rank_zero_only.rank == 0:  # every snapshot was done before an interruption; only stats.npz is missing
             replay.save_stats()
 

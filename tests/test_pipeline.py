@@ -144,3 +144,39 @@ def test_ctrl_c_during_training_says_what_the_rerun_does(tmp_path):
     text = out.read_text()
     assert "interrupted during train after" in text and "retrains it from scratch" in text, text[-2000:]
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_messages_do_not_land_inside_a_progress_bar(tmp_path):
+    """On a terminal (a pseudo-terminal here) a warning raised mid-replay is a log record on its own line."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 columns wide
+    cmd = [sys.executable, "run.py", *SMALL, "trainer.enable_progress_bar=true", "pool=holdout", "data.pool_size=300",
+           "replay.curvature=coarse", "scoring=raw", f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'c'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=child, stdout=child, stderr=child)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=60) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "\r" in text and "replay θ_" in text  # bars were drawn
+    grew = [m.start() for m in re.finditer("costate norm grew", text)]
+    assert grew  # curvature=coarse on this pool warns mid-replay
+    for at in grew:
+        line_start = max(text.rfind("\n", 0, at), text.rfind("\r", 0, at)) + 1
+        assert text[line_start:].startswith("[20"), repr(text[line_start - 80: at])  # a log record, not a bar's tail
