@@ -7,8 +7,10 @@ valid names, and ``scoring=rwa`` fails with Hydra's list of the group's options.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import List
 
 from hydra.core.config_store import ConfigStore
@@ -43,9 +45,21 @@ def recommended_objective(pool_mode: str) -> str:
     return RECOMMENDED_OBJECTIVE[pool_mode]
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where conf/ and run.py live
+
+RESOLVERS = {
+    "recommended_objective": recommended_objective,
+    # outputs and the cache stay in the project wherever the command is started from (paths.root_dir overrides)
+    "project_root": lambda: str(PROJECT_ROOT),
+    # in run directory names: two jobs started in the same second still get directories of their own
+    "pid": os.getpid,
+}
+
+
 def register_configs() -> None:
-    if not OmegaConf.has_resolver("recommended_objective"):
-        OmegaConf.register_new_resolver("recommended_objective", recommended_objective)
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
     store = ConfigStore.instance()
     store.store(group="scoring", name="all", node=ScoringConfig())
     store.store(group="scoring", name="baselines",

@@ -86,6 +86,8 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     _require_writable(out, "paths.output_dir (hydra.run.dir on the command line)")
     _require_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")
+    if lead:
+        log.info(f"cache: {Path(cfg.paths.cache_dir).resolve()} (paths.cache_dir); outputs: {out.resolve()}")
     objective = instantiate(cfg.objective)  # a bad objective setting fails here, before any work
     timings: dict[str, float] = {}
     memory: dict[str, float] = {}
