@@ -1,6 +1,8 @@
 """End to end through Hydra's compose API on small data (the embedded MNIST images, offline)."""
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +113,6 @@ def test_a_handful_of_mislabeled_examples_gets_a_caveat(tmp_path):
 
 def _cli(tmp_path, *overrides):
     """Start run.py with stdout and stderr going to a file, as under CI, SLURM or nohup."""
-    import subprocess
-    import sys
-
     log = open(tmp_path / "run.out", "w")
     cmd = [sys.executable, "run.py", *SMALL, "trainer.enable_progress_bar=true", f"hydra.run.dir={tmp_path / 'run'}",
            f"paths.cache_dir={tmp_path / 'cache'}", *overrides]
@@ -153,8 +152,6 @@ def test_messages_do_not_land_inside_a_progress_bar(tmp_path):
     import pty
     import re
     import struct
-    import subprocess
-    import sys
     import termios
 
     main, child = pty.openpty()
@@ -180,3 +177,24 @@ def test_messages_do_not_land_inside_a_progress_bar(tmp_path):
     for at in grew:
         line_start = max(text.rfind("\n", 0, at), text.rfind("\r", 0, at)) + 1
         assert text[line_start:].startswith("[20"), repr(text[line_start - 80: at])  # a log record, not a bar's tail
+
+
+def test_outputs_and_cache_stay_in_the_project_from_any_directory(tmp_path):
+    """Started from another directory, the run and its cache still go under the project, and the log says where."""
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), "+experiment=noisy_mnist", "--cfg", "job", "--resolve",
+                           "--package", "paths"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"cache_dir: {ROOT}/outputs/cache" in done.stdout and f"root_dir: {ROOT}" in done.stdout
+
+
+def test_two_jobs_started_together_keep_their_own_results(tmp_path):
+    """Two runs started in the same second (scoring=raw and scoring=loss) each get a run directory and a metrics.json."""
+    cmd = [sys.executable, str(ROOT / "run.py"), *SMALL, "trainer.max_epochs=2", f"paths.root_dir={tmp_path}"]
+    procs = [subprocess.Popen([*cmd, f"scoring={s}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for s in ("raw", "loss")]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    runs = sorted((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 2
+    assert sorted(next(iter(json.loads((r / "metrics.json").read_text())["detection"])) for r in runs) == ["loss", "raw"]
+    assert sum("cache:" in log and str(tmp_path / "outputs" / "cache") in log for log in logs) == 2
