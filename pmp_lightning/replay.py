@@ -134,7 +134,7 @@ class ReplayModule(pl.LightningModule):
         self.to(dtype)  # the replay runs in the trajectory's precision
         self.pool, self.downstream, self.train_set = pool.to(dtype), downstream.to(dtype), train_set.to(dtype)
         self.curvature, self.horizon = curvature, horizon
-        self.objective = make_objective("ce") if objective is None else objective
+        self.objective = make_objective("ce") if objective is None else objective  # None: the paper's J (the pipeline always passes one)
         self.batch_size, self.lanczos_steps, self.growth_warning = batch_size, lanczos_steps, growth_warning
         if batch_size is not None and batch_size < 1:
             raise ReplayConfigError(f"replay.batch_size={batch_size}; give a positive chunk size, or null for the device's default")

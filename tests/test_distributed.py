@@ -21,7 +21,8 @@ def single_process_scores(cfg, snapshot_dir, names, accelerator="cpu"):
     """The run's datamodule and the scores of replaying ``snapshot_dir`` in this one process."""
     datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
     datamodule.setup()
-    replay = instantiate(cfg.replay, net=instantiate(cfg.model), snapshot_dir=snapshot_dir, pool=datamodule.pool,
+    replay = instantiate(cfg.replay, net=instantiate(cfg.model), objective=instantiate(cfg.objective),
+                         snapshot_dir=snapshot_dir, pool=datamodule.pool,
                          downstream=datamodule.downstream, train_set=datamodule.train_set)
     return datamodule, compute_scores(names, fit_replay(replay, accelerator=accelerator).results())
 
