@@ -29,12 +29,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_auc_score  # noqa: E402
 
 from pmp_lightning.io import atomic_write, save_text  # noqa: E402
+from pmp_lightning.scores import PMP_VARIANTS  # noqa: E402
 
 log = logging.getLogger(__name__)
 AVERAGED = ("scoring", "seed")  # override keys that do not define a setting
@@ -199,8 +201,6 @@ def scores_per_setting(jobs: list[Job]) -> dict[str, tuple[dict[str, np.ndarray]
 
 def score_styles(names) -> dict[str, dict]:
     """One colour per score (tab20, then dashes), PMP variants solid and baselines dotted, the same in every plot."""
-    from pmp_lightning.scores import PMP_VARIANTS
-
     colours = plt.get_cmap("tab20").colors
     return {name: {"color": colours[i % len(colours)], "ls": ("-" if name in PMP_VARIANTS else ":") if i < len(colours) else "--"}
             for i, name in enumerate(sorted(names))}
@@ -246,8 +246,6 @@ def plot_histograms(merged, out: Path) -> None:
 
 
 def plot_lambda_norms(jobs: list[Job], out: Path) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for setting, job in first_job_per_setting(jobs).items():
         norms = job.metrics["costate"]["lambda_norms"]
@@ -262,8 +260,6 @@ def plot_lambda_norms(jobs: list[Job], out: Path) -> None:
 def plot_saturation(jobs: list[Job], out: Path) -> None:
     """The saturation diagnostic: per snapshot, the share of downstream examples carrying ∇J(θ_t) (left)
     beside the detection AUROC of that snapshot's contribution c_t alone (right), one line per setting."""
-    from matplotlib.ticker import MaxNLocator
-
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for setting, job in first_job_per_setting(jobs).items():
         costate = job.metrics["costate"]

@@ -33,10 +33,11 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.progress import log_above_bars, progress_callbacks
+from callbacks.theta_snapshot import load_manifest
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
 from pmp_lightning.config import check_settings, score_names
 from pmp_lightning.costate import describe
-from pmp_lightning.errors import OutputError, ReplayConfigError
+from pmp_lightning.errors import OutputError, ReplayConfigError, SnapshotError
 from pmp_lightning.evaluate import contribution_auroc, detection_metrics, format_table, small_sample_caveat
 from pmp_lightning.io import save_json, save_npz, save_text
 from pmp_lightning.memory import PeakMemory
@@ -216,15 +217,12 @@ def _replay(cfg: DictConfig, objective, datamodule, snapshot_dir: Path, director
 
 
 def _missing_snapshots(entry: Path) -> list[str]:
-    """Files of a train cache entry's trajectory that are gone (the manifest, or snapshots it lists)."""
-    manifest = entry / "snapshots" / "manifest.json"
-    if not manifest.is_file():
-        return ["snapshots/manifest.json"]
+    """Files of a train cache entry's trajectory that are gone (a usable manifest, or snapshots it lists)."""
     try:
-        files = [s["file"] for s in json.loads(manifest.read_text())["snapshots"]]
-    except (ValueError, KeyError, TypeError):
-        return ["a readable snapshots/manifest.json"]
-    return [f"snapshots/{f}" for f in files if not (entry / "snapshots" / f).is_file()]
+        manifest = load_manifest(entry / "snapshots")
+    except SnapshotError as err:
+        return [f"a usable snapshots manifest ({err})"]
+    return [f"snapshots/{s['file']}" for s in manifest["snapshots"] if not (entry / "snapshots" / s["file"]).is_file()]
 
 
 def _missing_stats(entry: Path) -> list[str]:
