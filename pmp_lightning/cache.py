@@ -41,7 +41,9 @@ def train_key_config(cfg: DictConfig) -> dict[str, Any]:
     """The config that determines the trajectory (and so the snapshots and test accuracy)."""
     trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in COSMETIC_TRAINER_KEYS}
     keys = ("data", "noise", "model", "optimizer", "lr_schedule", "snapshot")
-    return {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}}
+    config = {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}}
+    config["data"].pop("known_errors", None)  # what detection is measured against, not what is trained
+    return config
 
 
 def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any]) -> dict[str, Any]:

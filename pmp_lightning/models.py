@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,14 @@ def mlp(num_classes: int = 10, in_features: int = 784, hidden: int = 128) -> nn.
 
 def logistic_regression(num_classes: int = 10, in_features: int = 784) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+
+
+@torch.no_grad()
+def predict_proba(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities of ``net`` (switched to eval mode) for the inputs ``x``, as float64 (N, K)."""
+    net.eval()
+    device = next(net.parameters()).device
+    return torch.cat([net(chunk.to(device)).double().softmax(1).cpu() for chunk in x.split(batch_size)]).numpy()
 
 
 class Classifier(pl.LightningModule):

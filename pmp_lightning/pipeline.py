@@ -33,16 +33,17 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.progress import log_above_bars, progress_callbacks
-from callbacks.theta_snapshot import load_manifest
+from callbacks.theta_snapshot import load_manifest, load_snapshot
+from pmp_lightning.baselines import check_folds, cleanlab_baseline, cross_validated_probs, crossval_key_config
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
 from pmp_lightning.config import check_settings, score_names
 from pmp_lightning.costate import describe
-from pmp_lightning.errors import OutputError, ReplayConfigError, SnapshotError
+from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError, UnknownScoreError
 from pmp_lightning.evaluate import contribution_auroc, detection_metrics, format_table, small_sample_caveat
 from pmp_lightning.io import save_json, save_npz, save_text
 from pmp_lightning.memory import PeakMemory
-from pmp_lightning.models import Classifier
-from pmp_lightning.replay import ReplayStats, growth_steps
+from pmp_lightning.models import Classifier, predict_proba
+from pmp_lightning.replay import PREFIX, ReplayStats, growth_steps
 from pmp_lightning.scores import compute_scores
 from pmp_lightning.select import selection
 from pmp_lightning.wandb_logging import keep_staging_in, log_results, run_identity
@@ -84,6 +85,7 @@ def run(cfg: DictConfig) -> dict:
     lead = rank_zero_only.rank == 0  # Lightning sets it from the environment it gives the ranks it starts
     _check_strategy(cfg)
     check_settings(cfg)
+    rank_by = _rank_by(cfg, [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else [])])
     out = Path(cfg.paths.output_dir)
     _require_writable(out, "paths.output_dir (hydra.run.dir on the command line)")
     _require_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")
@@ -100,6 +102,9 @@ def run(cfg: DictConfig) -> dict:
         with _stage(timings, memory, "data"):
             datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
             datamodule.setup()
+        _check_model_fits(cfg, datamodule)
+        if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
+            check_folds(cfg.baselines.folds, len(datamodule.pool))
         mask = datamodule.is_mislabeled
         if lead:
             save_npz(
@@ -121,19 +126,26 @@ def run(cfg: DictConfig) -> dict:
                 trained = _agree("trained", train_cache.commit(result) if lead else None)
         replay_cache = StageCache(cfg.paths.cache_dir, "replay", replay_key_config(cfg, trained))
         with replay_cache.locked() if lead else nullcontext():
-            if _agree("replay", replay_cache.load(missing=_missing_stats) if lead else None) is None:
+            replayed = _agree("replay", replay_cache.load(missing=_missing_stats) if lead else None)
+            if replayed is None:
                 _replay(cfg, objective, datamodule, train_cache.dir / "snapshots",
                         replay_cache.start(resume=True) if lead else replay_cache.dir, timings, memory)
-                if lead:
-                    replay_cache.commit({})
+                replayed = replay_cache.commit({"seconds": timings["replay"]}) if lead else None
         if not lead:
             return {}
         _link(out / "snapshots", train_cache.dir / "snapshots")
         _link(out / "replay", replay_cache.dir)
         stats = ReplayStats.load(replay_cache.dir / "stats.npz")
+        final_probs = _final_probs(cfg, train_cache.dir / "snapshots", datamodule)
+        cost = {"train": trained.get("seconds"), "replay": replayed.get("seconds")}
+
+        scores = compute_scores(score_names(cfg.scoring), stats)
+        cleanlab = None
+        if cfg.baselines.cleanlab:
+            scores["cleanlab"], cleanlab = _cleanlab(cfg, datamodule, final_probs, timings, memory)
+            cost["cleanlab"] = cleanlab["seconds"]
 
         with _stage(timings, memory, "score"):
-            scores = compute_scores(score_names(cfg.scoring), stats)
             caveat = small_sample_caveat(mask) if mask.any() else None
             if caveat:
                 log.warning(caveat)
@@ -142,7 +154,8 @@ def run(cfg: DictConfig) -> dict:
                 per_snapshot = contribution_auroc(stats.contribution, mask)
             else:
                 per_snapshot = []
-                log.warning("the pool has no mislabeled examples (noise=none): detection metrics are skipped")
+                log.warning("the pool has no known mislabeled examples (noise=none and no data.known_errors): detection "
+                            "metrics are skipped; suspects.csv ranks the pool")
                 detection = {}
 
         if cfg.select.fractions:
@@ -158,15 +171,22 @@ def run(cfg: DictConfig) -> dict:
                         "contribution_auroc": per_snapshot,
                         "growth_warnings": growth_steps(stats.lambda_norm, cfg.replay.growth_warning)},
             "timings": timings,
+            "cost_s": cost,
             "peak_memory_mib": memory,
             "cache": {"train": str(train_cache.dir), "replay": str(replay_cache.dir),
                       "computed": [stage for stage in ("train", "replay") if stage in timings]},
         }
         if caveat:
             metrics["detection_caveat"] = caveat
+        if datamodule.known_error_counts is not None:
+            metrics["known_errors"] = {"file": str(datamodule.known_errors), **datamodule.known_error_counts}
+        if cleanlab is not None:
+            metrics["cleanlab"] = cleanlab
         if cfg.select.fractions:
             metrics["selection"] = chosen
+        metrics["suspects"] = {"rank_by": rank_by, "file": "suspects.csv"}
         _write_scores(out / "scores.csv", datamodule, scores)
+        _write_suspects(out, datamodule, scores[rank_by], rank_by, final_probs.argmax(1))
         save_json(out / "metrics.json", metrics)
         _report(metrics, out)
         if logger:
@@ -182,7 +202,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, memory: dict) -> dict:
-    """Train with the snapshot callback writing into ``directory/snapshots``; returns the test accuracy."""
+    """Train with the snapshot callback writing into ``directory/snapshots``; returns the test accuracy and the time taken."""
     with _stage(timings, memory, "train"):
         classifier = Classifier.from_config(cfg)
         snapshots = instantiate(cfg.snapshot, dirpath=directory / "snapshots")
@@ -193,7 +213,7 @@ def _train(cfg: DictConfig, datamodule, logger, directory: Path, timings: dict, 
             trainer.fit(classifier, datamodule=datamodule)
     with _stage(timings, memory, "test"):
         accuracy = float(trainer.test(classifier, datamodule=datamodule, verbose=False)[0]["test/accuracy"])
-    return {"test_accuracy": accuracy}
+    return {"test_accuracy": accuracy, "seconds": timings["train"]}
 
 
 def _replay(cfg: DictConfig, objective, datamodule, snapshot_dir: Path, directory: Path, timings: dict, memory: dict) -> None:
@@ -214,6 +234,70 @@ def _replay(cfg: DictConfig, objective, datamodule, snapshot_dir: Path, director
                 replay_trainer.fit(replay)  # global rank zero writes stats.npz when the last snapshot is done
         elif rank_zero_only.rank == 0:  # every snapshot was done before an interruption; only stats.npz is missing
             replay.save_stats()
+
+
+def _check_model_fits(cfg: DictConfig, datamodule) -> None:
+    """A model that cannot take the data's inputs, or has fewer outputs than the data has classes, fails here in
+    one line naming the fix, not inside torch halfway through training."""
+    with torch.random.fork_rng(devices=[]):  # the trained model's initialisation must not depend on this probe
+        net = instantiate(cfg.model).eval()
+    x = datamodule.pool.x[:2]
+    target = cfg.model.get("_target_", "the model")
+    try:
+        with torch.no_grad():
+            logits = net(x)
+    except Exception as err:  # shape errors come from deep inside torch, in many types
+        raise DataConfigError(f"model ({target}) cannot take the data's inputs of shape {tuple(x.shape[1:])}: "
+                              f"{str(err).splitlines()[0]}. Build the model for that input size (e.g. model.in_features="
+                              f"{int(np.prod(x.shape[1:]))} for an MLP) or pick another model=...") from err
+    if logits.dim() != 2 or logits.shape[1] < datamodule.num_classes:
+        raise DataConfigError(f"model ({target}) gives outputs of shape {tuple(logits.shape[1:])} per example, but the labels "
+                              f"have {datamodule.num_classes} classes; set model.num_classes={datamodule.num_classes}")
+
+
+def _final_probs(cfg: DictConfig, snapshot_dir: Path, datamodule) -> np.ndarray:
+    """The trained model's (θ_T's) class probabilities for every pool example."""
+    manifest = load_manifest(snapshot_dir)
+    net = instantiate(cfg.model)
+    state = load_snapshot(snapshot_dir, manifest["snapshots"][-1])
+    net.load_state_dict({k[len(PREFIX):]: v for k, v in state.items()})
+    return predict_proba(net, datamodule.pool.x)
+
+
+def _cleanlab(cfg: DictConfig, datamodule, final_probs: np.ndarray, timings: dict, memory: dict) -> tuple[np.ndarray, dict]:
+    """cleanlab's score from out-of-sample probabilities: K-fold cross-validation (cached) for pool=train,
+    the final model's for a held-out pool. Returns the score and what goes under ``cleanlab`` in metrics.json."""
+    if datamodule.pool_mode == "train":
+        cache = StageCache(cfg.paths.cache_dir, "crossval", crossval_key_config(cfg))
+        with cache.locked():
+            done = cache.load(missing=_missing_probs)
+            if done is None:
+                with _stage(timings, memory, "cleanlab"):
+                    probs = cross_validated_probs(cfg, datamodule, cache.start(resume=True))
+                    save_npz(cache.dir / "pred_probs.npz", probs=probs)
+                done = cache.commit({"seconds": timings["cleanlab"]})
+        with np.load(cache.dir / "pred_probs.npz") as z:
+            probs = z["probs"]
+        source, seconds = f"{cfg.baselines.folds}-fold cross-validation", done["seconds"]
+    else:
+        probs, source, seconds = final_probs, "the trained model (the pool is held out)", 0.0
+    score, summary = cleanlab_baseline(datamodule.observed_labels.numpy(), probs, datamodule.is_mislabeled)
+    return score, {"probabilities": source, "seconds": seconds, **summary}
+
+
+def _rank_by(cfg: DictConfig, names: list[str]) -> str:
+    """The score that orders suspects.csv: ``scoring.rank_by``, by default the recommended cosine when computed."""
+    wanted = cfg.scoring.get("rank_by")
+    if wanted is None:
+        return "cosine" if "cosine" in names else names[0]
+    if wanted not in names:
+        raise UnknownScoreError(f"scoring.rank_by={wanted} is not among the scores this run computes; pick one of "
+                                f"{', '.join(names)}")
+    return wanted
+
+
+def _missing_probs(entry: Path) -> list[str]:
+    return [] if (entry / "pred_probs.npz").is_file() else ["pred_probs.npz"]
 
 
 def _missing_snapshots(entry: Path) -> list[str]:
@@ -282,6 +366,27 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(target.resolve(), target_is_directory=True)
 
 
+def _write_suspects(out: Path, datamodule, score: np.ndarray, name: str, predicted: np.ndarray) -> None:
+    """``suspects.csv``: the whole pool, most suspect (lowest score) first, and ``suspects.png``, the first 32."""
+    from pmp_lightning.compare import N_SUSPECTS, suspect_grid
+
+    order = np.argsort(score, kind="stable")
+    truth = datamodule.is_mislabeled if datamodule.is_mislabeled.any() else None
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["rank", "index", "observed_label", "predicted_label", name, *(["is_mislabeled"] if truth is not None else [])])
+    observed = datamodule.observed_labels.numpy()
+    for rank, i in enumerate(order, start=1):
+        row = [rank, int(datamodule.pool_index[i]), int(observed[i]), int(predicted[i]), repr(float(score[i]))]
+        writer.writerow(row + ([int(truth[i])] if truth is not None else []))
+    save_text(out / "suspects.csv", buf.getvalue())
+    top = order[:N_SUSPECTS]
+    titles = [f"#{datamodule.pool_index[i]}: {observed[i]}, model {predicted[i]}" for i in top]
+    suspect_grid(datamodule.pool.x[top], titles, None if truth is None else truth[top],
+                 f"{N_SUSPECTS} most suspect by {name}: index: observed label, model's label"
+                 + ("" if truth is None else " (red = mislabeled)"), out / "suspects.png")
+
+
 def _write_scores(path: Path, datamodule, scores: dict[str, np.ndarray]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -303,6 +408,15 @@ def _report(metrics: dict, out: Path) -> None:
     ]
     if metrics["detection"]:
         lines += ["", "detection of mislabeled examples (low score = suspect), best AP first:", format_table(metrics["detection"])]
+    if "known_errors" in metrics:
+        known = metrics["known_errors"]
+        lines += [f"known errors: {known['in_pool']} of the {known['listed']} listed in {known['file']} are in the pool"]
+    if "cleanlab" in metrics:
+        cl = metrics["cleanlab"]
+        found = f"find_label_issues flags {cl['issues_found']}"
+        if "precision" in cl:
+            found += f" (precision {cl['precision']:.3f}, recall {cl['recall']:.3f})"
+        lines += [f"cleanlab: probabilities from {cl['probabilities']}, {cl['seconds']:.0f} s; {found}"]
     if "selection" in metrics:
         sel = metrics["selection"]
         lines += ["", f"test accuracy after retraining without the lowest-scored examples (all kept: {sel['full']:.4f}, "
@@ -312,5 +426,8 @@ def _report(metrics: dict, out: Path) -> None:
     lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings"].items())]
     if metrics["peak_memory_mib"]:
         lines += ["peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["peak_memory_mib"].items())]
-    lines += [f"outputs: {out}"]
+    costs = ", ".join(f"{k} {v:.0f} s" for k, v in metrics["cost_s"].items() if v is not None)
+    if costs:
+        lines += [f"cost of the cached results: {costs}"]
+    lines += [f"suspects, most suspect first by {metrics['suspects']['rank_by']}: {out / 'suspects.csv'}", f"outputs: {out}"]
     print("\n".join(lines), flush=True)

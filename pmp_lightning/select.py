@@ -15,21 +15,29 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
+from callbacks.progress import log_above_bars, progress_callbacks
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.models import Classifier
 
 log = logging.getLogger(__name__)
 
 
-def retrain_accuracy(cfg: DictConfig, datamodule, keep: np.ndarray) -> float:
-    """Test accuracy of a model trained from scratch on the pool examples where ``keep`` is true."""
+def retrain(cfg: DictConfig, datamodule, keep: np.ndarray) -> tuple[Classifier, pl.Trainer]:
+    """A model trained from scratch (same seed and config as the run) on the training-set examples where ``keep`` is true."""
     pl.seed_everything(cfg.seed, workers=True)
     classifier = Classifier.from_config(cfg)
     # one process even when the run uses several: the retrains are small and run on global rank zero only
     trainer = instantiate(cfg.trainer, strategy="auto", devices=1, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False)
+                          callbacks=progress_callbacks(cfg.trainer.enable_progress_bar))
     train = DataLoader(Subset(datamodule.train_set, np.flatnonzero(keep).tolist()), batch_size=datamodule.batch_size, shuffle=True)
-    trainer.fit(classifier, train_dataloaders=train)
+    with log_above_bars(cfg.trainer.enable_progress_bar):
+        trainer.fit(classifier, train_dataloaders=train)
+    return classifier, trainer
+
+
+def retrain_accuracy(cfg: DictConfig, datamodule, keep: np.ndarray) -> float:
+    """Test accuracy of a model trained from scratch on the pool examples where ``keep`` is true."""
+    classifier, trainer = retrain(cfg, datamodule, keep)
     return float(trainer.test(classifier, dataloaders=datamodule.test_dataloader(), verbose=False)[0]["test/accuracy"])
 
 

@@ -47,7 +47,9 @@ def test_metrics_json_has_every_field(train_pool_run):
     assert metrics == json.loads(json.dumps(returned))
     assert set(metrics["detection"]) == set(SCORES)
     for row in metrics["detection"].values():
-        assert set(row) == set(METRICS) and all(0.0 <= v <= 1.0 for v in row.values())
+        assert set(row) == set(METRICS)
+        assert all(0.0 <= v <= 1.0 for m, v in row.items() if m != "hits_in_lowest_1pct")
+        assert row["hits_in_lowest_1pct"] in range(0, 7)  # a count among the lowest ⌈1% of 600⌉ = 6
     assert 0.5 < metrics["test_accuracy"] <= 1.0
     assert metrics["costate"]["mode"] == "expm" and len(metrics["costate"]["lambda_norms"]) == 4
     assert {"data", "train", "test", "replay", "score"} <= set(metrics["timings"])

@@ -1,0 +1,90 @@
+"""cleanlab in the same harness (``baselines.cleanlab=true``): the label-issue finder people already use.
+
+cleanlab ranks label issues from *out-of-sample* predicted probabilities:
+
+- ``pool=train``: K-fold cross-validation on the pool (``baselines.folds``, default 5), stratified by
+  the observed labels. Each fold's model is trained through the same Lightning code, config and seed
+  as the run's own training, on the other K-1 folds, and predicts its held-out fold. The folds are a
+  cache stage like training (``<cache_dir>/crossval/<key>/``, one file per finished fold), so sweeping
+  scores or replay settings never retrains them, and a killed run resumes at the next fold.
+- ``pool=holdout`` / ``pool=test``: the run's own model never saw the pool, so its final probabilities
+  already are out of sample; no extra training.
+
+From them: ``cleanlab.rank.get_label_quality_scores`` (self-confidence, high = the label looks right)
+becomes the ``cleanlab`` score column, and ``cleanlab.filter.find_label_issues``' set is compared with
+the ground truth (precision, recall) when the pool has one.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pmp_lightning.cache import train_key_config
+from pmp_lightning.errors import DataConfigError
+from pmp_lightning.io import save_npz
+from pmp_lightning.models import predict_proba
+from pmp_lightning.select import retrain
+
+log = logging.getLogger(__name__)
+
+
+def crossval_key_config(cfg: DictConfig) -> dict:
+    """What the cross-validated probabilities depend on: the trajectory's config and K."""
+    return {**train_key_config(cfg), "folds": cfg.baselines.folds}
+
+
+def check_folds(folds, pool_size: int) -> None:
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= pool_size:
+        raise DataConfigError(f"baselines.folds={folds!r}: cross-validation needs an integer from 2 to the pool size "
+                              f"({pool_size}), e.g. baselines.folds=5")
+
+
+def cross_validated_probs(cfg: DictConfig, datamodule, directory: Path) -> np.ndarray:
+    """Out-of-sample probabilities (N, K) of the pool the run trains on, from K-fold cross-validation.
+
+    Each finished fold is kept as ``directory/fold_<k>.npz``; folds already there are not retrained.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = cfg.baselines.folds
+    labels = datamodule.observed_labels.numpy()
+    check_folds(folds, len(labels))
+    counts = np.bincount(labels)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=cfg.seed) if counts[counts > 0].min() >= folds else None
+    if splitter is None:  # a class with fewer examples than folds cannot be stratified
+        from sklearn.model_selection import KFold
+
+        splitter = KFold(n_splits=folds, shuffle=True, random_state=cfg.seed)
+    probs = np.full((len(labels), datamodule.num_classes), np.nan)
+    for k, (train_idx, held_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        path = directory / f"fold_{k}.npz"
+        if path.is_file():
+            with np.load(path) as done:
+                probs[done["held"]] = done["probs"]
+            continue
+        log.info(f"cleanlab: fold {k + 1}/{folds}, training on {len(train_idx)} pool examples, predicting {len(held_idx)}")
+        keep = np.zeros(len(labels), dtype=bool)
+        keep[train_idx] = True
+        classifier, _ = retrain(cfg, datamodule, keep)
+        fold_probs = predict_proba(classifier.net, datamodule.pool.x[held_idx])
+        save_npz(path, held=held_idx, probs=fold_probs)
+        probs[held_idx] = fold_probs
+    return probs
+
+
+def cleanlab_baseline(labels: np.ndarray, pred_probs: np.ndarray, is_mislabeled: np.ndarray) -> tuple[np.ndarray, dict]:
+    """cleanlab's label quality per example (high = keep) and a summary of its ``find_label_issues`` set."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    quality = get_label_quality_scores(labels, pred_probs)
+    issues = find_label_issues(labels, pred_probs, n_jobs=1)
+    summary: dict = {"issues_found": int(issues.sum())}
+    if is_mislabeled.any():
+        hits = int((issues & is_mislabeled).sum())
+        summary["precision"] = hits / max(int(issues.sum()), 1)
+        summary["recall"] = hits / int(is_mislabeled.sum())
+    return np.asarray(quality, dtype=np.float64), summary

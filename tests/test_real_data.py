@@ -1,0 +1,226 @@
+"""Real-data mode: suspects without ground truth, known errors as ground truth, cleanlab in the same harness,
+and a model and data of the user's own built from config."""
+import csv
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from pmp_lightning.baselines import cleanlab_baseline
+from pmp_lightning.config import register_configs
+from pmp_lightning.data import DatasetSource, LabelNoise, PoolDataModule, TensorSource, read_known_errors
+from pmp_lightning.errors import DataConfigError, UnknownScoreError
+from pmp_lightning.pipeline import run
+from tests.conftest import RandomSource
+from tests.test_pipeline import ROOT, SMALL, make_cfg
+
+EXAMPLES = ROOT / "docs" / "examples"
+
+
+def _rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+def test_without_ground_truth_the_pool_is_still_ranked(tmp_path):
+    metrics = run(make_cfg(tmp_path, "noise=none", "scoring.scores=[cosine,loss]"))
+    assert metrics["detection"] == {} and metrics["suspects"] == {"rank_by": "cosine", "file": "suspects.csv"}
+    suspects = _rows(tmp_path / "suspects.csv")
+    scores = {int(r["index"]): float(r["cosine"]) for r in _rows(tmp_path / "scores.csv")}
+    assert list(suspects[0]) == ["rank", "index", "observed_label", "predicted_label", "cosine"]  # no truth column
+    assert len(suspects) == len(scores) == 600
+    assert [int(r["rank"]) for r in suspects] == list(range(1, 601))
+    # the ranking is the score order: most suspect (lowest) first, and each row carries its example's own score
+    assert [int(r["index"]) for r in suspects] == sorted(scores, key=lambda i: (scores[i], list(scores).index(i)))
+    assert all(float(r["cosine"]) == scores[int(r["index"])] for r in suspects)
+    assert all(0 <= int(r["predicted_label"]) < 10 for r in suspects)
+    assert (tmp_path / "suspects.png").stat().st_size > 10_000
+
+
+def test_rank_by_picks_the_score_and_a_score_not_computed_is_refused_before_work(tmp_path):
+    run(make_cfg(tmp_path, "scoring.scores=[cosine,aum]", "scoring.rank_by=aum"))
+    suspects = _rows(tmp_path / "suspects.csv")
+    assert "aum" in suspects[0] and [float(r["aum"]) for r in suspects] == sorted(float(r["aum"]) for r in suspects)
+    with pytest.raises(UnknownScoreError, match="scoring.rank_by=raw is not among the scores this run computes; pick one of cosine, aum"):
+        run(make_cfg(tmp_path / "again", "scoring.scores=[cosine,aum]", "scoring.rank_by=raw"))
+    assert not (tmp_path / "again" / "ground_truth.npz").exists()
+
+
+def test_known_errors_become_the_ground_truth_and_outsiders_are_skipped_with_a_warning(tmp_path):
+    first = tmp_path / "first"
+    run(make_cfg(first, "noise=none", "scoring.scores=[loss]", cache=tmp_path / "cache"))
+    pool = [int(r["index"]) for r in _rows(first / "scores.csv")]
+    outside = sorted(set(range(5000)) - set(pool))[:3] + [10_000_000]  # other splits' images, and beyond the source
+    listed = pool[:20]
+    known = tmp_path / "reviewed.txt"
+    known.write_text("# a human review\n" + "\n".join(map(str, listed[:10])) + "\n" + ", ".join(map(str, listed[10:] + outside)) + "\n")
+
+    with pytest.warns(UserWarning, match=r"data.known_errors: 4 of the 24 listed indices are not in the pool, skipped "
+                                         r"\(1 beyond the source's 5000 examples, 3 in its other splits\)"):
+        metrics = run(make_cfg(tmp_path / "run", "noise=none", f"data.known_errors={known}", "scoring.scores=[loss,random]",
+                               cache=tmp_path / "cache"))
+    assert metrics["known_errors"] == {"file": str(known), "listed": 24, "in_pool": 20, "skipped": 4}
+    rows = _rows(tmp_path / "run" / "scores.csv")
+    assert sorted(int(r["index"]) for r in rows if r["is_mislabeled"] == "1") == sorted(listed)
+    loss = metrics["detection"]["loss"]
+    assert set(loss) == {"auroc", "ap", "precision_at_k", "recall_at_10pct", "hits_in_lowest_1pct"}
+    suspects = _rows(tmp_path / "run" / "suspects.csv")
+    flagged = [int(r["index"]) for r in sorted(rows, key=lambda r: float(r["loss"]))[:6]]  # the lowest ⌈1% of 600⌉
+    assert loss["hits_in_lowest_1pct"] == len(set(flagged) & set(listed))
+    assert "is_mislabeled" in suspects[0]
+    # the file changes what is measured, not what is trained: the trajectory came from the cache
+    assert metrics["cache"]["computed"] == []
+
+
+def test_known_errors_add_to_synthetic_noise(tmp_path):
+    plain = run(make_cfg(tmp_path / "plain", "scoring.scores=[loss]"))
+    rows = _rows(tmp_path / "plain" / "scores.csv")
+    clean = [int(r["index"]) for r in rows if r["is_mislabeled"] == "0"][:5]
+    known = tmp_path / "known.csv"
+    known.write_text("index,note\n" + "".join(f"{i},looks wrong\n" for i in clean))  # a CSV with an index column
+    both = run(make_cfg(tmp_path / "both", f"data.known_errors={known}", "scoring.scores=[loss]"))
+    truth = {int(r["index"]): r["is_mislabeled"] == "1" for r in _rows(tmp_path / "both" / "scores.csv")}
+    assert sum(truth.values()) == 120 + 5 and all(truth[i] for i in clean)
+    assert both["detection"]["loss"] != plain["detection"]["loss"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("12\nabc\n", r"line 2 holds 'abc', not a source index"),
+    ("3 -4\n", r"line 1 holds -4; source indices are ≥ 0"),
+])
+def test_a_bad_known_errors_file_names_the_line(tmp_path, text, message):
+    path = tmp_path / "known.txt"
+    path.write_text(text)
+    with pytest.raises(DataConfigError, match=message):
+        read_known_errors(path)
+    with pytest.raises(DataConfigError, match=r"data.known_errors='.*absent.txt' is not a file"):
+        read_known_errors(tmp_path / "absent.txt")
+
+
+def test_cleanlab_from_cross_validation_is_a_score_column_and_is_cached(tmp_path):
+    metrics = run(make_cfg(tmp_path / "a", "baselines.cleanlab=true", "baselines.folds=2", "scoring.scores=[cosine,loss]"))
+    cl = metrics["cleanlab"]
+    assert cl["probabilities"] == "2-fold cross-validation" and cl["seconds"] > 0
+    assert 0 < cl["issues_found"] < 600 and 0 < cl["precision"] <= 1 and 0 < cl["recall"] <= 1
+    assert metrics["detection"]["cleanlab"]["auroc"] > 0.8  # cleanlab finds the noise on this easy problem
+    assert "cleanlab" in _rows(tmp_path / "a" / "scores.csv")[0]
+    assert metrics["cost_s"]["cleanlab"] == cl["seconds"] and "cleanlab" in metrics["timings"]
+    again = run(make_cfg(tmp_path / "b", "baselines.cleanlab=true", "baselines.folds=2", "scoring.scores=[raw]",
+                         cache=tmp_path / "a" / "cache"))
+    assert "cleanlab" not in again["timings"]  # the folds came from the cache
+    assert again["cleanlab"] == cl and again["detection"]["cleanlab"] == metrics["detection"]["cleanlab"]
+
+
+def test_cleanlab_on_a_held_out_pool_needs_no_extra_training(tmp_path):
+    metrics = run(make_cfg(tmp_path, "pool=holdout", "data.pool_size=300", "baselines.cleanlab=true", "scoring.scores=[loss]"))
+    assert metrics["cleanlab"]["probabilities"] == "the trained model (the pool is held out)"
+    assert metrics["cleanlab"]["seconds"] == 0.0 and "cleanlab" not in metrics["timings"]
+    assert metrics["detection"]["cleanlab"]["auroc"] > 0.9
+
+
+def test_cleanlab_baseline_scores_label_quality():
+    labels = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 0] * 3)
+    probs = np.full((30, 3), 0.05)
+    probs[np.arange(30), labels] = 0.9
+    wrong = np.array([3, 14, 25])
+    probs[wrong] = [[0.05, 0.9, 0.05]] * 3
+    probs[wrong, labels[wrong]] = 0.05
+    probs[wrong, (labels[wrong] + 1) % 3] = 0.9
+    truth = np.zeros(30, dtype=bool)
+    truth[wrong] = True
+    score, summary = cleanlab_baseline(labels, probs, truth)
+    assert set(np.argsort(score)[:3]) == set(wrong)
+    assert summary == {"issues_found": 3, "precision": 1.0, "recall": 1.0}
+
+
+def test_a_bad_folds_setting_is_refused_before_work(tmp_path):
+    with pytest.raises(DataConfigError, match=r"baselines.folds=1: cross-validation needs an integer from 2 to the pool size \(600\)"):
+        run(make_cfg(tmp_path, "baselines.cleanlab=true", "baselines.folds=1"))
+    assert "cleanlab" not in [p.name for p in (tmp_path / "cache").glob("*")]
+
+
+# ------------------------------------------------------------------ bring your own model and data
+def _byo_cfg(tmp_path, *overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"hydra.searchpath=[file://{EXAMPLES / 'conf'}]", "trainer.enable_progress_bar=false",
+                                            "trainer.max_epochs=3", "replay.hvp_samples=64", "logger=none",
+                                            f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}",
+                                            f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+@pytest.fixture
+def examples_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # where the README's PYTHONPATH=docs/examples puts my_model
+
+
+def test_own_model_and_own_tensors_from_config(tmp_path, examples_on_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images[:700], dtype=torch.float32).unsqueeze(1) / 16.0
+    np.savez(tmp_path / "digits.npz", x=x.numpy(), y=digits.target[:700])
+    metrics = run(_byo_cfg(tmp_path, "+experiment=byo_digits", f"data.source.path={tmp_path / 'digits.npz'}",
+                           "data.test_size=100", "data.downstream_size=60"))
+    assert metrics["test_accuracy"] > 0.5
+    assert len(_rows(tmp_path / "scores.csv")) == 700 - 100 - 60
+    assert metrics["detection"]["loss"]["auroc"] > 0.6  # above chance (0.5 ± 0.03 with 108 of 540 mislabeled) after 3 epochs
+    manifest = json.loads((tmp_path / "snapshots" / "manifest.json").read_text())
+    assert manifest["param_shapes"]["net.0.weight"] == [16, 1, 3, 3]  # the user's TinyConvNet was trained and replayed
+
+
+def test_a_torchvision_style_dataset_from_config(tmp_path):
+    dataset = {"_target_": "torchvision.datasets.FakeData", "size": 300, "image_size": [1, 28, 28], "num_classes": 10,
+               "transform": {"_target_": "torchvision.transforms.ToTensor"}}
+    overrides = [f"+data.source.train.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in dataset.items() if k != "transform"]
+    cfg = _byo_cfg(tmp_path, "+experiment=noisy_mnist", "data=dataset", "model=mlp", *overrides,
+                   "+data.source.train.transform._target_=torchvision.transforms.ToTensor",
+                   "data.test_size=50", "data.downstream_size=50", "scoring.scores=[cosine,loss]")
+    metrics = run(cfg)
+    assert len(_rows(tmp_path / "scores.csv")) == 200 and set(metrics["detection"]) == {"cosine", "loss"}
+    assert (tmp_path / "suspects.png").is_file()
+
+
+def test_dataset_source_reads_pil_images_and_counts_classes():
+    from torchvision.datasets import FakeData
+
+    main, test = DatasetSource(FakeData(size=12, image_size=(3, 8, 8), num_classes=4)).load()
+    assert main.x.shape == (12, 3, 8, 8) and main.x.dtype == torch.float32 and test is None
+    assert 0.0 <= float(main.x.min()) and float(main.x.max()) <= 1.0 and int(main.y.max()) < 4
+
+
+def test_the_class_count_comes_from_the_data(tmp_path):
+    x, y = torch.randn(90, 4), torch.arange(90) % 3
+    torch.save({"x": x, "y": y}, tmp_path / "three.pt")
+    dm = PoolDataModule(TensorSource(str(tmp_path / "three.pt")), LabelNoise("symmetric", 0.5), pool_size=60, downstream_size=10,
+                        test_size=20)
+    dm.setup()
+    assert dm.num_classes == 3 and set(dm.observed_labels.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"images": torch.zeros(3, 4)}, r"holds \['images'\]; it needs the keys 'x' \(inputs\) and 'y' \(labels\)"),
+    ({"x": torch.zeros(3, 4), "y": torch.zeros(3)}, r"the labels must be a 1-D integer array, got \(3,\) of torch.float32"),
+    ({"x": torch.zeros(3, 4), "y": torch.zeros(2, dtype=torch.long)}, r"one row per label; got \(3, 4\) for 2 labels"),
+])
+def test_bad_tensors_files_say_what_is_wrong(tmp_path, content, message):
+    torch.save(content, tmp_path / "mine.pt")
+    with pytest.raises(DataConfigError, match=message):
+        TensorSource(str(tmp_path / "mine.pt")).load()
+    with pytest.raises(DataConfigError, match=r"data.source.path='.*nothing.pt' is not a file"):
+        TensorSource(str(tmp_path / "nothing.pt")).load()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model=mlp model.in_features=100", r"model \(pmp_lightning.models.mlp\) cannot take the data's inputs of shape \(1, 28, 28\): "
+                                        r".*model.in_features=784"),
+    ("model=mlp model.num_classes=5", r"gives outputs of shape \(5,\) per example, but the labels have 10 classes; set model.num_classes=10"),
+])
+def test_a_model_that_does_not_fit_the_data_is_one_clear_error(tmp_path, override, message):
+    with pytest.raises(DataConfigError, match=message):
+        run(make_cfg(tmp_path, *override.split()))
+    assert not list((tmp_path / "cache").glob("train/*/snapshots"))  # refused before training
