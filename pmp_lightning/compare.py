@@ -132,6 +132,49 @@ def saturation_lines(jobs: list[Job]) -> list[str]:
     return lines
 
 
+def _mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def selection_lines(jobs: list[Job]) -> list[str]:
+    """Per setting, test accuracy after retraining without the lowest-scored fraction, mean ± std over seeds."""
+    by_setting: dict[str, dict[str, dict]] = defaultdict(dict)
+    for job in jobs:
+        if "selection" in job.metrics:
+            by_setting[job.setting].setdefault(job.seed, job.metrics["selection"])
+    lines = []
+    for setting, by_seed in sorted(by_setting.items()):
+        runs = list(by_seed.values())
+        fractions = sorted({f for r in runs for f in r if f not in ("full", "oracle")}, key=float)
+        names = list(dict.fromkeys(name for r in runs for f in fractions for name in r.get(f, {})))
+        lines += ["", f"Selection ({setting}, {len(runs)} seeds): clean test accuracy after retraining without the "
+                      f"lowest-scored fraction of the pool; all kept {_mean_std([r['full'] for r in runs])}, "
+                      f"oracle (exactly the mislabeled removed) {_mean_std([r['oracle'] for r in runs])}.", "",
+                  "| removed | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
+        for f in fractions:
+            cells = [_mean_std([r[f][n] for r in runs if n in r.get(f, {})]) for n in names]
+            lines.append(f"| {float(f):.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cost_lines(jobs: list[Job]) -> list[str]:
+    """Per setting, what each cached stage cost when it was computed (``cost_s``), mean over seeds."""
+    costs: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for job in jobs:
+        for stage, seconds in job.metrics.get("cost_s", {}).items():
+            if seconds is not None:
+                costs[job.setting][stage][job.seed] = seconds
+    stages = list(dict.fromkeys(stage for by_stage in costs.values() for stage in by_stage))
+    if not stages:
+        return []
+    lines = ["", "Cost: wall seconds of each stage when it was computed (cached afterwards), mean over seeds.", "",
+             "| setting | " + " | ".join(stages) + " |", "| --- |" + " ---: |" * len(stages)]
+    for setting, by_stage in sorted(costs.items()):
+        cells = [f"{np.mean(list(by_stage[st].values())):.0f}" if by_stage.get(st) else "" for st in stages]
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: list[str], jobs: list[Job],
                  duplicates: list[str]) -> None:
     buf = io.StringIO()
@@ -149,7 +192,7 @@ def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: lis
     for r in rows:
         cells = " | ".join(f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in TABLE_METRICS)
         lines.append(f"| {r['setting']} | {r['score']} | {r['seeds']} | {cells} |")
-    lines += saturation_lines(jobs)
+    lines += saturation_lines(jobs) + selection_lines(jobs) + cost_lines(jobs)
     save_text(out / "comparison.md", "\n".join(lines) + "\n")
 
 

@@ -22,6 +22,18 @@ small T), which is why ``ce`` lets a handful of misfitted downstream examples ca
 training (see ``participation``). ``tempered_ce`` and ``logit_gap`` buy that by flattening p towards
 uniform, which discards which class the model confuses; ``unit_ce`` keeps it.
 
+**Centring** (``objective.centred``). With w_m = ∂l_m/∂z_m, J's gradient is the mean of J_mᵀ w_m over the
+downstream set. Its mean pull w̄ = mean_m w_m is a shift of every logit by the same vector: it moves class
+priors, not decisions. Through the output bias, and through the last layer's uncentred (ReLU) features,
+every pool example's gradient shares that direction, so ⟨λ, ∇l_n⟩ credits or blames an example for its
+observed class alone; on a small downstream set w̄ is mostly its class-count imbalance. A centred J
+removes it: at each snapshot θ_t,
+
+    J_c(θ) = mean_m [l_m(θ) − w̄_tᵀ z_m(θ)],     w̄_t = mean_m ∂l_m/∂z_m at θ_t, held constant,
+
+so ∇J_c = mean_m J_mᵀ (w_m − w̄_t) and the gradient of J_c with respect to the output bias is zero. The
+exact identity holds for J_c like for any J (``tests/test_exactness.py``).
+
 **Propagators** P_t(λ) for ``replay.curvature``:
 
     exact / coarse   λ − η_t ∇²L(θ_t) λ              (the paper's formula)
@@ -31,7 +43,6 @@ uniform, which discards which class the model confuses; ``unit_ce`` keeps it.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Callable
 
@@ -94,34 +105,68 @@ def unit_ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(z, y, reduction="none") / norm
 
 
-def objective(name: str, **params) -> ObjectiveFn:
-    """The registered objective ``name`` with its parameters bound (what ``conf/objective/*.yaml`` builds)."""
+class Objective:
+    """J: the registered per-example objective ``name`` with its settings, averaged over the downstream set,
+    with its mean logit pull removed when ``centred``. Called on (logits, labels), it gives l_m per example.
+
+    (A plain class, not a dataclass: Hydra would turn a dataclass passed to ``instantiate`` into a config.)
+    """
+
+    def __init__(self, name: str, params: dict[str, float] | None = None, centred: bool = False):
+        self.name, self.params, self.centred = name, dict(sorted((params or {}).items())), centred
+
+    def __call__(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return OBJECTIVES[self.name](z, y, **self.params)
+
+    def __repr__(self) -> str:
+        return f"Objective({describe(self)})"
+
+
+def objective(name: str, centred: bool = False, **params) -> Objective:
+    """The registered objective ``name`` with its settings (what ``conf/objective/*.yaml`` builds)."""
     if name not in OBJECTIVES:
         raise ReplayConfigError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)} (objective=<name>)")
-    fn = OBJECTIVES[name]
-    wanted = [p for p in inspect.signature(fn).parameters][2:]
+    wanted = [p for p in inspect.signature(OBJECTIVES[name]).parameters][2:]
     if sorted(params) != sorted(wanted):
         raise ReplayConfigError(f"objective={name} takes the setting(s) {wanted or 'none'}, got {sorted(params) or 'none'}")
     if "temperature" in params and not (isinstance(params["temperature"], (int, float)) and params["temperature"] > 0):
         raise ReplayConfigError(f"objective.temperature={params['temperature']!r}; give a positive number, e.g. 8")
-    bound = functools.partial(fn, **params)
-    bound.__name__ = name
-    return bound
+    if not isinstance(centred, bool):
+        raise ReplayConfigError(f"objective.centred={centred!r}; give true or false")
+    return Objective(name, {k: float(v) for k, v in params.items()}, centred)
 
 
 def describe(fn: ObjectiveFn) -> str:
-    """``tempered_ce(temperature=8.0)``: how logs, fingerprints and metrics name an objective."""
-    keywords = getattr(fn, "keywords", {})
-    args = ", ".join(f"{k}={float(v)!r}" for k, v in sorted(keywords.items()))
-    return f"{getattr(fn, '__name__', repr(fn))}({args})" if args else getattr(fn, "__name__", repr(fn))
+    """``tempered_ce(temperature=8.0), centred``: how logs, fingerprints and metrics name an objective."""
+    if not isinstance(fn, Objective):
+        return getattr(fn, "__name__", repr(fn))
+    args = ", ".join(f"{k}={v!r}" for k, v in fn.params.items())
+    return (f"{fn.name}({args})" if args else fn.name) + (", centred" if fn.centred else "")
 
 
-def logit_weights(fn: ObjectiveFn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """‖∂l_m/∂z_m‖ per downstream example: how much example m pulls on ∇J through its logits."""
+def is_centred(fn: ObjectiveFn) -> bool:
+    return bool(getattr(fn, "centred", False))
+
+
+def logit_pulls(fn: ObjectiveFn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """w_m = ∂l_m/∂z_m per downstream example (B, K): how example m pulls on ∇J through its logits."""
     z = logits.detach().requires_grad_(True)
     with torch.enable_grad():
         (g,) = torch.autograd.grad(fn(z, labels).sum(), z)
-    return g.norm(dim=1)
+    return g
+
+
+def centred_values(fn: ObjectiveFn, z: torch.Tensor, y: torch.Tensor, mean_pull: torch.Tensor | None) -> torch.Tensor:
+    """l_m − w̄ᵀ z_m per example (w̄ held constant), or l_m itself when ``mean_pull`` is None."""
+    values = fn(z, y)
+    return values if mean_pull is None else values - z @ mean_pull
+
+
+def logit_weights(fn: ObjectiveFn, logits: torch.Tensor, labels: torch.Tensor,
+                  mean_pull: torch.Tensor | None = None) -> torch.Tensor:
+    """‖∂l_m/∂z_m‖ per downstream example (‖w_m − w̄‖ for a centred J): how much example m pulls on ∇J."""
+    pulls = logit_pulls(fn, logits, labels)
+    return (pulls if mean_pull is None else pulls - mean_pull).norm(dim=1)
 
 
 def participation(sum_w: float, sum_w2: float, count: int) -> float:

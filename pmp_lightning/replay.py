@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from callbacks.theta_snapshot import load_manifest, load_snapshot
-from pmp_lightning.costate import PROPAGATORS, ObjectiveFn, describe, logit_weights, participation
+from pmp_lightning.costate import (PROPAGATORS, ObjectiveFn, centred_values, describe, is_centred, logit_pulls, logit_weights,
+                                   participation)
 from pmp_lightning.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
 from pmp_lightning.io import save_npz
@@ -378,26 +379,38 @@ class ReplayModule(pl.LightningModule):
     def _summed_loss(self, params, x, y):
         return F.cross_entropy(functional_call(self.net, params, (x,)), y, reduction="sum")
 
-    def _summed_objective(self, params, x, y):
-        return self.objective(functional_call(self.net, params, (x,)), y).sum()
+    def _summed_objective(self, params, x, y, mean_pull):
+        return centred_values(self.objective, functional_call(self.net, params, (x,)), y, mean_pull).sum()
 
     def _batches(self, dataset):
         for x, y, _ in self._shard_loader(dataset):
             yield x.to(self.device), y.to(self.device)
 
+    def _downstream_logits(self):
+        for x, y in self._batches(self.downstream):
+            with torch.no_grad():
+                yield self.net(x), y
+
+    def _mean_pull(self) -> torch.Tensor | None:
+        """w̄ = mean over the downstream set of ∂l_m/∂z_m at the loaded θ, for a centred J (None otherwise)."""
+        if not is_centred(self.objective):
+            return None
+        total = sum(logit_pulls(self.objective, logits, y).sum(0) for logits, y in self._downstream_logits())
+        return self._all_reduce(total) / len(self.downstream)
+
     def _grad_J(self) -> torch.Tensor:
+        mean_pull = self._mean_pull()
         total = torch.zeros(sum(p.numel() for p in self._params.values()), dtype=self.dtype, device=self.device)
         for x, y in self._batches(self.downstream):
-            total += self._flatten(grad(self._summed_objective)(self._params, x, y))
+            total += self._flatten(grad(self._summed_objective)(self._params, x, y, mean_pull))
         return self._all_reduce(total) / len(self.downstream)
 
     def _participation(self) -> float:
         """The fraction of downstream examples that carry ∇J at the loaded θ (``costate.participation``)."""
+        mean_pull = self._mean_pull()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for x, y in self._batches(self.downstream):
-            with torch.no_grad():
-                logits = self.net(x)
-            w = logit_weights(self.objective, logits, y).double()
+        for logits, y in self._downstream_logits():
+            w = logit_weights(self.objective, logits, y, mean_pull).double()
             sums += torch.stack([w.sum(), w.pow(2).sum()])
         sums = self._all_reduce(sums)
         return participation(float(sums[0]), float(sums[1]), len(self.downstream))

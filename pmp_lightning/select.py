@@ -47,7 +47,8 @@ def selection(cfg: DictConfig, datamodule, scores: dict[str, np.ndarray], full_a
         raise DataConfigError("select.fractions removes examples from the training set, so it needs pool=train")
     unknown = [s for s in cfg.select.scores if s not in scores]
     if unknown:
-        raise DataConfigError(f"select.scores {unknown} were not computed; add them to scoring.scores or pick from {sorted(scores)}")
+        raise DataConfigError(f"select.scores {unknown} were not computed; add them to scoring.scores (cleanlab: "
+                              f"baselines.cleanlab=true) or pick from {sorted(scores)}")
     n = len(datamodule.pool)
     mask = datamodule.is_mislabeled
     report: dict = {"full": full_accuracy, "oracle": retrain_accuracy(cfg, datamodule, ~mask)}

@@ -87,3 +87,26 @@ def test_the_default_objective_follows_what_the_pool_is(pool, expected):
         chosen = compose("config", overrides=["+experiment=noisy_mnist", f"pool={pool}", "objective=ce"])
     assert OmegaConf.to_container(cfg.objective, resolve=True)["name"] == expected
     assert chosen.objective.name == "ce"  # a named objective wins
+
+
+@pytest.mark.parametrize("name", ["logit_gap", "unit_ce", "ce"])
+def test_a_centred_objective_gives_the_output_bias_no_gradient(name):
+    """Centring removes the mean logit pull: shifting every logit by the same vector (the output bias) no longer
+    changes J, while the plain J does move with it."""
+    from pmp_lightning.costate import centred_values, logit_pulls
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).double()
+    x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 4, (30,))
+    obj = objective(name, centred=True)
+    with torch.no_grad():
+        mean_pull = logit_pulls(obj, net(x), y).mean(0)
+    (centred_bias,) = torch.autograd.grad(centred_values(obj, net(x), y, mean_pull).mean(), net[2].bias)
+    (plain_bias,) = torch.autograd.grad(centred_values(obj, net(x), y, None).mean(), net[2].bias)
+    assert centred_bias.abs().max() < 1e-14 < plain_bias.abs().max()
+    assert describe(obj) == f"{name}, centred" and describe(objective(name)) == name
+
+
+def test_centred_takes_a_boolean():
+    with pytest.raises(ReplayConfigError, match=r"objective.centred='yes'; give true or false"):
+        objective("unit_ce", centred="yes")

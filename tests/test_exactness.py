@@ -23,8 +23,8 @@ N_POOL, STEPS = 24, 6
 PARAMS = {"tempered_ce": {"temperature": 3.0}}  # settings for the objectives that take one
 
 
-def _objective(name):
-    return objective(name, **PARAMS.get(name, {}))
+def _objective(name, centred=False):
+    return objective(name, centred=centred, **PARAMS.get(name, {}))
 
 
 def _train(tmp_path):
@@ -87,13 +87,25 @@ REFERENCE_J = {
 }
 
 
+def centred_reference(j_fn):
+    """j_m − w̄ᵀz_m with w̄ = mean_m ∂j_m/∂z_m at the current θ, held constant (the centred J, written out)."""
+
+    def fn(z, y):
+        z_const = z.detach().requires_grad_(True)
+        (pulls,) = torch.autograd.grad(j_fn(z_const, y).sum(), z_const)
+        return j_fn(z, y) - (z * pulls.mean(0)).sum(1)
+
+    return fn
+
+
 def test_every_objective_has_a_reference():
     assert set(REFERENCE_J) == set(OBJECTIVES)
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 @pytest.mark.parametrize("horizon", ["area", "terminal"])
-def test_replay_matches_autograd_through_unrolled_training(tmp_path, horizon, name):
+@pytest.mark.parametrize("centred", [False, True], ids=["plain", "centred"])
+def test_replay_matches_autograd_through_unrolled_training(tmp_path, horizon, name, centred):
     dm, net = _train(tmp_path)
     manifest = load_manifest(tmp_path / "snapshots")
     assert len(manifest["snapshots"]) == STEPS + 1
@@ -101,14 +113,15 @@ def test_replay_matches_autograd_through_unrolled_training(tmp_path, horizon, na
 
     replay = ReplayModule(
         mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream, dm.train_set,
-        curvature="exact", horizon=horizon, objective=_objective(name), hvp_samples=None, batch_size=7,  # 7: several chunks
+        curvature="exact", horizon=horizon, objective=_objective(name, centred), hvp_samples=None, batch_size=7,  # 7: several chunks
     )
     fit_replay(replay, tmp_path)
     s = compute_scores(["raw"], replay.results())["raw"]
 
-    reference = _autograd_reference(dm, net, tmp_path / "snapshots", horizon, REFERENCE_J[name])
+    j_fn = centred_reference(REFERENCE_J[name]) if centred else REFERENCE_J[name]
+    reference = _autograd_reference(dm, net, tmp_path / "snapshots", horizon, j_fn)
     rel = np.abs(s - reference).max() / np.abs(reference).max()
-    print(f"J={horizon} of {name}: max relative error {rel:.2e}")
+    print(f"J={horizon} of {name}{', centred' if centred else ''}: max relative error {rel:.2e}")
     assert rel < 1e-9, rel
     assert np.abs(reference).max() > 1e-3  # the identity is not trivially 0 = 0
 
@@ -122,6 +135,20 @@ def test_dropping_the_hessian_term_breaks_the_identity(tmp_path):
     s = compute_scores(["raw"], replay.results())["raw"]
     reference = _autograd_reference(dm, net, tmp_path / "snapshots", "area", REFERENCE_J["ce"])
     assert np.abs(s - reference).max() / np.abs(reference).max() > 1e-6
+
+
+def test_centring_changes_the_scores(tmp_path):
+    """Guards the centred cases above: the centred and the plain J give different scores on this trajectory,
+    and the plain reference does not match the centred replay."""
+    dm, net = _train(tmp_path)
+    scores = {}
+    for centred in (False, True):
+        replay = ReplayModule(mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream,
+                              dm.train_set, curvature="exact", objective=_objective("logit_gap", centred), hvp_samples=None)
+        fit_replay(replay)
+        scores[centred] = compute_scores(["raw"], replay.results())["raw"]
+    plain = _autograd_reference(dm, net, tmp_path / "snapshots", "area", REFERENCE_J["logit_gap"])
+    assert np.abs(scores[True] - plain).max() / np.abs(plain).max() > 1e-3
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

@@ -144,3 +144,20 @@ def test_plots_tell_scores_and_settings_apart(tmp_path, monkeypatch):
     ticks = figures["lambda_norms.png"].axes[0].get_xticks()
     assert all(float(t).is_integer() for t in ticks)
     assert "(seed 7)" in figures["lambda_norms.png"].axes[0].get_legend().get_texts()[0].get_text()
+
+
+def test_the_report_has_selection_accuracies_and_costs_over_seeds(tmp_path):
+    from pmp_lightning.compare import cost_lines, find_jobs, selection_lines
+
+    for seed, (acc, cost) in enumerate([(0.80, 100.0), (0.84, 120.0)]):
+        _fake_job(tmp_path / str(seed), seed=seed, ap=0.9, overrides=("+experiment=selection_pairflip", f"seed={seed}"))
+        metrics = json.loads((tmp_path / str(seed) / "metrics.json").read_text())
+        metrics["selection"] = {"full": 0.70 + seed / 100, "oracle": 0.90, "0.3": {"cosine": acc, "cleanlab": acc - 0.1, "random": 0.6}}
+        metrics["cost_s"] = {"train": 10.0, "replay": cost, "cleanlab": 5 * cost}
+        (tmp_path / str(seed) / "metrics.json").write_text(json.dumps(metrics))
+    jobs = find_jobs(tmp_path)
+    report = "\n".join(selection_lines(jobs) + cost_lines(jobs))
+    assert "all kept 0.705 ± 0.005, oracle (exactly the mislabeled removed) 0.900 ± 0.000" in report
+    assert "| removed | cosine | cleanlab | random |" in report
+    assert "| 30% | 0.820 ± 0.020 | 0.720 ± 0.020 | 0.600 ± 0.000 |" in report
+    assert "| setting | train | replay | cleanlab |" in report and "| all jobs | 10 | 110 | 550 |" in report
