@@ -1,6 +1,6 @@
 """Benchmark of the replay's per-example statistics against the alternatives, in one process.
 
-    python -m pmp_lightning.bench [--model cnn] [--examples 256] [--chunk N] [--repeats 5] [--device cpu]
+    python -m pmp_lightning.bench [--model cnn] [--examples 256] [--chunk N] [--repeats 9] [--device cpu] [--load 1]
 
 Methods, all on the same examples, parameters and direction λ:
   (a) loop      the reported approach: one ``torch.autograd.grad`` per example, then dots and norms
@@ -10,9 +10,14 @@ Methods, all on the same examples, parameters and direction λ:
                 margin, correctness, EL2N from one forward and one backward
   (e) train     one training step's forward and backward over the same examples (the physical limit)
 
-Each is timed as the median of ``--repeats`` runs after a warm-up. The ratios that matter are
-printed last. Peak memory (CPU: the process's peak resident set;
-GPU: the allocator's peak) is reported for (d) against (e), each in a fresh process.
+Timing that survives a busy machine: after a warm-up, the methods run in interleaved rounds (one of each
+per round, ``--repeats`` rounds: ABCDE ABCDE …, never AAAA BBBB …), so a burst of outside load hits every
+method alike, and each method's minimum over the rounds is its time with the least interference. Ratios
+are taken from the minima; medians are printed beside them. ``--load N`` runs N extra processes doing
+matrix products for the whole measurement, to check that the ratios hold on a loaded machine.
+
+Peak memory (CPU: the process's peak resident set; GPU: the allocator's peak) is reported for (d)
+against (e), each in a fresh process.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -90,16 +96,36 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_method(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_interleaved(fns: dict, device: str, repeats: int) -> dict[str, list[float]]:
+    """Every method once per round, ``repeats`` rounds after one warm-up call each: seconds per call, per method."""
+    for fn in fns.values():
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+_HOG = "import torch; torch.set_num_threads(1); a = torch.randn(512, 512)\nwhile True: a = torch.tanh(a @ a)"
+
+
+@contextmanager
+def cpu_load(processes: int):
+    """``processes`` extra processes doing matrix products while the block runs (the busy-machine check)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", _HOG]) for _ in range(processes)]
+    try:
+        if hogs:
+            time.sleep(2.0)  # let them start computing
+        yield hogs
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 def peak_memory_mib(method: str, args) -> tuple[float, float] | None:
@@ -124,7 +150,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=None,
                         help="examples per batch for the batched methods (default: the replay's, 64 on CPU and 1024 on GPU)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds (each method once per round)")
+    parser.add_argument("--load", type=int, default=0, help="extra processes doing matrix products during the timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", nargs="*", default=[], choices=METHODS, help="methods to leave out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -135,7 +162,8 @@ def main(argv=None) -> dict:
     fns = make_methods(net, x, y, params, lam, args.chunk)
     n_params = sum(p.numel() for p in params.values())
     print(f"model {args.model} ({n_params:,} parameters), {args.examples} examples, chunk {args.chunk}, "
-          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} interleaved rounds" + (f", {args.load} CPU hog process(es) running" if args.load else ""))
 
     # every method computes the same numbers (in full float32: cuDNN's default TF32 convolutions would
     # give each method its own ~1e-3 rounding; the timings below use the defaults)
@@ -149,19 +177,21 @@ def main(argv=None) -> dict:
         if "vmap_jvp" not in args.skip:
             assert torch.allclose(fns["vmap_jvp"](), ref_dot, rtol=1e-3, atol=1e-4 * ref_dot.abs().max())
 
-    times = {}
-    for name in METHODS:
-        if name in args.skip:
-            continue
-        times[name] = time_method(fns[name], args.device, args.repeats)
-        print(f"  {name:<10} {times[name] * 1e3:10.1f} ms")
+    with cpu_load(args.load):
+        runs = time_interleaved({name: fns[name] for name in METHODS if name not in args.skip}, args.device, args.repeats)
+    times = {name: min(t) for name, t in runs.items()}
+    print(f"  {'method':<10} {'min':>10} {'median':>10}")
+    for name, t in runs.items():
+        print(f"  {name:<10} {min(t) * 1e3:7.1f} ms {statistics.median(t) * 1e3:7.1f} ms")
 
-    ratios = {}
+    ratios, median_ratios = {}, {}
     for num, den in (("stats", "train"), ("vmap_grad", "stats"), ("loop", "stats"), ("vmap_jvp", "stats")):
         if num in times and den in times:
             ratios[f"{num}/{den}"] = times[num] / times[den]
-    print("ratios:  " + "   ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
-    result = {"times_s": times, "ratios": ratios}
+            median_ratios[f"{num}/{den}"] = statistics.median(runs[num]) / statistics.median(runs[den])
+    print("ratios of the minima:  " + "   ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    print("(of the medians:       " + "   ".join(f"{k} = {v:.2f}" for k, v in median_ratios.items()) + ")")
+    result = {"times_s": times, "runs_s": runs, "ratios": ratios, "median_ratios": median_ratios}
     if not args.no_memory:
         memory = {m: peak_memory_mib(m, args) for m in ("stats", "train")}
         if None not in memory.values():

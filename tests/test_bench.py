@@ -6,6 +6,20 @@ def test_benchmark_runs_every_method_and_reports_ratios(capsys):
     result = bench.main(["--model", "small_cnn", "--examples", "16", "--chunk", "8", "--repeats", "1", "--device", "cpu"])
     assert set(result["times_s"]) == set(bench.METHODS)
     assert set(result["ratios"]) == {"stats/train", "vmap_grad/stats", "loop/stats", "vmap_jvp/stats"}
-    assert "ratios:" in capsys.readouterr().out
+    assert all(len(t) == 1 for t in result["runs_s"].values())
+    assert "ratios of the minima:" in capsys.readouterr().out
     if "peak_memory_mib" in result:  # Linux: whole-process peak and growth for the pass and for training
         assert all(peak > 0 for peak, _ in result["peak_memory_mib"].values())
+
+
+def test_rounds_interleave_the_methods():
+    order = []
+    runs = bench.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, "cpu", 3)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # a warm-up call each, then ABAB…, never AAA BBB
+    assert {k: len(v) for k, v in runs.items()} == {"a": 3, "b": 3}
+
+
+def test_the_load_option_runs_hogs_and_stops_them():
+    with bench.cpu_load(1) as hogs:
+        assert len(hogs) == 1 and hogs[0].poll() is None  # computing
+    assert hogs[0].poll() is not None  # stopped with the block
