@@ -278,8 +278,8 @@ class ReplayModule(pl.LightningModule):
     def on_train_start(self) -> None:
         if self.lam is None:
             self._load(self.T)
-            self.lam = self._grad_J()
-            self._record_norm(self.T)
+            self.lam, share = self._downstream()
+            self._record_norm(self.T, share)
         else:
             self.lam = self.lam.to(self.device, self.dtype)
 
@@ -300,10 +300,9 @@ class ReplayModule(pl.LightningModule):
         self._gather_row(t)
         if t > 0:  # λ_0 enters no score
             lam = PROPAGATORS[self.curvature](self._hvp, self.lam, float(self.eta[t]), self.lanczos_steps)
-            if self.horizon == "area":
-                lam = lam + self._grad_J()
-            self.lam = lam
-            self._record_norm(t)
+            grad_J, share = self._downstream(need_grad=self.horizon == "area")
+            self.lam = lam + grad_J if self.horizon == "area" else lam
+            self._record_norm(t, share)
         self.done[t] = True
         if self.progress_dir is not None and self.trainer.is_global_zero:
             self._save_progress(t)
@@ -337,7 +336,7 @@ class ReplayModule(pl.LightningModule):
         return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum")
 
     # ------------------------------------------------------------------ costate
-    def _record_norm(self, t: int) -> None:
+    def _record_norm(self, t: int, share: float) -> None:
         norm = float(self.lam.norm())
         if not math.isfinite(norm):
             raise CostateDivergedError(
@@ -346,7 +345,7 @@ class ReplayModule(pl.LightningModule):
                 f"written. Use replay.curvature=expm (stable) or none, or snapshot more often."
             )
         self.lambda_norm[t - 1] = norm
-        self.participation[t - 1] = self._participation()
+        self.participation[t - 1] = share
         if t in growth_steps(self.lambda_norm, self.growth_warning):
             prev = self.lambda_norm[t]
             warnings.warn(
@@ -380,40 +379,36 @@ class ReplayModule(pl.LightningModule):
         return F.cross_entropy(functional_call(self.net, params, (x,)), y, reduction="sum")
 
     def _summed_objective(self, params, x, y, mean_pull):
-        return centred_values(self.objective, functional_call(self.net, params, (x,)), y, mean_pull).sum()
+        z = functional_call(self.net, params, (x,))
+        return centred_values(self.objective, z, y, mean_pull).sum(), z.detach()
 
     def _batches(self, dataset):
         for x, y, _ in self._shard_loader(dataset):
             yield x.to(self.device), y.to(self.device)
 
-    def _downstream_logits(self):
-        for x, y in self._batches(self.downstream):
+    def _downstream(self, need_grad: bool = True) -> tuple[torch.Tensor | None, float]:
+        """∇J at the loaded θ (None unless ``need_grad``) and the share of the downstream set carrying it
+        (``costate.participation``), from one forward and backward per downstream chunk; a centred J first
+        takes its mean logit pull w̄ in one forward."""
+        mean_pull = None
+        if is_centred(self.objective):
             with torch.no_grad():
-                yield self.net(x), y
-
-    def _mean_pull(self) -> torch.Tensor | None:
-        """w̄ = mean over the downstream set of ∂l_m/∂z_m at the loaded θ, for a centred J (None otherwise)."""
-        if not is_centred(self.objective):
-            return None
-        total = sum(logit_pulls(self.objective, logits, y).sum(0) for logits, y in self._downstream_logits())
-        return self._all_reduce(total) / len(self.downstream)
-
-    def _grad_J(self) -> torch.Tensor:
-        mean_pull = self._mean_pull()
+                total = sum(logit_pulls(self.objective, self.net(x), y).sum(0) for x, y in self._batches(self.downstream))
+            mean_pull = self._all_reduce(total) / len(self.downstream)
         total = torch.zeros(sum(p.numel() for p in self._params.values()), dtype=self.dtype, device=self.device)
-        for x, y in self._batches(self.downstream):
-            total += self._flatten(grad(self._summed_objective)(self._params, x, y, mean_pull))
-        return self._all_reduce(total) / len(self.downstream)
-
-    def _participation(self) -> float:
-        """The fraction of downstream examples that carry ∇J at the loaded θ (``costate.participation``)."""
-        mean_pull = self._mean_pull()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for logits, y in self._downstream_logits():
+        for x, y in self._batches(self.downstream):
+            if need_grad:
+                g, logits = grad(self._summed_objective, has_aux=True)(self._params, x, y, mean_pull)
+                total += self._flatten(g)
+            else:
+                with torch.no_grad():
+                    logits = self.net(x)
             w = logit_weights(self.objective, logits, y, mean_pull).double()
             sums += torch.stack([w.sum(), w.pow(2).sum()])
         sums = self._all_reduce(sums)
-        return participation(float(sums[0]), float(sums[1]), len(self.downstream))
+        share = participation(float(sums[0]), float(sums[1]), len(self.downstream))
+        return (self._all_reduce(total) / len(self.downstream) if need_grad else None), share
 
     def _hvp(self, vec: torch.Tensor) -> torch.Tensor:
         """∇²L(θ_t) · vec for the mean training loss over the fixed subsample (forward-over-reverse)."""
