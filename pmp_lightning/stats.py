@@ -46,8 +46,13 @@ def layers_with_params(net: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Statistics of each example of the batch (see the module docstring); ``v`` is keyed like ``net.named_parameters()``."""
+def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor],
+                      by_layer: bool = False) -> dict[str, torch.Tensor]:
+    """Statistics of each example of the batch (see the module docstring); ``v`` is keyed like ``net.named_parameters()``.
+
+    ``by_layer`` adds ``layer_dot`` and ``layer_sq`` (batch × layers, in ``layers_with_params`` order): each
+    layer's share of the dot product and of the squared gradient norm (``pmp_lightning.diagnose``).
+    """
     layers = layers_with_params(net)
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -68,8 +73,7 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
     names = list(layers)
     deltas = torch.autograd.grad(losses.sum(), [outputs[n] for n in names])
 
-    dot = torch.zeros_like(losses)
-    sq = torch.zeros_like(losses)
+    layer_dot, layer_sq = [], []  # per layer: its share of ⟨v, ∇l_n⟩ and of ‖∇l_n‖²
     for name, delta in zip(names, deltas):
         layer, a = layers[name], inputs[name]
         vw = v[f"{name}.weight" if name else "weight"]
@@ -77,18 +81,16 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
         if isinstance(layer, nn.Linear):
             if a.dim() != 2:
                 raise UnsupportedLayerError(f"Linear layer {name!r} gets a {a.dim()}-D input; flatten to 2-D first")
-            dot += ((delta @ vw) * a).sum(1)
-            d2 = delta.pow(2).sum(1)
-            sq += d2 * a.pow(2).sum(1)
+            d, q = ((delta @ vw) * a).sum(1), delta.pow(2).sum(1) * a.pow(2).sum(1)
             bias_grad = delta
         else:
-            conv_dot, conv_sq = _conv_weight_stats(layer, a, delta, vw)
-            dot += conv_dot
-            sq += conv_sq
+            d, q = _conv_weight_stats(layer, a, delta, vw)
             bias_grad = delta.sum((2, 3))
         if vb is not None:
-            dot += bias_grad @ vb
-            sq += bias_grad.pow(2).sum(1)
+            d, q = d + bias_grad @ vb, q + bias_grad.pow(2).sum(1)
+        layer_dot.append(d)
+        layer_sq.append(q)
+    dot, sq = sum(layer_dot), sum(layer_sq)
 
     with torch.no_grad():
         logits = logits.detach()
@@ -96,7 +98,9 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
         others = logits.scatter(1, y[:, None], float("-inf"))
         probs = logits.softmax(1)
         onehot = F.one_hot(y, logits.shape[1]).to(probs.dtype)
+        by_layer_out = {"layer_dot": torch.stack(layer_dot, 1).detach(), "layer_sq": torch.stack(layer_sq, 1).detach()} if by_layer else {}
         return {
+            **by_layer_out,
             "dot": dot.detach(),
             "grad_norm": sq.detach().sqrt(),
             "loss": losses.detach(),

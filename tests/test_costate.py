@@ -110,3 +110,30 @@ def test_a_centred_objective_gives_the_output_bias_no_gradient(name):
 def test_centred_takes_a_boolean():
     with pytest.raises(ReplayConfigError, match=r"objective.centred='yes'; give true or false"):
         objective("unit_ce", centred="yes")
+
+
+def test_diagnose_splits_the_dot_product_by_layer_for_the_plain_and_the_centred_j(tmp_path):
+    """A finished run's ⟨∇J, ∇l_n⟩ at θ_T, per layer, for both forms of its objective (python -m pmp_lightning.diagnose)."""
+    import subprocess
+    import sys
+
+    from pmp_lightning.diagnose import diagnose
+    from tests.test_pipeline import ROOT, SMALL
+
+    done = subprocess.run([sys.executable, "run.py", *SMALL, "trainer.max_epochs=2", "scoring=cosine", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"paths.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = diagnose(tmp_path / "run")
+    assert report["snapshot"] == 2 and set(report) == {"snapshot", "unit_ce", "unit_ce, centred"}
+    for variant in ("unit_ce", "unit_ce, centred"):
+        rows = report[variant]["layers"]
+        assert [r["layer"] for r in rows] == ["1 (Linear)", "3 (Linear)"]
+        assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+        assert all(0.0 <= r["auroc"] <= 1.0 for r in rows)
+    assert report["unit_ce"]["mean_pull_norm"] == report["unit_ce, centred"]["mean_pull_norm"] > 0
+    shown = subprocess.run([sys.executable, "-m", "pmp_lightning.diagnose", str(tmp_path / "run")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert "J = unit_ce, centred at θ_2: mean logit pull ‖w̄‖ = " in shown.stdout and ", removed" in shown.stdout
+    missing = subprocess.run([sys.executable, "-m", "pmp_lightning.diagnose", str(tmp_path / "nowhere")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "is not a finished run directory" in missing.stderr

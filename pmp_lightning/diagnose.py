@@ -1,0 +1,104 @@
+"""Why a run's PMP scores do or do not find its mislabeled examples: ⟨∇J, ∇l_n⟩ at one snapshot, layer by layer.
+
+    python -m pmp_lightning.diagnose outputs/runs/<run> [--snapshot T]
+
+For the run's objective, plain and centred, at θ_t (default: the last snapshot θ_T) it prints the
+norm of the downstream set's mean logit pull w̄ and, per layer with parameters: the layer's share of
+Σ_n |⟨∇J, ∇l_n⟩|, the norm of ∇J restricted to the layer, and the detection AUROC of the layer's part
+of the dot product alone (low = suspect); then the whole vector's AUROC and the AP of the cosine.
+A layer that carries most of the dot product at an AUROC near 0.5 drowns the others: that is what a
+mean logit pull does through the output layer's bias and uncentred features (README, "The answer to
+the report"). The ground truth (synthetic noise or ``data.known_errors``) is needed for the AUROCs.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from callbacks.theta_snapshot import load_manifest, load_snapshot
+from pmp_lightning.config import register_configs
+from pmp_lightning.costate import centred_values, describe, logit_pulls, objective
+from pmp_lightning.replay import PREFIX
+from pmp_lightning.stats import layers_with_params, per_example_stats
+
+CHUNK = 256
+
+
+def downstream_gradient(net, obj, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """∇J at the network's parameters (by name), and the mean logit pull w̄ (removed from ∇J when J is centred)."""
+    with torch.no_grad():
+        pull = logit_pulls(obj, net(x), y).mean(0)
+    params = dict(net.named_parameters())
+    grads = torch.autograd.grad(centred_values(obj, net(x), y, pull if obj.centred else None).mean(), list(params.values()))
+    return dict(zip(params, grads)), pull
+
+
+def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
+    """Per objective variant (plain, centred): the mean pull's norm, the per-layer rows and the whole-vector metrics."""
+    run_dir = Path(run_dir)
+    register_configs()
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
+    datamodule.setup()
+    mask = datamodule.is_mislabeled
+    if not mask.any() or mask.all():
+        raise SystemExit(f"diagnose: {run_dir} has no ground truth to measure against (noise=none and no data.known_errors)")
+    net = instantiate(cfg.model)
+    manifest = load_manifest(run_dir / "snapshots")
+    entry = manifest["snapshots"][snapshot]
+    net.load_state_dict({k[len(PREFIX):]: v for k, v in load_snapshot(run_dir / "snapshots", entry).items()})
+    net.eval()
+    layers = {name: type(layer).__name__ for name, layer in layers_with_params(net).items()}
+    run_objective = instantiate(cfg.objective)
+    report = {"snapshot": entry["t"]}
+    for centred in (False, True):
+        obj = objective(run_objective.name, centred=centred, **run_objective.params)
+        grad_j, pull = downstream_gradient(net, obj, datamodule.downstream.x, datamodule.downstream.y)
+        parts = [per_example_stats(net, x, y, grad_j, by_layer=True) for x, y in
+                 zip(datamodule.pool.x.split(CHUNK), datamodule.pool.y.split(CHUNK))]
+        layer_dot = torch.cat([p["layer_dot"] for p in parts]).double().numpy()
+        dot = torch.cat([p["dot"] for p in parts]).double().numpy()
+        norm = torch.cat([p["grad_norm"] for p in parts]).double().numpy()
+        share = np.abs(layer_dot).sum(0) / np.abs(layer_dot).sum()
+        rows = [{"layer": f"{name} ({kind})", "share": float(share[k]),
+                 "grad_J_norm": float(torch.sqrt(sum(g.pow(2).sum() for n, g in grad_j.items() if n.rsplit(".", 1)[0] == name))),
+                 "auroc": float(roc_auc_score(mask, -layer_dot[:, k]))} for k, (name, kind) in enumerate(layers.items())]
+        cosine = dot / np.maximum(norm, 1e-30)
+        report[describe(obj)] = {"mean_pull_norm": float(pull.norm()), "centred": centred, "layers": rows,
+                                 "auroc": float(roc_auc_score(mask, -dot)),
+                                 "cosine_ap": float(average_precision_score(mask, -cosine))}
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for name, r in report.items():
+        if name == "snapshot":
+            continue
+        lines += ["", f"J = {name} at θ_{report['snapshot']}: mean logit pull ‖w̄‖ = {r['mean_pull_norm']:.3g}, "
+                      + ("removed" if r["centred"] else "left in"),
+                  f"  {'layer':<16} {'share of |dot|':>15} {'‖∇J‖ there':>11} {'AUROC alone':>12}"]
+        lines += [f"  {row['layer']:<16} {row['share']:>15.2f} {row['grad_J_norm']:>11.3g} {row['auroc']:>12.3f}"
+                  for row in r["layers"]]
+        lines += [f"  whole vector: AUROC {r['auroc']:.3f}, cosine AP {r['cosine_ap']:.3f}"]
+    return "\n".join(lines[1:])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/<run>, or a sweep's job directory)")
+    parser.add_argument("--snapshot", type=int, default=-1, help="snapshot index t (default: the last, θ_T)")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / ".hydra" / "config.yaml").is_file() or not (args.run_dir / "snapshots").exists():
+        parser.exit(2, f"diagnose: {args.run_dir} is not a finished run directory (it needs .hydra/config.yaml and snapshots/)\n")
+    print(format_report(diagnose(args.run_dir, args.snapshot)))
+
+
+if __name__ == "__main__":
+    main()
