@@ -164,7 +164,8 @@ def cost_lines(jobs: list[Job]) -> list[str]:
         for stage, seconds in job.metrics.get("cost_s", {}).items():
             if seconds is not None:
                 costs[job.setting][stage][job.seed] = seconds
-    stages = list(dict.fromkeys(stage for by_stage in costs.values() for stage in by_stage))
+    found = {stage for by_stage in costs.values() for stage in by_stage}
+    stages = [st for st in ("train", "replay", "cleanlab") if st in found] + sorted(found - {"train", "replay", "cleanlab"})
     if not stages:
         return []
     lines = ["", "Cost: wall seconds of each stage when it was computed (cached afterwards), mean over seeds.", "",
