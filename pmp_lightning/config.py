@@ -73,7 +73,7 @@ def register_configs() -> None:
 # settings checked before any work: (key, smallest allowed, may be null, example)
 _NUMBERS = (
     ("replay.lanczos_steps", 1, False, "8"),
-    ("replay.hvp_samples", 1, True, "256"),
+    ("replay.hvp_samples", 1, True, "64"),
     ("replay.batch_size", 1, True, "64"),
     ("trainer.max_epochs", 1, False, "10"),
     ("data.batch_size", 1, False, "32"),

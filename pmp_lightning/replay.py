@@ -113,7 +113,7 @@ class ReplayModule(pl.LightningModule):
         curvature: str = "expm",
         horizon: str = "area",
         objective: ObjectiveFn | None = None,
-        hvp_samples: int | None = 256,
+        hvp_samples: int | None = 64,
         batch_size: int | None = None,
         lanczos_steps: int = 8,
         growth_warning: float = 10.0,
