@@ -23,3 +23,15 @@ def test_the_load_option_runs_hogs_and_stops_them():
     with bench.cpu_load(1) as hogs:
         assert len(hogs) == 1 and hogs[0].poll() is None  # computing
     assert hogs[0].poll() is not None  # stopped with the block
+
+
+def test_threads_hold_for_the_timing_and_are_given_back(monkeypatch):
+    import pytest
+    import torch
+
+    before, seen = torch.get_num_threads(), []
+    monkeypatch.setattr(bench, "_run", lambda args: seen.append(torch.get_num_threads()) or {})
+    bench.main(["--threads", "1", "--device", "cpu"])
+    assert seen == [1] and torch.get_num_threads() == before  # the tests keep their threads
+    with pytest.raises(SystemExit):
+        bench.main(["--threads", "-2", "--device", "cpu"])
