@@ -1,6 +1,7 @@
 """End to end through Hydra's compose API on small data (the embedded MNIST images, offline)."""
 import csv
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,10 @@ def _cli(tmp_path, *overrides):
     log = open(tmp_path / "run.out", "w")
     cmd = [sys.executable, "run.py", *SMALL, "trainer.enable_progress_bar=true", f"hydra.run.dir={tmp_path / 'run'}",
            f"paths.cache_dir={tmp_path / 'cache'}", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), tmp_path / "run.out"
+    # Ctrl-C acts as on a terminal even when pytest itself was started in the background, where the shell
+    # sets SIGINT to "ignore" and the child inherits it (Python then installs no KeyboardInterrupt handler)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)), tmp_path / "run.out"
 
 
 def test_a_log_going_to_a_file_has_a_line_per_epoch_and_snapshot_and_no_bars(tmp_path):
