@@ -47,17 +47,14 @@ def cross_validated_probs(cfg: DictConfig, datamodule, directory: Path) -> np.nd
 
     Each finished fold is kept as ``directory/fold_<k>.npz``; folds already there are not retrained.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     folds = cfg.baselines.folds
     labels = datamodule.observed_labels.numpy()
     check_folds(folds, len(labels))
     counts = np.bincount(labels)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=cfg.seed) if counts[counts > 0].min() >= folds else None
-    if splitter is None:  # a class with fewer examples than folds cannot be stratified
-        from sklearn.model_selection import KFold
-
-        splitter = KFold(n_splits=folds, shuffle=True, random_state=cfg.seed)
+    stratify = counts[counts > 0].min() >= folds  # a class with fewer examples than folds cannot be stratified
+    splitter = (StratifiedKFold if stratify else KFold)(n_splits=folds, shuffle=True, random_state=cfg.seed)
     probs = np.full((len(labels), datamodule.num_classes), np.nan)
     for k, (train_idx, held_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         path = directory / f"fold_{k}.npz"

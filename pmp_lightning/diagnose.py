@@ -21,10 +21,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from callbacks.theta_snapshot import load_manifest, load_snapshot
+from callbacks.theta_snapshot import load_manifest
 from pmp_lightning.config import register_configs
 from pmp_lightning.costate import centred_values, describe, logit_pulls, objective
-from pmp_lightning.replay import PREFIX
+from pmp_lightning.replay import network_state
 from pmp_lightning.stats import layers_with_params, per_example_stats
 
 CHUNK = 256
@@ -52,7 +52,7 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     net = instantiate(cfg.model)
     manifest = load_manifest(run_dir / "snapshots")
     entry = manifest["snapshots"][snapshot]
-    net.load_state_dict({k[len(PREFIX):]: v for k, v in load_snapshot(run_dir / "snapshots", entry).items()})
+    net.load_state_dict(network_state(run_dir / "snapshots", entry))
     net.eval()
     layers = {name: type(layer).__name__ for name, layer in layers_with_params(net).items()}
     run_objective = instantiate(cfg.objective)

@@ -33,7 +33,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.progress import log_above_bars, progress_callbacks
-from callbacks.theta_snapshot import load_manifest, load_snapshot
+from callbacks.theta_snapshot import load_manifest
 from pmp_lightning.baselines import check_folds, cleanlab_baseline, cross_validated_probs, crossval_key_config
 from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
 from pmp_lightning.config import check_settings, score_names
@@ -43,7 +43,7 @@ from pmp_lightning.evaluate import contribution_auroc, detection_metrics, format
 from pmp_lightning.io import save_json, save_npz, save_text
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.models import Classifier, predict_proba
-from pmp_lightning.replay import PREFIX, ReplayStats, growth_steps
+from pmp_lightning.replay import ReplayStats, growth_steps, network_state
 from pmp_lightning.scores import compute_scores
 from pmp_lightning.select import selection
 from pmp_lightning.wandb_logging import keep_staging_in, log_results, run_identity
@@ -257,10 +257,8 @@ def _check_model_fits(cfg: DictConfig, datamodule) -> None:
 
 def _final_probs(cfg: DictConfig, snapshot_dir: Path, datamodule) -> np.ndarray:
     """The trained model's (θ_T's) class probabilities for every pool example."""
-    manifest = load_manifest(snapshot_dir)
     net = instantiate(cfg.model)
-    state = load_snapshot(snapshot_dir, manifest["snapshots"][-1])
-    net.load_state_dict({k[len(PREFIX):]: v for k, v in state.items()})
+    net.load_state_dict(network_state(snapshot_dir, load_manifest(snapshot_dir)["snapshots"][-1]))
     return predict_proba(net, datamodule.pool.x)
 
 

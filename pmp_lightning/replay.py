@@ -55,6 +55,11 @@ HORIZONS = ("area", "terminal")
 PREFIX = "net."  # the training module keeps its network as ``self.net``
 
 
+def network_state(snapshot_dir: str | Path, entry: dict) -> dict[str, torch.Tensor]:
+    """The network's own ``state_dict`` at one snapshot (the manifest ``entry``): the training module's prefix removed."""
+    return {k[len(PREFIX):]: v for k, v in load_snapshot(snapshot_dir, entry).items()}
+
+
 @dataclass
 class ReplayStats:
     """Everything the scores need: T × N per-example arrays and per-step vectors.
@@ -356,8 +361,7 @@ class ReplayModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ θ_t, ∇J, Hessian-vector products
     def _load(self, t: int) -> None:
-        state = load_snapshot(self.snapshot_dir, self.manifest["snapshots"][t])
-        net_state = {k[len(PREFIX):]: v for k, v in state.items()}
+        net_state = network_state(self.snapshot_dir, self.manifest["snapshots"][t])
         for k, v in net_state.items():
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise SnapshotError(f"snapshot {t} ({self.manifest['snapshots'][t]['file']}) holds non-finite values in {k}; training diverged, lower the learning rate")
