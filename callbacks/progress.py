@@ -58,7 +58,8 @@ class LineProgress(ProgressBar):
         if hasattr(pl_module, "snapshot_of_epoch"):  # the replay: an epoch scores one snapshot with λ_{t+1}
             t = pl_module.snapshot_of_epoch(trainer.current_epoch)
             what = f"replay θ_{t} {done}"
-            extra = f"‖λ_{t + 1}‖ = {float(pl_module.lam.norm()):.3g}"
+            # (callbacks run before the module's own epoch end, so λ is still λ_{t+1}; θ_T has none yet)
+            extra = f"‖λ_{t + 1}‖ = {float(pl_module.lam.norm()):.3g}" if t < pl_module.T else "the trained model, for the baselines"
         else:
             what = f"train epoch {done}"
             loss = trainer.callback_metrics.get("train/loss")

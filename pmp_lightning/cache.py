@@ -49,7 +49,8 @@ def train_key_config(cfg: DictConfig) -> dict[str, Any]:
 def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any]) -> dict[str, Any]:
     """The replay settings, the objective J and the identity of the train entry replayed (a retrained entry gets a new one)."""
     return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True),
-            "objective": OmegaConf.to_container(cfg.objective, resolve=True)}
+            "objective": OmegaConf.to_container(cfg.objective, resolve=True),
+            "stats_format": 2}  # 2: stats.npz holds the trained model θ_T's statistics too
 
 
 class StageCache:

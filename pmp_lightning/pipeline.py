@@ -222,8 +222,8 @@ def _replay(cfg: DictConfig, objective, datamodule, snapshot_dir: Path, director
         replay = instantiate(cfg.replay, net=instantiate(cfg.model), objective=objective,
                              snapshot_dir=snapshot_dir, pool=datamodule.pool,
                              downstream=datamodule.downstream, train_set=datamodule.train_set, progress_dir=directory)
-        if replay.remaining < replay.T:
-            log.info(f"replay: resuming in {directory}, {replay.T - replay.remaining} of {replay.T} snapshots already done")
+        if replay.remaining < replay.T + 1:
+            log.info(f"replay: resuming in {directory}, {replay.T + 1 - replay.remaining} of {replay.T + 1} snapshots already done")
         if replay.remaining:
             callbacks = [ReleaseSpawnedProcessGroup(), *progress_callbacks(cfg.trainer.enable_progress_bar, replay=True)]
             replay_trainer = instantiate(cfg.trainer, max_epochs=replay.remaining, callbacks=callbacks, logger=False,

@@ -1,7 +1,9 @@
 """The backward PMP replay as a LightningModule: one Trainer epoch per snapshot, newest first.
 
-Epoch e handles snapshot t = T-1-e. With λ_{t+1} known it loads θ_t, runs the per-example
-statistics pass over the pool (the epoch's batches), then propagates the costate:
+Epoch e handles snapshot t = T-e. The first epoch scores the trained model θ_T: the statistics the
+baselines need (loss, margin, correctness, EL2N, ‖∇l_n‖; no costate yet), then λ_T = ∇J(θ_T). Every
+later epoch, with λ_{t+1} known, loads θ_t, runs the per-example statistics pass over the pool (the
+epoch's batches) and propagates the costate:
 
     λ_T = ∇J(θ_T)
     λ_t = a_t ∇J(θ_t) + P_t(λ_{t+1})          (a_t = 1 for horizon=area, 0 for terminal)
@@ -62,9 +64,12 @@ def network_state(snapshot_dir: str | Path, entry: dict) -> dict[str, torch.Tens
 
 @dataclass
 class ReplayStats:
-    """Everything the scores need: T × N per-example arrays and per-step vectors.
+    """Everything the scores need: per-example arrays over the snapshots and per-step vectors.
 
-    ``dot[t, n] = ⟨λ_{t+1}, ∇l_n(θ_t)⟩``; the PMP contribution is ``c[t, n] = eta[t] * dot[t, n]``.
+    ``dot[t, n] = ⟨λ_{t+1}, ∇l_n(θ_t)⟩`` for t = 0..T-1 (T × N); the PMP contribution is
+    ``c[t, n] = eta[t] * dot[t, n]``. ``grad_norm``, ``loss``, ``margin``, ``correct`` and ``el2n`` hold one
+    row per snapshot θ_0..θ_T ((T+1) × N): the PMP variants read rows 0..T-1 (beside ``dot``), the baselines
+    the trained snapshots θ_1..θ_T (``trained``), so the final model counts and the initialisation does not.
     ``lambda_norm[t] = ‖λ_{t+1}‖``; ``participation[t]`` is the fraction of downstream examples carrying
     ∇J(θ_{t+1}) (``costate.participation``). Columns follow the pool's positions.
     """
@@ -82,6 +87,15 @@ class ReplayStats:
     @property
     def contribution(self) -> np.ndarray:
         return self.eta[:, None] * self.dot
+
+    @property
+    def replayed_grad_norm(self) -> np.ndarray:
+        """‖∇l_n(θ_t)‖ for t = 0..T-1, the snapshots the costate scores (T × N, beside ``dot``)."""
+        return self.grad_norm[:-1]
+
+    def trained(self, name: str) -> np.ndarray:
+        """The per-example statistic ``name`` at the trained snapshots θ_1..θ_T (T × N): what the baselines average."""
+        return getattr(self, name)[1:]
 
     def save(self, path: str | Path) -> Path:
         return save_npz(path, **{f.name: getattr(self, f.name) for f in fields(self)})
@@ -160,17 +174,18 @@ class ReplayModule(pl.LightningModule):
         self.hvp_set = Subset(self.train_set, torch.randperm(len(self.train_set), generator=gen)[:n_hvp].tolist())
 
         n = len(self.pool)
-        self.arrays = {k: np.full((self.T, n), np.nan) for k in STAT_NAMES}
+        # dot: t = 0..T-1 (θ_T has no λ_{T+1}); every other statistic: t = 0..T
+        self.arrays = {k: np.full((self.T if k == "dot" else self.T + 1, n), np.nan) for k in STAT_NAMES}
         self.lambda_norm = np.full(self.T, np.nan)  # index t-1: ‖λ_t‖, t = 1..T (λ_0 is never needed)
         self.participation = np.full(self.T, np.nan)  # index t-1: at θ_t, t = 1..T
         self.lam: torch.Tensor | None = None
-        self.done = np.zeros(self.T, dtype=bool)
+        self.done = np.zeros(self.T + 1, dtype=bool)  # per snapshot θ_0..θ_T
         self.automatic_optimization = False
         self.progress_dir = None if progress_dir is None else Path(progress_dir)
         if self.progress_dir is not None:
             self.fingerprint = self._fingerprint(curvature, horizon, n_hvp, seed)
             self._resume()
-        self._first = self.T - 1 - int(self.done.sum())  # the snapshot of epoch 0 (T-1 unless resumed)
+        self._first = self.T - int(self.done.sum())  # the snapshot of epoch 0 (θ_T unless resumed)
 
     @property
     def chunk(self) -> int:
@@ -179,7 +194,7 @@ class ReplayModule(pl.LightningModule):
 
     @property
     def remaining(self) -> int:
-        """Snapshots still to replay (all T unless resumed)."""
+        """Snapshots still to replay (all T + 1, θ_T included, unless resumed)."""
         return int((~self.done).sum())
 
     # ------------------------------------------------------------------ checks
@@ -226,7 +241,7 @@ class ReplayModule(pl.LightningModule):
         ident = {"snapshots": self.manifest["snapshots"], "curvature": curvature, "horizon": horizon,
                  "objective": describe(self.objective), "hvp_samples": n_hvp,
                  "seed": seed, "lanczos_steps": self.lanczos_steps, "pool_labels": self.pool.y.tolist(),
-                 "downstream": len(self.downstream)}
+                 "downstream": len(self.downstream), "format": 2}  # 2: θ_T's statistics are a row of their own
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ resume
@@ -240,7 +255,7 @@ class ReplayModule(pl.LightningModule):
             rows = {}
             for t in np.flatnonzero(state["done"]):
                 with np.load(self.progress_dir / "rows" / f"row_{t:05d}.npz") as row:
-                    rows[t] = {k: row[k] for k in STAT_NAMES}
+                    rows[t] = {k: row[k] for k in row.files}
         except Exception as err:  # a damaged npz raises various errors inside numpy and zipfile
             raise SnapshotError(f"the replay progress in {self.progress_dir} cannot be read ({type(err).__name__}: {err}); "
                                 f"delete it and rerun") from err
@@ -251,8 +266,8 @@ class ReplayModule(pl.LightningModule):
             )
         done = state["done"].astype(bool)
         for t, row in rows.items():
-            for k in STAT_NAMES:
-                self.arrays[k][t] = row[k]
+            for k, values in row.items():
+                self.arrays[k][t] = values
         self.done = done
         self.lambda_norm = state["lambda_norm"].astype(np.float64)
         self.participation = state["participation"].astype(np.float64)
@@ -260,7 +275,7 @@ class ReplayModule(pl.LightningModule):
 
     def _save_progress(self, t: int) -> None:
         """Rank zero: snapshot t's rows, then (atomically, last) the costate and the done-mask."""
-        save_npz(self.progress_dir / "rows" / f"row_{t:05d}.npz", **{k: self.arrays[k][t] for k in STAT_NAMES})
+        save_npz(self.progress_dir / "rows" / f"row_{t:05d}.npz", **{k: self.arrays[k][t] for k in self._row_stats(t)})
         save_npz(self.progress_dir / "costate.npz", costate=self.lam.detach().cpu().numpy(), done=self.done,
                  lambda_norm=self.lambda_norm, participation=self.participation, fingerprint=np.array(self.fingerprint))
 
@@ -281,16 +296,17 @@ class ReplayModule(pl.LightningModule):
         return self._first - epoch
 
     def on_train_start(self) -> None:
-        if self.lam is None:
-            self._load(self.T)
-            self.lam, share = self._downstream()
-            self._record_norm(self.T, share)
-        else:
+        if self.lam is not None:  # resumed: λ of the last finished snapshot
             self.lam = self.lam.to(self.device, self.dtype)
 
     def on_train_epoch_start(self) -> None:
-        self._load(self.snapshot_of_epoch(self.current_epoch))
-        self._lam_dict = self._unflatten(self.lam)
+        t = self.snapshot_of_epoch(self.current_epoch)
+        self._load(t)
+        self._lam_dict = None if t == self.T else self._unflatten(self.lam)  # θ_T: no λ_{T+1}, no dot
+
+    def _row_stats(self, t: int) -> list[str]:
+        """The statistics snapshot t has: all of them, but no dot at θ_T."""
+        return [k for k in STAT_NAMES if t < self.T or k != "dot"]
 
     def training_step(self, batch, batch_idx):
         x, y, i = batch
@@ -303,7 +319,10 @@ class ReplayModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         t = self.snapshot_of_epoch(self.current_epoch)
         self._gather_row(t)
-        if t > 0:  # λ_0 enters no score
+        if t == self.T:  # λ_T = ∇J(θ_T)
+            self.lam, share = self._downstream()
+            self._record_norm(t, share)
+        elif t > 0:  # λ_0 enters no score
             lam = PROPAGATORS[self.curvature](self._hvp, self.lam, float(self.eta[t]), self.lanczos_steps)
             grad_J, share = self._downstream(need_grad=self.horizon == "area")
             self.lam = lam + grad_J if self.horizon == "area" else lam
@@ -324,14 +343,15 @@ class ReplayModule(pl.LightningModule):
         """Give every rank snapshot t's statistics for the whole pool (each rank computed its shard)."""
         if self.trainer.world_size == 1:
             return
-        rows = torch.from_numpy(np.stack([self.arrays[k][t] for k in STAT_NAMES]))
+        names = self._row_stats(t)
+        rows = torch.from_numpy(np.stack([self.arrays[k][t] for k in names]))
         have = ~torch.isnan(rows[0])
         summed = self._all_reduce(torch.cat([torch.nan_to_num(rows, nan=0.0), have[None].double()]))
         count = summed[-1]
         if not torch.equal(count, torch.ones_like(count)):
             raise RuntimeError(f"snapshot {t}: pool examples were scored {int(count.min())} to {int(count.max())} times "
                                f"across the ranks instead of once each")
-        for k, row in zip(STAT_NAMES, summed[:-1].cpu().numpy()):
+        for k, row in zip(names, summed[:-1].cpu().numpy()):
             self.arrays[k][t] = row
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -425,7 +445,7 @@ class ReplayModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ results
     def results(self) -> ReplayStats:
-        if np.isnan(self.arrays["dot"]).any():
+        if any(np.isnan(a).any() for a in self.arrays.values()):
             raise RuntimeError("the replay did not finish: some snapshots or pool examples have no statistics")
         return ReplayStats(**self.arrays, eta=self.eta, lambda_norm=self.lambda_norm.copy(),
                            participation=self.participation.copy())

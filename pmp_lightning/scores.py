@@ -4,8 +4,15 @@ Convention: a **high** score means the example helps (keep it); the **lowest** s
 suspects. Baselines whose natural direction is "large = suspicious" (loss, gradient norm, …) are
 negated so that every score reads the same way.
 
-Notation (arrays from ``ReplayStats``, t = 0…T-1 over snapshots, n over the pool):
-c[t, n] = η_t ⟨λ_{t+1}, ∇l_n(θ_t)⟩, g[t, n] = ‖∇l_n(θ_t)‖.
+Notation (arrays from ``ReplayStats``, n over the pool): c[t, n] = η_t ⟨λ_{t+1}, ∇l_n(θ_t)⟩ and
+g[t, n] = ‖∇l_n(θ_t)‖ for t = 0…T-1, the snapshots the costate scores.
+
+The baselines follow their published definitions over the *trained* snapshots θ_1…θ_T (one per
+training interval, the final model included, the random initialisation θ_0 left out): AUM averages the
+margin over training epochs (Pleiss et al. 2020), TracIn sums η·‖∇l‖² over the checkpoints saved during
+training, each weighted by the learning rate of the interval that led to it (Pruthi et al. 2020), and
+forgetting events count transitions between those checkpoints (Toneva et al. 2019). loss, GraNd and
+EL2N average over the same snapshots. With one epoch, every baseline reads the trained model θ_1 = θ_T.
 """
 from __future__ import annotations
 
@@ -61,20 +68,21 @@ def raw(s: ReplayStats) -> np.ndarray:
 @register("cosine", pmp=True)
 def cosine(s: ReplayStats) -> np.ndarray:
     """Direction only: Σ_t cos(λ_{t+1}, ∇l_n(θ_t))."""
-    return _safe_div(s.dot, s.lambda_norm[:, None] * s.grad_norm).sum(0)
+    return _safe_div(s.dot, s.lambda_norm[:, None] * s.replayed_grad_norm).sum(0)
 
 
 @register("unit_grad", pmp=True)
 def unit_grad(s: ReplayStats) -> np.ndarray:
     """Σ_t η_t ⟨λ_{t+1}, ∇l_n/‖∇l_n‖⟩: unit gradients, keeping the time weighting of λ."""
-    return _safe_div(s.contribution, s.grad_norm).sum(0)
+    return _safe_div(s.contribution, s.replayed_grad_norm).sum(0)
 
 
 @register("clip", pmp=True)
 def clip(s: ReplayStats) -> np.ndarray:
     """Σ_t c_{t,n} · min(1, C_t / g_{t,n}), C_t the per-step median gradient norm."""
-    c_t = np.quantile(s.grad_norm, CLIP_QUANTILE, axis=1, keepdims=True)
-    return (s.contribution * np.minimum(1.0, _safe_div(np.broadcast_to(c_t, s.grad_norm.shape), s.grad_norm))).sum(0)
+    g = s.replayed_grad_norm
+    c_t = np.quantile(g, CLIP_QUANTILE, axis=1, keepdims=True)
+    return (s.contribution * np.minimum(1.0, _safe_div(np.broadcast_to(c_t, g.shape), g))).sum(0)
 
 
 @register("zscore", pmp=True)
@@ -93,7 +101,7 @@ def rank(s: ReplayStats) -> np.ndarray:
 @register("relative", pmp=True)
 def relative(s: ReplayStats) -> np.ndarray:
     """Relative influence: s_n / sqrt(Σ_t η_t g²_{t,n})."""
-    return _safe_div(raw(s), np.sqrt((s.eta[:, None] * s.grad_norm**2).sum(0)))
+    return _safe_div(raw(s), np.sqrt((s.eta[:, None] * s.replayed_grad_norm**2).sum(0)))
 
 
 @register("early", pmp=True)
@@ -105,38 +113,40 @@ def early(s: ReplayStats) -> np.ndarray:
 # ----------------------------------------------------------------------------- baselines
 @register("loss")
 def loss(s: ReplayStats) -> np.ndarray:
-    """Mean training loss over snapshots (negated)."""
-    return -s.loss.mean(0)
+    """Mean training loss over the trained snapshots θ_1..θ_T (negated)."""
+    return -s.trained("loss").mean(0)
 
 
 @register("aum")
 def aum(s: ReplayStats) -> np.ndarray:
-    """Area under the margin (Pleiss et al. 2020): mean margin of the observed label."""
-    return s.margin.mean(0)
+    """Area under the margin (Pleiss et al. 2020): the margin of the observed label averaged over θ_1..θ_T."""
+    return s.trained("margin").mean(0)
 
 
 @register("grand")
 def grand(s: ReplayStats) -> np.ndarray:
-    """GraNd (Paul et al. 2021): mean gradient norm (negated)."""
-    return -s.grad_norm.mean(0)
+    """GraNd (Paul et al. 2021): mean gradient norm over θ_1..θ_T (negated)."""
+    return -s.trained("grad_norm").mean(0)
 
 
 @register("el2n")
 def el2n(s: ReplayStats) -> np.ndarray:
-    """EL2N (Paul et al. 2021): mean ‖softmax − onehot‖ (negated)."""
-    return -s.el2n.mean(0)
+    """EL2N (Paul et al. 2021): mean ‖softmax − onehot‖ over θ_1..θ_T (negated)."""
+    return -s.trained("el2n").mean(0)
 
 
 @register("tracin_self")
 def tracin_self(s: ReplayStats) -> np.ndarray:
-    """TracIn self-influence (Pruthi et al. 2020): Σ_t η_t g²_{t,n} (negated)."""
-    return -(s.eta[:, None] * s.grad_norm**2).sum(0)
+    """TracIn self-influence (Pruthi et al. 2020): Σ_t η ‖∇l_n(θ_t)‖² over θ_1..θ_T, each checkpoint weighted by the
+    summed learning rate of the interval that led to it (negated)."""
+    return -(s.eta[:, None] * s.trained("grad_norm") ** 2).sum(0)
 
 
 @register("forgetting")
 def forgetting(s: ReplayStats) -> np.ndarray:
-    """Forgetting events (Toneva et al. 2019) across snapshots, never-learned examples counted as T (negated)."""
-    correct = s.correct > 0.5
+    """Forgetting events (Toneva et al. 2019) between the trained snapshots θ_1..θ_T, never-learned examples counted
+    as T (negated)."""
+    correct = s.trained("correct") > 0.5
     events = (correct[:-1] & ~correct[1:]).sum(0)
     never = ~correct.any(0)
     return -np.where(never, len(correct), events).astype(np.float64)

@@ -46,9 +46,10 @@ def layers_with_params(net: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor],
+def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor] | None,
                       by_layer: bool = False) -> dict[str, torch.Tensor]:
     """Statistics of each example of the batch (see the module docstring); ``v`` is keyed like ``net.named_parameters()``.
+    Without a direction (``v=None``: the trained model θ_T, which has no λ_{T+1}) there is no ``dot``.
 
     ``by_layer`` adds ``layer_dot`` and ``layer_sq`` (batch × layers, in ``layers_with_params`` order): each
     layer's share of the dot product and of the squared gradient norm (``pmp_lightning.diagnose``).
@@ -76,21 +77,25 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
     layer_dot, layer_sq = [], []  # per layer: its share of ⟨v, ∇l_n⟩ and of ‖∇l_n‖²
     for name, delta in zip(names, deltas):
         layer, a = layers[name], inputs[name]
-        vw = v[f"{name}.weight" if name else "weight"]
-        vb = v.get(f"{name}.bias" if name else "bias") if layer.bias is not None else None
+        vw = v[f"{name}.weight" if name else "weight"] if v is not None else None
+        vb = v.get(f"{name}.bias" if name else "bias") if v is not None and layer.bias is not None else None
         if isinstance(layer, nn.Linear):
             if a.dim() != 2:
                 raise UnsupportedLayerError(f"Linear layer {name!r} gets a {a.dim()}-D input; flatten to 2-D first")
-            d, q = ((delta @ vw) * a).sum(1), delta.pow(2).sum(1) * a.pow(2).sum(1)
+            d = ((delta @ vw) * a).sum(1) if vw is not None else None
+            q = delta.pow(2).sum(1) * a.pow(2).sum(1)
             bias_grad = delta
         else:
             d, q = _conv_weight_stats(layer, a, delta, vw)
             bias_grad = delta.sum((2, 3))
-        if vb is not None:
-            d, q = d + bias_grad @ vb, q + bias_grad.pow(2).sum(1)
+        if layer.bias is not None:
+            if vb is not None:
+                d = d + bias_grad @ vb
+            q = q + bias_grad.pow(2).sum(1)
         layer_dot.append(d)
         layer_sq.append(q)
-    dot, sq = sum(layer_dot), sum(layer_sq)
+    sq = sum(layer_sq)
+    dot = sum(layer_dot) if v is not None else None
 
     with torch.no_grad():
         logits = logits.detach()
@@ -98,10 +103,12 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
         others = logits.scatter(1, y[:, None], float("-inf"))
         probs = logits.softmax(1)
         onehot = F.one_hot(y, logits.shape[1]).to(probs.dtype)
-        by_layer_out = {"layer_dot": torch.stack(layer_dot, 1).detach(), "layer_sq": torch.stack(layer_sq, 1).detach()} if by_layer else {}
+        by_layer_out = {"layer_sq": torch.stack(layer_sq, 1).detach()} if by_layer else {}
+        if by_layer and v is not None:
+            by_layer_out["layer_dot"] = torch.stack(layer_dot, 1).detach()
         return {
             **by_layer_out,
-            "dot": dot.detach(),
+            **({"dot": dot.detach()} if v is not None else {}),
             "grad_norm": sq.detach().sqrt(),
             "loss": losses.detach(),
             "margin": label_logit - others.max(1).values,
@@ -110,20 +117,21 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
         }
 
 
-def _conv_weight_stats(layer: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor, vw: torch.Tensor):
-    """Per-example ⟨V, ∇_W l_n⟩ and ‖∇_W l_n‖² of a Conv2d weight, one kernel offset at a time."""
+def _conv_weight_stats(layer: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor, vw: torch.Tensor | None):
+    """Per-example ⟨V, ∇_W l_n⟩ (None without ``vw``) and ‖∇_W l_n‖² of a Conv2d weight, one kernel offset at a time."""
     b, out_ch, oh, ow = delta.shape
     ph, pw = layer.padding if isinstance(layer.padding, tuple) else (layer.padding,) * 2
     (sh, sw), (dh, dw) = layer.stride, layer.dilation
     a = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
     d = delta.reshape(b, out_ch, oh * ow)
-    dot = torch.zeros(b, dtype=a.dtype, device=a.device)
-    sq = torch.zeros_like(dot)
+    dot = torch.zeros(b, dtype=a.dtype, device=a.device) if vw is not None else None
+    sq = torch.zeros(b, dtype=a.dtype, device=a.device)
     kh, kw = layer.kernel_size
     for i in range(kh):
         for j in range(kw):
             window = a[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
             block = torch.bmm(d, window.reshape(b, a.shape[1], oh * ow).transpose(1, 2))  # (b, out, in)
-            dot += (block * vw[:, :, i, j]).sum((1, 2))
+            if vw is not None:
+                dot += (block * vw[:, :, i, j]).sum((1, 2))
             sq += block.pow(2).sum((1, 2))
     return dot, sq

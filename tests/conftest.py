@@ -24,7 +24,7 @@ class RandomSource:
 
 def fit_replay(replay, root=None, accelerator="auto"):
     """Run a ReplayModule through its own Trainer, quietly, as the pipeline does."""
-    pl.Trainer(max_epochs=replay.T, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    pl.Trainer(max_epochs=replay.remaining, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, default_root_dir=root, accelerator=accelerator, devices=1).fit(replay)
     return replay
 

@@ -131,7 +131,8 @@ def test_a_log_going_to_a_file_has_a_line_per_epoch_and_snapshot_and_no_bars(tmp
     text = out.read_text()
     assert "\r" not in text  # no carriage-return progress bars
     assert [f"train epoch ({e}/4)" in text for e in range(1, 5)] == [True] * 4
-    assert [f"replay θ_{t} ({4 - t}/4)" in text for t in range(3, -1, -1)] == [True] * 4
+    assert [f"replay θ_{t} ({5 - t}/5)" in text for t in range(4, -1, -1)] == [True] * 5
+    assert "replay θ_4 (1/5): " in text and "the trained model, for the baselines" in text
     assert "‖λ_4‖ = " in text and "examples/s" in text
     assert len(text.encode()) < 20_000 and len(text.splitlines()) < 80, len(text.splitlines())
 

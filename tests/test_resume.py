@@ -39,14 +39,14 @@ def test_a_killed_replay_resumes_and_ends_bit_identical(tmp_path):
     entry = next((tmp_path / "cache" / "replay").glob("[!.]*"))
     assert not (entry / MANIFEST).exists() and not (entry / "stats.npz").exists()  # a partial entry, not taken for done
     with np.load(entry / "costate.npz") as z:
-        assert z["done"].tolist() == [False, False, True, True]
-    assert sorted(p.name for p in (entry / "rows").iterdir()) == ["row_00002.npz", "row_00003.npz"]
+        assert z["done"].tolist() == [False, False, False, True, True]  # θ_4 (the trained model) and θ_3 were done
+    assert sorted(p.name for p in (entry / "rows").iterdir()) == ["row_00003.npz", "row_00004.npz"]
 
     again = subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={tmp_path / 'b'}"], cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr
-    assert "train cache hit" in log and "2 of 4 snapshots already done" in log and "replay: 2 snapshots" in log
+    assert "train cache hit" in log and "2 of 5 snapshots already done" in log and "replay: 3 snapshots" in log
 
     # an uninterrupted run from scratch (it retrains too): the same seed gives the same bits
     uninterrupted = run(make_cfg(tmp_path / "c", "scoring.scores=[raw,cosine,loss]", cache=tmp_path / "cache2"))
