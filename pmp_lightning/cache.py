@@ -37,19 +37,28 @@ class CacheError(PMPError, RuntimeError):
     """A cache entry that does not match what it claims to hold."""
 
 
-def train_key_config(cfg: DictConfig) -> dict[str, Any]:
-    """The config that determines the trajectory (and so the snapshots and test accuracy)."""
+# data settings the content key covers better (they decide what is in the pool, the training and test sets, whose
+# bytes the key holds) or that belong to the replay (the downstream set) or to no stage (the known errors)
+NOT_TRAIN_KEYS = ("known_errors", "downstream_size", "downstream_includes_pool")
+
+
+def train_key_config(cfg: DictConfig, data_content: dict[str, str]) -> dict[str, Any]:
+    """What determines the trajectory (and so the snapshots and test accuracy): the training config and the content
+    of the training set, the pool and the test set (``PoolDataModule.content_key``), not only where they came from."""
     trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in COSMETIC_TRAINER_KEYS}
     keys = ("data", "noise", "model", "optimizer", "lr_schedule", "snapshot")
     config = {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}}
-    config["data"].pop("known_errors", None)  # what detection is measured against, not what is trained
+    for key in NOT_TRAIN_KEYS:
+        config["data"].pop(key, None)
+    config["data_content"] = data_content
     return config
 
 
-def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any]) -> dict[str, Any]:
-    """The replay settings, the objective J and the identity of the train entry replayed (a retrained entry gets a new one)."""
+def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any], downstream_content: str) -> dict[str, Any]:
+    """The replay settings, the objective J, the downstream set's content and the identity of the train entry
+    replayed (a retrained entry gets a new one)."""
     return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True),
-            "objective": OmegaConf.to_container(cfg.objective, resolve=True),
+            "objective": OmegaConf.to_container(cfg.objective, resolve=True), "downstream_content": downstream_content,
             "stats_format": 2}  # 2: stats.npz holds the trained model θ_T's statistics too
 
 

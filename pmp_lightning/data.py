@@ -11,6 +11,7 @@ pool's positions to the source split's own indices (the ``index`` column of ``sc
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +245,17 @@ class LabelNoise:
         return observed
 
 
+def content_digest(*tensors: torch.Tensor) -> str:
+    """A hash of the tensors' dtypes, shapes and bytes: what the caches key data by, so that changed data
+    (a file rewritten in place, a dataset that now yields other images) always recomputes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- datasets
 class IndexedDataset(Dataset):
     """In-memory ``(x, y, position)`` triples."""
@@ -424,6 +436,16 @@ class PoolDataModule(pl.LightningDataModule):
                 stacklevel=2,
             )
         return shared
+
+    def content_key(self) -> dict[str, str]:
+        """What the trajectory and its evaluation read, by content: the training set, the pool with its observed
+        labels, and the test set (the train cache key). The downstream set has a key of its own (the replay's)."""
+        return {"train": content_digest(self.train_set.x, self.train_set.y), "pool": content_digest(self.pool.x, self.pool.y),
+                "test": content_digest(self.test_set.x, self.test_set.y)}
+
+    def downstream_key(self) -> str:
+        """The downstream set that defines J, by content (the replay cache key)."""
+        return content_digest(self.downstream.x, self.downstream.y)
 
     @property
     def is_mislabeled(self) -> np.ndarray:

@@ -118,13 +118,14 @@ def run(cfg: DictConfig) -> dict:
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-        train_cache = StageCache(cfg.paths.cache_dir, "train", train_key_config(cfg))
+        data_content = datamodule.content_key()
+        train_cache = StageCache(cfg.paths.cache_dir, "train", train_key_config(cfg, data_content))
         with train_cache.locked() if lead else nullcontext():
             trained = _agree("train", train_cache.load(missing=_missing_snapshots) if lead else None)
             if trained is None:
                 result = _train(cfg, datamodule, logger, train_cache.start() if lead else train_cache.dir, timings, memory)
                 trained = _agree("trained", train_cache.commit(result) if lead else None)
-        replay_cache = StageCache(cfg.paths.cache_dir, "replay", replay_key_config(cfg, trained))
+        replay_cache = StageCache(cfg.paths.cache_dir, "replay", replay_key_config(cfg, trained, datamodule.downstream_key()))
         with replay_cache.locked() if lead else nullcontext():
             replayed = _agree("replay", replay_cache.load(missing=_missing_stats) if lead else None)
             if replayed is None:
@@ -142,7 +143,7 @@ def run(cfg: DictConfig) -> dict:
         scores = compute_scores(score_names(cfg.scoring), stats)
         cleanlab = None
         if cfg.baselines.cleanlab:
-            scores["cleanlab"], cleanlab = _cleanlab(cfg, datamodule, final_probs, timings, memory)
+            scores["cleanlab"], cleanlab = _cleanlab(cfg, datamodule, data_content, final_probs, timings, memory)
             cost["cleanlab"] = cleanlab["seconds"]
 
         with _stage(timings, memory, "score"):
@@ -262,11 +263,12 @@ def _final_probs(cfg: DictConfig, snapshot_dir: Path, datamodule) -> np.ndarray:
     return predict_proba(net, datamodule.pool.x)
 
 
-def _cleanlab(cfg: DictConfig, datamodule, final_probs: np.ndarray, timings: dict, memory: dict) -> tuple[np.ndarray, dict]:
+def _cleanlab(cfg: DictConfig, datamodule, data_content: dict, final_probs: np.ndarray, timings: dict,
+             memory: dict) -> tuple[np.ndarray, dict]:
     """cleanlab's score from out-of-sample probabilities: K-fold cross-validation (cached) for pool=train,
     the final model's for a held-out pool. Returns the score and what goes under ``cleanlab`` in metrics.json."""
     if datamodule.pool_mode == "train":
-        cache = StageCache(cfg.paths.cache_dir, "crossval", crossval_key_config(cfg))
+        cache = StageCache(cfg.paths.cache_dir, "crossval", crossval_key_config(cfg, data_content))
         with cache.locked():
             done = cache.load(missing=_missing_probs)
             if done is None:

@@ -86,3 +86,28 @@ def test_a_job_waiting_for_the_lock_says_for_whom(tmp_path, caplog):
     holder.wait(timeout=30)
     assert f"waiting for pid {holder.pid} on " in caplog.text and "which is computing" in caplog.text
     assert "released, going on" in caplog.text
+
+
+def test_a_data_file_rewritten_in_place_is_trained_and_scored_afresh(tmp_path):
+    """The cache keys the data by content: the same path with shuffled labels is not a cache hit."""
+    import csv
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.images[:400].reshape(400, 1, 8, 8) / 16.0, digits.target[:400]
+    path = tmp_path / "mut.npz"
+    np.savez(path, x=x, y=y)
+    args = ("data=tensors", f"data.source.path={path}", "model.in_features=64", "data.pool_size=null",
+            "data.test_size=100", "data.downstream_size=50", "trainer.max_epochs=2", "scoring.scores=[loss]")
+    first = run(make_cfg(tmp_path / "a", *args, cache=tmp_path / "cache"))
+    assert first["cache"]["computed"] == ["train", "replay"]
+    shuffled = np.random.default_rng(0).permutation(y)
+    np.savez(path, x=x, y=shuffled)  # same path, same size, labels shuffled
+    second = run(make_cfg(tmp_path / "b", *args, cache=tmp_path / "cache"))
+    assert second["cache"]["computed"] == ["train", "replay"] and second["cache"]["train"] != first["cache"]["train"]
+    rows = list(csv.DictReader((tmp_path / "b" / "scores.csv").open()))
+    assert all(int(r["true_label"]) == shuffled[int(r["index"])] for r in rows)  # labels of the file as it is now
+    third = run(make_cfg(tmp_path / "c", *args, cache=tmp_path / "cache"))  # unchanged since: a hit
+    assert third["cache"]["computed"] == [] and third["detection"] == second["detection"]
