@@ -6,10 +6,10 @@ Also runs by itself at the end of every multirun (``CompareCallback`` in ``conf/
 A *setting* is a job's overrides minus ``scoring`` and ``seed``; seeds are averaged. Writes into the
 sweep directory:
 
-- ``comparison.md`` / ``comparison.csv``: score × setting, mean ± std over seeds of AUROC, AP, precision@k
+- ``comparison.md`` / ``comparison.csv``: score × setting, mean ± sample std over seeds of AUROC, AP, precision@k
 - ``ap_per_score.png``: AP per score with error bars, one bar per setting
 - ``pr_curves.png``: precision–recall curves of every score, one panel per setting (first seed)
-- ``score_histograms_<setting>.png``: clean vs mislabeled score histograms, one figure per setting (first seed)
+- ``score_histograms_<setting>_<hash>.png``: clean vs mislabeled score histograms, one figure per setting (first seed)
 - ``lambda_norms.png``: ‖λ_t‖ per snapshot, one line per curvature mode
 - ``saturation.png``: per snapshot, the share of the downstream set that carries ∇J (participation ratio)
   beside the detection AUROC of that snapshot's contribution c_t: where J saturates, detection fails
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,6 +45,7 @@ AVERAGED = ("scoring", "seed")  # override keys that do not define a setting
 NOT_A_SETTING = ("paths.", "hydra.", "trainer.enable_progress_bar")  # where outputs go, not what is computed
 TABLE_METRICS = ("auroc", "ap", "precision_at_k")
 N_SUSPECTS = 32
+PANELS_PER_ROW = 4
 
 
 class Job:
@@ -103,7 +106,7 @@ def summarise(jobs: list[Job]) -> tuple[list[dict], list[str]]:
         row = {"score": score, "setting": setting, "seeds": len(by_seed)}
         for m in TABLE_METRICS:
             row[f"{m}_mean"] = float(np.mean([r[m] for r in by_seed.values()]))
-            row[f"{m}_std"] = float(np.std([r[m] for r in by_seed.values()]))
+            row[f"{m}_std"] = sample_std([r[m] for r in by_seed.values()])
         rows.append(row)
     return sorted(rows, key=lambda r: (r["setting"], -r["ap_mean"])), sorted(duplicates)
 
@@ -132,8 +135,18 @@ def saturation_lines(jobs: list[Job]) -> list[str]:
     return lines
 
 
+def sample_std(values: list[float]) -> float:
+    """The sample standard deviation over seeds (n − 1 in the denominator); NaN for a single seed, which has none."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def mean_std(mean: float, std: float) -> str:
+    """``0.725 ± 0.036``, or ``0.725 ± n/a`` when there is one seed."""
+    return f"{mean:.3f} ± " + ("n/a" if np.isnan(std) else f"{std:.3f}")
+
+
 def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+    return mean_std(float(np.mean(values)), sample_std(values))
 
 
 def selection_lines(jobs: list[Job]) -> list[str]:
@@ -183,15 +196,15 @@ def write_tables(rows: list[dict], common: list[str], out: Path, unfinished: lis
     writer.writeheader()
     writer.writerows(rows)
     save_text(out / "comparison.csv", buf.getvalue())
-    lines = [f"Overrides shared by every job: `{' '.join(common) or '(none)'}`. Mean ± std over seeds; "
-             f"low score = suspect.", "",
+    lines = [f"Overrides shared by every job: `{' '.join(common) or '(none)'}`. Mean ± sample std over seeds "
+             f"(n/a for one seed); low score = suspect.", "",
              "| setting | score | seeds | AUROC | AP | precision@k |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     if unfinished:
         lines[1:1] = ["", f"Left out, unfinished (no metrics.json): jobs {', '.join(unfinished)}."]
     if duplicates:
         lines[1:1] = ["", f"Duplicate jobs (same setting, seed and score; counted once): {'; '.join(duplicates)}."]
     for r in rows:
-        cells = " | ".join(f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in TABLE_METRICS)
+        cells = " | ".join(mean_std(r[f"{m}_mean"], r[f"{m}_std"]) for m in TABLE_METRICS)
         lines.append(f"| {r['setting']} | {r['score']} | {r['seeds']} | {cells} |")
     lines += saturation_lines(jobs) + selection_lines(jobs) + cost_lines(jobs)
     save_text(out / "comparison.md", "\n".join(lines) + "\n")
@@ -212,7 +225,8 @@ def plot_ap(rows: list[dict], out: Path) -> None:
     for i, setting in enumerate(settings):
         x = [j + i * width for j, s in enumerate(scores) if (s, setting) in lookup]
         r = [lookup[(s, setting)] for s in scores if (s, setting) in lookup]
-        ax.bar(x, [v["ap_mean"] for v in r], width, yerr=[v["ap_std"] for v in r], capsize=2, label=setting)
+        ax.bar(x, [v["ap_mean"] for v in r], width, yerr=[np.nan_to_num(v["ap_std"]) for v in r], capsize=2,
+               label=wrapped(setting))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))], scores, rotation=60, ha="right")
     ax.set_ylabel("average precision (mean ± std over seeds)")
     ax.set_title("Detection of mislabeled examples")
@@ -251,20 +265,33 @@ def score_styles(names) -> dict[str, dict]:
 
 
 def slug(setting: str) -> str:
-    """A file-name-safe form of a setting (``objective=ce pool=holdout`` -> ``objective-ce_pool-holdout``)."""
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in setting.replace("=", "-").replace(" ", "_"))[:80]
+    """A file-name part for a setting, unique per setting: a readable prefix and a short hash of the whole setting
+    (``objective=ce pool=holdout`` -> ``objective-ce_pool-holdout_1f2e3d4c``), so settings sharing a long prefix
+    never overwrite each other's files."""
+    readable = "".join(c if c.isalnum() or c in "-." else "_" for c in setting.replace("=", "-").replace(" ", "_"))[:60]
+    return f"{readable}_{hashlib.sha1(setting.encode()).hexdigest()[:8]}"
+
+
+def wrapped(text: str, width: int = 60) -> str:
+    """A title or legend entry on as many lines as it needs: never cut short, so every setting can be told apart."""
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
 
 
 def plot_pr_curves(merged, out: Path) -> None:
+    """One panel per setting, at most ``PANELS_PER_ROW`` to a row: many settings wrap into a grid a person can read."""
     styles = score_styles({name for scores, *_ in merged.values() for name in scores})
-    fig, axes = plt.subplots(1, len(merged), figsize=(4.5 * len(merged) + 2, 4), squeeze=False)
-    for ax, (setting, (scores, mask, _, job)) in zip(axes[0], merged.items()):
+    cols = min(PANELS_PER_ROW, len(merged))
+    rows = -(-len(merged) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols + 2, 4.2 * rows), squeeze=False)
+    for ax, (setting, (scores, mask, _, job)) in zip(axes.flat, merged.items()):
         for name, s in scores.items():
             precision, recall, _ = precision_recall_curve(mask, -s)
             ax.plot(recall, precision, label=name, lw=1.2, **styles[name])
         ax.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02))
-        ax.set_title(f"{setting[:60]} (seed {job.seed})", fontsize=8)
-    handles, labels = axes[0, -1].get_legend_handles_labels()
+        ax.set_title(wrapped(f"{setting} (seed {job.seed})", 50), fontsize=8)
+    for ax in list(axes.flat)[len(merged):]:
+        ax.axis("off")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95), title="score (solid: PMP)")
     fig.tight_layout()
     _save(fig, out / "pr_curves.png")
@@ -285,7 +312,7 @@ def plot_histograms(merged, out: Path) -> None:
         for ax in list(axes.flat)[len(scores):]:
             ax.axis("off")
         axes[0, 0].legend(fontsize=7)
-        fig.suptitle(f"score histograms: {setting[:80]} (seed {job.seed})", fontsize=9)
+        fig.suptitle(wrapped(f"score histograms: {setting} (seed {job.seed})", 90), fontsize=9)
         _save(fig, out / f"score_histograms_{slug(setting)}.png")
 
 
@@ -294,7 +321,7 @@ def plot_lambda_norms(jobs: list[Job], out: Path) -> None:
     for setting, job in first_job_per_setting(jobs).items():
         norms = job.metrics["costate"]["lambda_norms"]
         ax.semilogy(range(1, len(norms) + 1), norms, marker="o",
-                    label=f"{job.metrics['costate']['mode']}: {setting[:50]} (seed {job.seed})")
+                    label=wrapped(f"{job.metrics['costate']['mode']}: {setting} (seed {job.seed})"))
     ax.set(xlabel="snapshot t (λ_t, t = 1..T)", ylabel="‖λ_t‖", title="costate norm per snapshot")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=6)
@@ -307,7 +334,7 @@ def plot_saturation(jobs: list[Job], out: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for setting, job in first_job_per_setting(jobs).items():
         costate = job.metrics["costate"]
-        label = f"{setting[:50]} (seed {job.seed})"
+        label = wrapped(f"{setting} (seed {job.seed})")
         share = costate.get("participation", [])
         left.plot(range(1, len(share) + 1), share, marker="o", label=label)
         auroc = costate.get("contribution_auroc", [])
@@ -355,7 +382,7 @@ def plot_suspects(merged, out: Path) -> None:
         order = np.argsort(s, kind="stable")[:N_SUSPECTS]
         titles = [f"obs {int(datamodule.observed_labels[i])} / true {int(datamodule.true_labels[i])}" for i in order]
         suspect_grid(datamodule.pool.x[order], titles, mask[order],
-                     f"{name}: {N_SUSPECTS} most suspected (red = mislabeled); {setting[:60]}, seed {job.seed}",
+                     wrapped(f"{name}: {N_SUSPECTS} most suspected (red = mislabeled); {setting}, seed {job.seed}", 110),
                      out / f"suspects_{name}.png")
 
 

@@ -157,7 +157,52 @@ def test_the_report_has_selection_accuracies_and_costs_over_seeds(tmp_path):
         (tmp_path / str(seed) / "metrics.json").write_text(json.dumps(metrics))
     jobs = find_jobs(tmp_path)
     report = "\n".join(selection_lines(jobs) + cost_lines(jobs))
-    assert "all kept 0.705 ± 0.005, oracle (exactly the mislabeled removed) 0.900 ± 0.000" in report
+    assert "all kept 0.705 ± 0.007, oracle (exactly the mislabeled removed) 0.900 ± 0.000" in report  # sample std
     assert "| removed | cosine | cleanlab | random |" in report
-    assert "| 30% | 0.820 ± 0.020 | 0.720 ± 0.020 | 0.600 ± 0.000 |" in report
+    assert "| 30% | 0.820 ± 0.028 | 0.720 ± 0.028 | 0.600 ± 0.000 |" in report
     assert "| setting | train | replay | cleanlab |" in report and "| all jobs | 10 | 110 | 550 |" in report
+
+
+def test_settings_sharing_a_long_prefix_keep_their_own_plots(tmp_path, monkeypatch):
+    """Twelve settings whose names agree for their first 80 characters: twelve histogram files, titles that name each
+    setting in full, and the precision-recall panels wrapped into a grid of at most four columns."""
+    import numpy as np
+
+    from pmp_lightning import compare
+
+    figures = {}
+    monkeypatch.setattr(compare, "_save", lambda fig, path: figures.__setitem__(path.name, fig))
+    prefix = "data.source.root=../shared/data data.pool_size=4000 objective=tempered_ce replay.curvature=expm"
+    settings = [f"{prefix} objective.temperature={t}" for t in range(12)]
+    rng = np.random.default_rng(0)
+    mask = rng.random(40) < 0.3
+    job = type("J", (), {"seed": "0"})()
+    merged = {s: ({"raw": rng.random(40), "loss": rng.random(40)}, mask, np.arange(40), job) for s in settings}
+    compare.plot_histograms(merged, tmp_path)
+    histograms = [name for name in figures if name.startswith("score_histograms_")]
+    assert len(histograms) == 12
+    for s in settings:
+        title = figures[f"score_histograms_{compare.slug(s)}.png"].get_suptitle().replace("\n", " ")
+        assert f"objective.temperature={s.rsplit('=', 1)[1]} (seed 0)" in title
+    compare.plot_pr_curves(merged, tmp_path)
+    pr = figures["pr_curves.png"]
+    width, height = pr.get_size_inches()
+    assert width <= 4.5 * 4 + 2 and height >= 3 * 4  # 4 columns, 3 rows
+    titles = [ax.get_title().replace("\n", " ") for ax in pr.axes if ax.get_title()]
+    assert len(set(titles)) == 12 and all(t.startswith(prefix[:40]) for t in titles)
+
+
+def test_the_spread_over_seeds_is_the_sample_std_and_one_seed_has_none(tmp_path):
+    from pmp_lightning.compare import find_jobs, summarise, write_tables
+
+    _fake_job(tmp_path / "a", seed=0, ap=0.7252)
+    _fake_job(tmp_path / "b", seed=1, ap=0.6743)
+    _fake_job(tmp_path / "c", seed=0, ap=0.5, overrides=("+experiment=noisy_mnist", "pool=holdout"))
+    jobs = find_jobs(tmp_path)
+    rows, duplicates = summarise(jobs)
+    two = next(r for r in rows if r["seeds"] == 2)
+    assert two["ap_std"] == pytest.approx(0.0360, abs=1e-4)  # not the population std, 0.0255
+    write_tables(rows, [], tmp_path, [], jobs, duplicates)
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| 2 | 0.700 ± 0.036 | 0.700 ± 0.036 | 0.700 ± 0.036 |" in table
+    assert "| 1 | 0.500 ± n/a | 0.500 ± n/a | 0.500 ± n/a |" in table
