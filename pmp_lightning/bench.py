@@ -151,16 +151,17 @@ def peak_memory_mib(method: str, args) -> tuple[float, float] | None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cnn", choices=sorted(MODELS))
-    parser.add_argument("--examples", type=int, default=256)
+    parser = argparse.ArgumentParser(prog="python -m pmp_lightning.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cnn", choices=sorted(MODELS), help="the network to time (default: the reported CNN)")
+    parser.add_argument("--examples", type=int, default=256, help="examples every method processes (default 256)")
     parser.add_argument("--chunk", type=int, default=None,
                         help="examples per batch for the batched methods (default: the replay's, 64 on CPU and 1024 on GPU)")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds (each method once per round)")
     parser.add_argument("--load", type=int, default=0, help="extra processes doing matrix products during the timing")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per method (default 1: ratios that hold on a busy machine; 0: torch's default)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when there is a GPU)")
     parser.add_argument("--skip", nargs="*", default=[], choices=METHODS, help="methods to leave out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     args = parser.parse_args(argv)

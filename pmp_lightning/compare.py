@@ -64,7 +64,7 @@ class Job:
     def scores(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Per-example scores, the mislabeled mask and the source indices, from scores.csv."""
         rows = list(csv.DictReader((self.path / "scores.csv").open()))
-        names = [k for k in rows[0] if k not in ("index", "true_label", "observed_label", "is_mislabeled")]
+        names = [k for k in rows[0] if k not in ("index", "true_label", "observed_label", "is_mislabeled", "known_error")]
         scores = {n: np.array([float(r[n]) for r in rows]) for n in names}
         return scores, np.array([r["is_mislabeled"] == "1" for r in rows]), np.array([int(r["index"]) for r in rows])
 
@@ -420,7 +420,7 @@ class CompareCallback(Callback):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write the comparison report of a Hydra multirun directory.")
+    parser = argparse.ArgumentParser(prog="python -m pmp_lightning.compare", description="Write the comparison report of a Hydra multirun directory.")
     parser.add_argument("sweep_dir", type=Path)
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():

@@ -17,7 +17,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from pmp_lightning.errors import ReplayConfigError
+from pmp_lightning.errors import ReplayConfigError, SettingError
 from pmp_lightning.scores import PMP_VARIANTS, SCORES
 
 ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
@@ -80,8 +80,14 @@ _NUMBERS = (
 )
 
 
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit
+
+
 def check_settings(cfg) -> None:
     """Refuse a numeric setting that cannot work before anything is loaded or trained, naming it."""
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise SettingError(f"seed={seed!r}: it must be an integer from 0 to {MAX_SEED}, e.g. seed=0")
     for key, least, nullable, example in _NUMBERS:
         section, name = key.split(".")
         value = cfg[section].get(name)

@@ -29,7 +29,8 @@ NUM_CLASSES = 10
 # --------------------------------------------------------------------------- sources
 @dataclass
 class Images:
-    """Inputs as a float tensor (N, ...) (images: (N, C, H, W), MNIST's in [0, 1]) and integer labels (N,)."""
+    """Inputs (N, ...) and integer labels (N,). Floating inputs are float32 (images: (N, C, H, W), MNIST's in
+    [0, 1]); integer inputs (token ids for an embedding model) stay integers (int64)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -48,7 +49,10 @@ class Images:
                                   f"for {len(y)} labels")
         if len(y) and int(y.min()) < 0:
             raise DataConfigError(f"{what}: labels must be class numbers 0..K-1, found {int(y.min())}")
-        return cls(x.float(), y.long())
+        if x.is_complex():
+            raise DataConfigError(f"{what}: the inputs are complex ({x.dtype}); give real numbers, or integers for token ids")
+        integral = not x.is_floating_point() and x.dtype != torch.bool
+        return cls(x.long() if integral else x.float(), y.long())
 
 
 class MlxtendMNIST:
@@ -104,14 +108,20 @@ class TensorSource:
     """Your own labelled tensors: a file written by ``torch.save`` (``.pt``) or ``numpy.savez`` (``.npz``)
     holding ``x`` (N, ...) and integer labels ``y`` (N,), optionally a test split ``x_test``, ``y_test``.
 
-    Classes are 0..K-1, with K the largest label + 1 unless the file holds ``num_classes``.
+    Classes are 0..K-1, with K the largest label + 1 unless the file holds ``num_classes``. Floating inputs are
+    taken as they are (images belong in [0, 1]); integer inputs stay integers (token ids). ``scale`` divides the
+    inputs by a number and makes them floats: ``scale=255`` turns 8-bit images (uint8, 0–255) into [0, 1].
     """
 
     name = "tensors"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, scale: float | None = None):
         self.path = Path(path)
         self.num_classes: int | None = None
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+            raise DataConfigError(f"data.source.scale={scale!r}: give the positive number to divide the inputs by "
+                                  f"(255 for 8-bit images), or null")
+        self.scale = scale
 
     def load(self) -> tuple[Images, Images | None]:
         if not self.path.is_file():
@@ -134,6 +144,10 @@ class TensorSource:
             self.num_classes = int(content["num_classes"])
         main = Images.checked(content["x"], content["y"], str(self.path))
         test = Images.checked(content["x_test"], content["y_test"], f"{self.path} (test split)") if "x_test" in content else None
+        if self.scale is not None:
+            for split in (main, test):
+                if split is not None:
+                    split.x = split.x.float() / self.scale
         return main, test
 
 
@@ -142,8 +156,8 @@ class DatasetSource:
 
     ``train`` (and ``test``, optional) are built by Hydra from their ``_target_`` (e.g.
     ``torchvision.datasets.CIFAR10``). Inputs may be tensors, arrays or PIL images; PIL images become
-    float tensors in [0, 1] (``torchvision.transforms.functional.to_tensor``). K is ``len(train.classes)``
-    when the dataset has ``classes``, else the largest label + 1.
+    float tensors in [0, 1] (``torchvision.transforms.functional.to_tensor``), integer arrays stay integers
+    (token ids). K is ``len(train.classes)`` when the dataset has ``classes``, else the largest label + 1.
     """
 
     name = "dataset"
@@ -164,7 +178,7 @@ class DatasetSource:
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise DataConfigError(f"{what} item {i} is a {type(item).__name__}; a torchvision-style dataset yields (input, label)")
             x, y = item[0], item[1]
-            xs.append(to_tensor(x) if isinstance(x, Image.Image) else torch.as_tensor(np.asarray(x), dtype=torch.float32))
+            xs.append(to_tensor(x) if isinstance(x, Image.Image) else torch.as_tensor(np.asarray(x)))
             ys.append(int(y))
         if len({tuple(x.shape) for x in xs}) > 1:
             raise DataConfigError(f"{what} holds inputs of several shapes; give it a transform that makes them one size")
@@ -175,30 +189,78 @@ class DatasetSource:
         return main, self._as_images(self.test, "data.source.test") if self.test is not None else None
 
 
-def read_known_errors(path: str | Path) -> np.ndarray:
-    """Source indices listed in a known-errors file: integers separated by newlines, commas or spaces
-    (``#`` starts a comment), or a CSV file whose header has an ``index`` column."""
+def check_source(main: Images, test: Images | None, declared_classes: int | None) -> int:
+    """Inputs and labels that would train badly or be scored wrongly fail here, before any work, naming the fix;
+    returns K, the number of classes (the source's own count, else the largest label + 1)."""
+    for split, name in ((main, "the data source"), (test, "the data source's test split")):
+        if split is None or not split.x.is_floating_point() or not len(split):
+            continue
+        bad = ~torch.isfinite(split.x.reshape(len(split), -1)).all(1)
+        if bad.any():
+            first = torch.nonzero(bad).flatten()[:5].tolist()
+            raise DataConfigError(f"data: {int(bad.sum())} inputs of {name} hold NaN or inf (source indices {first}"
+                                  f"{' …' if int(bad.sum()) > 5 else ''}); repair them (e.g. torch.nan_to_num) or drop those "
+                                  f"examples before training")
+    labels = main.y if test is None else torch.cat([main.y, test.y])
+    low, high = int(labels.min()), int(labels.max())
+    if declared_classes is None and low > 0:
+        raise DataConfigError(f"data: the labels run from {low} to {high}, but classes are numbered from 0, so class(es) "
+                              f"0..{low - 1} would have no example and noise would flip labels into them; relabel from 0 "
+                              f"(save y - {low}), or, if those classes exist but none of them is in this data, store "
+                              f"num_classes in the file")
+    classes = declared_classes or high + 1
+    if high >= classes:
+        raise DataConfigError(f"data: label {high} is not one of the {classes} classes the source declares (0..{classes - 1}); "
+                              f"fix the labels or the declared num_classes")
+    x = main.x
+    if x.is_floating_point() and len(x) and float(x.min()) >= 0 and 1.5 < float(x.max()) <= 255 and bool((x == x.round()).all()):
+        warnings.warn(f"data: the inputs are whole numbers from {float(x.min()):g} to {float(x.max()):g} stored as floats, "
+                      f"as 8-bit images are; networks train badly on that range (the built-in image sources give [0, 1]). "
+                      f"If they are images, set data.source.scale=255 (data=tensors) or divide them by 255 when saving",
+                      stacklevel=3)
+    return classes
+
+
+MAX_INDEX = 2**62  # far beyond any data set; a larger "index" is a typo or a different column
+
+
+def read_known_errors(path: str | Path) -> tuple[np.ndarray, int]:
+    """The distinct source indices listed in a known-errors file and how many entries listed them: integers
+    separated by newlines, commas or spaces (``#`` starts a comment), or a CSV file whose header has an ``index``
+    column. An index listed more than once counts once, with a warning that names the repeats."""
     path = Path(path)
     if not path.is_file():
         raise DataConfigError(f"data.known_errors={str(path)!r} is not a file (resolved to {path.resolve()}); give a file of "
                               f"known-wrong source indices, one per line")
-    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
-    lines = [line for line in lines if line]
-    if lines and "index" in [c.strip() for c in lines[0].split(",")]:
-        column = [c.strip() for c in lines[0].split(",")].index("index")
-        tokens = [(n + 2, line.split(",")[column].strip()) for n, line in enumerate(lines[1:])]
+    lines = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(path.read_text().splitlines(), start=1)]
+    lines = [(n, line) for n, line in lines if line]
+    header = [c.strip() for c in lines[0][1].split(",")] if lines else []
+    if "index" in header:
+        column = header.index("index")
+        tokens = [(n, line.split(",")[column].strip() if len(line.split(",")) > column else "") for n, line in lines[1:]]
     else:
-        tokens = [(n + 1, tok) for n, line in enumerate(lines) for tok in line.replace(",", " ").split()]
-    indices = []
+        tokens = [(n, tok) for n, line in lines for tok in line.replace(",", " ").split()]
+    seen: dict[int, list[int]] = {}
     for line_no, tok in tokens:
         try:
             value = int(tok)
         except ValueError:
-            raise DataConfigError(f"data.known_errors: {path} line {line_no} holds {tok!r}, not a source index") from None
+            hint = (" (a CSV file needs a column named 'index' in its header line, e.g. 'index,note'; a plain file holds "
+                    "integers separated by newlines, commas or spaces)" if line_no == lines[0][0] and "," in lines[0][1] else "")
+            raise DataConfigError(f"data.known_errors: {path} line {line_no} holds {tok!r}, not a source index{hint}") from None
         if value < 0:
             raise DataConfigError(f"data.known_errors: {path} line {line_no} holds {value}; source indices are ≥ 0")
-        indices.append(value)
-    return np.unique(np.array(indices, dtype=np.int64))
+        if value > MAX_INDEX:
+            raise DataConfigError(f"data.known_errors: {path} line {line_no} holds {value}, beyond any data set's size; source "
+                                  f"indices are positions 0..N-1 in the source (fix that line)")
+        seen.setdefault(value, []).append(line_no)
+    repeats = {i: where for i, where in seen.items() if len(where) > 1}
+    if repeats:
+        named = "; ".join(f"{i} on lines {', '.join(map(str, where))}" for i, where in list(repeats.items())[:5])
+        warnings.warn(f"data.known_errors: {path} lists {sum(len(w) - 1 for w in repeats.values())} duplicate entries "
+                      f"({named}{' …' if len(repeats) > 5 else ''}); each index counts once: {len(seen)} distinct of "
+                      f"{len(tokens)} listed", stacklevel=2)
+    return np.array(sorted(seen), dtype=np.int64), len(tokens)
 
 
 # --------------------------------------------------------------------------- noise
@@ -206,7 +268,8 @@ class LabelNoise:
     """Corrupts exactly ``round(rate * N)`` labels, chosen uniformly at random.
 
     ``symmetric``: the new label is uniform over the other classes; ``pairflip``: c -> c+1 mod K;
-    ``none``: labels are left alone (rate must be 0).
+    ``none``: labels are left alone (rate must be 0). ``classes`` (sorted) limits the new labels to the classes
+    that some example truly has: with class 3 absent, pairflip sends 2 to 4 and symmetric never draws 3.
     """
 
     KINDS = ("symmetric", "pairflip", "none")
@@ -228,20 +291,23 @@ class LabelNoise:
             raise DataConfigError(f"noise=none corrupts nothing but noise.rate={rate}; drop the rate or pick noise=symmetric")
         self.kind, self.rate, self.seed = kind, float(rate), int(seed)
 
-    def __call__(self, labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-        if num_classes < 2 and self.kind != "none":
-            raise DataConfigError(f"noise={self.kind} needs at least 2 classes, the data has {num_classes}")
+    def __call__(self, labels: torch.Tensor, num_classes: int = NUM_CLASSES, classes: torch.Tensor | None = None) -> torch.Tensor:
+        classes = torch.arange(num_classes) if classes is None else classes
+        if len(classes) < 2 and self.kind != "none":
+            raise DataConfigError(f"noise={self.kind} needs at least 2 classes, the data has {len(classes)}")
         observed = labels.clone()
         n_flip = int(round(self.rate * len(labels))) if self.kind != "none" else 0
         if n_flip == 0:
             return observed
         gen = torch.Generator().manual_seed(self.seed)
         flip = torch.randperm(len(labels), generator=gen)[:n_flip]
+        k = len(classes)
+        position = torch.searchsorted(classes, labels[flip])  # the label's place among the classes that exist
         if self.kind == "pairflip":
-            observed[flip] = (labels[flip] + 1) % num_classes
-        else:  # a uniform draw over the K-1 other classes
-            shift = torch.randint(1, num_classes, (n_flip,), generator=gen)
-            observed[flip] = (labels[flip] + shift) % num_classes
+            observed[flip] = classes[(position + 1) % k]
+        else:  # a uniform draw over the k-1 other classes
+            shift = torch.randint(1, k, (n_flip,), generator=gen)
+            observed[flip] = classes[(position + shift) % k]
         return observed
 
 
@@ -270,7 +336,8 @@ class IndexedDataset(Dataset):
         return self.x[i], self.y[i], i
 
     def to(self, dtype: torch.dtype) -> "IndexedDataset":
-        return IndexedDataset(self.x.to(dtype), self.y)
+        """The same examples with floating inputs in ``dtype``; integer inputs (token ids) stay integers."""
+        return IndexedDataset(self.x.to(dtype) if self.x.is_floating_point() else self.x, self.y)
 
 
 class _Draw:
@@ -355,6 +422,7 @@ class PoolDataModule(pl.LightningDataModule):
         if self._ready:
             return
         main, test_split = self.source.load()
+        self.num_classes = check_source(main, test_split, getattr(self.source, "num_classes", None))
         gen = torch.Generator().manual_seed(self.split_seed)
         train_draw = _Draw(main, gen, "the training source")
         test_draw = _Draw(test_split, gen, "the test split") if test_split is not None else None
@@ -388,21 +456,30 @@ class PoolDataModule(pl.LightningDataModule):
             else:
                 pool_idx = train_idx = train_draw.take(self.pool_size, "pool (data.pool_size)")
 
-        self.num_classes = getattr(self.source, "num_classes", None) or int(
-            max(main.y.max(), test_split.y.max() if test_split is not None else 0)) + 1
         self.pool_index = pool_idx.numpy()
         self.true_labels = pool_src.y[pool_idx].clone()
-        self.observed_labels = self.noise(self.true_labels, self.num_classes)
-        self.known_error_mask = self._known_errors(len(pool_src))
-        self.pool = IndexedDataset(pool_src.x[pool_idx], self.observed_labels)
-        self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(main.x[train_idx], main.y[train_idx])
         if len(self.true_labels.unique()) < 2:
             raise DataConfigError(
                 f"the pool holds a single class ({int(self.true_labels[0])}) in its {len(self.true_labels)} examples: "
                 f"label noise and detection need several classes; raise data.pool_size"
             )
+        self.observed_labels = self.noise(self.true_labels, self.num_classes, self._noise_classes(main.y[train_idx]))
+        self.known_error_mask = self._known_errors(len(pool_src))
+        self.pool = IndexedDataset(pool_src.x[pool_idx], self.observed_labels)
+        self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(main.x[train_idx], main.y[train_idx])
         self.check_overlap()
         self._ready = True
+
+    def _noise_classes(self, train_labels: torch.Tensor) -> torch.Tensor:
+        """The classes label noise may flip into: those some pool or training example truly has. A pool that lacks
+        a class of the K is worth a word: K comes from the data, and the model keeps K outputs."""
+        in_pool = torch.unique(self.true_labels)
+        if len(in_pool) < self.num_classes and self.noise.rate > 0:
+            missing = sorted(set(range(self.num_classes)) - set(in_pool.tolist()))
+            warnings.warn(f"the pool holds no example of class(es) {missing[:10]}{' …' if len(missing) > 10 else ''} "
+                          f"of the data's {self.num_classes}: label noise flips labels only into classes that some pool "
+                          f"or training example truly has, and the model keeps {self.num_classes} outputs", stacklevel=3)
+        return torch.unique(torch.cat([in_pool, train_labels]))
 
     def _known_errors(self, source_size: int) -> np.ndarray:
         """The pool positions listed in ``known_errors`` (all False without a file); warns about the rest."""
@@ -410,10 +487,11 @@ class PoolDataModule(pl.LightningDataModule):
         if self.known_errors is None:
             self.known_error_counts = None
             return mask
-        listed = read_known_errors(self.known_errors)
+        listed, entries = read_known_errors(self.known_errors)
         mask = np.isin(self.pool_index, listed)
         skipped = len(listed) - int(mask.sum())
-        self.known_error_counts = {"listed": len(listed), "in_pool": int(mask.sum()), "skipped": skipped}
+        self.known_error_counts = {"listed": len(listed), "in_pool": int(mask.sum()), "skipped": skipped,
+                                   "duplicates": entries - len(listed)}
         if skipped:
             beyond = int((listed >= source_size).sum())
             warnings.warn(

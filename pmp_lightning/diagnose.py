@@ -91,12 +91,20 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pmp_lightning.diagnose", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/<run>, or a sweep's job directory)")
     parser.add_argument("--snapshot", type=int, default=-1, help="snapshot index t (default: the last, θ_T)")
     args = parser.parse_args(argv)
-    if not (args.run_dir / ".hydra" / "config.yaml").is_file() or not (args.run_dir / "snapshots").exists():
+    snapshots = args.run_dir / "snapshots"
+    if snapshots.is_symlink() and not snapshots.exists():
+        parser.exit(2, f"diagnose: {snapshots} points at the train cache entry {snapshots.readlink()}, which no longer "
+                       f"exists (deleted?); run the run's command again (its config: {args.run_dir / '.hydra'}) to recompute it\n")
+    if not (args.run_dir / ".hydra" / "config.yaml").is_file() or not snapshots.exists():
         parser.exit(2, f"diagnose: {args.run_dir} is not a finished run directory (it needs .hydra/config.yaml and snapshots/)\n")
+    count = len(load_manifest(snapshots)["snapshots"])
+    if not -count <= args.snapshot < count:
+        parser.exit(2, f"diagnose: --snapshot {args.snapshot} is not a snapshot of this run, which has θ_0 … θ_{count - 1}; "
+                       f"give 0 to {count - 1}, or -1 for the last\n")
     print(format_report(diagnose(args.run_dir, args.snapshot)))
 
 

@@ -8,6 +8,10 @@ class PMPError(Exception):
     """Base class of the project's user-facing errors."""
 
 
+class SettingError(PMPError, ValueError):
+    """A run setting that cannot work (the seed, say), refused before any work."""
+
+
 class DataConfigError(PMPError, ValueError):
     """A data, noise or split setting that cannot work."""
 

@@ -248,12 +248,30 @@ def _check_model_fits(cfg: DictConfig, datamodule) -> None:
         with torch.no_grad():
             logits = net(x)
     except Exception as err:  # shape errors come from deep inside torch, in many types
-        raise DataConfigError(f"model ({target}) cannot take the data's inputs of shape {tuple(x.shape[1:])}: "
-                              f"{str(err).splitlines()[0]}. Build the model for that input size (e.g. model.in_features="
-                              f"{int(np.prod(x.shape[1:]))} for an MLP) or pick another model=...") from err
+        raise DataConfigError(f"model ({target}) cannot take the data's inputs of shape {tuple(x.shape[1:])} ({x.dtype}): "
+                              f"{str(err).splitlines()[0]}. {_input_advice(net, datamodule.pool.x)}") from err
     if logits.dim() != 2 or logits.shape[1] < datamodule.num_classes:
         raise DataConfigError(f"model ({target}) gives outputs of shape {tuple(logits.shape[1:])} per example, but the labels "
                               f"have {datamodule.num_classes} classes; set model.num_classes={datamodule.num_classes}")
+
+
+def _input_advice(net: torch.nn.Module, x: torch.Tensor) -> str:
+    """What to change when ``net`` cannot take inputs like ``x``, read from its first layer with parameters."""
+    first = next(((name, m) for name, m in net.named_modules() if list(m.parameters(recurse=False))), (None, None))
+    name, layer = first
+    if not x.is_floating_point() and not isinstance(layer, torch.nn.Embedding):
+        return (f"The inputs are integers (values {int(x.min())} to {int(x.max())}): if they are 8-bit images, set "
+                f"data.source.scale=255 to make them floats in [0, 1]; integer inputs are token ids, for a model whose "
+                f"first layer is an nn.Embedding")
+    if isinstance(layer, torch.nn.modules.conv._ConvNd):
+        spatial = len(layer.kernel_size)
+        if x.dim() - 1 == spatial:
+            return (f"Its first layer {name!r} is a {type(layer).__name__}, which takes (channels, {', '.join('HWD'[:spatial])}) "
+                    f"per example, but each input is {tuple(x.shape[1:])}: add a channel axis (x[:, None] before saving, "
+                    f"or x.unsqueeze(1))")
+        return f"Its first layer {name!r} is a {type(layer).__name__} with in_channels={layer.in_channels}; build it for the data"
+    return (f"Build the model for that input size (e.g. model.in_features={int(np.prod(x.shape[1:]))} for an MLP) "
+            f"or pick another model=...")
 
 
 def _final_probs(cfg: DictConfig, snapshot_dir: Path, datamodule) -> np.ndarray:
@@ -390,10 +408,12 @@ def _write_suspects(out: Path, datamodule, score: np.ndarray, name: str, predict
 def _write_scores(path: Path, datamodule, scores: dict[str, np.ndarray]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["index", "true_label", "observed_label", "is_mislabeled", *scores])
-    columns = [datamodule.pool_index, datamodule.true_labels.numpy(), datamodule.observed_labels.numpy(), datamodule.is_mislabeled.astype(int)]
+    # is_mislabeled: synthetic noise (true_label != observed_label) or a listed known error (known_error = 1)
+    writer.writerow(["index", "true_label", "observed_label", "is_mislabeled", "known_error", *scores])
+    columns = [datamodule.pool_index, datamodule.true_labels.numpy(), datamodule.observed_labels.numpy(),
+               datamodule.is_mislabeled.astype(int), datamodule.known_error_mask.astype(int)]
     for row in zip(*columns, *scores.values()):
-        writer.writerow([int(v) for v in row[:4]] + [repr(float(v)) for v in row[4:]])
+        writer.writerow([int(v) for v in row[:5]] + [repr(float(v)) for v in row[5:]])
     save_text(path, buf.getvalue())
 
 
@@ -410,7 +430,9 @@ def _report(metrics: dict, out: Path) -> None:
         lines += ["", "detection of mislabeled examples (low score = suspect), best AP first:", format_table(metrics["detection"])]
     if "known_errors" in metrics:
         known = metrics["known_errors"]
-        lines += [f"known errors: {known['in_pool']} of the {known['listed']} listed in {known['file']} are in the pool"]
+        repeats = f" ({known['duplicates']} duplicate entries counted once)" if known["duplicates"] else ""
+        lines += [f"known errors: {known['in_pool']} of the {known['listed']} distinct indices listed in {known['file']} "
+                  f"are in the pool{repeats}"]
     if "cleanlab" in metrics:
         cl = metrics["cleanlab"]
         found = f"find_label_issues flags {cl['issues_found']}"

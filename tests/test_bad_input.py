@@ -201,3 +201,148 @@ def test_a_config_typo_is_reported_before_torch_is_imported(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "Could not find 'model/cnnn'" in done.stderr and "small_cnn" in done.stderr
+
+
+# ------------------------------------------------------------------ inputs checked before training (issue 17)
+def _tensors_cfg(tmp_path, x, y, *overrides, **extra):
+    import numpy as np
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "data.npz"
+    np.savez(path, x=x, y=y, **extra)
+    return make_cfg(tmp_path / "run", "data=tensors", f"data.source.path={path}", "data.pool_size=null", "data.test_size=60",
+                    "data.downstream_size=40", "trainer.max_epochs=1", "scoring.scores=[loss]", *overrides,
+                    cache=tmp_path / "cache")
+
+
+def _digits(n=300):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images[:n].reshape(n, 1, 8, 8) / 16.0).astype(np.float32), d.target[:n]
+
+
+def _nothing_trained(tmp_path):
+    return not list((tmp_path / "cache").glob("train/*/snapshots"))
+
+
+def test_non_finite_inputs_are_refused_before_training(tmp_path):
+    x, y = _digits()
+    x[17, 0, 3, 3] = float("nan")
+    x[40, 0, 0, 0] = float("inf")
+    with pytest.raises(DataConfigError, match=r"2 inputs of the data source hold NaN or inf \(source indices \[17, 40\]\); "
+                                              r"repair them .*or drop those examples before training"):
+        run(_tensors_cfg(tmp_path, x, y, "model.in_features=64"))
+    assert _nothing_trained(tmp_path)
+
+
+def test_8_bit_images_say_how_to_scale_them(tmp_path):
+    import numpy as np
+
+    x, y = _digits()
+    pixels = (x * 255).round().astype(np.uint8)
+    with pytest.raises(DataConfigError, match=r"The inputs are integers \(values 0 to 255\): if they are 8-bit images, "
+                                              r"set data.source.scale=255"):
+        run(_tensors_cfg(tmp_path, pixels, y, "model.in_features=64"))
+    assert _nothing_trained(tmp_path)
+    with pytest.warns(UserWarning, match=r"whole numbers from 0 to 255 stored as floats.*set data.source.scale=255"):
+        cfg = _tensors_cfg(tmp_path / "f", pixels.astype(np.float32), y, "model.in_features=64", "trainer.max_epochs=1")
+        from hydra.utils import instantiate
+
+        instantiate(cfg.data, noise=instantiate(cfg.noise)).setup()
+    scaled = _tensors_cfg(tmp_path / "s", pixels, y, "model.in_features=64", "+data.source.scale=255")
+    from hydra.utils import instantiate
+
+    dm = instantiate(scaled.data, noise=instantiate(scaled.noise))
+    dm.setup()
+    assert dm.pool.x.dtype == torch.float32 and float(dm.pool.x.max()) <= 1.0
+
+
+def test_images_without_a_channel_axis_for_a_conv_model(tmp_path):
+    x, y = _digits()
+    with pytest.raises(DataConfigError, match=r"first layer '0' is a Conv2d, which takes \(channels, H, W\) per example, "
+                                              r"but each input is \(8, 8\): add a channel axis"):
+        run(_tensors_cfg(tmp_path, x[:, 0], y, "model=small_cnn"))
+    assert _nothing_trained(tmp_path)
+
+
+def test_labels_that_start_at_one(tmp_path):
+    x, y = _digits()
+    with pytest.raises(DataConfigError, match=r"the labels run from 1 to 10, but classes are numbered from 0.*relabel from 0 "
+                                              r"\(save y - 1\)"):
+        run(_tensors_cfg(tmp_path, x, y + 1, "model.in_features=64"))
+
+
+def test_a_pool_missing_a_class_is_named_and_noise_never_flips_into_it(recwarn):
+    source = RandomSource(n=200)
+    source.num_classes = 10  # the source declares 10 classes ...
+    source.y[source.y == 3] = 4  # ... but has no example of class 3
+    for kind in ("symmetric", "pairflip"):
+        dm = PoolDataModule(source, LabelNoise(kind, 0.4), pool_size=150, downstream_size=20, test_size=20)
+        dm.setup()
+        assert dm.num_classes == 10 and 3 not in dm.observed_labels.tolist()
+        assert int(dm.is_mislabeled.sum()) == 60
+    assert any("holds no example of class(es) [3, 9] of the data's 10" in str(w.message) for w in recwarn)
+    flipped = LabelNoise("pairflip", 0.5)(torch.tensor([2, 2, 2, 2]), 10, torch.tensor([0, 1, 2, 4]))
+    assert sorted(flipped.tolist()) == [2, 2, 4, 4]  # 2's next class that exists is 4
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_out_of_range_is_one_line_before_any_work(tmp_path, seed):
+    from pmp_lightning.errors import SettingError
+
+    with pytest.raises(SettingError, match=rf"seed={seed}: it must be an integer from 0 to 4294967295"):
+        run(make_cfg(tmp_path, f"seed={seed}"))
+    assert not (tmp_path / "ground_truth.npz").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("12\n99999999999999999999999\n", r"line 2 holds 99999999999999999999999, beyond any data set's size"),
+    ("id,note\n3,looks wrong\n", r"line 1 holds 'id', not a source index \(a CSV file needs a column named 'index'"),
+])
+def test_implausible_known_error_files(tmp_path, text, message):
+    from pmp_lightning.data import read_known_errors
+
+    path = tmp_path / "known.txt"
+    path.write_text(text)
+    with pytest.raises(DataConfigError, match=message):
+        read_known_errors(path)
+
+
+def test_duplicate_known_errors_are_counted_and_named(tmp_path):
+    from pmp_lightning.data import read_known_errors
+
+    path = tmp_path / "known.txt"
+    path.write_text("5\n7\n5\n9\n7\n5\n")
+    with pytest.warns(UserWarning, match=r"lists 3 duplicate entries \(5 on lines 1, 3, 6; 7 on lines 2, 5\); each index "
+                                         r"counts once: 3 distinct of 6 listed"):
+        indices, entries = read_known_errors(path)
+    assert indices.tolist() == [5, 7, 9] and entries == 6
+
+
+def test_scores_csv_says_which_examples_are_listed_known_errors(tmp_path):
+    import csv
+
+    first = run(make_cfg(tmp_path / "a", "trainer.max_epochs=1", "scoring.scores=[loss]", cache=tmp_path / "cache"))
+    rows = list(csv.DictReader((tmp_path / "a" / "scores.csv").open()))
+    clean = [r["index"] for r in rows if r["is_mislabeled"] == "0"][:3]
+    (tmp_path / "known.txt").write_text("\n".join(clean))
+    run(make_cfg(tmp_path / "b", "trainer.max_epochs=1", "scoring.scores=[loss]", f"data.known_errors={tmp_path / 'known.txt'}",
+                 cache=tmp_path / "cache"))
+    rows = list(csv.DictReader((tmp_path / "b" / "scores.csv").open()))
+    listed = [r for r in rows if r["known_error"] == "1"]
+    assert sorted(r["index"] for r in listed) == sorted(clean)
+    assert all(r["is_mislabeled"] == "1" and r["true_label"] == r["observed_label"] for r in listed)
+    assert first["cache"]["computed"] == ["train", "replay"]
+
+
+def test_the_command_line_tools_name_themselves_and_every_option():
+    for tool in ("bench", "diagnose", "compare"):
+        done = subprocess.run([sys.executable, "-m", f"pmp_lightning.{tool}", "--help"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: python -m pmp_lightning.{tool}")
+        options = re.findall(r"^  (--[\w-]+)[^\n]*\n(?:\s{20,}[^\n]*\n)*", done.stdout, flags=re.M)
+        for block in re.split(r"\n(?=  --)", done.stdout.split("options:")[1])[1:]:
+            assert len(block.split(None, 2)) > 2 or "\n" in block.strip(), f"{tool}: an option without help: {block!r}"
+        assert options or tool == "compare"

@@ -137,3 +137,15 @@ def test_diagnose_splits_the_dot_product_by_layer_for_the_plain_and_the_centred_
     missing = subprocess.run([sys.executable, "-m", "pmp_lightning.diagnose", str(tmp_path / "nowhere")], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "is not a finished run directory" in missing.stderr
+
+    # a snapshot the run does not have, and a run whose cache entry was deleted: one line each, no traceback
+    cmd = [sys.executable, "-m", "pmp_lightning.diagnose", str(tmp_path / "run")]
+    done = subprocess.run([*cmd, "--snapshot", "7"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--snapshot 7 is not a snapshot of this run, which has θ_0 … θ_2; give 0 to 2, or -1 for the last" in done.stderr
+    import shutil
+
+    shutil.rmtree((tmp_path / "run" / "snapshots").resolve().parent)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "points at the train cache entry" in done.stderr and "which no longer exists" in done.stderr

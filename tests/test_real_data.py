@@ -63,7 +63,7 @@ def test_known_errors_become_the_ground_truth_and_outsiders_are_skipped_with_a_w
                                          r"\(1 beyond the source's 5000 examples, 3 in its other splits\)"):
         metrics = run(make_cfg(tmp_path / "run", "noise=none", f"data.known_errors={known}", "scoring.scores=[loss,random]",
                                cache=tmp_path / "cache"))
-    assert metrics["known_errors"] == {"file": str(known), "listed": 24, "in_pool": 20, "skipped": 4}
+    assert metrics["known_errors"] == {"file": str(known), "listed": 24, "in_pool": 20, "skipped": 4, "duplicates": 0}
     rows = _rows(tmp_path / "run" / "scores.csv")
     assert sorted(int(r["index"]) for r in rows if r["is_mislabeled"] == "1") == sorted(listed)
     loss = metrics["detection"]["loss"]
@@ -216,7 +216,7 @@ def test_bad_tensors_files_say_what_is_wrong(tmp_path, content, message):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("model=mlp model.in_features=100", r"model \(pmp_lightning.models.mlp\) cannot take the data's inputs of shape \(1, 28, 28\): "
+    ("model=mlp model.in_features=100", r"model \(pmp_lightning.models.mlp\) cannot take the data's inputs of shape \(1, 28, 28\) \(torch.float32\): "
                                         r".*model.in_features=784"),
     ("model=mlp model.num_classes=5", r"gives outputs of shape \(5,\) per example, but the labels have 10 classes; set model.num_classes=10"),
 ])
