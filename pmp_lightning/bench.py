@@ -42,7 +42,8 @@ from torch.func import functional_call, grad, jvp, vmap
 from pmp_lightning import models
 from pmp_lightning.stats import per_example_stats
 
-MODELS = {"cnn": models.reported_cnn, "small_cnn": models.small_cnn, "mlp": models.mlp, "logreg": models.logistic_regression}
+MODELS = {"cnn": models.reported_cnn, "small_cnn": models.small_cnn, "mlp": models.mlp, "logreg": models.logistic_regression,
+          "resnet": models.ResNet, "vit": models.ViT, "text": models.TextClassifier}
 METHODS = ("loop", "vmap_grad", "vmap_jvp", "stats", "train")
 
 

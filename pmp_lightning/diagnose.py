@@ -25,7 +25,7 @@ from callbacks.theta_snapshot import load_manifest
 from pmp_lightning.config import register_configs
 from pmp_lightning.costate import centred_values, describe, logit_pulls, objective
 from pmp_lightning.replay import network_state
-from pmp_lightning.stats import layers_with_params, per_example_stats
+from pmp_lightning.stats import per_example_stats, plan_for, trainable
 
 CHUNK = 256
 
@@ -34,7 +34,7 @@ def downstream_gradient(net, obj, x: torch.Tensor, y: torch.Tensor) -> tuple[dic
     """∇J at the network's parameters (by name), and the mean logit pull w̄ (removed from ∇J when J is centred)."""
     with torch.no_grad():
         pull = logit_pulls(obj, net(x), y).mean(0)
-    params = dict(net.named_parameters())
+    params = trainable(net)
     grads = torch.autograd.grad(centred_values(obj, net(x), y, pull if obj.centred else None).mean(), list(params.values()))
     return dict(zip(params, grads)), pull
 
@@ -54,7 +54,7 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     entry = manifest["snapshots"][snapshot]
     net.load_state_dict(network_state(run_dir / "snapshots", entry))
     net.eval()
-    layers = {name: type(layer).__name__ for name, layer in layers_with_params(net).items()}
+    plan = plan_for(net, datamodule.pool.x[:8], datamodule.pool.y[:8])
     run_objective = instantiate(cfg.objective)
     report = {"snapshot": entry["t"]}
     for centred in (False, True):
@@ -66,9 +66,9 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
         dot = torch.cat([p["dot"] for p in parts]).double().numpy()
         norm = torch.cat([p["grad_norm"] for p in parts]).double().numpy()
         share = np.abs(layer_dot).sum(0) / np.abs(layer_dot).sum()
-        rows = [{"layer": f"{name} ({kind})", "share": float(share[k]),
-                 "grad_J_norm": float(torch.sqrt(sum(g.pow(2).sum() for n, g in grad_j.items() if n.rsplit(".", 1)[0] == name))),
-                 "auroc": float(roc_auc_score(mask, -layer_dot[:, k]))} for k, (name, kind) in enumerate(layers.items())]
+        rows = [{"layer": f"{part.label} ({plan.kinds[part.module]})", "share": float(share[k]),
+                 "grad_J_norm": float(torch.sqrt(sum(grad_j[n].pow(2).sum() for n in part.params))),
+                 "auroc": float(roc_auc_score(mask, -layer_dot[:, k]))} for k, part in enumerate(plan.parts)]
         cosine = dot / np.maximum(norm, 1e-30)
         report[describe(obj)] = {"mean_pull_norm": float(pull.norm()), "centred": centred, "layers": rows,
                                  "auroc": float(roc_auc_score(mask, -dot)),

@@ -45,6 +45,7 @@ from pmp_lightning.memory import PeakMemory
 from pmp_lightning.models import Classifier, predict_proba
 from pmp_lightning.replay import ReplayStats, growth_steps, network_state
 from pmp_lightning.scores import compute_scores
+from pmp_lightning.stats import make_plan
 from pmp_lightning.select import selection
 from pmp_lightning.wandb_logging import keep_staging_in, log_results, run_identity
 
@@ -238,11 +239,13 @@ def _replay(cfg: DictConfig, objective, datamodule, snapshot_dir: Path, director
 
 
 def _check_model_fits(cfg: DictConfig, datamodule) -> None:
-    """A model that cannot take the data's inputs, or has fewer outputs than the data has classes, fails here in
-    one line naming the fix, not inside torch halfway through training."""
+    """A model that cannot take the data's inputs, has fewer outputs than the data has classes, or whose per-example
+    statistics cannot be computed fails here, in a second or so, in one line naming the fix: not inside torch halfway
+    through training, and never after it. The statistics pass's plan (which layers by rule, which by the fallback)
+    is proven here on a few pool examples and logged."""
     with torch.random.fork_rng(devices=[]):  # the trained model's initialisation must not depend on this probe
         net = instantiate(cfg.model).eval()
-    x = datamodule.pool.x[:2]
+    x, y = datamodule.pool.x[:8], datamodule.pool.y[:8]
     target = cfg.model.get("_target_", "the model")
     try:
         with torch.no_grad():
@@ -253,6 +256,20 @@ def _check_model_fits(cfg: DictConfig, datamodule) -> None:
     if logits.dim() != 2 or logits.shape[1] < datamodule.num_classes:
         raise DataConfigError(f"model ({target}) gives outputs of shape {tuple(logits.shape[1:])} per example, but the labels "
                               f"have {datamodule.num_classes} classes; set model.num_classes={datamodule.num_classes}")
+    with torch.random.fork_rng(devices=[]):
+        plan = make_plan(net, x, y)
+    if rank_zero_only.rank == 0:
+        log.info(f"statistics pass for {type(net).__name__}: {plan.summary()}")
+        differs = sorted({type(m).__name__ for m in net.modules() if isinstance(m, TRAIN_MODE_DIFFERS)})
+        if differs:
+            log.info(f"the replay differentiates the network in eval mode ({', '.join(differs)} behave otherwise in "
+                     f"training: BatchNorm uses its running statistics, dropout is off); the exact identity of the "
+                     f"scores holds for that eval-mode network")
+
+
+# layers whose training-mode forward differs from their eval-mode one
+TRAIN_MODE_DIFFERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd,
+                      torch.nn.modules.instancenorm._InstanceNorm)
 
 
 def _input_advice(net: torch.nn.Module, x: torch.Tensor) -> str:

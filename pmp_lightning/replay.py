@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -50,7 +50,8 @@ from pmp_lightning.costate import (PROPAGATORS, ObjectiveFn, centred_values, des
 from pmp_lightning.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
 from pmp_lightning.io import save_npz
-from pmp_lightning.stats import STAT_NAMES, per_example_stats
+from pmp_lightning.models import training_loss
+from pmp_lightning.stats import STAT_NAMES, per_example_stats, trainable
 
 CURVATURES = tuple(PROPAGATORS)
 HORIZONS = ("area", "terminal")
@@ -387,7 +388,7 @@ class ReplayModule(pl.LightningModule):
                 raise SnapshotError(f"snapshot {t} ({self.manifest['snapshots'][t]['file']}) holds non-finite values in {k}; training diverged, lower the learning rate")
         self.net.load_state_dict(net_state)
         self.net.eval()  # the replay differentiates the deterministic network: dropout off
-        self._params = {k: p.detach() for k, p in self.net.named_parameters()}
+        self._params = {k: p.detach() for k, p in trainable(self.net).items()}
 
     def _flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([tensors[k].reshape(-1) for k in self._params])
@@ -400,7 +401,7 @@ class ReplayModule(pl.LightningModule):
         return out
 
     def _summed_loss(self, params, x, y):
-        return F.cross_entropy(functional_call(self.net, params, (x,)), y, reduction="sum")
+        return training_loss(functional_call(self.net, params, (x,)), y, reduction="sum")
 
     def _summed_objective(self, params, x, y, mean_pull):
         z = functional_call(self.net, params, (x,))
@@ -435,12 +436,14 @@ class ReplayModule(pl.LightningModule):
         return (self._all_reduce(total) / len(self.downstream) if need_grad else None), share
 
     def _hvp(self, vec: torch.Tensor) -> torch.Tensor:
-        """∇²L(θ_t) · vec for the mean training loss over the fixed subsample (forward-over-reverse)."""
+        """∇²L(θ_t) · vec for the mean training loss over the fixed subsample (forward-over-reverse; attention through
+        the math kernel, the one with forward-mode derivatives)."""
         v = self._unflatten(vec)
         total = torch.zeros_like(vec)
-        for x, y in self._batches(self.hvp_set):
-            g = lambda p: grad(self._summed_loss)(p, x, y)  # noqa: E731
-            total += self._flatten(jvp(g, (self._params,), (v,))[1])
+        with sdpa_kernel(SDPBackend.MATH):
+            for x, y in self._batches(self.hvp_set):
+                g = lambda p: grad(self._summed_loss)(p, x, y)  # noqa: E731
+                total += self._flatten(jvp(g, (self._params,), (v,))[1])
         return self._all_reduce(total) / len(self.hvp_set)
 
     # ------------------------------------------------------------------ results

@@ -16,6 +16,7 @@ class RandomSource:
         teacher = torch.randn(int(torch.tensor(shape).prod()), num_classes, generator=gen, dtype=dtype)
         self.y = (self.x.flatten(1) @ teacher).argmax(1)
         self.n, self.test_n = n, test_n
+        self.num_classes = num_classes  # declared, as a real source's class list is: a class may have no example here
 
     def load(self):
         train = Images(self.x[: self.n], self.y[: self.n])
