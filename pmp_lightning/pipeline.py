@@ -262,9 +262,9 @@ def _check_model_fits(cfg: DictConfig, datamodule) -> None:
         log.info(f"statistics pass for {type(net).__name__}: {plan.summary()}")
         differs = sorted({type(m).__name__ for m in net.modules() if isinstance(m, TRAIN_MODE_DIFFERS)})
         if differs:
-            log.info(f"the replay differentiates the network in eval mode ({', '.join(differs)} behave otherwise in "
-                     f"training: BatchNorm uses its running statistics, dropout is off); the exact identity of the "
-                     f"scores holds for that eval-mode network")
+            log.info(f"the replay differentiates the network in eval mode, where {', '.join(differs)} act otherwise than "
+                     f"in training (BatchNorm on its running statistics, dropout off): the exact identity of the scores "
+                     f"holds for that eval-mode network")
 
 
 # layers whose training-mode forward differs from their eval-mode one

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from callbacks.theta_snapshot import ThetaSnapshot, load_manifest, load_snapshot
 from pmp_lightning.costate import OBJECTIVES, objective
@@ -27,14 +28,48 @@ def _objective(name, centred=False):
     return objective(name, centred=centred, **PARAMS.get(name, {}))
 
 
-def _train(tmp_path):
+class Normed(torch.nn.Module):
+    """LayerNorm and GroupNorm between linear layers: a normalisation model (examples stay independent in training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(),
+                                       torch.nn.Unflatten(1, (4, 2)), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
+                                       torch.nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Attention(torch.nn.Module):
+    """Tokens from a linear map, a learned position embedding held as a bare parameter, one multi-head self-attention
+    layer with a pre-norm, mean pooling, a linear head: an attention model."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = torch.nn.Linear(4, 12)
+        self.pos = torch.nn.Parameter(0.1 * torch.randn(1, 3, 4))
+        self.norm = torch.nn.LayerNorm(4)
+        self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.tokens(x.flatten(1)).reshape(len(x), 3, 4) + self.pos
+        a = self.norm(h)
+        return self.head((h + self.attn(a, a, a, need_weights=False)[0]).mean(1))
+
+
+MODELS = {"mlp": lambda: mlp(num_classes=10, in_features=4, hidden=6), "normed": Normed, "attention": Attention}
+
+
+def _train(tmp_path, model="mlp"):
     pl.seed_everything(0)
     dm = PoolDataModule(
         RandomSource(n=N_POOL + 9, dtype=torch.float64), LabelNoise("symmetric", 0.25, seed=1),
         pool_size=N_POOL, downstream_size=8, test_size=1, batch_size=N_POOL,
     )
     dm.setup()
-    net = mlp(num_classes=10, in_features=4, hidden=6)
+    net = MODELS[model]()
     classifier = Classifier(
         net,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.8),
@@ -49,7 +84,13 @@ def _train(tmp_path):
 
 
 def _autograd_reference(dm, net, snapshot_dir, horizon, j_fn):
-    """−N ∂J_total/∂γ_n, J_total built from the downstream mean of ``j_fn`` written out independently of the replay."""
+    """−N ∂J_total/∂γ_n, J_total built from the downstream mean of ``j_fn`` written out independently of the replay
+    (second derivatives through attention need the math attention kernel)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return _unrolled(dm, net, snapshot_dir, horizon, j_fn)
+
+
+def _unrolled(dm, net, snapshot_dir, horizon, j_fn):
     manifest = load_manifest(snapshot_dir)
     states = [load_snapshot(snapshot_dir, s) for s in manifest["snapshots"]]
     etas = [s["lr_sum"] for s in manifest["snapshots"][1:]]
@@ -124,6 +165,24 @@ def test_replay_matches_autograd_through_unrolled_training(tmp_path, horizon, na
     print(f"J={horizon} of {name}{', centred' if centred else ''}: max relative error {rel:.2e}")
     assert rel < 1e-9, rel
     assert np.abs(reference).max() > 1e-3  # the identity is not trivially 0 = 0
+
+
+@pytest.mark.parametrize("model", ["normed", "attention"])
+@pytest.mark.parametrize("name", ["ce", "logit_gap"])
+def test_the_identity_holds_for_normalisation_and_attention_models(tmp_path, model, name):
+    """The same comparison on a LayerNorm/GroupNorm model and on a multi-head attention model with a bare position
+    parameter: the per-example statistics of their rules (and of the written-out attention) enter the exact identity."""
+    dm, net = _train(tmp_path, model)
+    pl.seed_everything(1)
+    replay = ReplayModule(MODELS[model](), tmp_path / "snapshots", dm.pool, dm.downstream, dm.train_set, curvature="exact",
+                          objective=_objective(name, centred=True), hvp_samples=None, batch_size=7)
+    fit_replay(replay, tmp_path)
+    s = compute_scores(["raw"], replay.results())["raw"]
+    reference = _autograd_reference(dm, net, tmp_path / "snapshots", "area", centred_reference(REFERENCE_J[name]))
+    rel = np.abs(s - reference).max() / np.abs(reference).max()
+    print(f"{model}, J = area of {name}, centred: max relative error {rel:.2e}")
+    assert rel < 1e-9, rel
+    assert np.abs(reference).max() > 1e-3
 
 
 def test_dropping_the_hessian_term_breaks_the_identity(tmp_path):
