@@ -1,18 +1,7 @@
-"""``ThetaSnapshot``: saves θ_t during training for the backward PMP replay.
-
-Layout of ``dirpath``::
-
-    theta_0000.pt ... theta_T.pt    the module's state_dict at each snapshot
-    manifest.json                   one entry per snapshot (file, step, epoch, lr_sum, lrs) plus the
-                                    parameter shapes, optimizer and batches per epoch; "complete"
-                                    turns true when training ends
-
-``lr_sum`` of snapshot t is the summed learning rate of the optimizer steps between snapshots t-1
-and t (η_{t-1} of the replay); ``lrs`` lists each of those steps' learning rates.
-"""
+"""``ThetaSnapshot``: saves θ_t during training for the backward PMP replay, in the format of
+``pmp_lightning/trajectory.py`` (snapshot files and their manifest)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +10,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from pmp_lightning.errors import SnapshotError
-from pmp_lightning.io import save_json, save_torch
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+from pmp_lightning.trajectory import snapshot_file, write_manifest, write_snapshot
 
 
 class ThetaSnapshot(Callback):
@@ -81,15 +67,14 @@ class ThetaSnapshot(Callback):
         t = len(self._snapshots)
         entry = {
             "t": t,
-            "file": f"theta_{t:04d}.pt",
+            "file": snapshot_file(t),
             "step": int(trainer.global_step),
             "epoch": int(trainer.current_epoch),
             "lr_sum": float(sum(self._lrs)),
             "lrs": list(self._lrs),
         }
         if trainer.is_global_zero:
-            state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-            save_torch(self.dirpath / entry["file"], state)
+            write_snapshot(self.dirpath, t, {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()})
         self._snapshots.append(entry)
         self._lrs = []
         if trainer.is_global_zero:
@@ -97,10 +82,9 @@ class ThetaSnapshot(Callback):
 
     def _save_manifest(self, trainer: pl.Trainer, pl_module: pl.LightningModule, complete: bool) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        save_json(
-            self.dirpath / MANIFEST,
+        write_manifest(
+            self.dirpath,
             {
-                "format": FORMAT_VERSION,
                 "complete": complete,
                 "model": type(getattr(pl_module, "net", pl_module)).__name__,
                 "param_shapes": {k: list(v.shape) for k, v in pl_module.state_dict().items()},
@@ -119,46 +103,3 @@ def _describe(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     group = optimizer.param_groups[0]
     keep = ("momentum", "weight_decay", "nesterov", "betas", "dampening")
     return {"name": type(optimizer).__name__, **{k: group[k] for k in keep if k in group}}
-
-
-# ---------------------------------------------------------------------- reading
-def load_manifest(dirpath: str | Path) -> dict[str, Any]:
-    """Read and check a snapshot directory's manifest; raises ``SnapshotError`` with the fix."""
-    dirpath = Path(dirpath)
-    if not dirpath.is_dir():
-        raise SnapshotError(
-            f"snapshot directory {dirpath} does not exist; train first (python run.py ...) so the "
-            f"ThetaSnapshot callback writes it, or point replay.snapshot_dir at an existing run's snapshots/"
-        )
-    path = dirpath / MANIFEST
-    if not path.is_file():
-        raise SnapshotError(f"{dirpath} has no {MANIFEST}: it was not written by ThetaSnapshot, or training never started")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SnapshotError(f"{path} is not valid JSON ({err}); the snapshot directory is damaged, retrain") from err
-    if not manifest.get("complete"):
-        raise SnapshotError(
-            f"{dirpath} holds a partial trajectory (training did not finish: {len(manifest['snapshots'])} "
-            f"snapshots written); resume or rerun training before replaying"
-        )
-    snaps = manifest["snapshots"]
-    if len(snaps) < 2:
-        raise SnapshotError(f"{dirpath} has {len(snaps)} snapshot(s); the replay needs θ_0 and at least one more")
-    for t, (before, after) in enumerate(zip(snaps, snaps[1:]), start=1):
-        if after["t"] != t or after["step"] - before["step"] != len(after["lrs"]):
-            raise SnapshotError(
-                f"{dirpath} has a gap: snapshot {after['file']} is at step {after['step']} after step {before['step']} "
-                f"but records {len(after['lrs'])} learning rate(s) in between; the trajectory is incomplete, retrain"
-            )
-    return manifest
-
-
-def load_snapshot(dirpath: str | Path, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
-    path = Path(dirpath) / entry["file"]
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise SnapshotError(f"snapshot {path} listed in the manifest is missing; retrain") from err
-    except Exception as err:  # a truncated or corrupted file raises various errors inside torch.load
-        raise SnapshotError(f"snapshot {path} cannot be read ({type(err).__name__}: {err}); it is damaged, retrain") from err

@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 from pmp_lightning.cache import train_key_config
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.io import save_npz
-from pmp_lightning.models import predict_proba
-from pmp_lightning.select import retrain
+from pmp_lightning.select import train_without
+from pmp_lightning.training import Training, predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +42,18 @@ def check_folds(folds, pool_size: int) -> None:
                               f"({pool_size}), e.g. baselines.folds=5")
 
 
-def cross_validated_probs(cfg: DictConfig, datamodule, directory: Path) -> np.ndarray:
+def cross_validated_probs(training: Training, datamodule, folds: int, directory: Path) -> np.ndarray:
     """Out-of-sample probabilities (N, K) of the pool the run trains on, from K-fold cross-validation.
 
     Each finished fold is kept as ``directory/fold_<k>.npz``; folds already there are not retrained.
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    folds = cfg.baselines.folds
     labels = datamodule.observed_labels.numpy()
     check_folds(folds, len(labels))
     counts = np.bincount(labels)
     stratify = counts[counts > 0].min() >= folds  # a class with fewer examples than folds cannot be stratified
-    splitter = (StratifiedKFold if stratify else KFold)(n_splits=folds, shuffle=True, random_state=cfg.seed)
+    splitter = (StratifiedKFold if stratify else KFold)(n_splits=folds, shuffle=True, random_state=training.seed)
     probs = np.full((len(labels), datamodule.num_classes), np.nan)
     for k, (train_idx, held_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         path = directory / f"fold_{k}.npz"
@@ -65,7 +64,7 @@ def cross_validated_probs(cfg: DictConfig, datamodule, directory: Path) -> np.nd
         log.info(f"cleanlab: fold {k + 1}/{folds}, training on {len(train_idx)} pool examples, predicting {len(held_idx)}")
         keep = np.zeros(len(labels), dtype=bool)
         keep[train_idx] = True
-        classifier, _ = retrain(cfg, datamodule, keep)
+        classifier, _ = train_without(training, datamodule, keep, test=False)
         fold_probs = predict_proba(classifier.net, datamodule.pool.x[held_idx])
         save_npz(path, held=held_idx, probs=fold_probs)
         probs[held_idx] = fold_probs

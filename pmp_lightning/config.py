@@ -17,7 +17,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from pmp_lightning.errors import ReplayConfigError, SettingError
+from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
 from pmp_lightning.scores import PMP_VARIANTS, SCORES
 
 ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
@@ -83,8 +83,10 @@ _NUMBERS = (
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit
 
 
-def check_settings(cfg) -> None:
-    """Refuse a numeric setting that cannot work before anything is loaded or trained, naming it."""
+def check_settings(cfg) -> tuple[list[str], str]:
+    """Refuse a setting that cannot work before anything is loaded or trained, naming it and the fix: numbers, the
+    seed, the selection settings and ``scoring.rank_by``. Returns the names of the scores the run computes (cleanlab
+    included when asked for) and the score that orders suspects.csv."""
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise SettingError(f"seed={seed!r}: it must be an integer from 0 to {MAX_SEED}, e.g. seed=0")
@@ -99,3 +101,34 @@ def check_settings(cfg) -> None:
     growth = cfg.replay.get("growth_warning")
     if isinstance(growth, bool) or not isinstance(growth, (int, float)) or growth <= 1:
         raise ReplayConfigError(f"replay.growth_warning={growth!r}: it must be a number > 1 (a growth factor of ‖λ‖), e.g. 10")
+    folds = cfg.baselines.folds
+    if cfg.baselines.cleanlab and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
+        raise DataConfigError(f"baselines.folds={folds!r}: cross-validation needs an integer from 2 to the pool size, "
+                              f"e.g. baselines.folds=5")
+    names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else [])]
+    _check_selection(cfg.select, cfg.data.get("pool_mode"), names)
+    return names, _rank_by(cfg.scoring.get("rank_by"), names)
+
+
+def _check_selection(select, pool_mode: str | None, names: list[str]) -> None:
+    if not select.fractions:
+        return
+    if pool_mode != "train":
+        raise DataConfigError("select.fractions removes examples from the training set, so it needs pool=train")
+    for fraction in select.fractions:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise DataConfigError(f"select.fractions holds {fraction!r}; each fraction must be in (0, 1), e.g. [0.1, 0.2]")
+    unknown = [s for s in select.scores if s not in names]
+    if unknown:
+        raise DataConfigError(f"select.scores {unknown} are not computed by this run; add them to scoring.scores "
+                              f"(cleanlab: baselines.cleanlab=true) or pick from {sorted(names)}")
+
+
+def _rank_by(wanted: str | None, names: list[str]) -> str:
+    """The score that orders suspects.csv: ``scoring.rank_by``, by default the recommended cosine when computed."""
+    if wanted is None:
+        return "cosine" if "cosine" in names else names[0]
+    if wanted not in names:
+        raise UnknownScoreError(f"scoring.rank_by={wanted} is not among the scores this run computes; pick one of "
+                                f"{', '.join(names)}")
+    return wanted

@@ -44,12 +44,16 @@ exact identity holds for J_c like for any J (``tests/test_exactness.py``).
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pmp_lightning.errors import ReplayConfigError
+from pmp_lightning.training import training_loss
 
 ObjectiveFn = Callable[..., torch.Tensor]
 OBJECTIVES: dict[str, ObjectiveFn] = {}
@@ -175,6 +179,66 @@ def participation(sum_w: float, sum_w2: float, count: int) -> float:
     1 when every example pulls equally (``logit_gap``); about k/M when k examples carry it all.
     """
     return 0.0 if sum_w2 <= 0 else sum_w**2 / (count * sum_w2)
+
+
+# ----------------------------------------------------------------------------- at one snapshot
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+Params = dict[str, torch.Tensor]
+
+
+def _same(t):
+    return t
+
+
+def downstream_gradient(net: nn.Module, params: Params, fn: ObjectiveFn, batches: Batches, count: int, need_grad: bool = True,
+                        reduce: Callable[[torch.Tensor], torch.Tensor] = _same, with_pull: bool = False
+                        ) -> tuple[Params | None, torch.Tensor | None, float]:
+    """∇J at ``params`` (by name; None unless ``need_grad``), the mean logit pull w̄ (None unless J is centred or
+    ``with_pull``), and the share of the downstream set carrying ∇J (``participation``), over the ``count`` downstream
+    examples that ``batches()`` yields. A centred J first takes w̄ in one forward; then one forward and backward per
+    batch. ``reduce`` sums over the processes of a distributed replay. The replay and ``diagnose`` both use it."""
+    mean_pull = None
+    if is_centred(fn) or with_pull:
+        with torch.no_grad():
+            mean_pull = reduce(sum(logit_pulls(fn, net(x), y).sum(0) for x, y in batches())) / count
+    centre = mean_pull if is_centred(fn) else None
+
+    def summed(p, x, y):
+        z = functional_call(net, p, (x,))
+        return centred_values(fn, z, y, centre).sum(), z.detach()
+
+    grads = {k: torch.zeros_like(p) for k, p in params.items()} if need_grad else None
+    sums = None
+    for x, y in batches():
+        if need_grad:
+            g, logits = grad(summed, has_aux=True)(params, x, y)
+            for k in grads:
+                grads[k] += g[k]
+        else:
+            with torch.no_grad():
+                logits = net(x)
+        w = logit_weights(fn, logits, y, centre).double()
+        part = torch.stack([w.sum(), w.pow(2).sum()])
+        sums = part if sums is None else sums + part
+    sums = reduce(sums)
+    share = participation(float(sums[0]), float(sums[1]), count)
+    return grads, mean_pull, share
+
+
+def hessian_vector_product(net: nn.Module, params: Params, v: Params, batches: Batches) -> Params:
+    """Σ over the examples ``batches()`` yields of ∇²l_n(θ) · v, the training loss's curvature along ``v``
+    (forward-over-reverse; attention through the math kernel, the one with forward-mode derivatives)."""
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    def summed_loss(p, x, y):
+        return training_loss(functional_call(net, p, (x,)), y, reduction="sum")
+
+    with sdpa_kernel(SDPBackend.MATH):
+        for x, y in batches():
+            hv = jvp(lambda p: grad(summed_loss)(p, x, y), (params,), (v,))[1]  # noqa: B023
+            for k in total:
+                total[k] += hv[k]
+    return total
 
 
 # ----------------------------------------------------------------------------- propagators

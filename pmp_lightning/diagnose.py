@@ -21,22 +21,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from callbacks.theta_snapshot import load_manifest
 from pmp_lightning.config import register_configs
-from pmp_lightning.costate import centred_values, describe, logit_pulls, objective
-from pmp_lightning.replay import network_state
+from pmp_lightning.costate import describe, downstream_gradient, objective
 from pmp_lightning.stats import per_example_stats, plan_for, trainable
+from pmp_lightning.trajectory import load_manifest, network_state
 
 CHUNK = 256
-
-
-def downstream_gradient(net, obj, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """∇J at the network's parameters (by name), and the mean logit pull w̄ (removed from ∇J when J is centred)."""
-    with torch.no_grad():
-        pull = logit_pulls(obj, net(x), y).mean(0)
-    params = trainable(net)
-    grads = torch.autograd.grad(centred_values(obj, net(x), y, pull if obj.centred else None).mean(), list(params.values()))
-    return dict(zip(params, grads)), pull
 
 
 def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
@@ -59,7 +49,10 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     report = {"snapshot": entry["t"]}
     for centred in (False, True):
         obj = objective(run_objective.name, centred=centred, **run_objective.params)
-        grad_j, pull = downstream_gradient(net, obj, datamodule.downstream.x, datamodule.downstream.y)
+        ds = datamodule.downstream
+        grads, pull, _ = downstream_gradient(net, {k: p.detach() for k, p in trainable(net).items()}, obj,
+                                             lambda: zip(ds.x.split(CHUNK), ds.y.split(CHUNK)), len(ds), with_pull=True)
+        grad_j = {k: g / len(ds) for k, g in grads.items()}
         parts = [per_example_stats(net, x, y, grad_j, by_layer=True) for x, y in
                  zip(datamodule.pool.x.split(CHUNK), datamodule.pool.y.split(CHUNK))]
         layer_dot = torch.cat([p["layer_dot"] for p in parts]).double().numpy()

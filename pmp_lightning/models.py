@@ -1,13 +1,10 @@
-"""Networks (plain ``nn.Sequential`` of Linear / Conv2d layers) and the training LightningModule."""
+"""The networks the project ships, built from ``conf/model/*.yaml``: the reported CNN and small ones for quick
+experiments, and networks people train (a ResNet, a vision transformer, a text-style classifier). Any other
+``nn.Module`` works the same way through a ``_target_``."""
 from __future__ import annotations
 
-from typing import Callable
-
-import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 
 
@@ -37,62 +34,6 @@ def mlp(num_classes: int = 10, in_features: int = 784, hidden: int = 128) -> nn.
 
 def logistic_regression(num_classes: int = 10, in_features: int = 784) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
-
-
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The loss training descends, l_n = cross-entropy of example n with its observed label: the one definition that
-    training, the replay's Hessian-vector products and the statistics pass all use."""
-    return F.cross_entropy(logits, labels, reduction=reduction)
-
-
-@torch.no_grad()
-def predict_proba(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Softmax probabilities of ``net`` (switched to eval mode) for the inputs ``x``, as float64 (N, K)."""
-    net.eval()
-    device = next(net.parameters()).device
-    return torch.cat([net(chunk.to(device)).double().softmax(1).cpu() for chunk in x.split(batch_size)]).numpy()
-
-
-class Classifier(pl.LightningModule):
-    """Trains ``net`` with cross-entropy; the optimizer and learning-rate schedule are Hydra partials."""
-
-    def __init__(
-        self,
-        net: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        lr_schedule: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-    ):
-        super().__init__()
-        self.net, self.optimizer_factory, self.lr_schedule = net, optimizer, lr_schedule
-
-    @classmethod
-    def from_config(cls, cfg) -> "Classifier":
-        """The classifier a run's Hydra config describes: ``model``, ``optimizer``, ``lr_schedule``."""
-        return cls(
-            net=instantiate(cfg.model),
-            optimizer=instantiate(cfg.optimizer),
-            lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y, _ = batch
-        loss = training_loss(self.net(x), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
-        return loss
-
-    def test_step(self, batch, batch_idx):
-        x, y, _ = batch
-        acc = (self.net(x).argmax(1) == y).float().mean()
-        self.log("test/accuracy", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.lr_schedule is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_schedule(optimizer), "interval": "epoch"}}
 
 
 # ----------------------------------------------------------------------------- networks people train

@@ -8,8 +8,9 @@ epoch's batches) and propagates the costate:
     λ_T = ∇J(θ_T)
     λ_t = a_t ∇J(θ_t) + P_t(λ_{t+1})          (a_t = 1 for horizon=area, 0 for terminal)
 
-J is the mean of ``objective`` over the downstream set and P_t is picked by ``curvature``; both are
-pure functions in ``pmp_lightning/costate.py``. ``curvature=exact`` is the paper's step formula plus a
+J is the mean of ``objective`` over the downstream set and P_t is picked by ``curvature``; both, and the
+maths of one snapshot (∇J with its participation, the Hessian-vector products), are in
+``pmp_lightning/costate.py``; this module is the Lightning plumbing around them. ``curvature=exact`` is the paper's step formula plus a
 check that the trajectory was full-batch with one step per snapshot (then the scores are exact).
 At each snapshot the replay also records how many downstream examples carry ∇J
 (``costate.participation``).
@@ -21,10 +22,9 @@ Distributed (``trainer.strategy=ddp`` / ``ddp_spawn``): rank r scores the pool e
 (each exactly once), and computes its share of ∇J and of every Hessian-vector product; the shares
 are all-reduced, so λ is the same on every rank. Each snapshot's statistics are all-reduced too.
 
-Resume: with ``progress_dir`` set, global rank zero writes each finished snapshot's statistics
-(``rows/row_<t>.npz``) and then ``costate.npz`` (λ, the done-mask, a fingerprint of the inputs)
-atomically. A new ReplayModule on the same directory continues after the last finished snapshot;
-``stats.npz`` is written there only when every snapshot is done.
+Resume: with ``progress_dir`` set, global rank zero records each finished snapshot there
+(``replay_store.ReplayProgress``); a new ReplayModule on the same directory continues after the last
+finished snapshot; ``stats.npz`` is written there only when every snapshot is done.
 """
 from __future__ import annotations
 
@@ -32,86 +32,24 @@ import hashlib
 import json
 import math
 import warnings
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from callbacks.theta_snapshot import load_manifest, load_snapshot
-from pmp_lightning.costate import (PROPAGATORS, ObjectiveFn, centred_values, describe, is_centred, logit_pulls, logit_weights,
-                                   participation)
+from pmp_lightning.costate import PROPAGATORS, ObjectiveFn, describe, downstream_gradient, hessian_vector_product
 from pmp_lightning.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
-from pmp_lightning.io import save_npz
-from pmp_lightning.models import training_loss
+from pmp_lightning.replay_store import ReplayProgress, ReplayStats, growth_steps
 from pmp_lightning.stats import STAT_NAMES, per_example_stats, trainable
+from pmp_lightning.trajectory import load_manifest, network_shapes, network_state
 
 CURVATURES = tuple(PROPAGATORS)
 HORIZONS = ("area", "terminal")
-PREFIX = "net."  # the training module keeps its network as ``self.net``
-
-
-def network_state(snapshot_dir: str | Path, entry: dict) -> dict[str, torch.Tensor]:
-    """The network's own ``state_dict`` at one snapshot (the manifest ``entry``): the training module's prefix removed."""
-    return {k[len(PREFIX):]: v for k, v in load_snapshot(snapshot_dir, entry).items()}
-
-
-@dataclass
-class ReplayStats:
-    """Everything the scores need: per-example arrays over the snapshots and per-step vectors.
-
-    ``dot[t, n] = ⟨λ_{t+1}, ∇l_n(θ_t)⟩`` for t = 0..T-1 (T × N); the PMP contribution is
-    ``c[t, n] = eta[t] * dot[t, n]``. ``grad_norm``, ``loss``, ``margin``, ``correct`` and ``el2n`` hold one
-    row per snapshot θ_0..θ_T ((T+1) × N): the PMP variants read rows 0..T-1 (beside ``dot``), the baselines
-    the trained snapshots θ_1..θ_T (``trained``), so the final model counts and the initialisation does not.
-    ``lambda_norm[t] = ‖λ_{t+1}‖``; ``participation[t]`` is the fraction of downstream examples carrying
-    ∇J(θ_{t+1}) (``costate.participation``). Columns follow the pool's positions.
-    """
-
-    dot: np.ndarray
-    grad_norm: np.ndarray
-    loss: np.ndarray
-    margin: np.ndarray
-    correct: np.ndarray
-    el2n: np.ndarray
-    eta: np.ndarray
-    lambda_norm: np.ndarray
-    participation: np.ndarray
-
-    @property
-    def contribution(self) -> np.ndarray:
-        return self.eta[:, None] * self.dot
-
-    @property
-    def replayed_grad_norm(self) -> np.ndarray:
-        """‖∇l_n(θ_t)‖ for t = 0..T-1, the snapshots the costate scores (T × N, beside ``dot``)."""
-        return self.grad_norm[:-1]
-
-    def trained(self, name: str) -> np.ndarray:
-        """The per-example statistic ``name`` at the trained snapshots θ_1..θ_T (T × N): what the baselines average."""
-        return getattr(self, name)[1:]
-
-    def save(self, path: str | Path) -> Path:
-        return save_npz(path, **{f.name: getattr(self, f.name) for f in fields(self)})
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ReplayStats":
-        with np.load(path) as z:
-            return cls(**{f.name: z[f.name] for f in fields(cls)})
-
-
-def growth_steps(lambda_norm: np.ndarray, factor: float) -> list[int]:
-    """Snapshots t where ‖λ_t‖ > factor · ‖λ_{t+1}‖ (``lambda_norm[t-1] = ‖λ_t‖``)."""
-    return [t for t in range(1, len(lambda_norm)) if lambda_norm[t - 1] > factor * lambda_norm[t] > 0]
-
-
 class _Shard(DistributedSampler):
     """Rank r's examples r, r+W, r+2W, …: every example exactly once over the ranks (no padding)."""
 
@@ -182,9 +120,9 @@ class ReplayModule(pl.LightningModule):
         self.lam: torch.Tensor | None = None
         self.done = np.zeros(self.T + 1, dtype=bool)  # per snapshot θ_0..θ_T
         self.automatic_optimization = False
-        self.progress_dir = None if progress_dir is None else Path(progress_dir)
-        if self.progress_dir is not None:
-            self.fingerprint = self._fingerprint(curvature, horizon, n_hvp, seed)
+        self.progress = None
+        if progress_dir is not None:
+            self.progress = ReplayProgress(progress_dir, self._fingerprint(curvature, horizon, n_hvp, seed))
             self._resume()
         self._first = self.T - int(self.done.sum())  # the snapshot of epoch 0 (θ_T unless resumed)
 
@@ -200,7 +138,7 @@ class ReplayModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checks
     def _check_model(self) -> None:
-        want = {PREFIX + k: list(v.shape) for k, v in self.net.state_dict().items()}
+        want = network_shapes(self.net)
         have = self.manifest["param_shapes"]
         if want != have:
             missing = sorted(set(want) - set(have))
@@ -247,38 +185,15 @@ class ReplayModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
-        path = self.progress_dir / "costate.npz"
-        if not path.is_file():
+        state = self.progress.load()
+        if state is None:
             return
-        try:
-            with np.load(path) as z:
-                state = {k: z[k] for k in z.files}
-            rows = {}
-            for t in np.flatnonzero(state["done"]):
-                with np.load(self.progress_dir / "rows" / f"row_{t:05d}.npz") as row:
-                    rows[t] = {k: row[k] for k in row.files}
-        except Exception as err:  # a damaged npz raises various errors inside numpy and zipfile
-            raise SnapshotError(f"the replay progress in {self.progress_dir} cannot be read ({type(err).__name__}: {err}); "
-                                f"delete it and rerun") from err
-        if str(state["fingerprint"]) != self.fingerprint:
-            raise ReplayConfigError(
-                f"{path} is the progress of a replay with other snapshots, pool or replay settings; delete "
-                f"{self.progress_dir} or point the replay at a fresh directory"
-            )
-        done = state["done"].astype(bool)
-        for t, row in rows.items():
+        for t, row in state["rows"].items():
             for k, values in row.items():
                 self.arrays[k][t] = values
-        self.done = done
-        self.lambda_norm = state["lambda_norm"].astype(np.float64)
-        self.participation = state["participation"].astype(np.float64)
+        self.done = state["done"]
+        self.lambda_norm, self.participation = state["lambda_norm"], state["participation"]
         self.lam = torch.from_numpy(state["costate"])
-
-    def _save_progress(self, t: int) -> None:
-        """Rank zero: snapshot t's rows, then (atomically, last) the costate and the done-mask."""
-        save_npz(self.progress_dir / "rows" / f"row_{t:05d}.npz", **{k: self.arrays[k][t] for k in self._row_stats(t)})
-        save_npz(self.progress_dir / "costate.npz", costate=self.lam.detach().cpu().numpy(), done=self.done,
-                 lambda_norm=self.lambda_norm, participation=self.participation, fingerprint=np.array(self.fingerprint))
 
     # ------------------------------------------------------------------ lightning plumbing
     def configure_optimizers(self):
@@ -329,16 +244,17 @@ class ReplayModule(pl.LightningModule):
             self.lam = lam + grad_J if self.horizon == "area" else lam
             self._record_norm(t, share)
         self.done[t] = True
-        if self.progress_dir is not None and self.trainer.is_global_zero:
-            self._save_progress(t)
+        if self.progress is not None and self.trainer.is_global_zero:
+            self.progress.save(t, {k: self.arrays[k][t] for k in self._row_stats(t)}, self.lam.detach().cpu().numpy(),
+                               self.done, self.lambda_norm, self.participation)
 
     def on_train_end(self) -> None:
-        if self.progress_dir is not None and self.trainer.is_global_zero and self.done.all():
+        if self.progress is not None and self.trainer.is_global_zero and self.done.all():
             self.save_stats()
 
     def save_stats(self) -> Path:
         """Write the finished statistics to ``progress_dir/stats.npz`` (what the pipeline's cache entry holds)."""
-        return self.results().save(self.progress_dir / "stats.npz")
+        return self.results().save(self.progress.stats_path)
 
     def _gather_row(self, t: int) -> None:
         """Give every rank snapshot t's statistics for the whole pool (each rank computed its shard)."""
@@ -400,51 +316,20 @@ class ReplayModule(pl.LightningModule):
             offset += p.numel()
         return out
 
-    def _summed_loss(self, params, x, y):
-        return training_loss(functional_call(self.net, params, (x,)), y, reduction="sum")
-
-    def _summed_objective(self, params, x, y, mean_pull):
-        z = functional_call(self.net, params, (x,))
-        return centred_values(self.objective, z, y, mean_pull).sum(), z.detach()
-
     def _batches(self, dataset):
-        for x, y, _ in self._shard_loader(dataset):
-            yield x.to(self.device), y.to(self.device)
+        """This rank's share of ``dataset`` on the device, chunk by chunk: a fresh iterator per call."""
+        return lambda: ((x.to(self.device), y.to(self.device)) for x, y, _ in self._shard_loader(dataset))
 
     def _downstream(self, need_grad: bool = True) -> tuple[torch.Tensor | None, float]:
-        """∇J at the loaded θ (None unless ``need_grad``) and the share of the downstream set carrying it
-        (``costate.participation``), from one forward and backward per downstream chunk; a centred J first
-        takes its mean logit pull w̄ in one forward."""
-        mean_pull = None
-        if is_centred(self.objective):
-            with torch.no_grad():
-                total = sum(logit_pulls(self.objective, self.net(x), y).sum(0) for x, y in self._batches(self.downstream))
-            mean_pull = self._all_reduce(total) / len(self.downstream)
-        total = torch.zeros(sum(p.numel() for p in self._params.values()), dtype=self.dtype, device=self.device)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for x, y in self._batches(self.downstream):
-            if need_grad:
-                g, logits = grad(self._summed_objective, has_aux=True)(self._params, x, y, mean_pull)
-                total += self._flatten(g)
-            else:
-                with torch.no_grad():
-                    logits = self.net(x)
-            w = logit_weights(self.objective, logits, y, mean_pull).double()
-            sums += torch.stack([w.sum(), w.pow(2).sum()])
-        sums = self._all_reduce(sums)
-        share = participation(float(sums[0]), float(sums[1]), len(self.downstream))
-        return (self._all_reduce(total) / len(self.downstream) if need_grad else None), share
+        """∇J at the loaded θ, flattened (None unless ``need_grad``), and the share of the downstream set carrying it."""
+        grads, _, share = downstream_gradient(self.net, self._params, self.objective, self._batches(self.downstream),
+                                              len(self.downstream), need_grad, self._all_reduce)
+        return (self._all_reduce(self._flatten(grads)) / len(self.downstream) if need_grad else None), share
 
     def _hvp(self, vec: torch.Tensor) -> torch.Tensor:
-        """∇²L(θ_t) · vec for the mean training loss over the fixed subsample (forward-over-reverse; attention through
-        the math kernel, the one with forward-mode derivatives)."""
-        v = self._unflatten(vec)
-        total = torch.zeros_like(vec)
-        with sdpa_kernel(SDPBackend.MATH):
-            for x, y in self._batches(self.hvp_set):
-                g = lambda p: grad(self._summed_loss)(p, x, y)  # noqa: E731
-                total += self._flatten(jvp(g, (self._params,), (v,))[1])
-        return self._all_reduce(total) / len(self.hvp_set)
+        """∇²L(θ_t) · vec for the mean training loss over the fixed subsample."""
+        total = hessian_vector_product(self.net, self._params, self._unflatten(vec), self._batches(self.hvp_set))
+        return self._all_reduce(self._flatten(total)) / len(self.hvp_set)
 
     # ------------------------------------------------------------------ results
     def results(self) -> ReplayStats:

@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pmp_lightning.errors import PMPError
 from pmp_lightning.layer_rules import decomposed_for, linear_map, rule_for
-from pmp_lightning.models import training_loss
+from pmp_lightning.training import training_loss
 
 STAT_NAMES = ("dot", "grad_norm", "loss", "margin", "correct", "el2n")
 FALLBACK_FLOATS = 2**24  # per-example gradients a fallback holds at once (64 MiB in float32): sets its sub-batch

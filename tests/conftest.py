@@ -4,7 +4,8 @@ import torch
 
 from callbacks.theta_snapshot import ThetaSnapshot
 from pmp_lightning.data import Images, LabelNoise, PoolDataModule
-from pmp_lightning.models import Classifier, mlp
+from pmp_lightning.models import mlp
+from pmp_lightning.training import Classifier
 
 
 class RandomSource:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.theta_snapshot import load_manifest, load_snapshot
+from pmp_lightning.trajectory import load_manifest, load_snapshot
 from pmp_lightning.models import mlp
 from pmp_lightning.replay import ReplayModule
 from pmp_lightning.scores import compute_scores
@@ -46,7 +46,7 @@ def test_one_epoch_means_the_trained_model_not_the_initialisation(trained, tmp_p
     import pytorch_lightning as pl
 
     from callbacks.theta_snapshot import ThetaSnapshot
-    from pmp_lightning.models import Classifier
+    from pmp_lightning.training import Classifier
 
     dm, _ = trained
     pl.seed_everything(0)

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from callbacks.theta_snapshot import ThetaSnapshot, load_manifest, load_snapshot
+from callbacks.theta_snapshot import ThetaSnapshot
+from pmp_lightning.trajectory import load_manifest, load_snapshot
 from pmp_lightning.costate import OBJECTIVES, objective
 from pmp_lightning.data import LabelNoise, PoolDataModule
-from pmp_lightning.models import Classifier, mlp
+from pmp_lightning.models import mlp
+from pmp_lightning.training import Classifier
 from pmp_lightning.replay import ReplayModule
 from pmp_lightning.scores import compute_scores
 from tests.conftest import RandomSource, fit_replay

@@ -53,7 +53,7 @@ def test_metrics_json_has_every_field(train_pool_run):
         assert row["hits_in_lowest_1pct"] in range(0, 7)  # a count among the lowest ⌈1% of 600⌉ = 6
     assert 0.5 < metrics["test_accuracy"] <= 1.0
     assert metrics["costate"]["mode"] == "expm" and len(metrics["costate"]["lambda_norms"]) == 4
-    assert {"data", "train", "test", "replay", "score"} <= set(metrics["timings"])
+    assert {"data", "train", "replay", "score"} <= set(metrics["timings"])
 
 
 def test_scores_csv_has_one_row_per_pool_example(train_pool_run):

@@ -138,8 +138,11 @@ def test_cleanlab_baseline_scores_label_quality():
 
 
 def test_a_bad_folds_setting_is_refused_before_work(tmp_path):
-    with pytest.raises(DataConfigError, match=r"baselines.folds=1: cross-validation needs an integer from 2 to the pool size \(600\)"):
+    with pytest.raises(DataConfigError, match=r"baselines.folds=1: cross-validation needs an integer from 2 to the pool size"):
         run(make_cfg(tmp_path, "baselines.cleanlab=true", "baselines.folds=1"))
+    assert not (tmp_path / "ground_truth.npz").exists()  # refused before the data was loaded
+    with pytest.raises(DataConfigError, match=r"baselines.folds=601: cross-validation needs an integer from 2 to the pool size \(600\)"):
+        run(make_cfg(tmp_path, "baselines.cleanlab=true", "baselines.folds=601"))
     assert "cleanlab" not in [p.name for p in (tmp_path / "cache").glob("*")]
 
 

@@ -8,9 +8,11 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 import pmp_lightning.io as pio
-from callbacks.theta_snapshot import ThetaSnapshot, load_manifest, load_snapshot
+from callbacks.theta_snapshot import ThetaSnapshot
+from pmp_lightning.trajectory import load_manifest, load_snapshot
 from pmp_lightning.data import LabelNoise, PoolDataModule
-from pmp_lightning.models import Classifier, mlp
+from pmp_lightning.models import mlp
+from pmp_lightning.training import Classifier
 from tests.conftest import RandomSource
 
 LR = 0.1

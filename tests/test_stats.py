@@ -8,7 +8,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pmp_lightning import layer_rules
-from pmp_lightning.models import ResNet, TextClassifier, ViT, mlp, reported_cnn, small_cnn, training_loss
+from pmp_lightning.models import ResNet, TextClassifier, ViT, mlp, reported_cnn, small_cnn
+from pmp_lightning.training import training_loss
 from pmp_lightning.stats import UnsupportedModelError, make_plan, per_example_stats
 
 RTOL = 1e-9

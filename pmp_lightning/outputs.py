@@ -1,0 +1,92 @@
+"""What a run writes into its directory (besides the links to its cache entries): ``scores.csv``, ``suspects.csv``
+and ``suspects.png``, ``metrics.json``, and the report it prints. Every file is written atomically."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from pmp_lightning.evaluate import format_table
+from pmp_lightning.io import save_json, save_text
+
+
+def write_outputs(out: Path, datamodule, scores: dict[str, np.ndarray], metrics: dict, predicted: np.ndarray) -> None:
+    """The run's files, then its report on stdout."""
+    rank_by = metrics["suspects"]["rank_by"]
+    write_scores(out / "scores.csv", datamodule, scores)
+    write_suspects(out, datamodule, scores[rank_by], rank_by, predicted)
+    save_json(out / "metrics.json", metrics)
+    print_report(metrics, out)
+
+
+def write_suspects(out: Path, datamodule, score: np.ndarray, name: str, predicted: np.ndarray) -> None:
+    """``suspects.csv``: the whole pool, most suspect (lowest score) first, and ``suspects.png``, the first 32."""
+    from pmp_lightning.compare import N_SUSPECTS, suspect_grid
+
+    order = np.argsort(score, kind="stable")
+    truth = datamodule.is_mislabeled if datamodule.is_mislabeled.any() else None
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["rank", "index", "observed_label", "predicted_label", name, *(["is_mislabeled"] if truth is not None else [])])
+    observed = datamodule.observed_labels.numpy()
+    for rank, i in enumerate(order, start=1):
+        row = [rank, int(datamodule.pool_index[i]), int(observed[i]), int(predicted[i]), repr(float(score[i]))]
+        writer.writerow(row + ([int(truth[i])] if truth is not None else []))
+    save_text(out / "suspects.csv", buf.getvalue())
+    top = order[:N_SUSPECTS]
+    titles = [f"#{datamodule.pool_index[i]}: {observed[i]}, model {predicted[i]}" for i in top]
+    suspect_grid(datamodule.pool.x[top], titles, None if truth is None else truth[top],
+                 f"{N_SUSPECTS} most suspect by {name}: index: observed label, model's label"
+                 + ("" if truth is None else " (red = mislabeled)"), out / "suspects.png")
+
+
+def write_scores(path: Path, datamodule, scores: dict[str, np.ndarray]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    # is_mislabeled: synthetic noise (true_label != observed_label) or a listed known error (known_error = 1)
+    writer.writerow(["index", "true_label", "observed_label", "is_mislabeled", "known_error", *scores])
+    columns = [datamodule.pool_index, datamodule.true_labels.numpy(), datamodule.observed_labels.numpy(),
+               datamodule.is_mislabeled.astype(int), datamodule.known_error_mask.astype(int)]
+    for row in zip(*columns, *scores.values()):
+        writer.writerow([int(v) for v in row[:5]] + [repr(float(v)) for v in row[5:]])
+    save_text(path, buf.getvalue())
+
+
+def print_report(metrics: dict, out: Path) -> None:
+    norms = ", ".join(f"{v:.3g}" for v in metrics["costate"]["lambda_norms"])
+    lines = [
+        f"test accuracy: {metrics['test_accuracy']:.4f}",
+        f"costate ({metrics['costate']['mode']}, J = {metrics['costate']['horizon']} of {metrics['costate']['objective']}) "
+        f"‖λ_t‖, t=1..T: {norms}",
+        "downstream examples carrying ∇J(θ_t), t=1..T: "
+        + ", ".join(f"{v:.0%}" for v in metrics["costate"]["participation"]),
+    ]
+    if metrics["detection"]:
+        lines += ["", "detection of mislabeled examples (low score = suspect), best AP first:", format_table(metrics["detection"])]
+    if "known_errors" in metrics:
+        known = metrics["known_errors"]
+        repeats = f" ({known['duplicates']} duplicate entries counted once)" if known["duplicates"] else ""
+        lines += [f"known errors: {known['in_pool']} of the {known['listed']} distinct indices listed in {known['file']} "
+                  f"are in the pool{repeats}"]
+    if "cleanlab" in metrics:
+        cl = metrics["cleanlab"]
+        found = f"find_label_issues flags {cl['issues_found']}"
+        if "precision" in cl:
+            found += f" (precision {cl['precision']:.3f}, recall {cl['recall']:.3f})"
+        lines += [f"cleanlab: probabilities from {cl['probabilities']}, {cl['seconds']:.0f} s; {found}"]
+    if "selection" in metrics:
+        sel = metrics["selection"]
+        lines += ["", f"test accuracy after retraining without the lowest-scored examples (all kept: {sel['full']:.4f}, "
+                      f"oracle without exactly the mislabeled: {sel['oracle']:.4f}):"]
+        lines += [f"  removed {float(f):.0%}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
+                  for f, row in sel.items() if f not in ("full", "oracle")]
+    lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings"].items())]
+    if metrics["peak_memory_mib"]:
+        lines += ["peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["peak_memory_mib"].items())]
+    costs = ", ".join(f"{k} {v:.0f} s" for k, v in metrics["cost_s"].items() if v is not None)
+    if costs:
+        lines += [f"cost of the cached results: {costs}"]
+    lines += [f"suspects, most suspect first by {metrics['suspects']['rank_by']}: {out / 'suspects.csv'}", f"outputs: {out}"]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,112 @@
+"""The replay's files: ``stats.npz`` (``ReplayStats``, what the scores read) and the progress a killed replay resumes
+from (``ReplayProgress``: ``rows/row_<t>.npz`` per finished snapshot, then ``costate.npz`` with λ, the done-mask over
+the snapshots and a fingerprint of the replay's inputs). Every file is written atomically, the costate last, so a
+crash between the two leaves a row that is simply redone."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from pmp_lightning.errors import ReplayConfigError, SnapshotError
+from pmp_lightning.io import save_npz
+
+
+@dataclass
+class ReplayStats:
+    """Everything the scores need: per-example arrays over the snapshots and per-step vectors.
+
+    ``dot[t, n] = ⟨λ_{t+1}, ∇l_n(θ_t)⟩`` for t = 0..T-1 (T × N); the PMP contribution is
+    ``c[t, n] = eta[t] * dot[t, n]``. ``grad_norm``, ``loss``, ``margin``, ``correct`` and ``el2n`` hold one
+    row per snapshot θ_0..θ_T ((T+1) × N): the PMP variants read rows 0..T-1 (beside ``dot``), the baselines
+    the trained snapshots θ_1..θ_T (``trained``), so the final model counts and the initialisation does not.
+    ``lambda_norm[t] = ‖λ_{t+1}‖``; ``participation[t]`` is the fraction of downstream examples carrying
+    ∇J(θ_{t+1}) (``costate.participation``). Columns follow the pool's positions.
+    """
+
+    dot: np.ndarray
+    grad_norm: np.ndarray
+    loss: np.ndarray
+    margin: np.ndarray
+    correct: np.ndarray
+    el2n: np.ndarray
+    eta: np.ndarray
+    lambda_norm: np.ndarray
+    participation: np.ndarray
+
+    @property
+    def contribution(self) -> np.ndarray:
+        return self.eta[:, None] * self.dot
+
+    @property
+    def replayed_grad_norm(self) -> np.ndarray:
+        """‖∇l_n(θ_t)‖ for t = 0..T-1, the snapshots the costate scores (T × N, beside ``dot``)."""
+        return self.grad_norm[:-1]
+
+    def trained(self, name: str) -> np.ndarray:
+        """The per-example statistic ``name`` at the trained snapshots θ_1..θ_T (T × N): what the baselines average."""
+        return getattr(self, name)[1:]
+
+    def save(self, path: str | Path) -> Path:
+        return save_npz(path, **{f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReplayStats":
+        with np.load(path) as z:
+            return cls(**{f.name: z[f.name] for f in fields(cls)})
+
+
+def growth_steps(lambda_norm: np.ndarray, factor: float) -> list[int]:
+    """Snapshots t where ‖λ_t‖ > factor · ‖λ_{t+1}‖ (``lambda_norm[t-1] = ‖λ_t‖``)."""
+    return [t for t in range(1, len(lambda_norm)) if lambda_norm[t - 1] > factor * lambda_norm[t] > 0]
+
+
+class ReplayProgress:
+    """Rank zero's record of a replay in progress in ``directory``, bound to the ``fingerprint`` of its inputs."""
+
+    def __init__(self, directory: str | Path, fingerprint: str):
+        self.directory, self.fingerprint = Path(directory), fingerprint
+
+    @property
+    def stats_path(self) -> Path:
+        return self.directory / "stats.npz"
+
+    def load(self) -> dict | None:
+        """The finished snapshots' rows (``{t: {statistic: row}}``), ``done``, ``lambda_norm``, ``participation`` and the
+        last ``costate``; None when nothing was saved yet. Progress of other inputs, or damaged, is refused with the fix."""
+        path = self.directory / "costate.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as z:
+                state = {k: z[k] for k in z.files}
+            rows = {}
+            for t in np.flatnonzero(state["done"]):
+                with np.load(self._row(t)) as row:
+                    rows[int(t)] = {k: row[k] for k in row.files}
+        except Exception as err:  # a damaged npz raises various errors inside numpy and zipfile
+            raise SnapshotError(f"the replay progress in {self.directory} cannot be read ({type(err).__name__}: {err}); "
+                                f"delete it and rerun") from err
+        if str(state["fingerprint"]) != self.fingerprint:
+            raise ReplayConfigError(
+                f"{path} is the progress of a replay with other snapshots, pool or replay settings; delete "
+                f"{self.directory} or point the replay at a fresh directory"
+            )
+        return {"rows": rows, "done": state["done"].astype(bool), "lambda_norm": state["lambda_norm"].astype(np.float64),
+                "participation": state["participation"].astype(np.float64), "costate": state["costate"]}
+
+    def save(self, t: int, row: dict[str, np.ndarray], costate: np.ndarray, done: np.ndarray, lambda_norm: np.ndarray,
+             participation: np.ndarray) -> None:
+        """Snapshot t's rows, then (atomically, last) the costate and the done-mask."""
+        save_npz(self._row(t), **row)
+        save_npz(self.directory / "costate.npz", costate=costate, done=done, lambda_norm=lambda_norm,
+                 participation=participation, fingerprint=np.array(self.fingerprint))
+
+    def _row(self, t: int) -> Path:
+        return self.directory / "rows" / f"row_{t:05d}.npz"
+
+
+def growth_steps(lambda_norm: np.ndarray, factor: float) -> list[int]:
+    """Snapshots t where ‖λ_t‖ > factor · ‖λ_{t+1}‖ (``lambda_norm[t-1] = ‖λ_t‖``)."""
+    return [t for t in range(1, len(lambda_norm)) if lambda_norm[t - 1] > factor * lambda_norm[t] > 0]

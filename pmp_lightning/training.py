@@ -1,0 +1,102 @@
+"""Training, in one place: the loss, the LightningModule that descends it, and ``Training.fit``, the one training
+loop that the run's own trajectory, the selection retrains and cleanlab's cross-validation folds all use."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+
+from callbacks.progress import log_above_bars, progress_callbacks
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The loss training descends, l_n = cross-entropy of example n with its observed label: the one definition that
+    training, the replay's Hessian-vector products and the statistics pass all use."""
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+@torch.no_grad()
+def predict_proba(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities of ``net`` (switched to eval mode) for the inputs ``x``, as float64 (N, K)."""
+    net.eval()
+    device = next(net.parameters()).device
+    return torch.cat([net(chunk.to(device)).double().softmax(1).cpu() for chunk in x.split(batch_size)]).numpy()
+
+
+class Classifier(pl.LightningModule):
+    """Trains ``net`` with ``training_loss``; the optimizer and learning-rate schedule are Hydra partials."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_schedule: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ):
+        super().__init__()
+        self.net, self.optimizer_factory, self.lr_schedule = net, optimizer, lr_schedule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        loss = training_loss(self.net(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        x, y, _ = batch
+        acc = (self.net(x).argmax(1) == y).float().mean()
+        self.log("test/accuracy", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.lr_schedule is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_schedule(optimizer), "interval": "epoch"}}
+
+
+@dataclass
+class Training:
+    """How a run trains a classifier, built once from its config: the network and the optimizer and learning-rate
+    schedule (factories), the Trainer's settings, the seed and whether progress is shown."""
+
+    net: Callable[[], nn.Module]
+    optimizer: Callable[..., torch.optim.Optimizer]
+    lr_schedule: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None
+    trainer: Callable[..., pl.Trainer]
+    seed: int
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "Training":
+        """The training a run's config describes: ``model``, ``optimizer``, ``lr_schedule``, ``trainer``, ``seed``."""
+        return cls(net=instantiate(cfg.model, _partial_=True), optimizer=instantiate(cfg.optimizer),
+                   lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
+                   trainer=instantiate(cfg.trainer, _partial_=True), seed=cfg.seed, progress=cfg.trainer.enable_progress_bar)
+
+    def fit(self, train, test=None, callbacks=(), logger=False, root_dir=None, one_process: bool = False
+            ) -> tuple[Classifier, float | None]:
+        """A classifier trained from scratch (seeded with the run's seed) on ``train`` (a datamodule or a loader), and
+        its accuracy on ``test`` (a datamodule or a loader; None: not measured). ``one_process``: a single-process
+        fit even when the run's Trainer uses several (the small retrains, on global rank zero only)."""
+        pl.seed_everything(self.seed, workers=True)
+        classifier = Classifier(self.net(), self.optimizer, self.lr_schedule)
+        single = {"strategy": "auto", "devices": 1, "enable_checkpointing": False} if one_process else {}
+        trainer = self.trainer(callbacks=[*callbacks, *progress_callbacks(self.progress)], logger=logger,
+                               default_root_dir=root_dir, **single)
+        with log_above_bars(self.progress):
+            trainer.fit(classifier, **_data("train_dataloaders", train))
+        if test is None:
+            return classifier, None
+        return classifier, float(trainer.test(classifier, verbose=False, **_data("dataloaders", test))[0]["test/accuracy"])
+
+
+def _data(loader_key: str, data) -> dict:
+    return {"datamodule": data} if isinstance(data, pl.LightningDataModule) else {loader_key: data}

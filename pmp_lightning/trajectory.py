@@ -1,0 +1,94 @@
+"""The trajectory on disk: the snapshot format, in one place. ``ThetaSnapshot`` (callbacks/) writes it; the replay,
+the pipeline and ``diagnose`` read it.
+
+Layout of a snapshot directory::
+
+    theta_0000.pt ... theta_T.pt    the training module's state_dict at each snapshot
+    manifest.json                   one entry per snapshot (t, file, step, epoch, lr_sum, lrs) plus the
+                                    parameter shapes, dtype, optimizer and batches per epoch; "complete"
+                                    turns true when training ends
+
+``lr_sum`` of snapshot t is the summed learning rate of the optimizer steps between snapshots t-1 and t (η_{t-1}
+of the replay); ``lrs`` lists each of those steps' learning rates. The training module keeps its network as
+``self.net``, so the network's own parameters carry the prefix ``net.`` in a snapshot.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pmp_lightning.errors import SnapshotError
+from pmp_lightning.io import save_json, save_torch
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+PREFIX = "net."  # the training module's attribute holding the network
+
+
+def snapshot_file(t: int) -> str:
+    return f"theta_{t:04d}.pt"
+
+
+def write_snapshot(dirpath: str | Path, t: int, state: dict[str, torch.Tensor]) -> Path:
+    """θ_t (a module's state_dict, on the CPU), atomically."""
+    return save_torch(Path(dirpath) / snapshot_file(t), state)
+
+
+def write_manifest(dirpath: str | Path, manifest: dict[str, Any]) -> Path:
+    return save_json(Path(dirpath) / MANIFEST, {"format": FORMAT_VERSION, **manifest})
+
+
+def load_manifest(dirpath: str | Path) -> dict[str, Any]:
+    """Read and check a snapshot directory's manifest; raises ``SnapshotError`` with the fix."""
+    dirpath = Path(dirpath)
+    if not dirpath.is_dir():
+        raise SnapshotError(
+            f"snapshot directory {dirpath} does not exist; train first (python run.py ...) so the "
+            f"ThetaSnapshot callback writes it, or point replay.snapshot_dir at an existing run's snapshots/"
+        )
+    path = dirpath / MANIFEST
+    if not path.is_file():
+        raise SnapshotError(f"{dirpath} has no {MANIFEST}: it was not written by ThetaSnapshot, or training never started")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SnapshotError(f"{path} is not valid JSON ({err}); the snapshot directory is damaged, retrain") from err
+    if not manifest.get("complete"):
+        raise SnapshotError(
+            f"{dirpath} holds a partial trajectory (training did not finish: {len(manifest['snapshots'])} "
+            f"snapshots written); resume or rerun training before replaying"
+        )
+    snaps = manifest["snapshots"]
+    if len(snaps) < 2:
+        raise SnapshotError(f"{dirpath} has {len(snaps)} snapshot(s); the replay needs θ_0 and at least one more")
+    for t, (before, after) in enumerate(zip(snaps, snaps[1:]), start=1):
+        if after["t"] != t or after["step"] - before["step"] != len(after["lrs"]):
+            raise SnapshotError(
+                f"{dirpath} has a gap: snapshot {after['file']} is at step {after['step']} after step {before['step']} "
+                f"but records {len(after['lrs'])} learning rate(s) in between; the trajectory is incomplete, retrain"
+            )
+    return manifest
+
+
+def load_snapshot(dirpath: str | Path, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The training module's state_dict at the snapshot the manifest ``entry`` describes."""
+    path = Path(dirpath) / entry["file"]
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise SnapshotError(f"snapshot {path} listed in the manifest is missing; retrain") from err
+    except Exception as err:  # a truncated or corrupted file raises various errors inside torch.load
+        raise SnapshotError(f"snapshot {path} cannot be read ({type(err).__name__}: {err}); it is damaged, retrain") from err
+
+
+def network_state(dirpath: str | Path, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network's own state_dict at one snapshot (the manifest ``entry``): the training module's prefix removed."""
+    return {k[len(PREFIX):]: v for k, v in load_snapshot(dirpath, entry).items()}
+
+
+def network_shapes(net: torch.nn.Module) -> dict[str, list[int]]:
+    """The shapes a snapshot of ``net`` records (``param_shapes`` in the manifest), with the training module's prefix."""
+    return {PREFIX + k: list(v.shape) for k, v in net.state_dict().items()}
