@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pmp_lightning.errors import PMPError
@@ -33,13 +34,24 @@ FORMAT = 1
 COSMETIC_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 
 
+def content_digest(*tensors: torch.Tensor) -> str:
+    """A hash of the tensors' dtypes, shapes and bytes: what the caches key data by, so that changed data
+    (a file rewritten in place, a dataset that now yields other images) always recomputes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 class CacheError(PMPError, RuntimeError):
     """A cache entry that does not match what it claims to hold."""
 
 
 # data settings the content key covers better (they decide what is in the pool, the training and test sets, whose
 # bytes the key holds) or that belong to the replay (the downstream set) or to no stage (the known errors)
-NOT_TRAIN_KEYS = ("known_errors", "downstream_size", "downstream_includes_pool")
+NOT_TRAIN_KEYS = ("known_errors", "downstream_size", "downstream_includes_pool", "downstream")
 
 
 def train_key_config(cfg: DictConfig, data_content: dict[str, str]) -> dict[str, Any]:
@@ -50,6 +62,10 @@ def train_key_config(cfg: DictConfig, data_content: dict[str, str]) -> dict[str,
     config = {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}}
     for key in NOT_TRAIN_KEYS:
         config["data"].pop(key, None)
+    config["noise"].pop("cache_dir", None)  # where noise=confusion keeps its reference, not what it is
+    if "reference" in config["noise"]:
+        trainer = config["noise"]["reference"]["trainer"]
+        config["noise"]["reference"]["trainer"] = {k: v for k, v in trainer.items() if k not in COSMETIC_TRAINER_KEYS}
     config["data_content"] = data_content
     return config
 

@@ -11,7 +11,6 @@ pool's positions to the source split's own indices (the ``index`` column of ``sc
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pmp_lightning.cache import content_digest
 from pmp_lightning.errors import DataConfigError
-
-NUM_CLASSES = 10
-
+from pmp_lightning.noise import NUM_CLASSES, LabelNoise
 
 # --------------------------------------------------------------------------- sources
 @dataclass
@@ -263,65 +261,6 @@ def read_known_errors(path: str | Path) -> tuple[np.ndarray, int]:
     return np.array(sorted(seen), dtype=np.int64), len(tokens)
 
 
-# --------------------------------------------------------------------------- noise
-class LabelNoise:
-    """Corrupts exactly ``round(rate * N)`` labels, chosen uniformly at random.
-
-    ``symmetric``: the new label is uniform over the other classes; ``pairflip``: c -> c+1 mod K;
-    ``none``: labels are left alone (rate must be 0). ``classes`` (sorted) limits the new labels to the classes
-    that some example truly has: with class 3 absent, pairflip sends 2 to 4 and symmetric never draws 3.
-    """
-
-    KINDS = ("symmetric", "pairflip", "none")
-
-    def __init__(self, kind: str = "symmetric", rate: float = 0.2, seed: int = 0):
-        if kind not in self.KINDS:
-            raise DataConfigError(f"unknown noise kind {kind!r}; choose one of {', '.join(self.KINDS)}")
-        try:
-            rate = float(rate)
-        except (TypeError, ValueError):
-            raise DataConfigError(f"noise.rate={rate!r} is not a number: it is the fraction of pool labels to corrupt; "
-                                  f"use e.g. noise.rate=0.2") from None
-        if not 0.0 <= rate < 1.0:
-            raise DataConfigError(
-                f"noise.rate={rate} is outside [0, 1): it is the fraction of pool labels to corrupt; "
-                f"use e.g. noise.rate=0.2"
-            )
-        if kind == "none" and rate != 0:
-            raise DataConfigError(f"noise=none corrupts nothing but noise.rate={rate}; drop the rate or pick noise=symmetric")
-        self.kind, self.rate, self.seed = kind, float(rate), int(seed)
-
-    def __call__(self, labels: torch.Tensor, num_classes: int = NUM_CLASSES, classes: torch.Tensor | None = None) -> torch.Tensor:
-        classes = torch.arange(num_classes) if classes is None else classes
-        if len(classes) < 2 and self.kind != "none":
-            raise DataConfigError(f"noise={self.kind} needs at least 2 classes, the data has {len(classes)}")
-        observed = labels.clone()
-        n_flip = int(round(self.rate * len(labels))) if self.kind != "none" else 0
-        if n_flip == 0:
-            return observed
-        gen = torch.Generator().manual_seed(self.seed)
-        flip = torch.randperm(len(labels), generator=gen)[:n_flip]
-        k = len(classes)
-        position = torch.searchsorted(classes, labels[flip])  # the label's place among the classes that exist
-        if self.kind == "pairflip":
-            observed[flip] = classes[(position + 1) % k]
-        else:  # a uniform draw over the k-1 other classes
-            shift = torch.randint(1, k, (n_flip,), generator=gen)
-            observed[flip] = classes[(position + shift) % k]
-        return observed
-
-
-def content_digest(*tensors: torch.Tensor) -> str:
-    """A hash of the tensors' dtypes, shapes and bytes: what the caches key data by, so that changed data
-    (a file rewritten in place, a dataset that now yields other images) always recomputes."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------- datasets
 class IndexedDataset(Dataset):
     """In-memory ``(x, y, position)`` triples."""
@@ -370,6 +309,53 @@ class _Draw:
         return self.order[self.taken :]
 
 
+class TrustedSet:
+    """A downstream set whose labels the user trusts (``data.downstream``), defining J instead of examples drawn from
+    the data source beside the pool.
+
+    ``source``: any data source (``TensorSource`` for a file, ``DatasetSource``, ``TorchvisionSource``), or None for
+    the run's own source; ``split``: its ``main`` or ``test`` split; ``size``: examples drawn from it (null: all that
+    are left); ``label_noise``: a fraction of its labels made wrong on purpose (symmetric, seeded), to measure what
+    an imperfect set costs.
+    """
+
+    def __init__(self, source=None, split: str = "main", size: int | None = None, label_noise: float = 0.0, seed: int = 0):
+        if split not in ("main", "test"):
+            raise DataConfigError(f"data.downstream.split={split!r}: give main or test")
+        if source is None and split == "main":
+            raise DataConfigError("data.downstream from the run's own source needs split=test (the training split is the "
+                                  "pool's); give a source of its own (downstream=file or dataset) for anything else")
+        self.source, self.split, self.size, self.seed = source, split, size, int(seed)
+        self.label_noise = float(label_noise)
+        self.wrong_labels = 0
+        own_name = getattr(source, "path", None) or getattr(source, "name", None) or type(source).__name__
+        self.name = f"{own_name} ({split} split)" if source is not None else "the data source's test split"
+
+    def draw(self, own: dict, num_classes: int) -> IndexedDataset:
+        """The set's examples: from the run's own test split (what the other splits left of it) or from its own source,
+        with ``label_noise`` of the labels made wrong."""
+        if self.source is None:
+            images, draw = own["test"]
+            if draw is None:
+                raise DataConfigError(f"data.downstream: the data source has no test split; use downstream=file or dataset")
+            idx = draw.take(self.size, "trusted downstream set (data.downstream.size)")
+        else:
+            main, test = self.source.load()
+            images = main if self.split == "main" else test
+            if images is None:
+                raise DataConfigError(f"data.downstream: {type(self.source).__name__} has no test split; set "
+                                      f"data.downstream.split=main")
+            check_source(images, None, getattr(self.source, "num_classes", None) or num_classes)
+            idx = _Draw(images, torch.Generator().manual_seed(self.seed), self.name).take(
+                self.size, "trusted downstream set (data.downstream.size)")
+        x, y = images.x[idx], images.y[idx]
+        if int(y.max()) >= num_classes:
+            raise DataConfigError(f"data.downstream holds label {int(y.max())}, but the data has {num_classes} classes")
+        noisy = LabelNoise("symmetric", self.label_noise, self.seed)(y, num_classes)
+        self.wrong_labels = int((noisy != y).sum())
+        return IndexedDataset(x, noisy)
+
+
 class PoolDataModule(pl.LightningDataModule):
     """The scored pool, a clean downstream set defining J, a clean test set, and the training set.
 
@@ -381,6 +367,10 @@ class PoolDataModule(pl.LightningDataModule):
     With ``downstream_includes_pool`` the downstream set is the whole test split, the pool's images
     with their true labels included: the report's set-up, which leaks the answers into J (warned).
     ``pool_size=None`` takes every example left after the downstream (and test) sets.
+
+    ``downstream``: a trusted downstream set of its own (``TrustedSet``: a file, a dataset, or the test split) instead
+    of ``downstream_size`` examples drawn from the training source; it is drawn after every other split, so the
+    pool, its noise and the trajectory do not depend on it, and it must share no image with the pool.
 
     ``known_errors``: a file of source indices known to be mislabeled (e.g. from a human review; format in
     ``read_known_errors``). They count as mislabeled beside any synthetic noise, so detection is measured
@@ -401,6 +391,7 @@ class PoolDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         num_workers: int = 0,
         known_errors: str | None = None,
+        downstream: "TrustedSet | None" = None,
     ):
         super().__init__()
         if pool_mode not in ("train", "holdout", "test"):
@@ -415,6 +406,7 @@ class PoolDataModule(pl.LightningDataModule):
         self.downstream_includes_pool = downstream_includes_pool
         self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
         self.known_errors = known_errors
+        self.trusted = downstream
         self._ready = False
 
     # ------------------------------------------------------------------ splits
@@ -427,26 +419,27 @@ class PoolDataModule(pl.LightningDataModule):
         train_draw = _Draw(main, gen, "the training source")
         test_draw = _Draw(test_split, gen, "the test split") if test_split is not None else None
 
+        trusted = self.trusted is not None
         if self.pool_mode == "test":
             if test_draw is None:
                 raise DataConfigError(f"pool=test scores test-split images but {type(self.source).__name__} has no test "
                                       f"split; use data=mnist or data=fashion_mnist")
             pool_src, pool_idx = test_split, test_draw.take(self.pool_size, "pool (data.pool_size)")
             if self.downstream_includes_pool:  # the reported set-up: J is the whole test split
-                ds_x, ds_y = test_split.x, test_split.y
-            else:
+                self.downstream = IndexedDataset(test_split.x, test_split.y)
+            elif not trusted:
                 ds_idx = test_draw.take(self.downstream_size, "downstream set (data.downstream_size)")
-                ds_x, ds_y = test_split.x[ds_idx], test_split.y[ds_idx]
+                self.downstream = IndexedDataset(test_split.x[ds_idx], test_split.y[ds_idx])
             test_idx = test_draw.take(self.test_size, "test set (data.test_size)")
             self.test_set = IndexedDataset(test_split.x[test_idx], test_split.y[test_idx])
-            self.downstream = IndexedDataset(ds_x, ds_y)
             train_idx = train_draw.take(self.train_size, "training set (data.train_size)")
         else:
             test_src, test_from = (main, train_draw) if test_split is None else (test_split, test_draw)
             test_idx = test_from.take(self.test_size, "test set (data.test_size)")
             self.test_set = IndexedDataset(test_src.x[test_idx], test_src.y[test_idx])
-            ds_idx = train_draw.take(self.downstream_size, "downstream set (data.downstream_size)")
-            self.downstream = IndexedDataset(main.x[ds_idx], main.y[ds_idx])
+            if not trusted:
+                ds_idx = train_draw.take(self.downstream_size, "downstream set (data.downstream_size)")
+                self.downstream = IndexedDataset(main.x[ds_idx], main.y[ds_idx])
             pool_src = main
             if self.pool_mode == "holdout":
                 pool_idx = train_draw.take(self.pool_size, "held-out pool (data.pool_size)")
@@ -455,6 +448,9 @@ class PoolDataModule(pl.LightningDataModule):
                 train_idx = train_draw.take(self.train_size, "clean training set (data.train_size)")
             else:
                 pool_idx = train_idx = train_draw.take(self.pool_size, "pool (data.pool_size)")
+        if trusted:  # drawn last, so the pool, its noise and the trajectory do not depend on it
+            self.downstream = self.trusted.draw({"main": (main, train_draw), "test": (test_split, test_draw)},
+                                                self.num_classes)
 
         self.pool_index = pool_idx.numpy()
         self.true_labels = pool_src.y[pool_idx].clone()
@@ -463,12 +459,31 @@ class PoolDataModule(pl.LightningDataModule):
                 f"the pool holds a single class ({int(self.true_labels[0])}) in its {len(self.true_labels)} examples: "
                 f"label noise and detection need several classes; raise data.pool_size"
             )
-        self.observed_labels = self.noise(self.true_labels, self.num_classes, self._noise_classes(main.y[train_idx]))
+        self.observed_labels = self.noise(self.true_labels, self.num_classes, self._noise_classes(main.y[train_idx]),
+                                          images=pool_src.x[pool_idx], reference=self.test_set)
         self.known_error_mask = self._known_errors(len(pool_src))
         self.pool = IndexedDataset(pool_src.x[pool_idx], self.observed_labels)
         self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(main.x[train_idx], main.y[train_idx])
-        self.check_overlap()
+        shared = self.check_overlap()
+        if shared and trusted:
+            raise DataConfigError(f"the trusted downstream set (data.downstream) shares {shared} images with the pool; J must "
+                                  f"not contain examples it scores: remove them from the set, or draw it elsewhere")
+        self.downstream_note = self._describe_downstream()
         self._ready = True
+
+    def _describe_downstream(self) -> dict:
+        """Where J's examples come from, for the log and metrics.json; in real-data mode (no synthetic noise) without a
+        trusted set, a warning that J comes from the same unverified data as the pool."""
+        if self.trusted is not None:
+            return {"source": self.trusted.name, "size": len(self.downstream), "label_noise": self.trusted.label_noise,
+                    "wrong_labels": self.trusted.wrong_labels}
+        note = {"source": "drawn from the data source, beside the pool", "size": len(self.downstream)}
+        if getattr(self.noise, "rate", 0) == 0:
+            note["warning"] = (f"J comes from {len(self.downstream)} examples of the same data as the pool, whose labels "
+                               f"are not verified: a source with label errors puts some of them into J. Give a small set "
+                               f"you trust as data.downstream (downstream=file, dataset or test_split)")
+            warnings.warn(note["warning"], stacklevel=3)
+        return note
 
     def _noise_classes(self, train_labels: torch.Tensor) -> torch.Tensor:
         """The classes label noise may flip into: those some pool or training example truly has. A pool that lacks

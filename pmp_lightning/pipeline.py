@@ -319,6 +319,7 @@ def assemble_metrics(stages: Stages, detected: dict, trained: dict, stats: Repla
     }
     if detected["caveat"]:
         metrics["detection_caveat"] = detected["caveat"]
+    metrics["downstream"] = datamodule.downstream_note
     if datamodule.known_error_counts is not None:
         metrics["known_errors"] = {"file": str(datamodule.known_errors), **datamodule.known_error_counts}
     if cleanlab is not None:

@@ -79,7 +79,8 @@ class Training:
         """The training a run's config describes: ``model``, ``optimizer``, ``lr_schedule``, ``trainer``, ``seed``."""
         return cls(net=instantiate(cfg.model, _partial_=True), optimizer=instantiate(cfg.optimizer),
                    lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
-                   trainer=instantiate(cfg.trainer, _partial_=True), seed=cfg.seed, progress=cfg.trainer.enable_progress_bar)
+                   trainer=instantiate(cfg.trainer, _partial_=True), seed=cfg.seed,
+                   progress=cfg.trainer.get("enable_progress_bar", True))
 
     def fit(self, train, test=None, callbacks=(), logger=False, root_dir=None, one_process: bool = False
             ) -> tuple[Classifier, float | None]:

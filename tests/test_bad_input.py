@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from pmp_lightning.data import LabelNoise, PoolDataModule
+from pmp_lightning.data import PoolDataModule
+from pmp_lightning.noise import LabelNoise
 from pmp_lightning.errors import (CostateDivergedError, DataConfigError, OutputError, ReplayConfigError, SnapshotError,
                                   UnknownScoreError)
 from pmp_lightning.models import mlp

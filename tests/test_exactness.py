@@ -15,7 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from callbacks.theta_snapshot import ThetaSnapshot
 from pmp_lightning.trajectory import load_manifest, load_snapshot
 from pmp_lightning.costate import OBJECTIVES, objective
-from pmp_lightning.data import LabelNoise, PoolDataModule
+from pmp_lightning.data import PoolDataModule
+from pmp_lightning.noise import LabelNoise
 from pmp_lightning.models import mlp
 from pmp_lightning.training import Classifier
 from pmp_lightning.replay import ReplayModule

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 
 from pmp_lightning.baselines import cleanlab_baseline
 from pmp_lightning.config import register_configs
-from pmp_lightning.data import DatasetSource, LabelNoise, PoolDataModule, TensorSource, read_known_errors
+from pmp_lightning.data import DatasetSource, PoolDataModule, TensorSource, read_known_errors
+from pmp_lightning.noise import LabelNoise
 from pmp_lightning.errors import DataConfigError, UnknownScoreError
 from pmp_lightning.pipeline import run
 from tests.conftest import RandomSource

@@ -1,0 +1,147 @@
+"""Label noise: which pool labels are corrupted, and into what.
+
+``LabelNoise`` flips exactly ``round(rate · N)`` labels chosen uniformly at random (symmetric or pair-flip).
+``ConfusionNoise`` flips as many, chosen by how hard a reference classifier finds each image, to the class it
+confuses the image with: instance-dependent noise, which looks like human error.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from pmp_lightning.cache import COSMETIC_TRAINER_KEYS, StageCache, content_digest
+from pmp_lightning.errors import DataConfigError
+from pmp_lightning.io import save_npz
+
+NUM_CLASSES = 10
+log = logging.getLogger(__name__)
+
+
+def _rate(rate) -> float:
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        raise DataConfigError(f"noise.rate={rate!r} is not a number: it is the fraction of pool labels to corrupt; "
+                              f"use e.g. noise.rate=0.2") from None
+    if not 0.0 <= rate < 1.0:
+        raise DataConfigError(f"noise.rate={rate} is outside [0, 1): it is the fraction of pool labels to corrupt; "
+                              f"use e.g. noise.rate=0.2")
+    return rate
+
+
+class LabelNoise:
+    """Corrupts exactly ``round(rate * N)`` labels, chosen uniformly at random.
+
+    ``symmetric``: the new label is uniform over the other classes; ``pairflip``: c -> c+1 mod K;
+    ``none``: labels are left alone (rate must be 0). ``classes`` (sorted) limits the new labels to the classes
+    that some example truly has: with class 3 absent, pairflip sends 2 to 4 and symmetric never draws 3.
+    """
+
+    KINDS = ("symmetric", "pairflip", "none")
+
+    def __init__(self, kind: str = "symmetric", rate: float = 0.2, seed: int = 0):
+        if kind not in self.KINDS:
+            raise DataConfigError(f"unknown noise kind {kind!r}; choose one of {', '.join(self.KINDS)} (or noise=confusion)")
+        rate = _rate(rate)
+        if kind == "none" and rate != 0:
+            raise DataConfigError(f"noise=none corrupts nothing but noise.rate={rate}; drop the rate or pick noise=symmetric")
+        self.kind, self.rate, self.seed = kind, float(rate), int(seed)
+
+    def __call__(self, labels: torch.Tensor, num_classes: int = NUM_CLASSES, classes: torch.Tensor | None = None,
+                 images: torch.Tensor | None = None, reference=None) -> torch.Tensor:
+        classes = torch.arange(num_classes) if classes is None else classes
+        if len(classes) < 2 and self.kind != "none":
+            raise DataConfigError(f"noise={self.kind} needs at least 2 classes, the data has {len(classes)}")
+        observed = labels.clone()
+        n_flip = int(round(self.rate * len(labels))) if self.kind != "none" else 0
+        if n_flip == 0:
+            return observed
+        gen = torch.Generator().manual_seed(self.seed)
+        flip = torch.randperm(len(labels), generator=gen)[:n_flip]
+        k = len(classes)
+        position = torch.searchsorted(classes, labels[flip])  # the label's place among the classes that exist
+        if self.kind == "pairflip":
+            observed[flip] = classes[(position + 1) % k]
+        else:  # a uniform draw over the k-1 other classes
+            shift = torch.randint(1, k, (n_flip,), generator=gen)
+            observed[flip] = classes[(position + shift) % k]
+        return observed
+
+
+
+
+class ConfusionNoise:
+    """Instance-dependent label noise, after Chen et al. (2021), "Beyond Class-Conditional Assumption: A Primary
+    Attempt to Combat Instance-Dependent Label Noise" (AAAI): label errors that look like human ones.
+
+    A reference classifier, trained with clean labels on data disjoint from the pool (the run's test set), reads
+    every pool image. Exactly ``round(rate · N)`` images are corrupted, drawn without replacement with probability
+    proportional to how strongly the reference believes a wrong class (its largest wrong-class probability), and each
+    gets that class: the one the image is confused with. Chen et al. corrupt the r% most confusing images outright;
+    drawing in proportion keeps the rate exact while hard images are corrupted more often, not always. Seeded and
+    deterministic. The reference is the run's model, optimizer and trainer settings (``reference``), trained through
+    the run's own training loop; its probabilities are cached by the content of its training data and of the pool.
+    """
+
+    kind = "confusion"
+
+    def __init__(self, rate: float = 0.2, seed: int = 0, reference=None, cache_dir: str | None = None):
+        self.rate, self.seed = _rate(rate), int(seed)
+        if reference is None or cache_dir is None:
+            raise DataConfigError("noise=confusion needs noise.reference (model, optimizer, trainer) and noise.cache_dir; "
+                                  "start from conf/noise/confusion.yaml")
+        self.reference, self.cache_dir = OmegaConf.create(reference), Path(cache_dir)
+
+    def __call__(self, labels: torch.Tensor, num_classes: int = NUM_CLASSES, classes: torch.Tensor | None = None,
+                 images: torch.Tensor | None = None, reference=None) -> torch.Tensor:
+        n_flip = int(round(self.rate * len(labels)))
+        if n_flip == 0:
+            return labels.clone()
+        if images is None or reference is None:
+            raise DataConfigError("noise=confusion needs the pool's images and a clean set disjoint from the pool to train "
+                                  "its reference classifier on (the run's test set)")
+        probs = torch.as_tensor(self.reference_probabilities(images, reference, num_classes), dtype=torch.float64)
+        wrong = probs.clone()
+        wrong[torch.arange(len(labels)), labels] = 0.0
+        if classes is not None:  # only into classes that some example truly has
+            absent = torch.ones(probs.shape[1], dtype=torch.bool)
+            absent[classes] = False
+            wrong[:, absent] = 0.0
+        confusion, target = wrong.max(1)
+        gen = torch.Generator().manual_seed(self.seed)
+        flip = torch.multinomial(confusion.clamp_min(torch.finfo(torch.float64).tiny), n_flip, replacement=False, generator=gen)
+        observed = labels.clone()
+        observed[flip] = target[flip]
+        return observed
+
+    def reference_probabilities(self, images: torch.Tensor, reference, num_classes: int) -> np.ndarray:
+        """The reference classifier's class probabilities for ``images`` (N, K): trained on ``reference`` (x, y, clean,
+        disjoint from the pool) through ``Training.fit``, or read from the cache."""
+        from pmp_lightning.training import Training, predict_proba  # the training stack, only when noise=confusion
+
+        config = OmegaConf.to_container(self.reference, resolve=True)
+        keyed = {**config, "trainer": {k: v for k, v in config["trainer"].items() if k not in COSMETIC_TRAINER_KEYS}}
+        cache = StageCache(self.cache_dir, "noise", {"reference": keyed, "seed": self.seed,
+                                                      "trained_on": content_digest(reference.x, reference.y),
+                                                      "pool": content_digest(images)})
+        with cache.locked():
+            if cache.load(missing=lambda d: [] if (d / "probs.npz").is_file() else ["probs.npz"]) is None:
+                directory = cache.start()
+                log.info(f"noise=confusion: training the reference classifier on {len(reference.y)} clean examples")
+                training = Training.from_config(OmegaConf.create({**config, "seed": self.seed}))
+                data = TensorDataset(reference.x, reference.y, torch.arange(len(reference.y)))
+                classifier, _ = training.fit(DataLoader(data, batch_size=int(config.get("batch_size", 32)), shuffle=True),
+                                             one_process=True)
+                save_npz(directory / "probs.npz", probs=predict_proba(classifier.net, images))
+                cache.commit({})
+        with np.load(cache.dir / "probs.npz") as z:
+            probs = z["probs"]
+        if probs.shape[1] < num_classes:
+            raise DataConfigError(f"noise=confusion: the reference model gives {probs.shape[1]} classes, the data has "
+                                  f"{num_classes}; set model.num_classes={num_classes}")
+        return probs[:, :num_classes]

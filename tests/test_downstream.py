@@ -1,0 +1,136 @@
+"""A trusted downstream set of the user's own (data.downstream), the real-data warning, and instance-dependent
+noise (noise=confusion)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pmp_lightning.data import DatasetSource, PoolDataModule, TensorSource, TrustedSet
+from pmp_lightning.errors import DataConfigError
+from pmp_lightning.noise import ConfusionNoise, LabelNoise
+from pmp_lightning.pipeline import run
+from tests.conftest import RandomSource
+from tests.test_pipeline import make_cfg
+
+
+def _digits_file(path, start, stop, test=False):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images[start:stop].reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
+    extra = {"x_test": x[:60], "y_test": d.target[start:start + 60]} if test else {}
+    np.savez(path, x=x, y=d.target[start:stop], **extra)
+    return path
+
+
+TENSORS = ("data=tensors", "model=mlp", "model.in_features=64", "data.test_size=60", "data.pool_size=null",
+           "trainer.max_epochs=2", "scoring.scores=[cosine,loss]")
+
+
+def test_a_trusted_set_from_a_file_defines_j_and_leaves_the_pool_and_trajectory_alone(tmp_path):
+    pool_file = _digits_file(tmp_path / "pool.npz", 0, 400)
+    args = (*TENSORS, f"data.source.path={pool_file}", "downstream=file")
+    first = run(make_cfg(tmp_path / "a", *args, f"data.downstream.source.path={_digits_file(tmp_path / 'ds.npz', 1000, 1100)}",
+                         cache=tmp_path / "cache"))
+    assert first["downstream"] == {"source": str(tmp_path / "ds.npz") + " (main split)", "size": 100, "label_noise": 0.0,
+                                   "wrong_labels": 0}
+    smaller = run(make_cfg(tmp_path / "b", *args, f"data.downstream.source.path={tmp_path / 'ds.npz'}", "data.downstream.size=30",
+                           "data.downstream.label_noise=0.1", cache=tmp_path / "cache"))
+    assert smaller["cache"]["computed"] == ["replay"]  # the same pool and trajectory, another J
+    assert smaller["downstream"]["size"] == 30 and smaller["downstream"]["wrong_labels"] == 3
+    assert smaller["test_accuracy"] == first["test_accuracy"]
+    rows = lambda d: (tmp_path / d / "scores.csv").read_text().splitlines()  # noqa: E731
+    assert [r.split(",")[:5] for r in rows("a")] == [r.split(",")[:5] for r in rows("b")]  # pool and labels alike
+
+
+def test_a_trusted_set_from_a_dataset_and_from_the_test_split(tmp_path):
+    from torchvision.datasets import FakeData
+
+    src = RandomSource(n=120, test_n=60)
+    fake = DatasetSource(FakeData(size=40, image_size=(1, 2, 2), num_classes=10, transform=lambda im: torch.rand(1, 2, 2)))
+    dm = PoolDataModule(src, LabelNoise("symmetric", 0.2), pool_size=80, test_size=20, downstream=TrustedSet(fake, size=25))
+    dm.setup()
+    assert len(dm.downstream) == 25 and len(dm.pool) == 80
+    own = PoolDataModule(src, LabelNoise("symmetric", 0.2), pool_size=80, test_size=20, downstream=TrustedSet(None, "test", 30))
+    own.setup()
+    assert len(own.downstream) == 30 and torch.equal(own.pool.x, dm.pool.x)  # the pool does not depend on the set
+    test_images = {x.numpy().tobytes() for x in own.test_set.x}
+    assert not test_images & {x.numpy().tobytes() for x in own.downstream.x}  # disjoint from the test set
+
+
+def test_a_missing_file_and_a_set_overlapping_the_pool_are_one_line_each(tmp_path):
+    pool_file = _digits_file(tmp_path / "pool.npz", 0, 400)
+    args = (*TENSORS, f"data.source.path={pool_file}", "downstream=file")
+    with pytest.raises(DataConfigError, match=r"data.source.path='.*absent.npz' is not a file"):
+        run(make_cfg(tmp_path / "a", *args, f"data.downstream.source.path={tmp_path / 'absent.npz'}"))
+    overlapping = _digits_file(tmp_path / "ds.npz", 0, 100)  # the pool's own images
+    with pytest.raises(DataConfigError, match=r"the trusted downstream set \(data.downstream\) shares \d+ images with the pool"):
+        run(make_cfg(tmp_path / "b", *args, f"data.downstream.source.path={overlapping}"))
+    assert not list((tmp_path / "b" / "cache").glob("train/*/snapshots"))  # refused before training
+
+
+def test_real_data_mode_says_that_j_comes_from_unverified_data(tmp_path):
+    with pytest.warns(UserWarning, match=r"J comes from 100 examples of the same data as the pool, whose labels are not "
+                                         r"verified.*data.downstream"):
+        metrics = run(make_cfg(tmp_path, "noise=none", "trainer.max_epochs=1", "scoring.scores=[cosine]"))
+    assert "not verified" in metrics["downstream"]["warning"]
+    assert "not verified" in json.loads((tmp_path / "metrics.json").read_text())["downstream"]["warning"]
+    with_truth = PoolDataModule(RandomSource(n=120, test_n=60), LabelNoise("none", 0.0), pool_size=80, test_size=20,
+                                downstream=TrustedSet(None, "test", 30))
+    with_truth.setup()
+    assert "warning" not in with_truth.downstream_note
+
+
+# ------------------------------------------------------------------ noise=confusion
+def _confusion(rate, seed, tmp_path):
+    reference = {"model": {"_target_": "pmp_lightning.models.mlp", "in_features": 4, "hidden": 16},
+                 "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.2},
+                 "trainer": {"_target_": "pytorch_lightning.Trainer", "max_epochs": 15, "enable_progress_bar": False,
+                             "enable_model_summary": False, "accelerator": "cpu"}, "batch_size": 16}
+    return ConfusionNoise(rate, seed, OmegaConf.create(reference), str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def confused(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("confusion")
+    source = RandomSource(n=400, test_n=300)
+    dm = PoolDataModule(source, _confusion(0.3, 0, tmp), pool_size=300, downstream_size=40, test_size=300)
+    dm.setup()
+    return dm, tmp
+
+
+def test_confusion_noise_has_an_exact_rate_and_flips_to_the_confused_class(confused):
+    dm, tmp = confused
+    flipped = dm.is_mislabeled
+    assert int(flipped.sum()) == 90  # exactly 30% of 300
+    assert (dm.observed_labels[flipped] != dm.true_labels[flipped]).all()
+    probs = torch.as_tensor(_confusion(0.3, 0, tmp).reference_probabilities(dm.pool.x, dm.test_set, 10))
+    wrong = probs.clone()
+    wrong[torch.arange(300), dm.true_labels] = 0
+    assert torch.equal(dm.observed_labels[flipped], wrong.argmax(1)[flipped])  # the class the image is confused with
+
+
+def test_confusion_noise_is_seeded_and_cached(confused):
+    dm, tmp = confused
+    again = PoolDataModule(RandomSource(n=400, test_n=300), _confusion(0.3, 0, tmp), pool_size=300, downstream_size=40,
+                           test_size=300)
+    again.setup()  # the reference comes from the cache this time
+    assert torch.equal(again.observed_labels, dm.observed_labels)
+    other = PoolDataModule(RandomSource(n=400, test_n=300), _confusion(0.3, 1, tmp), pool_size=300, downstream_size=40,
+                           test_size=300)
+    other.setup()
+    assert not torch.equal(other.observed_labels, dm.observed_labels)
+    assert len(list((tmp / "cache" / "noise").glob("[!.]*"))) == 2  # one reference per seed
+
+
+def test_harder_images_are_corrupted_more_often(confused):
+    dm, tmp = confused
+    probs = torch.as_tensor(_confusion(0.3, 0, tmp).reference_probabilities(dm.pool.x, dm.test_set, 10))
+    wrong = probs.clone()
+    wrong[torch.arange(300), dm.true_labels] = 0
+    hardness = wrong.max(1).values.numpy()
+    hard = hardness >= np.median(hardness)
+    rate_hard, rate_easy = dm.is_mislabeled[hard].mean(), dm.is_mislabeled[~hard].mean()
+    assert rate_hard > 1.5 * rate_easy, (rate_hard, rate_easy)
