@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install run test
+.PHONY: install run test test-fast
 
 install: $(VENV)/.installed
 
@@ -16,3 +16,6 @@ run: install
 
 test: install
 	$(PYTHON) -m pytest
+
+test-fast: install
+	$(PYTHON) -m pytest -m "not slow"

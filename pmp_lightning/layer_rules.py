@@ -183,6 +183,8 @@ def embedding(layer: nn.Embedding, ids: torch.Tensor, delta: torch.Tensor, v: Di
     vw = v["weight"]
     dot = (vw[ids] * delta).sum((1, 2)) if vw is not None else None
     positions = ids.shape[1]
+    if ids.stride(0) == 0 and len(torch.unique(ids[0])) == positions:  # one lookup of distinct ids (positions 0..T-1)
+        return dot, delta.pow(2).sum((1, 2))  # broadcast along the batch: no id repeats, so no cross terms
     if positions <= GRAM_POSITIONS:  # Σ_{t,s: i_t = i_s} δ_t·δ_s from the Gram matrix: one batched product
         same = ids.unsqueeze(2) == ids.unsqueeze(1)
         sq = ((delta @ delta.mT) * same.to(delta.dtype)).sum((1, 2))

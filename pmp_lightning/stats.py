@@ -209,8 +209,18 @@ def _keeper(i: int, part: Part, kept: dict, batch: int):
     """A forward hook keeping what part ``i`` needs: the layer's input or the module's arguments, and the gradient
     edges of its outputs (taken before any in-place change of the output, so δ is the output's own)."""
 
+    def take(t):
+        return t.detach().clone() if part.clone_inputs else t.detach()
+
+    def rule_hook(module, args, kwargs, out):  # a layer: one input, one output tensor (the common case, kept short)
+        grown = out if part.dims[-1][0] is not None else _broadcast(out, batch, 0 if out.dim() and out.shape[0] == 1 else 1)
+        a = take(args[0])
+        if part.dims[0][0] is None:
+            a = _broadcast(a, batch, 0 if a.dim() and a.shape[0] == 1 else 1)
+        kept[i] = {"edges": [get_gradient_edge(grown)], "shapes": [grown.shape], "a": a}
+        return None if grown is out else grown
+
     def hook(module, args, kwargs, out):
-        take = (lambda t: t.detach().clone()) if part.clone_inputs else (lambda t: t.detach())
         leaves, spec = tree_flatten(out)
         out_dims = part.dims[-1]
         grown = [_broadcast(t, batch, 0 if t.dim() and t.shape[0] == 1 else 1)
@@ -221,19 +231,13 @@ def _keeper(i: int, part: Part, kept: dict, batch: int):
                 record["edges"].append(get_gradient_edge(t))
                 record["shapes"].append(t.shape)
                 record["slots"].append(k)
-        if part.how == "rule":
-            a = take(args[0])
-            if part.dims[0][0] is None:
-                a = _broadcast(a, batch, 0 if a.dim() and a.shape[0] == 1 else 1)
-            record["a"] = a
-        else:
-            record["args"] = tree_flatten(tree_map(lambda t: take(t) if isinstance(t, torch.Tensor) else t, args))
-            record["kwargs"] = tree_flatten(tree_map(lambda t: take(t) if isinstance(t, torch.Tensor) else t, kwargs))
+        record["args"] = tree_flatten(tree_map(lambda t: take(t) if isinstance(t, torch.Tensor) else t, args))
+        record["kwargs"] = tree_flatten(tree_map(lambda t: take(t) if isinstance(t, torch.Tensor) else t, kwargs))
         kept[i] = record
         changed = any(g is not t for g, t in zip(grown, leaves))
         return tree_unflatten(grown, spec) if changed else None
 
-    return hook
+    return rule_hook if part.how == "rule" else hook
 
 
 def _projector(module: nn.Module, record: dict):

@@ -77,6 +77,7 @@ def test_exact_mode_refuses_a_trajectory_it_cannot_be_exact_for(trained):
         _replay(dm, snaps, curvature="exact")
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_one_clear_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "run.py", "+experiment=noisy_mnist", "noise.rate=1.0", f"hydra.run.dir={tmp_path}"],
@@ -159,6 +160,7 @@ def test_a_read_only_directory_is_named_before_any_work(tmp_path, monkeypatch, w
     assert not (tmp_path / "run" / "ground_truth.npz").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("override", "message"), [
     ("objective.name=entropy", "unknown objective 'entropy'; choose one of ce, tempered_ce"),
     ("objective=tempered_ce objective.temperature=0", r"objective.temperature=0.*positive number"),
@@ -322,6 +324,7 @@ def test_duplicate_known_errors_are_counted_and_named(tmp_path):
     assert indices.tolist() == [5, 7, 9] and entries == 6
 
 
+@pytest.mark.slow
 def test_scores_csv_says_which_examples_are_listed_known_errors(tmp_path):
     import csv
 
@@ -338,6 +341,7 @@ def test_scores_csv_says_which_examples_are_listed_known_errors(tmp_path):
     assert first["cache"]["computed"] == ["train", "replay"]
 
 
+@pytest.mark.slow
 def test_the_command_line_tools_name_themselves_and_every_option():
     for tool in ("bench", "diagnose", "compare"):
         done = subprocess.run([sys.executable, "-m", f"pmp_lightning.{tool}", "--help"], cwd=ROOT, capture_output=True,

@@ -1,13 +1,21 @@
 """The benchmark runs and its methods agree (it asserts that itself); no timing is checked here."""
+import pytest
+
 from pmp_lightning import bench
 
 
 def test_benchmark_runs_every_method_and_reports_ratios(capsys):
-    result = bench.main(["--model", "small_cnn", "--examples", "16", "--chunk", "8", "--repeats", "1", "--device", "cpu"])
+    result = bench.main(["--model", "small_cnn", "--examples", "16", "--chunk", "8", "--repeats", "1", "--device", "cpu",
+                         "--no-memory"])
     assert set(result["times_s"]) == set(bench.METHODS)
     assert set(result["ratios"]) == {"stats/train", "vmap_grad/stats", "loop/stats", "vmap_jvp/stats"}
     assert all(len(t) == 1 for t in result["runs_s"].values())
     assert "ratios of the minima:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_benchmark_measures_peak_memory_in_fresh_processes():
+    result = bench.main(["--model", "small_cnn", "--examples", "16", "--chunk", "8", "--repeats", "1", "--device", "cpu"])
     if "peak_memory_mib" in result:  # Linux: whole-process peak and growth for the pass and for training
         assert all(peak > 0 for peak, _ in result["peak_memory_mib"].values())
 

@@ -17,6 +17,7 @@ def first(tmp_path_factory):
     return root, run(make_cfg(root / "first", cache=root / "cache"))
 
 
+@pytest.mark.slow
 def test_a_scoring_change_trains_and_replays_nothing(first, caplog):
     root, metrics = first
     assert metrics["cache"]["computed"] == ["train", "replay"]
@@ -29,12 +30,14 @@ def test_a_scoring_change_trains_and_replays_nothing(first, caplog):
     assert (root / "second" / "snapshots").resolve() == (root / "first" / "snapshots").resolve()
 
 
+@pytest.mark.slow
 def test_a_curvature_change_replays_but_does_not_retrain(first):
     root, metrics = first
     other = run(make_cfg(root / "third", "replay.curvature=none", "scoring=raw", cache=root / "cache"))
     assert other["cache"]["computed"] == ["replay"] and other["cache"]["train"] == metrics["cache"]["train"]
 
 
+@pytest.mark.slow
 def test_a_partial_entry_is_recomputed_and_a_mismatched_one_refused(first, tmp_path):
     root, metrics = first
     train_dir = root / "cache" / "train"
@@ -52,6 +55,7 @@ def test_a_partial_entry_is_recomputed_and_a_mismatched_one_refused(first, tmp_p
     assert again["detection"]["raw"] == metrics["detection"]["raw"]  # same seed, same config: identical scores
 
 
+@pytest.mark.slow
 def test_an_entry_missing_a_snapshot_is_recomputed_not_hit(first, tmp_path, caplog):
     root, metrics = first
     entry = next(p for p in (root / "cache" / "train").iterdir() if p.is_dir() and (p / MANIFEST).is_file())
@@ -88,6 +92,7 @@ def test_a_job_waiting_for_the_lock_says_for_whom(tmp_path, caplog):
     assert "released, going on" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_data_file_rewritten_in_place_is_trained_and_scored_afresh(tmp_path):
     """The cache keys the data by content: the same path with shuffled labels is not a cache hit."""
     import csv

@@ -112,6 +112,7 @@ def test_centred_takes_a_boolean():
         objective("unit_ce", centred="yes")
 
 
+@pytest.mark.slow
 def test_diagnose_splits_the_dot_product_by_layer_for_the_plain_and_the_centred_j(tmp_path):
     """A finished run's ⟨∇J, ∇l_n⟩ at θ_T, per layer, for both forms of its objective (python -m pmp_lightning.diagnose)."""
     import subprocess

@@ -13,6 +13,8 @@ from pmp_lightning.scores import compute_scores
 from tests.conftest import fit_replay
 from tests.test_pipeline import ROOT, SMALL, make_cfg
 
+pytestmark = pytest.mark.slow  # every test here runs the pipeline or several processes
+
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2", "data.pool_size=301",
        "scoring.scores=[raw,cosine,loss,grand]"]
 

@@ -29,6 +29,7 @@ TENSORS = ("data=tensors", "model=mlp", "model.in_features=64", "data.test_size=
            "trainer.max_epochs=2", "scoring.scores=[cosine,loss]")
 
 
+@pytest.mark.slow
 def test_a_trusted_set_from_a_file_defines_j_and_leaves_the_pool_and_trajectory_alone(tmp_path):
     pool_file = _digits_file(tmp_path / "pool.npz", 0, 400)
     args = (*TENSORS, f"data.source.path={pool_file}", "downstream=file")
@@ -60,6 +61,7 @@ def test_a_trusted_set_from_a_dataset_and_from_the_test_split(tmp_path):
     assert not test_images & {x.numpy().tobytes() for x in own.downstream.x}  # disjoint from the test set
 
 
+@pytest.mark.slow
 def test_a_missing_file_and_a_set_overlapping_the_pool_are_one_line_each(tmp_path):
     pool_file = _digits_file(tmp_path / "pool.npz", 0, 400)
     args = (*TENSORS, f"data.source.path={pool_file}", "downstream=file")
@@ -71,6 +73,7 @@ def test_a_missing_file_and_a_set_overlapping_the_pool_are_one_line_each(tmp_pat
     assert not list((tmp_path / "b" / "cache").glob("train/*/snapshots"))  # refused before training
 
 
+@pytest.mark.slow
 def test_real_data_mode_says_that_j_comes_from_unverified_data(tmp_path):
     with pytest.warns(UserWarning, match=r"J comes from 100 examples of the same data as the pool, whose labels are not "
                                          r"verified.*data.downstream"):
@@ -101,6 +104,7 @@ def confused(tmp_path_factory):
     return dm, tmp
 
 
+@pytest.mark.slow
 def test_confusion_noise_has_an_exact_rate_and_flips_to_the_confused_class(confused):
     dm, tmp = confused
     flipped = dm.is_mislabeled
@@ -112,6 +116,7 @@ def test_confusion_noise_has_an_exact_rate_and_flips_to_the_confused_class(confu
     assert torch.equal(dm.observed_labels[flipped], wrong.argmax(1)[flipped])  # the class the image is confused with
 
 
+@pytest.mark.slow
 def test_confusion_noise_is_seeded_and_cached(confused):
     dm, tmp = confused
     again = PoolDataModule(RandomSource(n=400, test_n=300), _confusion(0.3, 0, tmp), pool_size=300, downstream_size=40,
@@ -125,6 +130,7 @@ def test_confusion_noise_is_seeded_and_cached(confused):
     assert len(list((tmp / "cache" / "noise").glob("[!.]*"))) == 2  # one reference per seed
 
 
+@pytest.mark.slow
 def test_harder_images_are_corrupted_more_often(confused):
     dm, tmp = confused
     probs = torch.as_tensor(_confusion(0.3, 0, tmp).reference_probabilities(dm.pool.x, dm.test_set, 10))

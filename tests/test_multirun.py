@@ -20,6 +20,7 @@ def sweep(tmp_path_factory):
     return root, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_train_and_replay_run_once_per_seed(sweep):
     root, log = sweep
     assert len(re.findall("train cache miss", log)) == 2 and len(re.findall("train cache hit", log)) == 4
@@ -27,6 +28,7 @@ def test_train_and_replay_run_once_per_seed(sweep):
     assert len([p for p in (root / "cache" / "train").iterdir() if p.is_dir()]) == 2
 
 
+@pytest.mark.slow
 def test_the_report_equals_the_jobs(sweep):
     root, _ = sweep
     out = root / "sweep"
@@ -44,6 +46,7 @@ def test_the_report_equals_the_jobs(sweep):
         assert (out / name).stat().st_size > 0, name
 
 
+@pytest.mark.slow
 def test_parallel_jobs_through_joblib_compute_a_shared_entry_once(tmp_path):
     cmd = [sys.executable, "run.py", "-m", *SMALL, "trainer.max_epochs=2", "scoring=raw,cosine", "hydra/launcher=local",
            "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache_dir={tmp_path / 'cache'}"]
@@ -71,6 +74,7 @@ def test_the_slurm_launcher_config_composes_without_a_cluster():
     assert launcher.submitit_folder.endswith("/.submitit/%j")
 
 
+@pytest.mark.slow
 def test_the_report_names_unfinished_jobs_and_leaves_them_out(sweep, tmp_path):
     import shutil
 

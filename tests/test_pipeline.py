@@ -15,6 +15,8 @@ from pmp_lightning.evaluate import METRICS
 from pmp_lightning.pipeline import run
 from pmp_lightning.scores import SCORES
 
+pytestmark = pytest.mark.slow  # every test here runs the pipeline or several processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "+experiment=noisy_mnist",

@@ -27,6 +27,7 @@ def _rows(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
 
+@pytest.mark.slow
 def test_without_ground_truth_the_pool_is_still_ranked(tmp_path):
     metrics = run(make_cfg(tmp_path, "noise=none", "scoring.scores=[cosine,loss]"))
     assert metrics["detection"] == {} and metrics["suspects"] == {"rank_by": "cosine", "file": "suspects.csv"}
@@ -42,6 +43,7 @@ def test_without_ground_truth_the_pool_is_still_ranked(tmp_path):
     assert (tmp_path / "suspects.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_rank_by_picks_the_score_and_a_score_not_computed_is_refused_before_work(tmp_path):
     run(make_cfg(tmp_path, "scoring.scores=[cosine,aum]", "scoring.rank_by=aum"))
     suspects = _rows(tmp_path / "suspects.csv")
@@ -51,6 +53,7 @@ def test_rank_by_picks_the_score_and_a_score_not_computed_is_refused_before_work
     assert not (tmp_path / "again" / "ground_truth.npz").exists()
 
 
+@pytest.mark.slow
 def test_known_errors_become_the_ground_truth_and_outsiders_are_skipped_with_a_warning(tmp_path):
     first = tmp_path / "first"
     run(make_cfg(first, "noise=none", "scoring.scores=[loss]", cache=tmp_path / "cache"))
@@ -77,6 +80,7 @@ def test_known_errors_become_the_ground_truth_and_outsiders_are_skipped_with_a_w
     assert metrics["cache"]["computed"] == []
 
 
+@pytest.mark.slow
 def test_known_errors_add_to_synthetic_noise(tmp_path):
     plain = run(make_cfg(tmp_path / "plain", "scoring.scores=[loss]"))
     rows = _rows(tmp_path / "plain" / "scores.csv")
@@ -102,6 +106,7 @@ def test_a_bad_known_errors_file_names_the_line(tmp_path, text, message):
         read_known_errors(tmp_path / "absent.txt")
 
 
+@pytest.mark.slow
 def test_cleanlab_from_cross_validation_is_a_score_column_and_is_cached(tmp_path):
     metrics = run(make_cfg(tmp_path / "a", "baselines.cleanlab=true", "baselines.folds=2", "scoring.scores=[cosine,loss]"))
     cl = metrics["cleanlab"]
@@ -116,6 +121,7 @@ def test_cleanlab_from_cross_validation_is_a_score_column_and_is_cached(tmp_path
     assert again["cleanlab"] == cl and again["detection"]["cleanlab"] == metrics["detection"]["cleanlab"]
 
 
+@pytest.mark.slow
 def test_cleanlab_on_a_held_out_pool_needs_no_extra_training(tmp_path):
     metrics = run(make_cfg(tmp_path, "pool=holdout", "data.pool_size=300", "baselines.cleanlab=true", "scoring.scores=[loss]"))
     assert metrics["cleanlab"]["probabilities"] == "the trained model (the pool is held out)"
@@ -162,6 +168,7 @@ def examples_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))  # where the README's PYTHONPATH=docs/examples puts my_model
 
 
+@pytest.mark.slow
 def test_own_model_and_own_tensors_from_config(tmp_path, examples_on_path):
     from sklearn.datasets import load_digits
 
@@ -177,6 +184,7 @@ def test_own_model_and_own_tensors_from_config(tmp_path, examples_on_path):
     assert manifest["param_shapes"]["net.0.weight"] == [16, 1, 3, 3]  # the user's TinyConvNet was trained and replayed
 
 
+@pytest.mark.slow
 def test_a_torchvision_style_dataset_from_config(tmp_path):
     dataset = {"_target_": "torchvision.datasets.FakeData", "size": 300, "image_size": [1, 28, 28], "num_classes": 10,
                "transform": {"_target_": "torchvision.transforms.ToTensor"}}

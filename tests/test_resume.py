@@ -31,6 +31,7 @@ runpy.run_path("run.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_killed_replay_resumes_and_ends_bit_identical(tmp_path):
     args = [*SMALL, "scoring.scores=[raw,cosine,loss]", f"paths.cache_dir={tmp_path / 'cache'}"]
     first = subprocess.run([sys.executable, "-c", KILLED_RUN.format(done=2, args=[*args, f"hydra.run.dir={tmp_path / 'a'}"])],

@@ -11,6 +11,8 @@ from tests.test_pipeline import make_cfg
 pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here runs the pipeline or several processes
+
 BLOCK = 32768
 
 
