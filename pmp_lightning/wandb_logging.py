@@ -51,6 +51,8 @@ def log_results(experiment, metrics: dict, scores: dict[str, np.ndarray], datamo
     if not mask.any():
         return
     pr_rows, suspects, plots = [], [], {}
+    x = datamodule.pool.x
+    pictures = x.is_floating_point() and x.dim() == 4 and x.shape[1] in (1, 3)  # images; token ids are not drawn
     for name, s in scores.items():
         precision, recall, _ = precision_recall_curve(mask, -s)
         keep = np.unique(np.linspace(0, len(recall) - 1, PR_POINTS).astype(int))
@@ -58,7 +60,8 @@ def log_results(experiment, metrics: dict, scores: dict[str, np.ndarray], datamo
         plots[f"histogram/{name}/clean"] = wandb.Histogram(s[~mask])
         plots[f"histogram/{name}/mislabeled"] = wandb.Histogram(s[mask])
         for rank, i in enumerate(np.argsort(s, kind="stable")[:N_SUSPECTS]):
-            suspects.append([name, rank, wandb.Image(datamodule.pool.x[i, 0].numpy()), int(datamodule.pool_index[i]),
+            picture = wandb.Image(x[i].permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()) if pictures else None
+            suspects.append([name, rank, picture, int(datamodule.pool_index[i]),
                              int(datamodule.observed_labels[i]), int(datamodule.true_labels[i]), bool(mask[i])])
     pr_table = wandb.Table(columns=["score", "recall", "precision"], data=pr_rows)
     plots["pr_curves"] = wandb.plot.line(pr_table, "recall", "precision", stroke="score", title="Precision-recall (low score = suspect)")

@@ -236,3 +236,30 @@ def test_a_model_that_does_not_fit_the_data_is_one_clear_error(tmp_path, overrid
     with pytest.raises(DataConfigError, match=message):
         run(make_cfg(tmp_path, *override.split()))
     assert not list((tmp_path / "cache").glob("train/*/snapshots"))  # refused before training
+
+
+def _token_file(path, n=400, length=12, vocab=20):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(1, vocab, (n, length), generator=gen)
+    y = (x[:, :3].sum(1) % 10)  # a rule on the first tokens: learnable
+    torch.save({"x": x, "y": y}, path)
+    return path
+
+
+def test_integer_inputs_stay_integers_through_the_data_and_the_replay(tmp_path):
+    dm = PoolDataModule(TensorSource(str(_token_file(tmp_path / "tokens.pt"))), LabelNoise("symmetric", 0.2), pool_size=300,
+                        downstream_size=40, test_size=60)
+    dm.setup()
+    assert dm.pool.x.dtype == dm.train_set.x.dtype == torch.int64
+    assert dm.pool.to(torch.float64).x.dtype == torch.int64  # only floating inputs take the trajectory's dtype
+
+
+@pytest.mark.slow
+def test_a_text_model_on_token_ids_from_config(tmp_path):
+    path = _token_file(tmp_path / "tokens.pt")
+    metrics = run(make_cfg(tmp_path, "data=tensors", f"data.source.path={path}", "model=text", "model.vocab_size=20",
+                           "data.test_size=60", "data.downstream_size=40", "data.pool_size=null", "trainer.max_epochs=2",
+                           "scoring.scores=[cosine,loss]"))
+    assert set(metrics["detection"]) == {"cosine", "loss"} and len(_rows(tmp_path / "scores.csv")) == 300
+    manifest = json.loads((tmp_path / "snapshots" / "manifest.json").read_text())
+    assert manifest["param_shapes"]["net.tokens.weight"] == [20, 64]
