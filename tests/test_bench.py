@@ -38,7 +38,7 @@ def test_threads_hold_for_the_timing_and_are_given_back(monkeypatch):
     import torch
 
     before, seen = torch.get_num_threads(), []
-    monkeypatch.setattr(bench, "_run", lambda args: seen.append(torch.get_num_threads()) or {})
+    monkeypatch.setattr(bench, "_run", lambda args, model: seen.append(torch.get_num_threads()) or {})
     bench.main(["--threads", "1", "--device", "cpu"])
     assert seen == [1] and torch.get_num_threads() == before  # the tests keep their threads
     with pytest.raises(SystemExit):
