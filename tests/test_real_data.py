@@ -263,3 +263,33 @@ def test_a_text_model_on_token_ids_from_config(tmp_path):
     assert set(metrics["detection"]) == {"cosine", "loss"} and len(_rows(tmp_path / "scores.csv")) == 300
     manifest = json.loads((tmp_path / "snapshots" / "manifest.json").read_text())
     assert manifest["param_shapes"]["net.tokens.weight"] == [20, 64]
+
+
+@pytest.mark.slow
+def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
+    """A user's own nn.Module of the kinds people train (bare parameters, nn.MultiheadAttention, LayerNorm) runs end to
+    end through a _target_, its statistics proven before training."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "digits.npz", x=digits.images[:500, None].astype(np.float32) / 16.0, y=digits.target[:500])
+    metrics = run(_byo_cfg(tmp_path, "+experiment=byo_digits", "model=tiny_transformer",
+                           f"data.source.path={tmp_path / 'digits.npz'}", "data.test_size=100", "data.downstream_size=60",
+                           "scoring.scores=[cosine,loss]"))
+    assert len(_rows(tmp_path / "scores.csv")) == 340 and set(metrics["detection"]) == {"cosine", "loss"}
+    assert "net.attn.in_proj_weight" in json.loads((tmp_path / "snapshots" / "manifest.json").read_text())["param_shapes"]
+
+
+def batch_statistics_net(num_classes: int = 10):
+    """A network whose examples interact even in eval mode: BatchNorm without running statistics."""
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 26 * 26, num_classes))
+
+
+def test_a_network_that_truly_cannot_be_handled_is_refused_before_training(tmp_path):
+    from pmp_lightning.stats import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"layer '1' \(BatchNorm2d\) normalises with the batch's own statistics"):
+        run(make_cfg(tmp_path, "model._target_=tests.test_real_data.batch_statistics_net", "~model.in_features",
+                     "~model.hidden"))
+    assert not list((tmp_path / "cache").glob("train/*/snapshots"))  # refused before training
