@@ -60,7 +60,7 @@ def rule_for(module: nn.Module) -> Rule | None:
     return fn
 
 
-def _accumulate(dot, sq, grad: torch.Tensor, direction: torch.Tensor | None):
+def accumulate(dot, sq, grad: torch.Tensor, direction: torch.Tensor | None):
     """Add a materialised per-example gradient ``grad`` (batch × the parameter's shape) to the running dot and norm."""
     flat = grad.reshape(len(grad), -1)
     if direction is not None:
@@ -99,9 +99,9 @@ def linear_map(a: torch.Tensor, delta: torch.Tensor, v: Direction):
             dot = ((delta @ vw) * a).sum((1, 2)) if vw is not None else None
             sq = ((a @ a.mT) * (delta @ delta.mT)).sum((1, 2))
         else:  # the per-example gradient is smaller than the two Gram matrices: materialise it
-            dot, sq = _accumulate(None, None, delta.mT @ a, vw)
+            dot, sq = accumulate(None, None, delta.mT @ a, vw)
     if "bias" in v:
-        dot, sq = _accumulate(dot, sq, delta.sum(1), v["bias"])
+        dot, sq = accumulate(dot, sq, delta.sum(1), v["bias"])
     return dot, sq
 
 
@@ -115,7 +115,7 @@ def conv(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.Tensor, v
     if "weight" in v:
         dot, sq = _conv_weight(layer, a, delta, v["weight"])
     if "bias" in v:
-        dot, sq = _accumulate(dot, sq, delta.sum(tuple(range(2, delta.dim()))), v["bias"])
+        dot, sq = accumulate(dot, sq, delta.sum(tuple(range(2, delta.dim()))), v["bias"])
     return dot, sq
 
 
@@ -150,6 +150,8 @@ def _conv_weight(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.T
     spatial = delta.shape[2:]
     groups, in_ch = layer.groups, a.shape[1]
     positions = spatial.numel()
+    if positions >= GROUPED_POSITIONS:  # large maps: the per-example gradients from one grouped convolution backward
+        return accumulate(None, None, _per_example_weight_gradients(layer, a, delta), vw)
     d = delta.reshape(b, out_ch, positions)
     if groups > 1:
         d = d.reshape(b * groups, out_ch // groups, positions)
@@ -169,6 +171,22 @@ def _conv_weight(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.T
             dot += (block * vw[(..., *offset)]).sum(reduce)
         sq += block.pow(2).sum(reduce)
     return dot, sq
+
+
+# from this many output positions on, one convolution backward over the batch as groups (the per-example weight
+# gradients, b × the weight's size) beats the kernel-offset loop, whose window copies and small products dominate
+GROUPED_POSITIONS = 10**9
+
+
+def _per_example_weight_gradients(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """∇_W l_n for every example at once (b, *weight shape): the batch as groups of one convolution backward, with the
+    input already padded (``_conv_weight``)."""
+    b, nd = len(a), a.dim() - 2
+    weight = layer.weight.detach().repeat(b, *(1,) * (nd + 1))
+    g = torch.ops.aten.convolution_backward(
+        delta.reshape(1, -1, *delta.shape[2:]), a.reshape(1, -1, *a.shape[2:]), weight, None, layer.stride, [0] * nd,
+        layer.dilation, False, [0] * nd, b * layer.groups, [False, True, False])[1]
+    return g.reshape(b, *layer.weight.shape)
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -207,9 +225,9 @@ def _affine(xhat: torch.Tensor, delta: torch.Tensor, v: Direction, positions: tu
     """Per-example g_γ = Σ_positions δ ⊙ x̂ and g_β = Σ_positions δ, reduced against the direction."""
     dot = sq = None
     if "weight" in v:
-        dot, sq = _accumulate(dot, sq, (delta * xhat).sum(positions) if positions else delta * xhat, v["weight"])
+        dot, sq = accumulate(dot, sq, (delta * xhat).sum(positions) if positions else delta * xhat, v["weight"])
     if "bias" in v:
-        dot, sq = _accumulate(dot, sq, delta.sum(positions) if positions else delta, v["bias"])
+        dot, sq = accumulate(dot, sq, delta.sum(positions) if positions else delta, v["bias"])
     return dot, sq
 
 
@@ -248,10 +266,10 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 
 
 # ----------------------------------------------------------------------------- layers that use their weights functionally
-# For the statistics pass, such a layer's forward is computed by the same operations written out, with every
-# projection made by ``project(name, x, (weight, rows), (bias, rows))``: the pass records each projection's input
-# and output, and ``linear_map`` reduces it against the rows of the parameters it used.
-Project = Callable[..., torch.Tensor]
+# For the statistics pass, such a layer's forward is computed by the same operations written out, each use of a
+# parameter made through the pass's recorder: ``linear(name, x, (weight, rows), (bias, rows))`` for a projection (the
+# pass records its input and output, and ``linear_map`` reduces it against the rows of the parameters it used), and
+# ``broadcast(name)`` for a parameter used directly (broadcast along the batch, its gradient per example).
 DECOMPOSED: dict[type[nn.Module], Callable[..., object]] = {}
 
 
@@ -272,12 +290,13 @@ def _decompose(t: type[nn.Module]):
 
 
 @_decompose(nn.MultiheadAttention)
-def multihead_attention(m: nn.MultiheadAttention, project: Project, query, key, value, key_padding_mask=None,
-                        need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+def multihead_attention(m: nn.MultiheadAttention, record, query, key, value, key_padding_mask=None, need_weights=True,
+                        attn_mask=None, average_attn_weights=True, is_causal=False):
     """``nn.MultiheadAttention.forward`` in eval mode (``F.multi_head_attention_forward``) written out on batch-first
-    tensors: the in-projection (one packed projection for self-attention), scaled dot-product attention with the
-    merged masks, the out-projection. Not covered (the fallback's): bias_k/bias_v, add_zero_attn, unbatched inputs."""
-    if m.bias_k is not None or m.add_zero_attn or m.training and m.dropout or query.dim() != 3:
+    tensors: the in-projection (one packed projection for self-attention), bias_k/bias_v and add_zero_attn, scaled
+    dot-product attention with the merged masks, the out-projection. Not covered (the fallback's): unbatched inputs,
+    dropout in training mode."""
+    if m.training and m.dropout or query.dim() != 3:
         raise NotDecomposable
     self_attention = query is key is value
     if not m.batch_first:
@@ -285,24 +304,33 @@ def multihead_attention(m: nn.MultiheadAttention, project: Project, query, key, 
     e, heads = m.embed_dim, m.num_heads
     bias = "in_proj_bias" if m.in_proj_bias is not None else None
     if m._qkv_same_embed_dim and self_attention:
-        q, k, v = project("in_proj", query, ("in_proj_weight", None), (bias, None)).chunk(3, -1)
+        q, k, v = record.linear("in_proj", query, ("in_proj_weight", None), (bias, None)).chunk(3, -1)
     elif m._qkv_same_embed_dim:
-        q, k, v = (project(f"in_proj[{i}]", x, ("in_proj_weight", slice(i * e, (i + 1) * e)), (bias, slice(i * e, (i + 1) * e)))
-                   for i, x in enumerate((query, key, value)))
+        q, k, v = (record.linear(f"in_proj[{i}]", x, ("in_proj_weight", slice(i * e, (i + 1) * e)),
+                                 (bias, slice(i * e, (i + 1) * e))) for i, x in enumerate((query, key, value)))
     else:
-        q, k, v = (project(f"{w}", x, (w, None), (bias, slice(i * e, (i + 1) * e)))
+        q, k, v = (record.linear(w, x, (w, None), (bias, slice(i * e, (i + 1) * e)))
                    for i, (w, x) in enumerate(zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), (query, key, value))))
-    b, length, source = q.shape[0], q.shape[1], k.shape[1]
+    b, length = q.shape[:2]
+    extra = 0  # key positions appended: bias_k/bias_v, then a zero position
+    if m.bias_k is not None:
+        k = torch.cat([k, record.broadcast("bias_k").reshape(b, 1, e)], 1)
+        v = torch.cat([v, record.broadcast("bias_v").reshape(b, 1, e)], 1)
+        extra += 1
+    if m.add_zero_attn:
+        k, v = (torch.cat([t, t.new_zeros(b, 1, e)], 1) for t in (k, v))
+        extra += 1
+    source = k.shape[1]
     q, k, v = (t.reshape(b, t.shape[1], heads, e // heads).transpose(1, 2) for t in (q, k, v))
-    mask = _merged_mask(key_padding_mask, attn_mask, b, heads, length, source, q.dtype)
+    mask = _merged_mask(key_padding_mask, attn_mask, b, heads, length, source - extra, extra, q.dtype)
     if need_weights:
         scores = (q * (1.0 / (e // heads)) ** 0.5) @ k.transpose(-2, -1)
         weights = (scores if mask is None else scores + mask).softmax(-1)
         out = weights @ v
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
-    out = project("out_proj", out.transpose(1, 2).reshape(b, length, e), ("out_proj.weight", None),
-                  ("out_proj.bias" if m.out_proj.bias is not None else None, None))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None and not extra)
+    out = record.linear("out_proj", out.transpose(1, 2).reshape(b, length, e), ("out_proj.weight", None),
+                        ("out_proj.bias" if m.out_proj.bias is not None else None, None))
     if not m.batch_first:
         out = out.transpose(0, 1)
     if not need_weights:
@@ -310,16 +338,18 @@ def multihead_attention(m: nn.MultiheadAttention, project: Project, query, key, 
     return out, (weights.mean(1) if average_attn_weights else weights)
 
 
-def _merged_mask(key_padding_mask, attn_mask, b, heads, length, source, dtype):
-    """The additive mask F.multi_head_attention_forward builds: boolean True = not attended (−inf), floats added."""
+def _merged_mask(key_padding_mask, attn_mask, b, heads, length, source, extra, dtype):
+    """The additive mask F.multi_head_attention_forward builds: boolean True = not attended (−inf), floats added; the
+    ``extra`` appended key positions (bias_k, the zero position) attended by all."""
     def additive(m):
-        return torch.zeros_like(m, dtype=dtype).masked_fill_(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+        m = torch.zeros_like(m, dtype=dtype).masked_fill_(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+        return F.pad(m, (0, extra)) if extra else m
 
     mask = None
     if attn_mask is not None:
         mask = additive(attn_mask)
-        mask = mask.reshape(b, heads, length, source) if mask.dim() == 3 else mask
+        mask = mask.reshape(b, heads, length, source + extra) if mask.dim() == 3 else mask
     if key_padding_mask is not None:
-        pad = additive(key_padding_mask).reshape(b, 1, 1, source)
+        pad = additive(key_padding_mask).reshape(b, 1, 1, source + extra)
         mask = pad if mask is None else mask + pad
     return mask

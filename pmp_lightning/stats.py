@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pmp_lightning.errors import PMPError
-from pmp_lightning.layer_rules import decomposed_for, linear_map, rule_for
+from pmp_lightning.layer_rules import accumulate, decomposed_for, linear_map, rule_for
 from pmp_lightning.training import training_loss
 
 STAT_NAMES = ("dot", "grad_norm", "loss", "margin", "correct", "el2n")
@@ -168,8 +168,8 @@ def _instrumented_pass(net, plan: StatsPlan, x, y):
     for i, part in enumerate(plan.parts):
         if part.how == "decompose":
             module = modules[part.module]
-            kept[i] = {"edges": [], "shapes": [], "projections": []}
-            module.forward = functools.partial(decomposed_for(module), module, _projector(module, kept[i]))
+            kept[i] = {"edges": [], "shapes": [], "uses": []}
+            module.forward = functools.partial(decomposed_for(module), module, _Recorder(module, kept[i], batch))
             written_out.append(module)
         elif part.how != "expand":
             handles.append(modules[part.module].register_forward_hook(_keeper(i, part, kept, batch), with_kwargs=True))
@@ -240,22 +240,31 @@ def _keeper(i: int, part: Part, kept: dict, batch: int):
     return rule_hook if part.how == "rule" else hook
 
 
-def _projector(module: nn.Module, record: dict):
-    """``project`` for a written-out forward (``layer_rules.DECOMPOSED``): the linear map with the named rows of the
-    module's parameters, its input and output gradient edge recorded."""
+class _Recorder:
+    """What a written-out forward (``layer_rules.DECOMPOSED``) uses its module's parameters through: each projection
+    (``linear``: the linear map with the named rows of the parameters) and each parameter used directly
+    (``broadcast``: broadcast along the batch) is recorded with the gradient edge of its output."""
 
-    def project(name, x, weight, bias):
-        (w_name, w_rows), (b_name, b_rows) = weight, bias
-        w = module.get_parameter(w_name)
-        b = module.get_parameter(b_name) if b_name else None
-        out = torch.nn.functional.linear(x, w if w_rows is None else w[w_rows],
-                                         None if b is None else (b if b_rows is None else b[b_rows]))
-        record["edges"].append(get_gradient_edge(out))
-        record["shapes"].append(out.shape)
-        record["projections"].append((x.detach(), weight, bias))
+    def __init__(self, module: nn.Module, record: dict, batch: int):
+        self.module, self.record, self.batch = module, record, batch
+
+    def _keep(self, out: torch.Tensor, use) -> torch.Tensor:
+        self.record["edges"].append(get_gradient_edge(out))
+        self.record["shapes"].append(out.shape)
+        self.record["uses"].append(use)
         return out
 
-    return project
+    def linear(self, name, x, weight, bias):
+        (w_name, w_rows), (b_name, b_rows) = weight, bias
+        w = self.module.get_parameter(w_name)
+        b = self.module.get_parameter(b_name) if b_name else None
+        out = torch.nn.functional.linear(x, w if w_rows is None else w[w_rows],
+                                         None if b is None else (b if b_rows is None else b[b_rows]))
+        return self._keep(out, ("linear", x.detach(), weight, bias))
+
+    def broadcast(self, name):
+        p = self.module.get_parameter(name)
+        return self._keep(p.unsqueeze(0).expand(self.batch, *p.shape), ("broadcast", name))
 
 
 def _reduce(part: Part, module: nn.Module, record: dict, v: dict, batch: int):
@@ -263,15 +272,20 @@ def _reduce(part: Part, module: nn.Module, record: dict, v: dict, batch: int):
     if part.how == "decompose":
         prefix = f"{part.module}." if part.module else ""
         dot = sq = None
-        for (a, (w_name, w_rows), (b_name, b_rows)), delta in zip(record["projections"], record["deltas"]):
-            local = {}
-            for key, name, rows in (("weight", w_name, w_rows), ("bias", b_name, b_rows)):
-                if name and prefix + name in v:
-                    direction = v[prefix + name]
-                    local[key] = direction if direction is None or rows is None else direction[rows]
-            d, q = linear_map(a, delta, local)
+        for use, delta in zip(record["uses"], record["deltas"]):
+            if use[0] == "broadcast":
+                name = prefix + use[1]
+                d, q = (None, None) if name not in v else accumulate(None, None, delta, v[name])
+            else:
+                _, a, (w_name, w_rows), (b_name, b_rows) = use
+                local = {}
+                for key, name, rows in (("weight", w_name, w_rows), ("bias", b_name, b_rows)):
+                    if name and prefix + name in v:
+                        direction = v[prefix + name]
+                        local[key] = direction if direction is None or rows is None else direction[rows]
+                d, q = linear_map(a, delta, local)
             dot = d if dot is None else (dot if d is None else dot + d)
-            sq = q if sq is None else sq + q
+            sq = q if sq is None else (sq if q is None else sq + q)
         return dot, sq
     if part.how == "expand":
         g = record["deltas"][0].reshape(batch, -1)

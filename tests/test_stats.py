@@ -103,7 +103,9 @@ def test_a_frozen_weight_leaves_the_bias_alone():
     lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3, groups=2, padding_mode="replicate", padding=1)),
     lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=4, stride=2)),  # depthwise
 ], ids=["stride-dilation", "same-reflect", "circular", "patches", "groups", "depthwise"])
-def test_conv2d(conv):
+@pytest.mark.parametrize("grouped", [False, True], ids=["offsets", "grouped"])  # both ways of the conv weight rule
+def test_conv2d(conv, grouped, monkeypatch):
+    monkeypatch.setattr(layer_rules, "GROUPED_POSITIONS", 0 if grouped else 10**9)
     layer = conv()
     net = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
     x, y = images(size=12)
@@ -116,7 +118,9 @@ def test_conv2d(conv):
     (lambda: nn.Conv1d(2, 5, 3, stride=2, dilation=2, padding=1, padding_mode="reflect"), (2, 17)),
     (lambda: nn.Conv3d(2, 3, 2, padding=1, groups=1), (2, 5, 5, 5)),
 ], ids=["conv1d", "conv3d"])
-def test_conv1d_and_3d(conv, shape):
+@pytest.mark.parametrize("grouped", [False, True], ids=["offsets", "grouped"])
+def test_conv1d_and_3d(conv, shape, grouped, monkeypatch):
+    monkeypatch.setattr(layer_rules, "GROUPED_POSITIONS", 0 if grouped else 10**9)
     net = nn.Sequential(conv(), nn.Flatten(), nn.LazyLinear(10))
     torch.manual_seed(0)
     x, y = torch.randn(7, *shape, dtype=torch.float64), torch.randint(0, 10, (7,))
@@ -184,10 +188,12 @@ def test_batchnorm1d_on_vectors():
 
 # ------------------------------------------------------------------ attention, bare parameters, the fallback
 class Attend(nn.Module):
-    def __init__(self, batch_first=True, cross=False, need_weights=False, masks=False, kdim=None, zero_attn=False):
+    def __init__(self, batch_first=True, cross=False, need_weights=False, masks=False, kdim=None, zero_attn=False,
+                 bias_kv=False):
         super().__init__()
         self.inp = nn.Linear(4, 30)
-        self.attn = nn.MultiheadAttention(6, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, add_zero_attn=zero_attn)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, add_zero_attn=zero_attn,
+                                          add_bias_kv=bias_kv)
         self.kv = nn.Linear(6, kdim or 6)
         self.batch_first, self.cross, self.need_weights, self.masks = batch_first, cross, need_weights, masks
         self.out = nn.Linear(6, 10)
@@ -207,14 +213,26 @@ class Attend(nn.Module):
 
 @pytest.mark.parametrize("kw", [
     {}, {"batch_first": False}, {"cross": True}, {"need_weights": True}, {"masks": True},
-    {"cross": True, "kdim": 4},
-], ids=["self", "seq-first", "cross", "weights", "masks", "kdim"])
+    {"cross": True, "kdim": 4}, {"zero_attn": True, "masks": True}, {"bias_kv": True, "need_weights": True},
+    {"bias_kv": True, "zero_attn": True, "masks": True},
+], ids=["self", "seq-first", "cross", "weights", "masks", "kdim", "zero-attn", "bias-kv", "bias-kv-zero-attn"])
 def test_multihead_attention_written_out(kw):
     check(Attend(**kw), *vectors(), {"attn": "decompose"})
 
 
-def test_attention_the_written_out_forward_does_not_cover_goes_to_the_fallback():
-    check(Attend(zero_attn=True), *vectors(), {"attn": "fallback"})
+class Gated(nn.Module):
+    """A custom layer: two weights used through torch.nn.functional, multiplied: nothing in the rule table."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.w, self.g = nn.Parameter(torch.randn(d, d) / d**0.5), nn.Parameter(torch.randn(d, d) / d**0.5)
+
+    def forward(self, h):
+        return F.linear(h, self.w) * torch.sigmoid(F.linear(h, self.g))
+
+
+def test_a_custom_layer_goes_to_the_fallback():
+    check(Seq(Gated(), 6), *vectors(), {"layer": "fallback"})
 
 
 class Bare(nn.Module):
@@ -336,7 +354,7 @@ GUARDED = {  # a network per way of the plan, and the module whose part is made 
     "RMSNorm": (lambda: Seq(nn.RMSNorm(6), 6), "layer"),
     "MultiheadAttention": (lambda: Attend(), "attn"),
     "expand": (lambda: Bare(), ""),
-    "fallback": (lambda: Attend(zero_attn=True), "attn"),
+    "fallback": (lambda: Seq(Gated(), 6), "layer"),
 }
 
 
@@ -390,3 +408,28 @@ def test_the_pass_wants_the_eval_mode_network():
     net = mlp()
     with pytest.raises(UnsupportedModelError, match="call net.eval"):
         per_example_stats(net, torch.rand(2, 1, 28, 28), torch.tensor([0, 1]), None)
+
+
+class TorchTransformer(nn.Module):
+    """torch's own nn.TransformerEncoder (two layers), sequence-first or batch-first, on tokens from a linear map."""
+
+    def __init__(self, batch_first=True, norm_first=False):
+        super().__init__()
+        self.inp = nn.Linear(4, 30)
+        layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=12, dropout=0.1, batch_first=batch_first,
+                                           norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.batch_first = batch_first
+        self.out = nn.Linear(6, 10)
+
+    def forward(self, x):
+        h = self.inp(x.flatten(1)).reshape(len(x), 5, 6)
+        h = self.encoder(h if self.batch_first else h.transpose(0, 1))
+        return self.out((h if self.batch_first else h.transpose(0, 1)).mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_torchs_own_transformer_encoder(batch_first, norm_first):
+    plan, _ = check(TorchTransformer(batch_first, norm_first), *vectors())
+    assert {p.how for p in plan.parts} <= {"rule", "decompose"}, plan.summary()
