@@ -12,14 +12,17 @@ per-example gradient larger than the layer's own parameters per example (the nor
         norm" rule of Bu et al. 2023, fastDP). Bias: Σ_t δ_t.
     Conv1d/2d/3d, any groups, stride, dilation, padding and padding mode: ∇_W l_n at kernel offset k is the small
         (out/G × in/G) block δ_n · shift_k(a_n)ᵀ per group; each block is reduced to its share of the dot and the
-        squared norm at once, so neither the per-example gradient nor the unfolded patches (im2col) are stored.
-        Over non-overlapping patches (stride = kernel: a patch embedding) the layer is a linear map of each patch,
+        squared norm at once, so neither the per-example gradient nor the unfolded patches (im2col) are stored; on
+        large maps (GROUPED_POSITIONS) one convolution backward with the batch as groups gives the per-example
+        gradients at once, which is cheaper there. Over non-overlapping patches (stride = kernel: a patch embedding) the layer is a linear map of each patch,
         and the linear rule takes the patches (cut without duplication) as its positions.
     Embedding: G_n = Σ_t e_{i_t} δ_tᵀ; dot = Σ_t V[i_t]·δ_t, ‖G_n‖² = Σ_{t,s: i_t = i_s} δ_t·δ_s (a masked Gram
         matrix; for long sequences, the δ summed per distinct id, then squared), positions holding padding_idx left
         out (torch gives them no gradient).
     LayerNorm, GroupNorm, BatchNorm (eval mode: its running statistics), InstanceNorm, RMSNorm: with x̂ the
         normalised input, g_γ = Σ_positions δ ⊙ x̂ and g_β = Σ_positions δ, per example (C or normalized_shape values).
+    MultiheadAttention uses its weights functionally: during the pass its forward is written out (``DECOMPOSED``),
+        every projection through the linear rule, bias_k/bias_v broadcast along the batch.
 
 Exact types only (``type(layer) in RULES``, as Opacus does): a subclass may compute something else in its
 ``forward``. Everything else is the fallback's (``pmp_lightning/stats.py``).
