@@ -12,9 +12,9 @@ per-example gradient larger than the layer's own parameters per example (the nor
         norm" rule of Bu et al. 2023, fastDP). Bias: Σ_t δ_t.
     Conv1d/2d/3d, any groups, stride, dilation, padding and padding mode: ∇_W l_n at kernel offset k is the small
         (out/G × in/G) block δ_n · shift_k(a_n)ᵀ per group; each block is reduced to its share of the dot and the
-        squared norm at once, so neither the per-example gradient nor the unfolded patches (im2col) are stored; on
-        large maps (GROUPED_POSITIONS) one convolution backward with the batch as groups gives the per-example
-        gradients at once, which is cheaper there. Over non-overlapping patches (stride = kernel: a patch embedding) the layer is a linear map of each patch,
+        squared norm at once, so neither the per-example gradient nor the unfolded patches (im2col) are stored; for
+        layers with few channels (GROUPED_CHANNELS) one convolution backward with the batch as groups gives the
+        per-example gradients at once, which is cheaper there. Over non-overlapping patches (stride = kernel: a patch embedding) the layer is a linear map of each patch,
         and the linear rule takes the patches (cut without duplication) as its positions.
     Embedding: G_n = Σ_t e_{i_t} δ_tᵀ; dot = Σ_t V[i_t]·δ_t, ‖G_n‖² = Σ_{t,s: i_t = i_s} δ_t·δ_s (a masked Gram
         matrix; for long sequences, the δ summed per distinct id, then squared), positions holding padding_idx left
@@ -153,7 +153,7 @@ def _conv_weight(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.T
     spatial = delta.shape[2:]
     groups, in_ch = layer.groups, a.shape[1]
     positions = spatial.numel()
-    if positions >= GROUPED_POSITIONS:  # large maps: the per-example gradients from one grouped convolution backward
+    if _grouped_is_cheaper(layer):  # the per-example gradients from one grouped convolution backward
         return accumulate(None, None, _per_example_weight_gradients(layer, a, delta), vw)
     d = delta.reshape(b, out_ch, positions)
     if groups > 1:
@@ -176,9 +176,17 @@ def _conv_weight(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.T
     return dot, sq
 
 
-# from this many output positions on, one convolution backward over the batch as groups (the per-example weight
-# gradients, b × the weight's size) beats the kernel-offset loop, whose window copies and small products dominate
-GROUPED_POSITIONS = 10**9
+# One convolution backward over the batch as groups (the per-example weight gradients, b × the weight's size) beats
+# the kernel-offset loop where a group's in × out channels are few (the loop's window copies and small products
+# dominate there) and the kernel has more than one offset. Measured per layer of the shipped models, one thread,
+# 64 examples (docs/performance.md): 0.54-0.96 of the loop's time at up to 40 × 40 channels, 1.06-3.8 beyond, 2.1
+# for 1 × 1 kernels.
+GROUPED_CHANNELS = 1600
+
+
+def _grouped_is_cheaper(layer: nn.modules.conv._ConvNd) -> bool:
+    return (layer.in_channels // layer.groups) * (layer.out_channels // layer.groups) <= GROUPED_CHANNELS \
+        and math.prod(layer.kernel_size) > 1
 
 
 def _per_example_weight_gradients(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

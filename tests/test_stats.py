@@ -105,7 +105,7 @@ def test_a_frozen_weight_leaves_the_bias_alone():
 ], ids=["stride-dilation", "same-reflect", "circular", "patches", "groups", "depthwise"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["offsets", "grouped"])  # both ways of the conv weight rule
 def test_conv2d(conv, grouped, monkeypatch):
-    monkeypatch.setattr(layer_rules, "GROUPED_POSITIONS", 0 if grouped else 10**9)
+    monkeypatch.setattr(layer_rules, "GROUPED_CHANNELS", 10**9 if grouped else 0)
     layer = conv()
     net = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
     x, y = images(size=12)
@@ -120,7 +120,7 @@ def test_conv2d(conv, grouped, monkeypatch):
 ], ids=["conv1d", "conv3d"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["offsets", "grouped"])
 def test_conv1d_and_3d(conv, shape, grouped, monkeypatch):
-    monkeypatch.setattr(layer_rules, "GROUPED_POSITIONS", 0 if grouped else 10**9)
+    monkeypatch.setattr(layer_rules, "GROUPED_CHANNELS", 10**9 if grouped else 0)
     net = nn.Sequential(conv(), nn.Flatten(), nn.LazyLinear(10))
     torch.manual_seed(0)
     x, y = torch.randn(7, *shape, dtype=torch.float64), torch.randint(0, 10, (7,))
