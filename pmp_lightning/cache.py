@@ -75,7 +75,7 @@ def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any], downstream_c
     replayed (a retrained entry gets a new one)."""
     return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True),
             "objective": OmegaConf.to_container(cfg.objective, resolve=True), "downstream_content": downstream_content,
-            "stats_format": 2}  # 2: stats.npz holds the trained model θ_T's statistics too
+            "stats_format": 3}  # 3: stats.npz holds the trained model θ_T's outputs too
 
 
 class StageCache:

@@ -1,7 +1,7 @@
 """The backward PMP replay as a LightningModule: one Trainer epoch per snapshot, newest first.
 
-Epoch e handles snapshot t = T-e. The first epoch scores the trained model θ_T: the statistics the
-baselines need (loss, margin, correctness, EL2N, ‖∇l_n‖; no costate yet), then λ_T = ∇J(θ_T). Every
+Epoch e handles snapshot t = T-e. The first epoch reads the trained model θ_T's outputs, which the
+baselines need (loss, margin, correctness, EL2N: a forward pass, no costate yet), then λ_T = ∇J(θ_T). Every
 later epoch, with λ_{t+1} known, loads θ_t, runs the per-example statistics pass over the pool (the
 epoch's batches) and propagates the costate:
 
@@ -45,7 +45,7 @@ from pmp_lightning.costate import PROPAGATORS, ObjectiveFn, describe, downstream
 from pmp_lightning.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
 from pmp_lightning.replay_store import ReplayProgress, ReplayStats, growth_steps
-from pmp_lightning.stats import STAT_NAMES, per_example_stats, trainable
+from pmp_lightning.stats import STAT_NAMES, STEP_STATS, output_stats, per_example_stats, trainable
 from pmp_lightning.trajectory import load_manifest, network_shapes, network_state
 
 CURVATURES = tuple(PROPAGATORS)
@@ -113,8 +113,8 @@ class ReplayModule(pl.LightningModule):
         self.hvp_set = Subset(self.train_set, torch.randperm(len(self.train_set), generator=gen)[:n_hvp].tolist())
 
         n = len(self.pool)
-        # dot: t = 0..T-1 (θ_T has no λ_{T+1}); every other statistic: t = 0..T
-        self.arrays = {k: np.full((self.T if k == "dot" else self.T + 1, n), np.nan) for k in STAT_NAMES}
+        # dot and grad_norm: t = 0..T-1 (the steps); the model's outputs (loss, margin, correct, el2n): t = 0..T
+        self.arrays = {k: np.full((self.T if k in STEP_STATS else self.T + 1, n), np.nan) for k in STAT_NAMES}
         self.lambda_norm = np.full(self.T, np.nan)  # index t-1: ‖λ_t‖, t = 1..T (λ_0 is never needed)
         self.participation = np.full(self.T, np.nan)  # index t-1: at θ_t, t = 1..T
         self.lam: torch.Tensor | None = None
@@ -180,7 +180,7 @@ class ReplayModule(pl.LightningModule):
         ident = {"snapshots": self.manifest["snapshots"], "curvature": curvature, "horizon": horizon,
                  "objective": describe(self.objective), "hvp_samples": n_hvp,
                  "seed": seed, "lanczos_steps": self.lanczos_steps, "pool_labels": self.pool.y.tolist(),
-                 "downstream": len(self.downstream), "format": 2}  # 2: θ_T's statistics are a row of their own
+                 "downstream": len(self.downstream), "format": 3}  # 3: θ_T's outputs are a row of their own
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ resume
@@ -221,13 +221,13 @@ class ReplayModule(pl.LightningModule):
         self._lam_dict = None if t == self.T else self._unflatten(self.lam)  # θ_T: no λ_{T+1}, no dot
 
     def _row_stats(self, t: int) -> list[str]:
-        """The statistics snapshot t has: all of them, but no dot at θ_T."""
-        return [k for k in STAT_NAMES if t < self.T or k != "dot"]
+        """The statistics snapshot t has: all of them, but at θ_T only the model's outputs (a forward pass)."""
+        return [k for k in STAT_NAMES if t < self.T or k not in STEP_STATS]
 
     def training_step(self, batch, batch_idx):
         x, y, i = batch
         t = self.snapshot_of_epoch(self.current_epoch)
-        stats = per_example_stats(self.net, x, y, self._lam_dict)
+        stats = per_example_stats(self.net, x, y, self._lam_dict) if t < self.T else output_stats(self.net, x, y)
         idx = i.cpu().numpy()
         for k, v in stats.items():
             self.arrays[k][t, idx] = v.cpu().double().numpy()

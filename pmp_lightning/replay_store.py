@@ -17,10 +17,11 @@ from pmp_lightning.io import save_npz
 class ReplayStats:
     """Everything the scores need: per-example arrays over the snapshots and per-step vectors.
 
-    ``dot[t, n] = ⟨λ_{t+1}, ∇l_n(θ_t)⟩`` for t = 0..T-1 (T × N); the PMP contribution is
-    ``c[t, n] = eta[t] * dot[t, n]``. ``grad_norm``, ``loss``, ``margin``, ``correct`` and ``el2n`` hold one
-    row per snapshot θ_0..θ_T ((T+1) × N): the PMP variants read rows 0..T-1 (beside ``dot``), the baselines
-    the trained snapshots θ_1..θ_T (``trained``), so the final model counts and the initialisation does not.
+    ``dot[t, n] = ⟨λ_{t+1}, ∇l_n(θ_t)⟩`` and ``grad_norm[t, n] = ‖∇l_n(θ_t)‖`` for t = 0..T-1 (T × N), the snapshots
+    each step starts from; the PMP contribution is ``c[t, n] = eta[t] * dot[t, n]``. ``loss``, ``margin``,
+    ``correct`` and ``el2n`` hold one row per snapshot θ_0..θ_T ((T+1) × N): the baselines that read the model's
+    verdict use the trained snapshots θ_1..θ_T (``trained``), so the final model counts and the initialisation
+    does not.
     ``lambda_norm[t] = ‖λ_{t+1}‖``; ``participation[t]`` is the fraction of downstream examples carrying
     ∇J(θ_{t+1}) (``costate.participation``). Columns follow the pool's positions.
     """
@@ -38,11 +39,6 @@ class ReplayStats:
     @property
     def contribution(self) -> np.ndarray:
         return self.eta[:, None] * self.dot
-
-    @property
-    def replayed_grad_norm(self) -> np.ndarray:
-        """‖∇l_n(θ_t)‖ for t = 0..T-1, the snapshots the costate scores (T × N, beside ``dot``)."""
-        return self.grad_norm[:-1]
 
     def trained(self, name: str) -> np.ndarray:
         """The per-example statistic ``name`` at the trained snapshots θ_1..θ_T (T × N): what the baselines average."""

@@ -7,12 +7,15 @@ negated so that every score reads the same way.
 Notation (arrays from ``ReplayStats``, n over the pool): c[t, n] = η_t ⟨λ_{t+1}, ∇l_n(θ_t)⟩ and
 g[t, n] = ‖∇l_n(θ_t)‖ for t = 0…T-1, the snapshots the costate scores.
 
-The baselines follow their published definitions over the *trained* snapshots θ_1…θ_T (one per
-training interval, the final model included, the random initialisation θ_0 left out): AUM averages the
-margin over training epochs (Pleiss et al. 2020), TracIn sums η·‖∇l‖² over the checkpoints saved during
-training, each weighted by the learning rate of the interval that led to it (Pruthi et al. 2020), and
-forgetting events count transitions between those checkpoints (Toneva et al. 2019). loss, GraNd and
-EL2N average over the same snapshots. With one epoch, every baseline reads the trained model θ_1 = θ_T.
+Each baseline follows its published definition. Those that read the model's verdict on an example (loss,
+AUM, EL2N, forgetting) use the *trained* snapshots θ_1…θ_T, one after each training interval, the final
+model included and the random initialisation θ_0 left out: AUM averages the margin over training epochs
+(Pleiss et al. 2020), forgetting events count transitions between those checkpoints (Toneva et al. 2019),
+loss and EL2N average over the same snapshots. With one epoch they read the trained model θ_1 = θ_T.
+Those built on per-example gradients use the snapshots each step starts from, θ_0…θ_{T−1}, as the PMP
+scores do: TracIn's self-influence sums η_t‖∇l_n(θ_t)‖² over the steps, the gradient taken where step t
+starts (Pruthi et al. 2020), and GraNd is the gradient norm at and early after initialisation (Paul et al.
+2021), here averaged over those snapshots.
 """
 from __future__ import annotations
 
@@ -68,19 +71,19 @@ def raw(s: ReplayStats) -> np.ndarray:
 @register("cosine", pmp=True)
 def cosine(s: ReplayStats) -> np.ndarray:
     """Direction only: Σ_t cos(λ_{t+1}, ∇l_n(θ_t))."""
-    return _safe_div(s.dot, s.lambda_norm[:, None] * s.replayed_grad_norm).sum(0)
+    return _safe_div(s.dot, s.lambda_norm[:, None] * s.grad_norm).sum(0)
 
 
 @register("unit_grad", pmp=True)
 def unit_grad(s: ReplayStats) -> np.ndarray:
     """Σ_t η_t ⟨λ_{t+1}, ∇l_n/‖∇l_n‖⟩: unit gradients, keeping the time weighting of λ."""
-    return _safe_div(s.contribution, s.replayed_grad_norm).sum(0)
+    return _safe_div(s.contribution, s.grad_norm).sum(0)
 
 
 @register("clip", pmp=True)
 def clip(s: ReplayStats) -> np.ndarray:
     """Σ_t c_{t,n} · min(1, C_t / g_{t,n}), C_t the per-step median gradient norm."""
-    g = s.replayed_grad_norm
+    g = s.grad_norm
     c_t = np.quantile(g, CLIP_QUANTILE, axis=1, keepdims=True)
     return (s.contribution * np.minimum(1.0, _safe_div(np.broadcast_to(c_t, g.shape), g))).sum(0)
 
@@ -101,7 +104,7 @@ def rank(s: ReplayStats) -> np.ndarray:
 @register("relative", pmp=True)
 def relative(s: ReplayStats) -> np.ndarray:
     """Relative influence: s_n / sqrt(Σ_t η_t g²_{t,n})."""
-    return _safe_div(raw(s), np.sqrt((s.eta[:, None] * s.replayed_grad_norm**2).sum(0)))
+    return _safe_div(raw(s), np.sqrt((s.eta[:, None] * s.grad_norm**2).sum(0)))
 
 
 @register("early", pmp=True)
@@ -125,8 +128,8 @@ def aum(s: ReplayStats) -> np.ndarray:
 
 @register("grand")
 def grand(s: ReplayStats) -> np.ndarray:
-    """GraNd (Paul et al. 2021): mean gradient norm over θ_1..θ_T (negated)."""
-    return -s.trained("grad_norm").mean(0)
+    """GraNd (Paul et al. 2021): mean gradient norm over θ_0..θ_{T-1} (negated)."""
+    return -s.grad_norm.mean(0)
 
 
 @register("el2n")
@@ -137,9 +140,8 @@ def el2n(s: ReplayStats) -> np.ndarray:
 
 @register("tracin_self")
 def tracin_self(s: ReplayStats) -> np.ndarray:
-    """TracIn self-influence (Pruthi et al. 2020): Σ_t η ‖∇l_n(θ_t)‖² over θ_1..θ_T, each checkpoint weighted by the
-    summed learning rate of the interval that led to it (negated)."""
-    return -(s.eta[:, None] * s.trained("grad_norm") ** 2).sum(0)
+    """TracIn self-influence (Pruthi et al. 2020): Σ_t η_t ‖∇l_n(θ_t)‖² over the steps θ_0..θ_{T-1} (negated)."""
+    return -(s.eta[:, None] * s.grad_norm**2).sum(0)
 
 
 @register("forgetting")

@@ -48,6 +48,7 @@ from pmp_lightning.layer_rules import accumulate, decomposed_for, linear_map, ru
 from pmp_lightning.training import training_loss
 
 STAT_NAMES = ("dot", "grad_norm", "loss", "margin", "correct", "el2n")
+STEP_STATS = ("dot", "grad_norm")  # need a backward (and a direction); the rest are the model's outputs
 FALLBACK_FLOATS = 2**24  # per-example gradients a fallback holds at once (64 MiB in float32): sets its sub-batch
 EXPAND_FLOATS = 2**24  # a bare parameter is broadcast along the batch only while batch × its size stays below this
 PROBE_SIZES = (5, 7)  # two batch sizes (rarely a length a network has): an axis that follows them is the batch axis
@@ -110,7 +111,7 @@ def trainable(net: nn.Module) -> dict[str, nn.Parameter]:
 def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor] | None,
                       by_layer: bool = False, plan: StatsPlan | None = None) -> dict[str, torch.Tensor]:
     """Statistics of each example of the batch (see the module docstring); ``v`` is keyed like ``trainable(net)``.
-    Without a direction (``v=None``: the trained model θ_T, which has no λ_{T+1}) there is no ``dot``.
+    Without a direction (``v=None``) there is no ``dot``.
 
     ``by_layer`` adds ``layer_sq`` and ``layer_dot`` (batch × parts, in ``plan.parts`` order): each part's share of
     the squared gradient norm and of the dot product (``pmp_lightning.diagnose``). The network must be in eval
@@ -123,27 +124,34 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
     parts, logits, losses = _forward_backward(net, plan, x, y, v)
     with torch.no_grad():
         dots = [d for d, _ in parts]
-        sq = sum(q for _, q in parts)
-        out = {"grad_norm": sq.sqrt()}
+        out = {"grad_norm": sum(q for _, q in parts).sqrt()}
         if v is not None:
             out["dot"] = sum(dots)
         if by_layer:
             out["layer_sq"] = torch.stack([q for _, q in parts], 1)
             if v is not None:
                 out["layer_dot"] = torch.stack(dots, 1)
-        label_logit = logits.gather(1, y[:, None]).squeeze(1)
-        others = logits.scatter(1, y[:, None], float("-inf"))
-        probs = logits.softmax(1)
-        onehot = torch.nn.functional.one_hot(y, logits.shape[1]).to(probs.dtype)
-        return {
-            **{k: out[k] for k in ("layer_sq", "layer_dot") if k in out},
-            **({"dot": out["dot"]} if "dot" in out else {}),
-            "grad_norm": out["grad_norm"],
-            "loss": losses.detach(),
-            "margin": label_logit - others.max(1).values,
-            "correct": (logits.argmax(1) == y).to(logits.dtype),
-            "el2n": (probs - onehot).norm(dim=1),
-        }
+        return {**out, **_outputs(logits, y, losses.detach())}
+
+
+@torch.no_grad()
+def output_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The statistics that need only the model's outputs (loss, margin, correct, el2n): one forward pass."""
+    logits = net(x)
+    return _outputs(logits, y, training_loss(logits, y, reduction="none"))
+
+
+def _outputs(logits: torch.Tensor, y: torch.Tensor, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+    label_logit = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    probs = logits.softmax(1)
+    onehot = torch.nn.functional.one_hot(y, logits.shape[1]).to(probs.dtype)
+    return {
+        "loss": losses,
+        "margin": label_logit - others.max(1).values,
+        "correct": (logits.argmax(1) == y).to(logits.dtype),
+        "el2n": (probs - onehot).norm(dim=1),
+    }
 
 
 # ----------------------------------------------------------------------------- the pass

@@ -30,16 +30,17 @@ def test_the_baselines_average_over_the_trained_snapshots(trained):
     dm, snaps = trained  # 2 epochs: θ_0 (random), θ_1, θ_2 (the trained model)
     replay = fit_replay(ReplayModule(mlp(in_features=4, hidden=5), snaps, dm.pool, dm.downstream, dm.train_set, curvature="none"))
     stats = replay.results()
-    assert stats.dot.shape == (2, 24) and stats.loss.shape == stats.grad_norm.shape == (3, 24)
+    assert stats.dot.shape == stats.grad_norm.shape == (2, 24) and stats.loss.shape == stats.margin.shape == (3, 24)
     loss, margin, correct = _per_snapshot(dm, snaps)
     np.testing.assert_allclose(stats.loss, loss, rtol=1e-5)  # θ_T's row is the final model's
-    scores = compute_scores(["loss", "aum", "forgetting"], stats)
+    scores = compute_scores(["loss", "aum", "forgetting", "grand"], stats)
     np.testing.assert_allclose(scores["loss"], -loss[1:].mean(0), rtol=1e-5)
     np.testing.assert_allclose(scores["aum"], margin[1:].mean(0), rtol=1e-5, atol=1e-6)
     learned = correct[1:]
     expected = np.where(~learned.any(0), 2, (learned[:-1] & ~learned[1:]).sum(0))
     np.testing.assert_array_equal(scores["forgetting"], -expected)
     assert not np.allclose(scores["loss"], -loss[:-1].mean(0))  # the old window θ_0..θ_{T-1} differs here
+    np.testing.assert_allclose(scores["grand"], -stats.grad_norm.mean(0))  # gradients where each step starts
 
 
 def test_one_epoch_means_the_trained_model_not_the_initialisation(trained, tmp_path):
@@ -67,8 +68,8 @@ def test_pmp_variants_read_the_snapshots_the_costate_scores(trained, name):
     dm, snaps = trained
     stats = fit_replay(ReplayModule(mlp(in_features=4, hidden=5), snaps, dm.pool, dm.downstream, dm.train_set,
                                     curvature="none")).results()
-    assert stats.replayed_grad_norm.shape == stats.dot.shape
+    assert stats.grad_norm.shape == stats.dot.shape
     if name == "cosine":
-        expected = (stats.dot / (stats.lambda_norm[:, None] * stats.grad_norm[:-1])).sum(0)
+        expected = (stats.dot / (stats.lambda_norm[:, None] * stats.grad_norm)).sum(0)
         np.testing.assert_allclose(compute_scores([name], stats)[name], expected)
     assert np.isfinite(compute_scores([name], stats)[name]).all()
