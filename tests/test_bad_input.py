@@ -300,19 +300,6 @@ def test_a_seed_out_of_range_is_one_line_before_any_work(tmp_path, seed):
     assert not (tmp_path / "ground_truth.npz").exists()
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("12\n99999999999999999999999\n", r"line 2 holds 99999999999999999999999, beyond any data set's size"),
-    ("id,note\n3,looks wrong\n", r"line 1 holds 'id', not a source index \(a CSV file needs a column named 'index'"),
-])
-def test_implausible_known_error_files(tmp_path, text, message):
-    from pmp_lightning.data import read_known_errors
-
-    path = tmp_path / "known.txt"
-    path.write_text(text)
-    with pytest.raises(DataConfigError, match=message):
-        read_known_errors(path)
-
-
 def test_duplicate_known_errors_are_counted_and_named(tmp_path):
     from pmp_lightning.data import read_known_errors
 

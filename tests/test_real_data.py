@@ -96,6 +96,8 @@ def test_known_errors_add_to_synthetic_noise(tmp_path):
 @pytest.mark.parametrize(("text", "message"), [
     ("12\nabc\n", r"line 2 holds 'abc', not a source index"),
     ("3 -4\n", r"line 1 holds -4; source indices are ≥ 0"),
+    ("12\n99999999999999999999999\n", r"line 2 holds 99999999999999999999999, beyond any data set's size"),
+    ("id,note\n3,looks wrong\n", r"line 1 holds 'id', not a source index \(a CSV file needs a column named 'index'"),
 ])
 def test_a_bad_known_errors_file_names_the_line(tmp_path, text, message):
     path = tmp_path / "known.txt"
