@@ -182,6 +182,38 @@ def peak_memory_mib(method: str, model: str, args) -> tuple[float, float] | None
     return None if peak is None else (peak, peak - base)
 
 
+# (in, out, input size, stride, kernel, padding) of the conv layers in the shipped models: the reported CNN, the
+# small CNN, the ResNet at widths 16 and 40
+CONV_LAYERS = [(1, 32, 28, 1, 3, 0), (32, 64, 26, 1, 3, 0), (1, 16, 28, 2, 5, 0), (16, 32, 12, 2, 3, 0),
+               (1, 16, 28, 1, 3, 1), (16, 16, 28, 1, 3, 1), (16, 32, 28, 2, 3, 1), (16, 32, 28, 2, 1, 0),
+               (32, 32, 14, 1, 3, 1), (32, 64, 14, 2, 3, 1), (32, 64, 14, 2, 1, 0), (64, 64, 7, 1, 3, 1),
+               (1, 40, 28, 1, 3, 1), (40, 40, 28, 1, 3, 1), (40, 80, 28, 2, 3, 1), (80, 80, 14, 1, 3, 1),
+               (80, 160, 14, 2, 3, 1), (160, 160, 7, 1, 3, 1)]
+
+
+def conv_layer_costs(examples: int, repeats: int) -> list[dict]:
+    """The conv weight rule's two ways (the kernel-offset loop, the grouped convolution backward) on each shipped conv
+    layer, interleaved, each one's minimum over the rounds: what ``layer_rules.GROUPED_CHANNELS`` was set from."""
+    from pmp_lightning import layer_rules
+
+    rows = []
+    for cin, cout, size, stride, k, pad in CONV_LAYERS:
+        conv = torch.nn.Conv2d(cin, cout, k, stride, pad, bias=False)
+        x = torch.randn(examples, cin, size, size)
+        delta, a = torch.randn_like(conv(x)), layer_rules.padded(conv, x)
+        vw = torch.randn_like(conv.weight)
+        fns = {"offsets": lambda: layer_rules.conv_weight_offsets(conv, a, delta, vw),
+               "grouped": lambda: layer_rules.accumulate(None, None, layer_rules.per_example_weight_gradients(conv, a, delta), vw)}
+        times = {name: min(t) for name, t in time_interleaved(fns, "cpu", repeats).items()}
+        rows.append({"layer": f"{cin} -> {cout}, {size}x{size}, stride {stride}, kernel {k}", "positions": delta[0, 0].numel(),
+                     **{f"{n}_ms": t * 1e3 for n, t in times.items()}, "grouped/offsets": times["grouped"] / times["offsets"],
+                     "rule": "grouped" if layer_rules.grouped_is_cheaper(conv) else "offsets"})
+        r = rows[-1]
+        print(f"  {r['layer']:<38} positions {r['positions']:4d}: offsets {r['offsets_ms']:7.2f} ms, grouped "
+              f"{r['grouped_ms']:7.2f} ms, ratio {r['grouped/offsets']:.2f}; the rule takes {r['rule']}", flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m pmp_lightning.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["cnn"], choices=[*sorted(MODELS), "all"],
@@ -197,6 +229,8 @@ def main(argv=None) -> dict:
                         help="cpu or cuda (default: cuda when there is a GPU)")
     parser.add_argument("--skip", nargs="*", default=[], choices=METHODS, help="methods to leave out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--conv-layers", action="store_true",
+                        help="instead of whole models: the conv weight rule's two ways on each shipped conv layer")
     args = parser.parse_args(argv)
     args.chunk = args.chunk or (1024 if args.device.startswith("cuda") else 64)
     if args.threads < 0:
@@ -206,6 +240,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     names = list(MODELS) if "all" in args.model else args.model
     try:
+        if args.conv_layers:
+            return {"conv_layers": conv_layer_costs(args.examples if args.examples != 256 else 64, args.repeats)}
         results = {name: _run(args, name) for name in names}
     finally:
         torch.set_num_threads(threads_before)  # main() may run inside another program (the tests)

@@ -16,9 +16,10 @@ per-example gradient larger than the layer's own parameters per example (the nor
         layers with few channels (GROUPED_CHANNELS) one convolution backward with the batch as groups gives the
         per-example gradients at once, which is cheaper there. Over non-overlapping patches (stride = kernel: a patch embedding) the layer is a linear map of each patch,
         and the linear rule takes the patches (cut without duplication) as its positions.
-    Embedding: G_n = Σ_t e_{i_t} δ_tᵀ; dot = Σ_t V[i_t]·δ_t, ‖G_n‖² = Σ_{t,s: i_t = i_s} δ_t·δ_s (a masked Gram
-        matrix; for long sequences, the δ summed per distinct id, then squared), positions holding padding_idx left
-        out (torch gives them no gradient).
+    Embedding: G_n = Σ_t e_{i_t} δ_tᵀ, materialised per example where the table has fewer rows than positions (one
+        batched product with the one-hot ids); otherwise dot = Σ_t V[i_t]·δ_t and ‖G_n‖² = Σ_{t,s: i_t = i_s} δ_t·δ_s
+        (a masked Gram matrix; for long sequences, the δ summed per distinct id, then squared); positions holding
+        padding_idx left out (torch gives them no gradient).
     LayerNorm, GroupNorm, BatchNorm (eval mode: its running statistics), InstanceNorm, RMSNorm: with x̂ the
         normalised input, g_γ = Σ_positions δ ⊙ x̂ and g_β = Σ_positions δ, per example (C or normalized_shape values).
     MultiheadAttention uses its weights functionally: during the pass its forward is written out (``DECOMPOSED``),
@@ -142,19 +143,27 @@ def _patches(layer: nn.modules.conv._ConvNd, a: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_weight(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.Tensor, vw: torch.Tensor | None):
-    """Per-example ⟨V, ∇_W l_n⟩ (None without ``vw``) and ‖∇_W l_n‖² of a convolution's weight, one kernel offset
-    (and, with groups, one group) at a time."""
+    """Per-example ⟨V, ∇_W l_n⟩ (None without ``vw``) and ‖∇_W l_n‖² of a convolution's weight."""
+    a = padded(layer, a)
+    if grouped_is_cheaper(layer):  # the per-example gradients from one grouped convolution backward
+        return accumulate(None, None, per_example_weight_gradients(layer, a, delta), vw)
+    return conv_weight_offsets(layer, a, delta, vw)
+
+
+def padded(layer: nn.modules.conv._ConvNd, a: torch.Tensor) -> torch.Tensor:
+    """The layer's input with the padding its forward adds (any padding mode, 'same' included)."""
     pad = layer._reversed_padding_repeated_twice
     if layer.padding_mode != "zeros":
-        a = F.pad(a, pad, mode=layer.padding_mode)
-    elif any(pad):
-        a = F.pad(a, pad)
+        return F.pad(a, pad, mode=layer.padding_mode)
+    return F.pad(a, pad) if any(pad) else a
+
+
+def conv_weight_offsets(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.Tensor, vw: torch.Tensor | None):
+    """One kernel offset (and, with groups, one group) at a time, from the padded input ``a``."""
     b, out_ch = delta.shape[:2]
     spatial = delta.shape[2:]
     groups, in_ch = layer.groups, a.shape[1]
     positions = spatial.numel()
-    if _grouped_is_cheaper(layer):  # the per-example gradients from one grouped convolution backward
-        return accumulate(None, None, _per_example_weight_gradients(layer, a, delta), vw)
     d = delta.reshape(b, out_ch, positions)
     if groups > 1:
         d = d.reshape(b * groups, out_ch // groups, positions)
@@ -178,18 +187,18 @@ def _conv_weight(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.T
 
 # One convolution backward over the batch as groups (the per-example weight gradients, b × the weight's size) beats
 # the kernel-offset loop where a group's in × out channels are few (the loop's window copies and small products
-# dominate there) and the kernel has more than one offset. Measured per layer of the shipped models, one thread,
-# 64 examples (docs/performance.md): 0.54-0.96 of the loop's time at up to 40 × 40 channels, 1.06-3.8 beyond, 2.1
-# for 1 × 1 kernels.
+# dominate there) and the kernel has more than one offset. Measured per conv layer of the shipped models, one thread,
+# 64 examples (python -m pmp_lightning.bench --conv-layers; docs/performance.md): 0.54-0.96 of the loop's time at up
+# to 40 × 40 channels, 1.06-3.8 beyond, 2.1 for 1 × 1 kernels.
 GROUPED_CHANNELS = 1600
 
 
-def _grouped_is_cheaper(layer: nn.modules.conv._ConvNd) -> bool:
+def grouped_is_cheaper(layer: nn.modules.conv._ConvNd) -> bool:
     return (layer.in_channels // layer.groups) * (layer.out_channels // layer.groups) <= GROUPED_CHANNELS \
         and math.prod(layer.kernel_size) > 1
 
 
-def _per_example_weight_gradients(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def per_example_weight_gradients(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """∇_W l_n for every example at once (b, *weight shape): the batch as groups of one convolution backward, with the
     input already padded (``_conv_weight``)."""
     b, nd = len(a), a.dim() - 2
@@ -210,10 +219,14 @@ def embedding(layer: nn.Embedding, ids: torch.Tensor, delta: torch.Tensor, v: Di
     if layer.padding_idx is not None:  # padding positions get no gradient
         delta = delta * (ids != layer.padding_idx).unsqueeze(-1).to(delta.dtype)
     vw = v["weight"]
-    dot = (vw[ids] * delta).sum((1, 2)) if vw is not None else None
     positions = ids.shape[1]
     if ids.stride(0) == 0 and len(torch.unique(ids[0])) == positions:  # one lookup of distinct ids (positions 0..T-1)
+        dot = (vw[ids[0]] * delta).sum((1, 2)) if vw is not None else None
         return dot, delta.pow(2).sum((1, 2))  # broadcast along the batch: no id repeats, so no cross terms
+    if layer.num_embeddings <= min(positions, ONE_HOT_ROWS):  # few rows: each example's gradient, one product
+        g = F.one_hot(ids, layer.num_embeddings).to(delta.dtype).mT @ delta  # (b, rows, dim)
+        return accumulate(None, None, g, vw)
+    dot = (vw[ids] * delta).sum((1, 2)) if vw is not None else None
     if positions <= GRAM_POSITIONS:  # Σ_{t,s: i_t = i_s} δ_t·δ_s from the Gram matrix: one batched product
         same = ids.unsqueeze(2) == ids.unsqueeze(1)
         sq = ((delta @ delta.mT) * same.to(delta.dtype)).sum((1, 2))
@@ -229,6 +242,7 @@ def embedding(layer: nn.Embedding, ids: torch.Tensor, delta: torch.Tensor, v: Di
 
 
 GRAM_POSITIONS = 256  # up to this many positions per example the Gram form of the embedding norm is the faster one
+ONE_HOT_ROWS = 1024  # a table with no more rows than positions (and this many at most) is materialised per example
 
 
 # ----------------------------------------------------------------------------- normalisation layers

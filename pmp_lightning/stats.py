@@ -13,12 +13,15 @@ gradient is per example). Each trainable parameter is covered by exactly one *pa
   Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, BatchNorm in eval mode, InstanceNorm, RMSNorm). A layer whose
   output carries no batch axis (a position embedding looked up for ``arange(T)``) has its output broadcast to the
   batch during the pass, so that the backward gives each example its own δ.
+- ``decompose``: a layer that uses its weights functionally and has a written-out forward
+  (``layer_rules.DECOMPOSED``: ``nn.MultiheadAttention``) runs that forward during the pass, every projection
+  recorded for the Linear rule and every directly used parameter broadcast along the batch.
 - ``expand``: a parameter used directly in a module's ``forward`` (a class token, a position embedding held as a
   bare ``nn.Parameter``) is replaced, for the pass, by a view of itself broadcast along a batch axis; the gradient
   of that view is the per-example gradient.
-- ``fallback``: anything else that holds parameters (weights used functionally, as ``nn.MultiheadAttention`` does
-  with its ``in_proj_weight`` and ``out_proj``; custom layers; parameters shared between modules): the module that
-  owns them (or the nearest enclosing module called once, with known batch axes) is differentiated per example
+- ``fallback``: anything else that holds parameters (custom layers that use their weights functionally, parameters
+  shared between modules or used outside the module that holds them): the innermost module enclosing every owner
+  and use of them that runs once per forward, with batch axes the probe could read, is differentiated per example
   with ``torch.func.vmap(grad)`` on that module alone, given its recorded inputs and δ, in sub-batches that bound
   the per-example gradients held at once; ``loop`` does the same one example at a time where vmap cannot run.
 
@@ -62,7 +65,7 @@ class UnsupportedModelError(PMPError, TypeError):
 @dataclass(frozen=True)
 class Part:
     """The trainable parameters ``params`` (full names) of the module ``module`` and how their per-example gradients
-    are reduced (``how``: rule, expand, fallback or loop). ``dims`` are batch axes, one per leaf (``tree_flatten``) of
+    are reduced (``how``: rule, decompose, expand, fallback or loop). ``dims`` are batch axes, one per leaf (``tree_flatten``) of
     the module's arguments, keyword arguments (fallback only) and output, None where a leaf has no batch axis (the
     pass then broadcasts that output along the batch); a rule keeps its input's and its output's. ``view`` is the
     broadcast shape of an expanded parameter (``_broadcast``)."""

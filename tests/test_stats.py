@@ -143,8 +143,10 @@ class Tokens(nn.Module):
         return self.out(h.mean(1))
 
 
+@pytest.mark.parametrize("one_hot", [True, False], ids=["one-hot", "gram-or-sums"])
 @pytest.mark.parametrize("length", [9, 300])  # the Gram form and the per-id sums
-def test_embedding_with_repeated_ids_and_padding(length):
+def test_embedding_with_repeated_ids_and_padding(length, one_hot, monkeypatch):
+    monkeypatch.setattr(layer_rules, "ONE_HOT_ROWS", 10**6 if one_hot else 0)
     torch.manual_seed(0)
     ids = torch.randint(0, 5, (7, length))  # few ids: many repeats within an example
     ids[:, :2] = 0
