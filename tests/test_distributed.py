@@ -37,7 +37,8 @@ def test_two_processes_score_like_one(tmp_path, strategy):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
-    assert "replay: 2 snapshots, 301 pool examples, 2 process(es)" in log
+    # θ_2 (forward only, for the baselines), then θ_1 and θ_0 with the costates
+    assert "replay: 3 snapshots, 301 pool examples, 2 process(es)" in log
 
     # one output directory for both ranks, each snapshot written once
     assert [p.name for p in tmp_path.iterdir() if p.name not in ("cache", "run")] == []
