@@ -73,6 +73,8 @@ def _attention_through_the_fallback(net: torch.nn.Module) -> torch.nn.Module:
     for block in net.blocks:
         block.attn = _HandWrittenAttention(block.attn.embed_dim, block.attn.num_heads)
     return net
+
+
 METHODS = ("loop", "vmap_grad", "vmap_jvp", "stats", "train")
 
 
