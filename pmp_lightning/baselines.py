@@ -31,9 +31,9 @@ from pmp_lightning.training import Training, predict_proba
 log = logging.getLogger(__name__)
 
 
-def crossval_key_config(cfg: DictConfig, data_content: dict[str, str]) -> dict:
-    """What the cross-validated probabilities depend on: the trajectory's config and data, and K."""
-    return {**train_key_config(cfg, data_content), "folds": cfg.baselines.folds}
+def crossval_key_config(cfg: DictConfig, data_content: dict[str, str], model_code: str) -> dict:
+    """What the cross-validated probabilities depend on: the trajectory's config, data and model code, and K."""
+    return {**train_key_config(cfg, data_content, model_code), "folds": cfg.baselines.folds}
 
 
 def check_folds(folds, pool_size: int) -> None:

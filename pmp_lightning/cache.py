@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,26 @@ def content_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def code_digest(net: torch.nn.Module, target: str | None = None) -> str:
+    """A hash of the source that defines ``net``: every module (Python file) that a class in it comes from, and the
+    one ``target`` (its ``_target_``) names, outside torch, whose code ``torch.__version__`` stands for. Editing the
+    model's code (its ``forward``, a block it uses, a builder function) then retrains instead of hitting a trajectory
+    that the old code produced."""
+    names = {type(m).__module__ for m in net.modules()}
+    if target:
+        from hydra.utils import get_object
+
+        names.add(getattr(get_object(target), "__module__", None) or target.rsplit(".", 1)[0])
+    h = hashlib.sha256(f"torch {torch.__version__};".encode())
+    for name in sorted(n for n in names if n.split(".")[0] != "torch"):
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        source = Path(path).read_bytes() if path and Path(path).is_file() else b"<no source>"
+        h.update(f"{name}:{len(source)};".encode())
+        h.update(source)
+    return h.hexdigest()[:16]
+
+
 class CacheError(PMPError, RuntimeError):
     """A cache entry that does not match what it claims to hold."""
 
@@ -54,9 +75,10 @@ class CacheError(PMPError, RuntimeError):
 NOT_TRAIN_KEYS = ("known_errors", "downstream_size", "downstream_includes_pool", "downstream")
 
 
-def train_key_config(cfg: DictConfig, data_content: dict[str, str]) -> dict[str, Any]:
-    """What determines the trajectory (and so the snapshots and test accuracy): the training config and the content
-    of the training set, the pool and the test set (``PoolDataModule.content_key``), not only where they came from."""
+def train_key_config(cfg: DictConfig, data_content: dict[str, str], model_code: str) -> dict[str, Any]:
+    """What determines the trajectory (and so the snapshots and test accuracy): the training config, the content
+    of the training set, the pool and the test set (``PoolDataModule.content_key``), not only where they came from,
+    and the model's code (``code_digest``), not only its ``_target_``."""
     trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in COSMETIC_TRAINER_KEYS}
     keys = ("data", "noise", "model", "optimizer", "lr_schedule", "snapshot")
     config = {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}}
@@ -67,6 +89,7 @@ def train_key_config(cfg: DictConfig, data_content: dict[str, str]) -> dict[str,
         trainer = config["noise"]["reference"]["trainer"]
         config["noise"]["reference"]["trainer"] = {k: v for k, v in trainer.items() if k not in COSMETIC_TRAINER_KEYS}
     config["data_content"] = data_content
+    config["model_code"] = model_code
     return config
 
 

@@ -443,9 +443,8 @@ class PoolDataModule(pl.LightningDataModule):
             pool_src, pool_idx = test_split, test_draw.take(self.pool_size, "pool (data.pool_size)")
             if self.downstream_includes_pool:  # the reported set-up: J is the whole test split
                 self.downstream = IndexedDataset(test_split.x, test_split.y)
-            elif not trusted:
-                ds_idx = test_draw.take(self.downstream_size, "downstream set (data.downstream_size)")
-                self.downstream = IndexedDataset(test_split.x[ds_idx], test_split.y[ds_idx])
+            else:
+                self._draw_downstream(test_split, test_draw)
             test_idx = test_draw.take(self.test_size, "test set (data.test_size)")
             self.test_set = IndexedDataset(test_split.x[test_idx], test_split.y[test_idx])
             train_idx = train_draw.take(self.train_size, "training set (data.train_size)")
@@ -453,9 +452,7 @@ class PoolDataModule(pl.LightningDataModule):
             test_src, test_from = (main, train_draw) if test_split is None else (test_split, test_draw)
             test_idx = test_from.take(self.test_size, "test set (data.test_size)")
             self.test_set = IndexedDataset(test_src.x[test_idx], test_src.y[test_idx])
-            if not trusted:
-                ds_idx = train_draw.take(self.downstream_size, "downstream set (data.downstream_size)")
-                self.downstream = IndexedDataset(main.x[ds_idx], main.y[ds_idx])
+            self._draw_downstream(main, train_draw)
             pool_src = main
             if self.pool_mode == "holdout":
                 pool_idx = train_draw.take(self.pool_size, "held-out pool (data.pool_size)")
@@ -487,12 +484,34 @@ class PoolDataModule(pl.LightningDataModule):
         self.downstream_note = self._describe_downstream()
         self._ready = True
 
+    def _draw_downstream(self, images: Images, draw: "_Draw") -> None:
+        """J's ``downstream_size`` examples, drawn beside the pool. With a trusted set they are set aside all the same,
+        unused, so that the pool, its noise and the trajectory are those of the run with J drawn from the data: the
+        two J's score the same pool from the same trajectory (``data.downstream_size=0`` pools them instead)."""
+        if self.trusted is not None and not self.downstream_size:
+            return
+        idx = draw.take(self.downstream_size, "downstream set (data.downstream_size)" if self.trusted is None else
+                        "set-aside drawn downstream set (data.downstream_size; with a trusted set it is set aside unused, "
+                        "so the pool is the one J drawn from the data scores; data.downstream_size=0 pools it instead)")
+        if self.trusted is None:
+            self.downstream = IndexedDataset(images.x[idx], images.y[idx])
+
     def _describe_downstream(self) -> dict:
         """Where J's examples come from, for the log and metrics.json; in real-data mode (no synthetic noise) without a
         trusted set, a warning that J comes from the same unverified data as the pool."""
         if self.trusted is not None:
-            return {"source": self.trusted.name, "size": len(self.downstream), "label_noise": self.trusted.label_noise,
+            note = {"source": self.trusted.name, "size": len(self.downstream), "label_noise": self.trusted.label_noise,
                     "wrong_labels": self.trusted.wrong_labels}
+            trained = torch.unique(torch.cat([self.train_set.y, self.true_labels])).tolist()
+            missing = sorted(set(trained) - set(torch.unique(self.downstream.y).tolist()))
+            if missing:
+                note["missing_classes"] = missing
+                note["class_warning"] = (f"the trusted downstream set (data.downstream) holds no example of class(es) "
+                                   f"{missing[:10]}{' …' if len(missing) > 10 else ''} of the {len(trained)} the model "
+                                   f"trains on: J cannot credit or blame pool examples through those classes, and "
+                                   f"detection suffers; give it examples of every class")
+                warnings.warn(note["class_warning"], stacklevel=3)
+            return note
         note = {"source": "drawn from the data source, beside the pool", "size": len(self.downstream)}
         if getattr(self.noise, "rate", 0) == 0:
             note["warning"] = (f"J comes from {len(self.downstream)} examples of the same data as the pool, whose labels "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -36,7 +37,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.progress import log_above_bars, progress_callbacks
 from pmp_lightning.baselines import check_folds, cleanlab_baseline, cross_validated_probs, crossval_key_config
-from pmp_lightning.cache import StageCache, replay_key_config, train_key_config
+from pmp_lightning.cache import StageCache, code_digest, replay_key_config, train_key_config
 from pmp_lightning.config import check_settings
 from pmp_lightning.costate import describe
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError
@@ -123,7 +124,8 @@ def run(cfg: DictConfig) -> dict:
         with stages.stage("data"):
             datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
             datamodule.setup()
-        check_model(training.net, datamodule, cfg.model.get("_target_", "the model"))
+        model_code = code_digest(check_model(training.net, datamodule, cfg.model.get("_target_", "the model")),
+                                 cfg.model.get("_target_"))
         if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
             check_folds(cfg.baselines.folds, len(datamodule.pool))
         record_ground_truth(stages, datamodule)
@@ -131,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
         content = datamodule.content_key()
-        trained, train_dir = train_stage(stages, stages.cache("train", train_key_config(cfg, content)), training,
+        trained, train_dir = train_stage(stages, stages.cache("train", train_key_config(cfg, content, model_code)), training,
                                          snapshots, datamodule, logger)
         replayed, replay_dir = replay_stage(stages, stages.cache("replay", replay_key_config(cfg, trained, datamodule.downstream_key())),
                                             replay_settings, training, objective, datamodule, train_dir / "snapshots")
@@ -140,12 +142,12 @@ def run(cfg: DictConfig) -> dict:
         _link(stages.out / "snapshots", train_dir / "snapshots")
         _link(stages.out / "replay", replay_dir)
         stats = ReplayStats.load(replay_dir / "stats.npz")
-        final_probs = final_probabilities(training.net, train_dir / "snapshots", datamodule)
+        final_probs = final_probabilities(training.net, train_dir / "snapshots", datamodule, trained["test_accuracy"])
         scores = compute_scores([n for n in names if n != "cleanlab"], stats)
         cost = {"train": trained.get("seconds"), "replay": replayed.get("seconds")}
         cleanlab = None
         if cfg.baselines.cleanlab:
-            crossval = stages.cache("crossval", crossval_key_config(cfg, content))
+            crossval = stages.cache("crossval", crossval_key_config(cfg, content, model_code))
             scores["cleanlab"], cleanlab = cleanlab_stage(stages, crossval, training, datamodule, cfg.baselines.folds, final_probs)
             cost["cleanlab"] = cleanlab["seconds"]
         detection = detect_stage(stages, scores, stats, datamodule.is_mislabeled)
@@ -170,11 +172,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- stages
-def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str) -> None:
+def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str) -> torch.nn.Module:
     """A model that cannot take the data's inputs, has fewer outputs than the data has classes, or whose per-example
     statistics cannot be computed fails here, in a second or so, in one line naming the fix: not inside torch halfway
     through training, and never after it. The statistics pass's plan (which layers by rule, which by the fallback)
-    is proven here on a few pool examples and logged."""
+    is proven here on a few pool examples and logged. Returns the probe network (for the cache's code key)."""
     with torch.random.fork_rng(devices=[]):  # the trained model's initialisation must not depend on this probe
         net = make_net().eval()
     x, y = datamodule.pool.x[:8], datamodule.pool.y[:8]
@@ -196,6 +198,7 @@ def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str
             log.info(f"the replay differentiates the network in eval mode, where {', '.join(differs)} act otherwise than "
                      f"in training (BatchNorm on its running statistics, dropout off): the exact identity of the scores "
                      f"holds for that eval-mode network")
+    return net
 
 
 def record_ground_truth(stages: Stages, datamodule) -> None:
@@ -257,10 +260,24 @@ def _fit_replay(replay, training: Training, directory: Path) -> None:
         trainer.fit(replay)
 
 
-def final_probabilities(make_net: Callable[[], torch.nn.Module], snapshot_dir: Path, datamodule) -> np.ndarray:
-    """The trained model's (θ_T's) class probabilities for every pool example."""
+def final_probabilities(make_net: Callable[[], torch.nn.Module], snapshot_dir: Path, datamodule,
+                        test_accuracy: float | None) -> np.ndarray:
+    """The trained model's (θ_T's) class probabilities for every pool example. On the way, how often θ_T agrees with
+    the downstream set's labels goes into ``datamodule.downstream_note`` (``model_agreement``), with a warning when it
+    is far below the test accuracy: J's labels then disagree with what the model learned (wrong labels, another
+    labelling convention, another data set)."""
     net = make_net()
     net.load_state_dict(network_state(snapshot_dir, load_manifest(snapshot_dir)["snapshots"][-1]))
+    agreement = float((predict_proba(net, datamodule.downstream.x).argmax(1) == datamodule.downstream.y.numpy()).mean())
+    note = datamodule.downstream_note
+    note["model_agreement"] = round(agreement, 4)
+    if test_accuracy is not None:
+        slack = max(0.05, 3 * math.sqrt(test_accuracy * (1 - test_accuracy) / len(datamodule.downstream)))
+        if agreement < test_accuracy - slack:
+            note["label_warning"] = (f"the trained model agrees with {agreement:.1%} of the downstream set's labels but "
+                                     f"reaches {test_accuracy:.1%} on the test set: many of J's labels may be wrong, or "
+                                     f"come from another labelling; check data.downstream")
+            log.warning(note["label_warning"])
     return predict_proba(net, datamodule.pool.x)
 
 

@@ -116,3 +116,69 @@ def test_a_data_file_rewritten_in_place_is_trained_and_scored_afresh(tmp_path):
     assert all(int(r["true_label"]) == shuffled[int(r["index"])] for r in rows)  # labels of the file as it is now
     third = run(make_cfg(tmp_path / "c", *args, cache=tmp_path / "cache"))  # unchanged since: a hit
     assert third["cache"]["computed"] == [] and third["detection"] == second["detection"]
+
+
+MODEL_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10, in_features=64):
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)){edit}
+'''
+
+
+def _import_fresh(directory, name: str):
+    """The module ``name`` from ``directory`` as its file is now (a new process would read it so)."""
+    import importlib
+    import sys
+
+    sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+    sys.path.insert(0, str(directory))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(directory))
+
+
+def test_the_code_key_covers_the_model_source_and_its_builder(tmp_path):
+    """code_digest changes when the file defining the model's class, or the builder its _target_ names, changes;
+    torch's own classes are stood for by torch's version, so a model of torch layers keys on its builder's file."""
+    from pmp_lightning.cache import code_digest
+    from pmp_lightning.models import mlp
+
+    (tmp_path / "net_v.py").write_text(MODEL_SOURCE.format(edit=""))
+    first = code_digest(_import_fresh(tmp_path, "net_v").Net(), "net_v.Net")
+    assert code_digest(_import_fresh(tmp_path, "net_v").Net(), "net_v.Net") == first  # same code, same key
+    (tmp_path / "net_v.py").write_text(MODEL_SOURCE.format(edit=" * 2"))
+    assert code_digest(_import_fresh(tmp_path, "net_v").Net(), "net_v.Net") != first  # forward edited
+    builder = code_digest(mlp(in_features=4), "pmp_lightning.models.mlp")  # nn.Sequential of torch layers
+    assert builder != code_digest(mlp(in_features=4), None)  # the builder's file counts
+
+
+@pytest.mark.slow
+def test_editing_the_model_code_retrains(tmp_path, monkeypatch):
+    """A model of one's own whose forward changed between two runs is trained afresh, not taken from the cache."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "digits.npz", x=digits.images[:300].reshape(300, 1, 8, 8) / 16.0, y=digits.target[:300])
+    (tmp_path / "edited_net.py").write_text(MODEL_SOURCE.format(edit=""))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ("data=tensors", f"data.source.path={tmp_path / 'digits.npz'}", "~model", "+model._target_=edited_net.Net",
+            "data.pool_size=null", "data.test_size=60", "data.downstream_size=40", "trainer.max_epochs=1",
+            "scoring.scores=[loss]")
+    _import_fresh(tmp_path, "edited_net")
+    first = run(make_cfg(tmp_path / "a", *args, cache=tmp_path / "cache"))
+    assert run(make_cfg(tmp_path / "b", *args, cache=tmp_path / "cache"))["cache"]["computed"] == []
+    (tmp_path / "edited_net.py").write_text(MODEL_SOURCE.format(edit=" * 2"))
+    _import_fresh(tmp_path, "edited_net")
+    third = run(make_cfg(tmp_path / "c", *args, cache=tmp_path / "cache"))
+    assert third["cache"]["computed"] == ["train", "replay"] and third["cache"]["train"] != first["cache"]["train"]

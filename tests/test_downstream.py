@@ -35,8 +35,10 @@ def test_a_trusted_set_from_a_file_defines_j_and_leaves_the_pool_and_trajectory_
     args = (*TENSORS, f"data.source.path={pool_file}", "downstream=file")
     first = run(make_cfg(tmp_path / "a", *args, f"data.downstream.source.path={_digits_file(tmp_path / 'ds.npz', 1000, 1100)}",
                          cache=tmp_path / "cache"))
+    agreement = first["downstream"].pop("model_agreement")
     assert first["downstream"] == {"source": str(tmp_path / "ds.npz") + " (main split)", "size": 100, "label_noise": 0.0,
                                    "wrong_labels": 0}
+    assert agreement > first["test_accuracy"] - 0.2  # θ_T agrees with correct labels about as often as on the test set
     smaller = run(make_cfg(tmp_path / "b", *args, f"data.downstream.source.path={tmp_path / 'ds.npz'}", "data.downstream.size=30",
                            "data.downstream.label_noise=0.1", cache=tmp_path / "cache"))
     assert smaller["cache"]["computed"] == ["replay"]  # the same pool and trajectory, another J
@@ -44,6 +46,61 @@ def test_a_trusted_set_from_a_file_defines_j_and_leaves_the_pool_and_trajectory_
     assert smaller["test_accuracy"] == first["test_accuracy"]
     rows = lambda d: (tmp_path / d / "scores.csv").read_text().splitlines()  # noqa: E731
     assert [r.split(",")[:5] for r in rows("a")] == [r.split(",")[:5] for r in rows("b")]  # pool and labels alike
+    x = np.load(tmp_path / "ds.npz")["x"]
+    np.savez(tmp_path / "shifted.npz", x=x, y=(np.load(tmp_path / "ds.npz")["y"] + 1) % 10)  # every label wrong
+    shifted = run(make_cfg(tmp_path / "c", *args, f"data.downstream.source.path={tmp_path / 'shifted.npz'}",
+                           cache=tmp_path / "cache"))
+    assert shifted["cache"]["computed"] == ["replay"]
+    assert shifted["downstream"]["model_agreement"] < 0.2 and "many of J's labels may be wrong" in shifted["downstream"]["label_warning"]
+    drawn = run(make_cfg(tmp_path / "d", *TENSORS, f"data.source.path={pool_file}", cache=tmp_path / "cache"))
+    assert drawn["cache"]["computed"] == ["replay"]  # J drawn from the data: the same pool and trajectory again
+    assert [r.split(",")[:5] for r in rows("d")] == [r.split(",")[:5] for r in rows("a")]
+
+
+def test_either_j_scores_the_same_pool_from_the_same_training_set():
+    """A trusted J leaves the pool, its noise, the training set and the test set exactly as J drawn from the data
+    has them (the drawn J's examples are set aside), in every pool mode."""
+    for mode, sizes in (("train", {}), ("holdout", {"train_size": 30}), ("test", {})):
+        src = RandomSource(n=150, test_n=120)
+        kw = dict(pool_mode=mode, pool_size=40, downstream_size=20, test_size=20, **sizes)
+        drawn = PoolDataModule(src, LabelNoise("symmetric", 0.2), **kw)
+        trusted = PoolDataModule(src, LabelNoise("symmetric", 0.2), **kw, downstream=TrustedSet(None, "test", 15))
+        drawn.setup(), trusted.setup()
+        assert len(trusted.downstream) == 15 and len(drawn.downstream) == 20
+        for name in ("pool", "train_set", "test_set"):
+            assert torch.equal(getattr(drawn, name).x, getattr(trusted, name).x), (mode, name)
+            assert torch.equal(getattr(drawn, name).y, getattr(trusted, name).y), (mode, name)
+        assert drawn.content_key() == trusted.content_key()
+        pooled = PoolDataModule(src, LabelNoise("symmetric", 0.2), **{**kw, "downstream_size": 0},
+                                downstream=TrustedSet(None, "test", 15))
+        pooled.setup()  # downstream_size=0: nothing set aside, so the pool is drawn from other examples
+        assert not torch.equal(pooled.pool.x, drawn.pool.x) or mode == "test"
+
+
+def test_a_trusted_set_lacking_classes_is_named_before_training():
+    src = RandomSource(n=150, test_n=90)
+
+    class Labelled:
+        name, num_classes, setting = "labelled", 10, "data.source"
+
+        def __init__(self, labels):
+            self.labels = torch.tensor(labels)
+
+        def load(self):
+            from pmp_lightning.data import Images
+            return Images(torch.randn(len(self.labels), 1, 2, 2), self.labels), None
+
+    def trusted(labels):
+        return PoolDataModule(src, LabelNoise("symmetric", 0.2), pool_size=60, downstream_size=20, test_size=20,
+                              downstream=TrustedSet(Labelled(labels), size=None))
+
+    dm = trusted([0, 1, 2] * 10)
+    with pytest.warns(UserWarning, match=r"holds no example of class\(es\) \[3, 4, .*give it examples of every class"):
+        dm.setup()
+    assert dm.downstream_note["missing_classes"] == sorted(set(dm.train_set.y.tolist()) - {0, 1, 2})
+    every = trusted(list(range(10)) * 3)
+    every.setup()
+    assert "missing_classes" not in every.downstream_note and "class_warning" not in every.downstream_note
 
 
 def test_a_trusted_set_from_a_dataset_and_from_the_test_split(tmp_path):
@@ -51,10 +108,12 @@ def test_a_trusted_set_from_a_dataset_and_from_the_test_split(tmp_path):
 
     src = RandomSource(n=120, test_n=60)
     fake = DatasetSource(FakeData(size=40, image_size=(1, 2, 2), num_classes=10, transform=lambda im: torch.rand(1, 2, 2)))
-    dm = PoolDataModule(src, LabelNoise("symmetric", 0.2), pool_size=80, test_size=20, downstream=TrustedSet(fake, size=25))
+    dm = PoolDataModule(src, LabelNoise("symmetric", 0.2), pool_size=80, test_size=20, downstream_size=20,
+                        downstream=TrustedSet(fake, size=25))
     dm.setup()
     assert len(dm.downstream) == 25 and len(dm.pool) == 80
-    own = PoolDataModule(src, LabelNoise("symmetric", 0.2), pool_size=80, test_size=20, downstream=TrustedSet(None, "test", 30))
+    own = PoolDataModule(src, LabelNoise("symmetric", 0.2), pool_size=80, test_size=20, downstream_size=20,
+                         downstream=TrustedSet(None, "test", 30))
     own.setup()
     assert len(own.downstream) == 30 and torch.equal(own.pool.x, dm.pool.x)  # the pool does not depend on the set
     test_images = {x.numpy().tobytes() for x in own.test_set.x}
@@ -80,7 +139,7 @@ def test_real_data_mode_says_that_j_comes_from_unverified_data(tmp_path):
         metrics = run(make_cfg(tmp_path, "noise=none", "trainer.max_epochs=1", "scoring.scores=[cosine]"))
     assert "not verified" in metrics["downstream"]["warning"]
     assert "not verified" in json.loads((tmp_path / "metrics.json").read_text())["downstream"]["warning"]
-    with_truth = PoolDataModule(RandomSource(n=120, test_n=60), LabelNoise("none", 0.0), pool_size=80, test_size=20,
+    with_truth = PoolDataModule(RandomSource(n=120, test_n=60), LabelNoise("none", 0.0), pool_size=80, test_size=20, downstream_size=20,
                                 downstream=TrustedSet(None, "test", 30))
     with_truth.setup()
     assert "warning" not in with_truth.downstream_note
