@@ -2,6 +2,7 @@
 loop that the run's own trajectory, the selection retrains and cleanlab's cross-validation folds all use."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,7 +60,32 @@ class Classifier(pl.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.lr_schedule is None:
             return optimizer
+        if getattr(getattr(self.lr_schedule, "func", self.lr_schedule), "interval", "epoch") == "step":
+            steps = int(self.trainer.estimated_stepping_batches)
+            scheduler = self.lr_schedule(optimizer, total_steps=steps, steps_per_epoch=steps / max(1, self.trainer.max_epochs))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_schedule(optimizer), "interval": "epoch"}}
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """The learning rate of the recipes people train ResNets and ViTs with, set every optimizer step: a linear warm-up
+    from ``lr / (warm-up steps)`` to ``lr`` over ``warmup_epochs``, then a cosine decay to ``final_ratio × lr`` at the
+    last step. The snapshots record each step's rate, so the replay reads the schedule that ran."""
+
+    interval = "step"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: float,
+                 warmup_epochs: float = 1.0, final_ratio: float = 0.0):
+        warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(0, total_steps - 1))
+        decay = max(1, total_steps - warmup)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / decay)
+            return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        super().__init__(optimizer, factor)
 
 
 @dataclass

@@ -1,0 +1,52 @@
+"""Training recipes: optimizer and schedule groups, each shipped model naming the recipe its users train it with."""
+import functools
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from callbacks.theta_snapshot import ThetaSnapshot
+from pmp_lightning.data import PoolDataModule
+from pmp_lightning.models import mlp
+from pmp_lightning.noise import LabelNoise
+from pmp_lightning.trajectory import load_manifest
+from pmp_lightning.training import Classifier, WarmupCosine
+from tests.conftest import RandomSource
+from tests.test_pipeline import make_cfg
+
+
+@pytest.mark.parametrize(("model", "optimizer", "schedule"), [
+    ("cnn", "SGD", None), ("logreg", "SGD", None), ("resnet", "SGD", "WarmupCosine"), ("vit", "AdamW", "WarmupCosine"),
+])
+def test_each_model_names_its_recipe(tmp_path, model, optimizer, schedule):
+    cfg = make_cfg(tmp_path, f"model={model}")
+    assert cfg.optimizer._target_.endswith(optimizer)
+    assert (cfg.lr_schedule.get("_target_", "").rsplit(".", 1)[-1] or None) == schedule
+    if model == "cnn":  # the reported CNN keeps the report's plain SGD at a constant rate
+        assert cfg.optimizer.momentum == 0.0 and not cfg.optimizer.get("weight_decay")
+
+
+def test_the_command_line_and_a_model_of_ones_own(tmp_path):
+    assert make_cfg(tmp_path, "model=resnet", "optimizer=adamw").optimizer._target_ == "torch.optim.AdamW"
+    assert make_cfg(tmp_path, "model=vit", "lr_schedule=constant").lr_schedule in ({}, None)
+    own = make_cfg(tmp_path, "~model", "+model._target_=my_model.Net")  # no recipe of its own: the default one
+    assert own.optimizer.momentum == 0.9 and own.optimizer.weight_decay > 0
+    assert own.lr_schedule._target_ == "pmp_lightning.training.WarmupCosine"
+
+
+def test_warm_up_then_cosine_as_recorded_in_the_snapshots(tmp_path):
+    """The schedule steps every optimizer step: linear warm-up over one epoch, then a cosine to final_ratio × lr;
+    the snapshots record each step's rate, which is what the replay reads."""
+    pl.seed_everything(0)
+    dm = PoolDataModule(RandomSource(n=60), LabelNoise("none", 0.0), pool_size=40, downstream_size=8, test_size=8, batch_size=10)
+    schedule = functools.partial(WarmupCosine, warmup_epochs=1, final_ratio=0.1)  # as Hydra builds it (_partial_)
+    classifier = Classifier(mlp(in_features=4, hidden=5), optimizer=lambda params: torch.optim.SGD(params, lr=0.2),
+                            lr_schedule=schedule)
+    pl.Trainer(max_epochs=3, callbacks=[ThetaSnapshot(tmp_path / "snaps")], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(classifier, datamodule=dm)
+    lrs = [lr for s in load_manifest(tmp_path / "snaps")["snapshots"][1:] for lr in s["lrs"]]
+    assert len(lrs) == 12  # 4 steps per epoch
+    assert lrs[:4] == pytest.approx([0.05, 0.1, 0.15, 0.2])  # warm-up over the first epoch
+    decay = [0.2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 8))) for k in range(8)]
+    assert lrs[4:] == pytest.approx(decay)  # cosine from lr towards 0.1 × lr
