@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pmp_lightning.errors import PMPError
 from pmp_lightning.io import save_json
+from pmp_lightning.replay_store import STATS_FORMAT
 
 log = logging.getLogger(__name__)
 MANIFEST = "cache_manifest.json"
@@ -98,7 +99,7 @@ def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any], downstream_c
     replayed (a retrained entry gets a new one)."""
     return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True),
             "objective": OmegaConf.to_container(cfg.objective, resolve=True), "downstream_content": downstream_content,
-            "stats_format": 3}  # 3: stats.npz holds the trained model θ_T's outputs too
+            "stats_format": STATS_FORMAT}
 
 
 class StageCache:

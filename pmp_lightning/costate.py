@@ -44,8 +44,10 @@ exact identity holds for J_c like for any J (``tests/test_exactness.py``).
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -293,3 +295,52 @@ def lanczos_expm(hvp: Hvp, v: torch.Tensor, eta: float, steps: int) -> torch.Ten
 PROPAGATORS: dict[str, Callable[[Hvp, torch.Tensor, float, int], torch.Tensor]] = {
     "exact": step, "coarse": step, "none": identity, "expm": lanczos_expm,
 }
+
+
+# ----------------------------------------------------------------------------- the optimizer that ran
+@dataclass(frozen=True)
+class Dynamics:
+    """The optimizer that ran, as the replay models it: PyTorch's SGD with heavy-ball momentum β (dampening 0, not
+    Nesterov) and coupled weight decay w, whose update is v ← βv + ∇L + wθ, θ ← θ − η v.
+
+    Weight decay adds w to the curvature: every propagator sees H̃ = ∇²L + wI. Momentum is modelled two ways:
+
+    - ``heavy_ball`` (a snapshot per step, curvature exact or coarse): the exact adjoint of the pair (θ, v). With the
+      momentum costate μ folded into the direction ψ_{t+1} = λ_{t+1} − μ_{t+1}/η_t that scores step t,
+      c_{t,n} = η_t ⟨ψ_{t+1}, ∇l_n(θ_t)⟩, and the recursion runs as
+      λ_t = a_t ∇J(θ_t) + λ_{t+1} − η_t H̃_t ψ_{t+1},   ψ_t = λ_t + β (η_t / η_{t−1}) ψ_{t+1},   ψ_T = λ_T.
+    - otherwise (several steps per snapshot, or curvature expm / none): the buffer is taken at its steady state within
+      each interval, so the interval acts as gradient descent with the effective step η_t / (1 − β) and ψ = λ.
+
+    With β = 0 both are the plain recursion (ψ = λ). Anything else (Nesterov, dampening, another optimizer) is not
+    modelled: ``of`` returns None and the replay says so.
+    """
+
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    heavy_ball: bool = False
+
+    @classmethod
+    def of(cls, optimizer: dict, one_step_per_snapshot: bool, curvature: str) -> "Dynamics | None":
+        """The dynamics a snapshot manifest's ``optimizer`` entry describes (None: not one the replay models)."""
+        if optimizer.get("name") != "SGD" or optimizer.get("nesterov") or optimizer.get("dampening", 0):
+            return None
+        momentum, decay = float(optimizer.get("momentum", 0.0)), float(optimizer.get("weight_decay", 0.0))
+        return cls(momentum, decay, heavy_ball=momentum > 0 and one_step_per_snapshot and curvature in ("exact", "coarse"))
+
+    def step_sizes(self, lr_sums: np.ndarray) -> np.ndarray:
+        """η_t of each interval as the scores use it: the summed learning rate, over (1 − β) at the steady state."""
+        return lr_sums if self.heavy_ball else lr_sums / (1.0 - self.momentum)
+
+    def propagate(self, propagator, hvp: Hvp, lam: torch.Tensor, direction: torch.Tensor, eta: float, steps: int) -> torch.Tensor:
+        """λ_{t+1} carried back over interval t (before a_t ∇J(θ_t) is added), through H̃ = ∇²L + wI."""
+        curvature = hvp if not self.weight_decay else (lambda v: hvp(v) + self.weight_decay * v)
+        if self.heavy_ball:
+            return lam - eta * curvature(direction)
+        return propagator(curvature, lam, eta, steps)
+
+    def direction(self, lam: torch.Tensor, previous: torch.Tensor | None, eta: float, eta_before: float) -> torch.Tensor:
+        """ψ_t, the vector the statistics pass dots the per-example gradients of step t − 1 with."""
+        if not self.heavy_ball or previous is None:
+            return lam
+        return lam + (self.momentum * eta / eta_before) * previous

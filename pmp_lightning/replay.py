@@ -41,10 +41,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from pmp_lightning.costate import PROPAGATORS, ObjectiveFn, describe, downstream_gradient, hessian_vector_product
+from pmp_lightning.costate import PROPAGATORS, Dynamics, ObjectiveFn, describe, downstream_gradient, hessian_vector_product
 from pmp_lightning.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
-from pmp_lightning.replay_store import ReplayProgress, ReplayStats, growth_steps
+from pmp_lightning.replay_store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps
 from pmp_lightning.stats import STAT_NAMES, STEP_STATS, output_stats, per_example_stats, trainable
 from pmp_lightning.trajectory import load_manifest, network_shapes, network_state
 
@@ -100,14 +100,20 @@ class ReplayModule(pl.LightningModule):
 
         snaps = self.manifest["snapshots"]
         self.T = len(snaps) - 1
-        self.eta = np.array([s["lr_sum"] for s in snaps[1:]], dtype=np.float64)
+        self.dynamics = Dynamics.of(self.manifest["optimizer"], all(len(s["lrs"]) == 1 for s in snaps[1:]), curvature)
         if curvature == "exact":
             self._check_exact(hvp_samples)
-        elif not self._plain_sgd():
+        elif self.dynamics is None:
             warnings.warn(
                 f"the trajectory was trained with {self.manifest['optimizer']}; the replay treats it as plain "
                 f"gradient descent with the recorded learning rates"
             )
+        self.dynamics = self.dynamics or Dynamics()
+        lr_sums = np.array([s["lr_sum"] for s in snaps[1:]], dtype=np.float64)
+        if self.dynamics.heavy_ball and not (lr_sums > 0).all():
+            raise ReplayConfigError(f"the momentum replay divides by each step's learning rate, but step(s) "
+                                    f"{np.flatnonzero(lr_sums <= 0).tolist()[:5]} ran at a rate of 0; use replay.curvature=expm")
+        self.eta = self.dynamics.step_sizes(lr_sums)
         n_hvp = len(self.train_set) if hvp_samples is None else min(int(hvp_samples), len(self.train_set))
         gen = torch.Generator().manual_seed(seed)
         self.hvp_set = Subset(self.train_set, torch.randperm(len(self.train_set), generator=gen)[:n_hvp].tolist())
@@ -116,8 +122,10 @@ class ReplayModule(pl.LightningModule):
         # dot and grad_norm: t = 0..T-1 (the steps); the model's outputs (loss, margin, correct, el2n): t = 0..T
         self.arrays = {k: np.full((self.T if k in STEP_STATS else self.T + 1, n), np.nan) for k in STAT_NAMES}
         self.lambda_norm = np.full(self.T, np.nan)  # index t-1: ‖λ_t‖, t = 1..T (λ_0 is never needed)
+        self.direction_norm = np.full(self.T, np.nan)  # index t-1: ‖ψ_t‖, the direction step t-1's dots are taken along
         self.participation = np.full(self.T, np.nan)  # index t-1: at θ_t, t = 1..T
         self.lam: torch.Tensor | None = None
+        self.direction: torch.Tensor | None = None  # ψ_{t+1}: λ_{t+1} itself unless momentum is replayed exactly
         self.done = np.zeros(self.T + 1, dtype=bool)  # per snapshot θ_0..θ_T
         self.automatic_optimization = False
         self.progress = None
@@ -158,10 +166,6 @@ class ReplayModule(pl.LightningModule):
                 f"than the one being replayed: {detail}. Replay with the model config used for training (model=...)."
             )
 
-    def _plain_sgd(self) -> bool:
-        optimizer = self.manifest["optimizer"]
-        return optimizer.get("name") == "SGD" and not optimizer.get("momentum", 0)
-
     def _check_exact(self, hvp_samples: int | None) -> None:
         problems = []
         if any(len(s["lrs"]) != 1 for s in self.manifest["snapshots"][1:]):
@@ -170,8 +174,8 @@ class ReplayModule(pl.LightningModule):
             problems.append("full-batch gradient descent (data.batch_size >= the training set size)")
         if hvp_samples is not None and hvp_samples < len(self.train_set):
             problems.append("Hessian-vector products on the whole training set (replay.hvp_samples=null)")
-        if not self._plain_sgd():
-            problems.append("plain SGD without momentum")
+        if self.dynamics is None:
+            problems.append("SGD (with or without momentum and weight decay; not Nesterov, no dampening)")
         if problems:
             raise ReplayConfigError("replay.curvature=exact needs " + "; ".join(problems) + ". Use replay.curvature=coarse or expm otherwise.")
 
@@ -180,7 +184,7 @@ class ReplayModule(pl.LightningModule):
         ident = {"snapshots": self.manifest["snapshots"], "curvature": curvature, "horizon": horizon,
                  "objective": describe(self.objective), "hvp_samples": n_hvp,
                  "seed": seed, "lanczos_steps": self.lanczos_steps, "pool_labels": self.pool.y.tolist(),
-                 "downstream": len(self.downstream), "format": 3}  # 3: θ_T's outputs are a row of their own
+                 "downstream": len(self.downstream), "dynamics": repr(self.dynamics), "format": STATS_FORMAT}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ resume
@@ -193,7 +197,8 @@ class ReplayModule(pl.LightningModule):
                 self.arrays[k][t] = values
         self.done = state["done"]
         self.lambda_norm, self.participation = state["lambda_norm"], state["participation"]
-        self.lam = torch.from_numpy(state["costate"])
+        self.direction_norm = state["direction_norm"]
+        self.lam, self.direction = torch.from_numpy(state["costate"]), torch.from_numpy(state["direction"])
 
     # ------------------------------------------------------------------ lightning plumbing
     def configure_optimizers(self):
@@ -212,13 +217,14 @@ class ReplayModule(pl.LightningModule):
         return self._first - epoch
 
     def on_train_start(self) -> None:
-        if self.lam is not None:  # resumed: λ of the last finished snapshot
+        if self.lam is not None:  # resumed: λ and ψ of the last finished snapshot
             self.lam = self.lam.to(self.device, self.dtype)
+            self.direction = self.direction.to(self.device, self.dtype)
 
     def on_train_epoch_start(self) -> None:
         t = self.snapshot_of_epoch(self.current_epoch)
         self._load(t)
-        self._lam_dict = None if t == self.T else self._unflatten(self.lam)  # θ_T: no λ_{T+1}, no dot
+        self._lam_dict = None if t == self.T else self._unflatten(self.direction)  # θ_T: no λ_{T+1}, no dot
 
     def _row_stats(self, t: int) -> list[str]:
         """The statistics snapshot t has: all of them, but at θ_T only the model's outputs (a forward pass)."""
@@ -235,18 +241,22 @@ class ReplayModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         t = self.snapshot_of_epoch(self.current_epoch)
         self._gather_row(t)
-        if t == self.T:  # λ_T = ∇J(θ_T)
+        if t == self.T:  # λ_T = ψ_T = ∇J(θ_T)
             self.lam, share = self._downstream()
+            self.direction = self.lam
             self._record_norm(t, share)
         elif t > 0:  # λ_0 enters no score
-            lam = PROPAGATORS[self.curvature](self._hvp, self.lam, float(self.eta[t]), self.lanczos_steps)
+            lam = self.dynamics.propagate(PROPAGATORS[self.curvature], self._hvp, self.lam, self.direction,
+                                          float(self.eta[t]), self.lanczos_steps)
             grad_J, share = self._downstream(need_grad=self.horizon == "area")
             self.lam = lam + grad_J if self.horizon == "area" else lam
+            self.direction = self.dynamics.direction(self.lam, self.direction, float(self.eta[t]), float(self.eta[t - 1]))
             self._record_norm(t, share)
         self.done[t] = True
         if self.progress is not None and self.trainer.is_global_zero:
             self.progress.save(t, {k: self.arrays[k][t] for k in self._row_stats(t)}, self.lam.detach().cpu().numpy(),
-                               self.done, self.lambda_norm, self.participation)
+                               self.direction.detach().cpu().numpy(), self.done, self.lambda_norm, self.direction_norm,
+                               self.participation)
 
     def on_train_end(self) -> None:
         if self.progress is not None and self.trainer.is_global_zero and self.done.all():
@@ -287,6 +297,7 @@ class ReplayModule(pl.LightningModule):
                 f"written. Use replay.curvature=expm (stable) or none, or snapshot more often."
             )
         self.lambda_norm[t - 1] = norm
+        self.direction_norm[t - 1] = norm if self.direction is self.lam else float(self.direction.norm())
         self.participation[t - 1] = share
         if t in growth_steps(self.lambda_norm, self.growth_warning):
             prev = self.lambda_norm[t]
@@ -336,5 +347,5 @@ class ReplayModule(pl.LightningModule):
         if any(np.isnan(a).any() for a in self.arrays.values()):
             raise RuntimeError("the replay did not finish: some snapshots or pool examples have no statistics")
         return ReplayStats(**self.arrays, eta=self.eta, lambda_norm=self.lambda_norm.copy(),
-                           participation=self.participation.copy())
+                           direction_norm=self.direction_norm.copy(), participation=self.participation.copy())
 

@@ -12,17 +12,22 @@ import numpy as np
 from pmp_lightning.errors import ReplayConfigError, SnapshotError
 from pmp_lightning.io import save_npz
 
+# the format of stats.npz and of the replay's progress, in the replay cache key and the progress fingerprint:
+# 3: θ_T's outputs are a row of their own; 4: the direction ψ the dots are taken along (momentum), direction_norm
+STATS_FORMAT = 4
+
 
 @dataclass
 class ReplayStats:
     """Everything the scores need: per-example arrays over the snapshots and per-step vectors.
 
-    ``dot[t, n] = ⟨λ_{t+1}, ∇l_n(θ_t)⟩`` and ``grad_norm[t, n] = ‖∇l_n(θ_t)‖`` for t = 0..T-1 (T × N), the snapshots
+    ``dot[t, n] = ⟨ψ_{t+1}, ∇l_n(θ_t)⟩`` and ``grad_norm[t, n] = ‖∇l_n(θ_t)‖`` for t = 0..T-1 (T × N), the snapshots
     each step starts from; the PMP contribution is ``c[t, n] = eta[t] * dot[t, n]``. ``loss``, ``margin``,
     ``correct`` and ``el2n`` hold one row per snapshot θ_0..θ_T ((T+1) × N): the baselines that read the model's
     verdict use the trained snapshots θ_1..θ_T (``trained``), so the final model counts and the initialisation
     does not.
-    ``lambda_norm[t] = ‖λ_{t+1}‖``; ``participation[t]`` is the fraction of downstream examples carrying
+    ``lambda_norm[t] = ‖λ_{t+1}‖`` and ``direction_norm[t] = ‖ψ_{t+1}‖``, the vector ``dot`` is taken along (λ itself
+    unless momentum is replayed exactly: ``costate.Dynamics``); ``participation[t]`` is the fraction of downstream examples carrying
     ∇J(θ_{t+1}) (``costate.participation``). Columns follow the pool's positions.
     """
 
@@ -34,6 +39,7 @@ class ReplayStats:
     el2n: np.ndarray
     eta: np.ndarray
     lambda_norm: np.ndarray
+    direction_norm: np.ndarray
     participation: np.ndarray
 
     @property
@@ -51,11 +57,6 @@ class ReplayStats:
     def load(cls, path: str | Path) -> "ReplayStats":
         with np.load(path) as z:
             return cls(**{f.name: z[f.name] for f in fields(cls)})
-
-
-def growth_steps(lambda_norm: np.ndarray, factor: float) -> list[int]:
-    """Snapshots t where ‖λ_t‖ > factor · ‖λ_{t+1}‖ (``lambda_norm[t-1] = ‖λ_t‖``)."""
-    return [t for t in range(1, len(lambda_norm)) if lambda_norm[t - 1] > factor * lambda_norm[t] > 0]
 
 
 class ReplayProgress:
@@ -90,14 +91,16 @@ class ReplayProgress:
                 f"{self.directory} or point the replay at a fresh directory"
             )
         return {"rows": rows, "done": state["done"].astype(bool), "lambda_norm": state["lambda_norm"].astype(np.float64),
-                "participation": state["participation"].astype(np.float64), "costate": state["costate"]}
+                "direction_norm": state["direction_norm"].astype(np.float64),
+                "participation": state["participation"].astype(np.float64), "costate": state["costate"],
+                "direction": state["direction"]}
 
-    def save(self, t: int, row: dict[str, np.ndarray], costate: np.ndarray, done: np.ndarray, lambda_norm: np.ndarray,
-             participation: np.ndarray) -> None:
-        """Snapshot t's rows, then (atomically, last) the costate and the done-mask."""
+    def save(self, t: int, row: dict[str, np.ndarray], costate: np.ndarray, direction: np.ndarray, done: np.ndarray,
+             lambda_norm: np.ndarray, direction_norm: np.ndarray, participation: np.ndarray) -> None:
+        """Snapshot t's rows, then (atomically, last) the costate λ, the direction ψ and the done-mask."""
         save_npz(self._row(t), **row)
-        save_npz(self.directory / "costate.npz", costate=costate, done=done, lambda_norm=lambda_norm,
-                 participation=participation, fingerprint=np.array(self.fingerprint))
+        save_npz(self.directory / "costate.npz", costate=costate, direction=direction, done=done, lambda_norm=lambda_norm,
+                 direction_norm=direction_norm, participation=participation, fingerprint=np.array(self.fingerprint))
 
     def _row(self, t: int) -> Path:
         return self.directory / "rows" / f"row_{t:05d}.npz"

@@ -70,8 +70,8 @@ def raw(s: ReplayStats) -> np.ndarray:
 
 @register("cosine", pmp=True)
 def cosine(s: ReplayStats) -> np.ndarray:
-    """Direction only: Σ_t cos(λ_{t+1}, ∇l_n(θ_t))."""
-    return _safe_div(s.dot, s.lambda_norm[:, None] * s.grad_norm).sum(0)
+    """Direction only: Σ_t cos(ψ_{t+1}, ∇l_n(θ_t)), with ψ = λ unless momentum is replayed exactly."""
+    return _safe_div(s.dot, s.direction_norm[:, None] * s.grad_norm).sum(0)
 
 
 @register("unit_grad", pmp=True)

@@ -65,7 +65,7 @@ class Attention(torch.nn.Module):
 MODELS = {"mlp": lambda: mlp(num_classes=10, in_features=4, hidden=6), "normed": Normed, "attention": Attention}
 
 
-def _train(tmp_path, model="mlp"):
+def _train(tmp_path, model="mlp", momentum=0.0, weight_decay=0.0):
     pl.seed_everything(0)
     dm = PoolDataModule(
         RandomSource(n=N_POOL + 9, dtype=torch.float64), LabelNoise("symmetric", 0.25, seed=1),
@@ -75,7 +75,7 @@ def _train(tmp_path, model="mlp"):
     net = MODELS[model]()
     classifier = Classifier(
         net,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.8),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.8 * (1 - momentum), momentum=momentum, weight_decay=weight_decay),
         lr_schedule=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
     )
     trainer = pl.Trainer(
@@ -86,14 +86,15 @@ def _train(tmp_path, model="mlp"):
     return dm, net
 
 
-def _autograd_reference(dm, net, snapshot_dir, horizon, j_fn):
+def _autograd_reference(dm, net, snapshot_dir, horizon, j_fn, momentum=0.0, weight_decay=0.0):
     """−N ∂J_total/∂γ_n, J_total built from the downstream mean of ``j_fn`` written out independently of the replay
     (second derivatives through attention need the math attention kernel)."""
     with sdpa_kernel(SDPBackend.MATH):
-        return _unrolled(dm, net, snapshot_dir, horizon, j_fn)
+        return _unrolled(dm, net, snapshot_dir, horizon, j_fn, momentum, weight_decay)
 
 
-def _unrolled(dm, net, snapshot_dir, horizon, j_fn):
+def _unrolled(dm, net, snapshot_dir, horizon, j_fn, momentum, weight_decay):
+    """Training unrolled as torch.optim.SGD runs it: g = ∇L(θ; γ) + wθ, v ← βv + g (v = g at the first step), θ ← θ − ηv."""
     manifest = load_manifest(snapshot_dir)
     states = [load_snapshot(snapshot_dir, s) for s in manifest["snapshots"]]
     etas = [s["lr_sum"] for s in manifest["snapshots"][1:]]
@@ -106,11 +107,13 @@ def _unrolled(dm, net, snapshot_dir, horizon, j_fn):
 
     gamma = torch.ones(N_POOL, dtype=torch.float64, requires_grad=True)
     theta = {k: v.clone().requires_grad_(True) for k, v in strip(states[0]).items()}
+    buffer = {k: torch.zeros_like(v) for k, v in theta.items()}
     j_values = []
     for t, eta in enumerate(etas):
         train_loss = (gamma * loss(theta, x, y, reduction="none")).mean()
         grads = torch.autograd.grad(train_loss, list(theta.values()), create_graph=True)
-        theta = {k: p - eta * g for (k, p), g in zip(theta.items(), grads)}
+        buffer = {k: momentum * buffer[k] + g + weight_decay * theta[k] for k, g in zip(theta, grads)}
+        theta = {k: p - eta * buffer[k] for k, p in theta.items()}
         # the callback recorded the trajectory that was actually trained
         for k, v in strip(states[t + 1]).items():
             torch.testing.assert_close(theta[k].detach(), v, rtol=1e-12, atol=1e-12)
@@ -198,6 +201,46 @@ def test_the_identity_holds_for_normalisation_and_attention_models(tmp_path, mod
     print(f"{model}, J = area of {name}, centred: max relative error {rel:.2e}")
     assert rel < 1e-9, rel
     assert np.abs(reference).max() > 1e-3
+
+
+MOMENTUM, DECAY = 0.9, 0.05
+
+
+def _momentum_error(tmp_path, dynamics=None):
+    """The replay's raw score on a heavy-ball trajectory with weight decay, against −N ∂J_total/∂γ_n; ``dynamics``
+    replaces what the replay read from the snapshots (the guards)."""
+    dm, net = _train(tmp_path, momentum=MOMENTUM, weight_decay=DECAY)
+    replay = ReplayModule(mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream,
+                          dm.train_set, curvature="exact", objective=_objective("unit_ce", True), hvp_samples=None, batch_size=7)
+    assert replay.dynamics.heavy_ball and (replay.dynamics.momentum, replay.dynamics.weight_decay) == (MOMENTUM, DECAY)
+    if dynamics is not None:
+        replay.dynamics = dynamics
+        replay.eta = dynamics.step_sizes(np.array([s["lr_sum"] for s in replay.manifest["snapshots"][1:]]))
+    fit_replay(replay, tmp_path)
+    s = compute_scores(["raw"], replay.results())["raw"]
+    reference = _autograd_reference(dm, net, tmp_path / "snapshots", "area", centred_reference(REFERENCE_J["unit_ce"]),
+                                    MOMENTUM, DECAY)
+    assert np.abs(reference).max() > 1e-3
+    rel = np.abs(s - reference).max() / np.abs(reference).max()
+    print(f"momentum {MOMENTUM}, weight decay {DECAY}: max relative error {rel:.2e}")
+    return rel
+
+
+def test_the_identity_holds_under_momentum_and_weight_decay(tmp_path):
+    """SGD with heavy-ball momentum and weight decay (full batch, a snapshot per step): the adjoint of (θ, v) gives
+    the exact −N ∂J_total/∂γ_n, as plain gradient descent does."""
+    assert _momentum_error(tmp_path) < 1e-9
+
+
+@pytest.mark.parametrize("wrong", ["no_momentum", "no_weight_decay", "steady_state"])
+def test_leaving_out_momentum_or_weight_decay_breaks_the_identity(tmp_path, wrong):
+    """Guards the test above: the same trajectory replayed as if it had no momentum, no weight decay, or with the
+    steady-state approximation instead of the exact adjoint, misses the reference."""
+    from pmp_lightning.costate import Dynamics
+
+    dynamics = {"no_momentum": Dynamics(0.0, DECAY), "no_weight_decay": Dynamics(MOMENTUM, 0.0, heavy_ball=True),
+                "steady_state": Dynamics(MOMENTUM, DECAY, heavy_ball=False)}[wrong]
+    assert _momentum_error(tmp_path, dynamics) > 1e-3
 
 
 def test_dropping_the_hessian_term_breaks_the_identity(tmp_path):
