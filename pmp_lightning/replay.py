@@ -45,10 +45,11 @@ from pmp_lightning.costate import PROPAGATORS, Dynamics, ObjectiveFn, describe, 
 from pmp_lightning.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
 from pmp_lightning.replay_store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps
-from pmp_lightning.stats import STAT_NAMES, STEP_STATS, output_stats, per_example_stats, trainable
+from pmp_lightning.stats import STAT_NAMES, STEP_STATS, block_matrix, output_stats, per_example_stats, plan_for, trainable
 from pmp_lightning.trajectory import load_manifest, network_shapes, network_state
 
 CURVATURES = tuple(PROPAGATORS)
+BLOCK_STATS = ("block_dot", "block_sq")  # per example and block: its share of dot and of grad_norm² (T × N × B)
 HORIZONS = ("area", "terminal")
 class _Shard(DistributedSampler):
     """Rank r's examples r, r+W, r+2W, …: every example exactly once over the ranks (no padding)."""
@@ -77,6 +78,7 @@ class ReplayModule(pl.LightningModule):
         growth_warning: float = 10.0,
         seed: int = 0,
         progress_dir: str | Path | None = None,
+        blocks: list[str] | None = None,
     ):
         super().__init__()
         if curvature not in CURVATURES:
@@ -119,10 +121,20 @@ class ReplayModule(pl.LightningModule):
         self.hvp_set = Subset(self.train_set, torch.randperm(len(self.train_set), generator=gen)[:n_hvp].tolist())
 
         n = len(self.pool)
+        if blocks is not None and (isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks)):
+            raise ReplayConfigError(f"replay.blocks={blocks!r}: give a list of module names (e.g. [stem, layers, fc]), "
+                                    f"or null for the network's top-level blocks")
+        x, y = self.pool.x[:8], self.pool.y[:8]
+        self.blocks, self._to_blocks = block_matrix(plan_for(self.net, x, y), self.net, None if blocks is None else list(blocks))
+        parts = plan_for(self.net, x, y).parts
+        self._param_blocks = torch.tensor([int(self._to_blocks[next(i for i, p in enumerate(parts) if k in p.params)].argmax())
+                                           for k in trainable(self.net)])  # per trainable parameter, its block's index
         # dot and grad_norm: t = 0..T-1 (the steps); the model's outputs (loss, margin, correct, el2n): t = 0..T
         self.arrays = {k: np.full((self.T if k in STEP_STATS else self.T + 1, n), np.nan) for k in STAT_NAMES}
+        self.arrays.update({k: np.full((self.T, n, len(self.blocks)), np.nan) for k in BLOCK_STATS})
         self.lambda_norm = np.full(self.T, np.nan)  # index t-1: ‖λ_t‖, t = 1..T (λ_0 is never needed)
         self.direction_norm = np.full(self.T, np.nan)  # index t-1: ‖ψ_t‖, the direction step t-1's dots are taken along
+        self.block_direction_norm = np.full((self.T, len(self.blocks)), np.nan)  # the same, block by block
         self.participation = np.full(self.T, np.nan)  # index t-1: at θ_t, t = 1..T
         self.lam: torch.Tensor | None = None
         self.direction: torch.Tensor | None = None  # ψ_{t+1}: λ_{t+1} itself unless momentum is replayed exactly
@@ -184,7 +196,8 @@ class ReplayModule(pl.LightningModule):
         ident = {"snapshots": self.manifest["snapshots"], "curvature": curvature, "horizon": horizon,
                  "objective": describe(self.objective), "hvp_samples": n_hvp,
                  "seed": seed, "lanczos_steps": self.lanczos_steps, "pool_labels": self.pool.y.tolist(),
-                 "downstream": len(self.downstream), "dynamics": repr(self.dynamics), "format": STATS_FORMAT}
+                 "downstream": len(self.downstream), "dynamics": repr(self.dynamics), "blocks": self.blocks,
+                 "format": STATS_FORMAT}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ resume
@@ -197,7 +210,7 @@ class ReplayModule(pl.LightningModule):
                 self.arrays[k][t] = values
         self.done = state["done"]
         self.lambda_norm, self.participation = state["lambda_norm"], state["participation"]
-        self.direction_norm = state["direction_norm"]
+        self.direction_norm, self.block_direction_norm = state["direction_norm"], state["block_direction_norm"]
         self.lam, self.direction = torch.from_numpy(state["costate"]), torch.from_numpy(state["direction"])
 
     # ------------------------------------------------------------------ lightning plumbing
@@ -228,12 +241,17 @@ class ReplayModule(pl.LightningModule):
 
     def _row_stats(self, t: int) -> list[str]:
         """The statistics snapshot t has: all of them, but at θ_T only the model's outputs (a forward pass)."""
-        return [k for k in STAT_NAMES if t < self.T or k not in STEP_STATS]
+        return [k for k in STAT_NAMES if t < self.T or k not in STEP_STATS] + (list(BLOCK_STATS) if t < self.T else [])
 
     def training_step(self, batch, batch_idx):
         x, y, i = batch
         t = self.snapshot_of_epoch(self.current_epoch)
-        stats = per_example_stats(self.net, x, y, self._lam_dict) if t < self.T else output_stats(self.net, x, y)
+        if t < self.T:
+            stats = per_example_stats(self.net, x, y, self._lam_dict, by_layer=True)
+            to_blocks = self._to_blocks.to(stats["layer_sq"].device, stats["layer_sq"].dtype)
+            stats["block_dot"], stats["block_sq"] = stats.pop("layer_dot") @ to_blocks, stats.pop("layer_sq") @ to_blocks
+        else:
+            stats = output_stats(self.net, x, y)
         idx = i.cpu().numpy()
         for k, v in stats.items():
             self.arrays[k][t, idx] = v.cpu().double().numpy()
@@ -254,9 +272,10 @@ class ReplayModule(pl.LightningModule):
             self._record_norm(t, share)
         self.done[t] = True
         if self.progress is not None and self.trainer.is_global_zero:
-            self.progress.save(t, {k: self.arrays[k][t] for k in self._row_stats(t)}, self.lam.detach().cpu().numpy(),
-                               self.direction.detach().cpu().numpy(), self.done, self.lambda_norm, self.direction_norm,
-                               self.participation)
+            self.progress.save(t, {k: self.arrays[k][t] for k in self._row_stats(t)}, costate=self.lam.detach().cpu().numpy(),
+                               direction=self.direction.detach().cpu().numpy(), done=self.done, lambda_norm=self.lambda_norm,
+                               direction_norm=self.direction_norm, block_direction_norm=self.block_direction_norm,
+                               participation=self.participation)
 
     def on_train_end(self) -> None:
         if self.progress is not None and self.trainer.is_global_zero and self.done.all():
@@ -271,15 +290,17 @@ class ReplayModule(pl.LightningModule):
         if self.trainer.world_size == 1:
             return
         names = self._row_stats(t)
-        rows = torch.from_numpy(np.stack([self.arrays[k][t] for k in names]))
+        widths = [1 if self.arrays[k][t].ndim == 1 else self.arrays[k][t].shape[1] for k in names]
+        rows = torch.from_numpy(np.concatenate([self.arrays[k][t].reshape(len(self.pool), -1).T for k in names]))
         have = ~torch.isnan(rows[0])
         summed = self._all_reduce(torch.cat([torch.nan_to_num(rows, nan=0.0), have[None].double()]))
         count = summed[-1]
         if not torch.equal(count, torch.ones_like(count)):
             raise RuntimeError(f"snapshot {t}: pool examples were scored {int(count.min())} to {int(count.max())} times "
                                f"across the ranks instead of once each")
-        for k, row in zip(names, summed[:-1].cpu().numpy()):
-            self.arrays[k][t] = row
+        rows = summed[:-1].cpu().numpy()
+        for k, start, width in zip(names, np.cumsum([0, *widths[:-1]]), widths):
+            self.arrays[k][t] = rows[start] if self.arrays[k][t].ndim == 1 else rows[start:start + width].T
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks (identity in a single process)."""
@@ -298,6 +319,9 @@ class ReplayModule(pl.LightningModule):
             )
         self.lambda_norm[t - 1] = norm
         self.direction_norm[t - 1] = norm if self.direction is self.lam else float(self.direction.norm())
+        by_block = torch.zeros(len(self.blocks), dtype=torch.float64, device=self.direction.device)
+        by_block.index_add_(0, self._param_blocks.to(self.direction.device), self._flat_sq(self.direction))
+        self.block_direction_norm[t - 1] = by_block.sqrt().cpu().numpy()
         self.participation[t - 1] = share
         if t in growth_steps(self.lambda_norm, self.growth_warning):
             prev = self.lambda_norm[t]
@@ -316,6 +340,10 @@ class ReplayModule(pl.LightningModule):
         self.net.load_state_dict(net_state)
         self.net.eval()  # the replay differentiates the deterministic network: dropout off
         self._params = {k: p.detach() for k, p in trainable(self.net).items()}
+
+    def _flat_sq(self, vec: torch.Tensor) -> torch.Tensor:
+        """The squared norm of ``vec`` (flattened like the parameters) per trainable parameter, in float64."""
+        return torch.stack([t.double().pow(2).sum() for t in self._unflatten(vec).values()])
 
     def _flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([tensors[k].reshape(-1) for k in self._params])
@@ -347,5 +375,6 @@ class ReplayModule(pl.LightningModule):
         if any(np.isnan(a).any() for a in self.arrays.values()):
             raise RuntimeError("the replay did not finish: some snapshots or pool examples have no statistics")
         return ReplayStats(**self.arrays, eta=self.eta, lambda_norm=self.lambda_norm.copy(),
-                           direction_norm=self.direction_norm.copy(), participation=self.participation.copy())
+                           direction_norm=self.direction_norm.copy(), participation=self.participation.copy(),
+                           block_direction_norm=self.block_direction_norm.copy(), blocks=np.array(self.blocks))
 

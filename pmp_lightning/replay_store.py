@@ -27,7 +27,10 @@ class ReplayStats:
     verdict use the trained snapshots θ_1..θ_T (``trained``), so the final model counts and the initialisation
     does not.
     ``lambda_norm[t] = ‖λ_{t+1}‖`` and ``direction_norm[t] = ‖ψ_{t+1}‖``, the vector ``dot`` is taken along (λ itself
-    unless momentum is replayed exactly: ``costate.Dynamics``); ``participation[t]`` is the fraction of downstream examples carrying
+    unless momentum is replayed exactly: ``costate.Dynamics``). Per block of the network (``blocks``, names;
+    ``stats.block_of``): ``block_dot[t, n, b]`` and ``block_sq[t, n, b]``, block b's share of ``dot`` and of
+    ``grad_norm²`` (they add up to the whole), and ``block_direction_norm[t, b]``, ψ_{t+1}'s norm there.
+    ``participation[t]`` is the fraction of downstream examples carrying
     ∇J(θ_{t+1}) (``costate.participation``). Columns follow the pool's positions.
     """
 
@@ -41,6 +44,10 @@ class ReplayStats:
     lambda_norm: np.ndarray
     direction_norm: np.ndarray
     participation: np.ndarray
+    block_dot: np.ndarray
+    block_sq: np.ndarray
+    block_direction_norm: np.ndarray
+    blocks: np.ndarray
 
     @property
     def contribution(self) -> np.ndarray:
@@ -70,8 +77,8 @@ class ReplayProgress:
         return self.directory / "stats.npz"
 
     def load(self) -> dict | None:
-        """The finished snapshots' rows (``{t: {statistic: row}}``), ``done``, ``lambda_norm``, ``participation`` and the
-        last ``costate``; None when nothing was saved yet. Progress of other inputs, or damaged, is refused with the fix."""
+        """The finished snapshots' rows (``{t: {statistic: row}}``) and the state ``save`` was given (``done``, the
+        last ``costate``, …); None when nothing was saved yet. Progress of other inputs, or damaged, is refused with the fix."""
         path = self.directory / "costate.npz"
         if not path.is_file():
             return None
@@ -90,17 +97,14 @@ class ReplayProgress:
                 f"{path} is the progress of a replay with other snapshots, pool or replay settings; delete "
                 f"{self.directory} or point the replay at a fresh directory"
             )
-        return {"rows": rows, "done": state["done"].astype(bool), "lambda_norm": state["lambda_norm"].astype(np.float64),
-                "direction_norm": state["direction_norm"].astype(np.float64),
-                "participation": state["participation"].astype(np.float64), "costate": state["costate"],
-                "direction": state["direction"]}
+        state.pop("fingerprint")
+        return {**state, "rows": rows, "done": state["done"].astype(bool)}
 
-    def save(self, t: int, row: dict[str, np.ndarray], costate: np.ndarray, direction: np.ndarray, done: np.ndarray,
-             lambda_norm: np.ndarray, direction_norm: np.ndarray, participation: np.ndarray) -> None:
-        """Snapshot t's rows, then (atomically, last) the costate λ, the direction ψ and the done-mask."""
+    def save(self, t: int, row: dict[str, np.ndarray], **state: np.ndarray) -> None:
+        """Snapshot t's rows, then (atomically, last) the replay's state: the costate λ, the direction ψ, the done-mask
+        and the per-step norms (what ``load`` gives back)."""
         save_npz(self._row(t), **row)
-        save_npz(self.directory / "costate.npz", costate=costate, direction=direction, done=done, lambda_norm=lambda_norm,
-                 direction_norm=direction_norm, participation=participation, fingerprint=np.array(self.fingerprint))
+        save_npz(self.directory / "costate.npz", **state, fingerprint=np.array(self.fingerprint))
 
     def _row(self, t: int) -> Path:
         return self.directory / "rows" / f"row_{t:05d}.npz"

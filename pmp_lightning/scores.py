@@ -113,6 +113,29 @@ def early(s: ReplayStats) -> np.ndarray:
     return s.contribution[: max(1, len(s.eta) // 2)].sum(0)
 
 
+def _block_cosines(s: ReplayStats, blocks: slice = slice(None)) -> np.ndarray:
+    """cos(ψ_{t+1}, ∇l_n(θ_t)) within each block b of ``blocks``: T × N × B."""
+    return _safe_div(s.block_dot[:, :, blocks], s.block_direction_norm[:, None, blocks] * np.sqrt(s.block_sq[:, :, blocks]))
+
+
+@register("block_cosine", pmp=True)
+def block_cosine(s: ReplayStats) -> np.ndarray:
+    """Σ_t of the mean over the network's blocks of the cosine within each block: every block has one vote, so a
+    block whose raw gradients are large for reasons unrelated to the label (a ResNet's stem, a ViT's patch
+    embedding) cannot speak for all."""
+    return _block_cosines(s).mean(2).sum(0)
+
+
+@register("late_cosine", pmp=True)
+def late_cosine(s: ReplayStats) -> np.ndarray:
+    """Σ_t of the cosine over the later half of the blocks (the last ⌈B/2⌉, the head among them; never the head
+    alone, whose gradient sees only the last features)."""
+    late = slice(len(s.blocks) // 2, None)
+    dot = s.block_dot[:, :, late].sum(2)
+    norm = np.sqrt(s.block_sq[:, :, late].sum(2))
+    return _safe_div(dot, np.sqrt((s.block_direction_norm[:, late] ** 2).sum(1))[:, None] * norm).sum(0)
+
+
 # ----------------------------------------------------------------------------- baselines
 @register("loss")
 def loss(s: ReplayStats) -> np.ndarray:

@@ -104,6 +104,52 @@ class StatsPlan:
 
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, StatsPlan]" = weakref.WeakKeyDictionary()
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+ROOT_BLOCK = "(root)"  # the network's own parameters (a class token, a position embedding held on the network)
+
+
+def block_of(name: str, net: nn.Module, groups: list[str] | None = None) -> str:
+    """The block a trainable parameter belongs to: the longest of ``groups`` (module-name prefixes) it lies under, or,
+    without groups, the network's top-level child holding it, where a container (Sequential, ModuleList, ModuleDict)
+    of composite modules is split into them (and a network that is itself a container into its children): a ResNet's
+    stem, each residual block and its head; a ViT's patch embedding, each encoder block, its norm and head; the
+    reported CNN's four layers. Parameters held by the network itself: ``(root)``."""
+    if groups is not None:
+        under = [g for g in groups if name == g or name.startswith(g + ".")]
+        return max(under, key=len) if under else "(other)"
+    path, module = [], net
+    for piece in name.split(".")[:-1]:
+        split = isinstance(module, CONTAINERS) and (module is net or any(next(c.children(), None) is not None
+                                                                          for c in module.children()))
+        if path and not split:
+            return ".".join(path)
+        path.append(piece)
+        module = module.get_submodule(piece)
+    return ".".join(path) or ROOT_BLOCK
+
+
+def block_matrix(plan: "StatsPlan", net: nn.Module, groups: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    """The blocks (in the network's order) and a 0/1 matrix (parts × blocks) summing each part's statistics into its
+    block. A part whose parameters lie in several blocks (a fallback over a whole container) joins them into one."""
+    names = list(trainable(net))
+    blocks = list(dict.fromkeys(block_of(n, net, groups) for n in names))
+    merged = {b: b for b in blocks}
+
+    def root(b):
+        while merged[b] != b:
+            b = merged[b]
+        return b
+
+    for part in plan.parts:
+        owners = sorted({root(block_of(n, net, groups)) for n in part.params}, key=blocks.index)
+        for b in owners[1:]:
+            merged[b] = owners[0]
+    kept = [b for b in blocks if root(b) == b]
+    label = {b: "+".join(c for c in blocks if root(c) == b) for b in kept}
+    matrix = torch.zeros(len(plan.parts), len(kept), dtype=torch.float64)
+    for i, part in enumerate(plan.parts):
+        matrix[i, kept.index(root(block_of(part.params[0], net, groups)))] = 1.0
+    return [label[b] for b in kept], matrix
 
 
 def trainable(net: nn.Module) -> dict[str, nn.Parameter]:
