@@ -22,6 +22,7 @@ def user_error(err: BaseException | None) -> PMPError | None:
 def main(cfg: DictConfig) -> None:
     from pmp_lightning.pipeline import run  # after composition, so a config typo is reported in about a second
 
+    logging.captureWarnings(True)  # a run's warnings reach run.log as well as the terminal
     try:
         run(cfg)
     except Exception as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
@@ -84,12 +85,13 @@ def progress_callbacks(enabled: bool, replay: bool = False) -> list:
 def _log_above_bars():
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    captured = getattr(warnings.showwarning, "__module__", None) == "logging"  # run.py captures them for run.log
     logging.captureWarnings(True)  # warnings.warn goes through logging too, so it cannot land inside a bar
     try:
         with logging_redirect_tqdm():
             yield
     finally:
-        logging.captureWarnings(False)
+        logging.captureWarnings(captured)
 
 
 def log_above_bars(enabled: bool):

