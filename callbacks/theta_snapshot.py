@@ -10,7 +10,8 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from pmp_lightning.errors import SnapshotError
-from pmp_lightning.trajectory import snapshot_file, write_manifest, write_snapshot
+from pmp_lightning.io import save_torch
+from pmp_lightning.trajectory import adam_preconditioner, preconditioner_file, snapshot_file, write_manifest, write_snapshot
 
 
 class ThetaSnapshot(Callback):
@@ -73,8 +74,13 @@ class ThetaSnapshot(Callback):
             "lr_sum": float(sum(self._lrs)),
             "lrs": list(self._lrs),
         }
+        precond = adam_preconditioner(pl_module, trainer.optimizers[0]) if t and trainer.optimizers else None
+        if precond is not None:
+            entry["preconditioner"] = preconditioner_file(t)
         if trainer.is_global_zero:
             write_snapshot(self.dirpath, t, {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()})
+            if precond is not None:
+                save_torch(self.dirpath / entry["preconditioner"], precond)
         self._snapshots.append(entry)
         self._lrs = []
         if trainer.is_global_zero:
@@ -101,5 +107,5 @@ def _describe(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     if optimizer is None:
         return {}
     group = optimizer.param_groups[0]
-    keep = ("momentum", "weight_decay", "nesterov", "betas", "dampening")
+    keep = ("momentum", "weight_decay", "nesterov", "betas", "dampening", "eps", "amsgrad", "decoupled_weight_decay")
     return {"name": type(optimizer).__name__, **{k: group[k] for k in keep if k in group}}

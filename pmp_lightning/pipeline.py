@@ -390,7 +390,8 @@ def _missing_snapshots(entry: Path) -> list[str]:
         manifest = load_manifest(entry / "snapshots")
     except SnapshotError as err:
         return [f"a usable snapshots manifest ({err})"]
-    return [f"snapshots/{s['file']}" for s in manifest["snapshots"] if not (entry / "snapshots" / s["file"]).is_file()]
+    return [f"snapshots/{name}" for s in manifest["snapshots"] for name in (s["file"], s.get("preconditioner"))
+            if name and not (entry / "snapshots" / name).is_file()]
 
 
 def _missing_stats(entry: Path) -> list[str]:

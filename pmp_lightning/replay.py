@@ -46,7 +46,7 @@ from pmp_lightning.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
 from pmp_lightning.replay_store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps
 from pmp_lightning.stats import STAT_NAMES, STEP_STATS, block_matrix, output_stats, per_example_stats, plan_for, trainable
-from pmp_lightning.trajectory import load_manifest, network_shapes, network_state
+from pmp_lightning.trajectory import load_manifest, load_preconditioner, network_shapes, network_state
 
 CURVATURES = tuple(PROPAGATORS)
 BLOCK_STATS = ("block_dot", "block_sq")  # per example and block: its share of dot and of grad_norm² (T × N × B)
@@ -116,6 +116,9 @@ class ReplayModule(pl.LightningModule):
             raise ReplayConfigError(f"the momentum replay divides by each step's learning rate, but step(s) "
                                     f"{np.flatnonzero(lr_sums <= 0).tolist()[:5]} ran at a rate of 0; use replay.curvature=expm")
         self.eta = self.dynamics.step_sizes(lr_sums)
+        if self.dynamics.preconditioned and not all("preconditioner" in s for s in snaps[1:]):
+            raise SnapshotError(f"{snapshot_dir} holds an {self.manifest['optimizer']['name']} trajectory without its "
+                                f"preconditioners (snapshots written before they were kept); retrain to replay it")
         n_hvp = len(self.train_set) if hvp_samples is None else min(int(hvp_samples), len(self.train_set))
         gen = torch.Generator().manual_seed(seed)
         self.hvp_set = Subset(self.train_set, torch.randperm(len(self.train_set), generator=gen)[:n_hvp].tolist())
@@ -186,8 +189,9 @@ class ReplayModule(pl.LightningModule):
             problems.append("full-batch gradient descent (data.batch_size >= the training set size)")
         if hvp_samples is not None and hvp_samples < len(self.train_set):
             problems.append("Hessian-vector products on the whole training set (replay.hvp_samples=null)")
-        if self.dynamics is None:
-            problems.append("SGD (with or without momentum and weight decay; not Nesterov, no dampening)")
+        if self.dynamics is None or self.dynamics.preconditioned:
+            problems.append("SGD (with or without momentum and weight decay; not Nesterov, no dampening; Adam's replay "
+                            "holds its preconditioner fixed, an approximation)")
         if problems:
             raise ReplayConfigError("replay.curvature=exact needs " + "; ".join(problems) + ". Use replay.curvature=coarse or expm otherwise.")
 
@@ -238,6 +242,9 @@ class ReplayModule(pl.LightningModule):
         t = self.snapshot_of_epoch(self.current_epoch)
         self._load(t)
         self._lam_dict = None if t == self.T else self._unflatten(self.direction)  # θ_T: no λ_{T+1}, no dot
+        # Adam: P_t of interval t (θ_t → θ_{t+1}), kept with snapshot t+1, carries λ_{t+1} back; P_{t−1}, kept with
+        # snapshot t, turns λ_t into the direction ψ_t = P_{t−1} λ_t of interval t − 1
+        self._precond = {k: self._preconditioner(k) for k in (t + 1, t)} if self.dynamics.preconditioned else {}
 
     def _row_stats(self, t: int) -> list[str]:
         """The statistics snapshot t has: all of them, but at θ_T only the model's outputs (a forward pass)."""
@@ -261,14 +268,15 @@ class ReplayModule(pl.LightningModule):
         self._gather_row(t)
         if t == self.T:  # λ_T = ψ_T = ∇J(θ_T)
             self.lam, share = self._downstream()
-            self.direction = self.lam
+            self.direction = self.dynamics.direction(self.lam, None, 0.0, 0.0, self._precond.get(t))
             self._record_norm(t, share)
         elif t > 0:  # λ_0 enters no score
             lam = self.dynamics.propagate(PROPAGATORS[self.curvature], self._hvp, self.lam, self.direction,
-                                          float(self.eta[t]), self.lanczos_steps)
+                                          float(self.eta[t]), self.lanczos_steps, self._precond.get(t + 1))
             grad_J, share = self._downstream(need_grad=self.horizon == "area")
             self.lam = lam + grad_J if self.horizon == "area" else lam
-            self.direction = self.dynamics.direction(self.lam, self.direction, float(self.eta[t]), float(self.eta[t - 1]))
+            self.direction = self.dynamics.direction(self.lam, self.direction, float(self.eta[t]), float(self.eta[t - 1]),
+                                                     self._precond.get(t))
             self._record_norm(t, share)
         self.done[t] = True
         if self.progress is not None and self.trainer.is_global_zero:
@@ -318,7 +326,7 @@ class ReplayModule(pl.LightningModule):
                 f"written. Use replay.curvature=expm (stable) or none, or snapshot more often."
             )
         self.lambda_norm[t - 1] = norm
-        self.direction_norm[t - 1] = norm if self.direction is self.lam else float(self.direction.norm())
+        self.direction_norm[t - 1] = float(self.direction.norm())
         by_block = torch.zeros(len(self.blocks), dtype=torch.float64, device=self.direction.device)
         by_block.index_add_(0, self._param_blocks.to(self.direction.device), self._flat_sq(self.direction))
         self.block_direction_norm[t - 1] = by_block.sqrt().cpu().numpy()
@@ -340,6 +348,13 @@ class ReplayModule(pl.LightningModule):
         self.net.load_state_dict(net_state)
         self.net.eval()  # the replay differentiates the deterministic network: dropout off
         self._params = {k: p.detach() for k, p in trainable(self.net).items()}
+
+    def _preconditioner(self, t: int) -> torch.Tensor | None:
+        """The flat preconditioner kept with snapshot t (the optimizer's last step before it), on the device."""
+        if not 1 <= t <= self.T:
+            return None
+        state = load_preconditioner(self.snapshot_dir, self.manifest["snapshots"][t])
+        return self._flatten(state).to(self.device, self.dtype)
 
     def _flat_sq(self, vec: torch.Tensor) -> torch.Tensor:
         """The squared norm of ``vec`` (flattened like the parameters) per trainable parameter, in float64."""

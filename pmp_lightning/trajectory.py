@@ -4,6 +4,8 @@ the pipeline and ``diagnose`` read it.
 Layout of a snapshot directory::
 
     theta_0000.pt ... theta_T.pt    the training module's state_dict at each snapshot
+    precond_0001.pt ...             Adam / AdamW only: the preconditioner P = 1/(√v̂ + ε) that the optimizer's last
+                                    step before snapshot t used, per trainable parameter (entry "preconditioner")
     manifest.json                   one entry per snapshot (t, file, step, epoch, lr_sum, lrs) plus the
                                     parameter shapes, dtype, optimizer and batches per epoch; "complete"
                                     turns true when training ends
@@ -30,6 +32,47 @@ PREFIX = "net."  # the training module's attribute holding the network
 
 def snapshot_file(t: int) -> str:
     return f"theta_{t:04d}.pt"
+
+
+def preconditioner_file(t: int) -> str:
+    return f"precond_{t:04d}.pt"
+
+
+def adam_preconditioner(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor] | None:
+    """Adam's (and AdamW's) diagonal preconditioner P = 1/(√v̂ + ε) as its latest step used it, v̂ the bias-corrected
+    second moment (its running maximum with amsgrad), keyed like ``module.state_dict()``; a parameter the optimizer has
+    not stepped yet gets 0 (it did not move). None for other optimizers."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return None
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad or id(p) not in groups:
+            continue
+        group, state = groups[id(p)], optimizer.state.get(p, {})
+        if "exp_avg_sq" not in state:
+            out[name] = torch.zeros_like(p, device="cpu")
+            continue
+        v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        step = float(state["step"])
+        v_hat = v.detach().double() / (1 - group["betas"][1] ** step)
+        out[name] = (1.0 / (v_hat.sqrt() + group["eps"])).to(p.dtype).cpu()
+    return out
+
+
+def load_preconditioner(dirpath: str | Path, entry: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The preconditioner stored with the snapshot ``entry`` (None when the optimizer kept none), by parameter name
+    without the training module's prefix."""
+    if "preconditioner" not in entry:
+        return None
+    path = Path(dirpath) / entry["preconditioner"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise SnapshotError(f"the preconditioner {path} listed in the manifest is missing; retrain") from err
+    except Exception as err:  # a truncated or corrupted file raises various errors inside torch.load
+        raise SnapshotError(f"the preconditioner {path} cannot be read ({type(err).__name__}: {err}); retrain") from err
+    return {k[len(PREFIX):]: v for k, v in state.items()}
 
 
 def write_snapshot(dirpath: str | Path, t: int, state: dict[str, torch.Tensor]) -> Path:

@@ -65,7 +65,7 @@ class Attention(torch.nn.Module):
 MODELS = {"mlp": lambda: mlp(num_classes=10, in_features=4, hidden=6), "normed": Normed, "attention": Attention}
 
 
-def _train(tmp_path, model="mlp", momentum=0.0, weight_decay=0.0):
+def _train(tmp_path, model="mlp", momentum=0.0, weight_decay=0.0, optimizer=None):
     pl.seed_everything(0)
     dm = PoolDataModule(
         RandomSource(n=N_POOL + 9, dtype=torch.float64), LabelNoise("symmetric", 0.25, seed=1),
@@ -75,7 +75,8 @@ def _train(tmp_path, model="mlp", momentum=0.0, weight_decay=0.0):
     net = MODELS[model]()
     classifier = Classifier(
         net,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.8 * (1 - momentum), momentum=momentum, weight_decay=weight_decay),
+        optimizer=optimizer or (lambda params: torch.optim.SGD(params, lr=0.8 * (1 - momentum), momentum=momentum,
+                                                               weight_decay=weight_decay)),
         lr_schedule=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
     )
     trainer = pl.Trainer(
@@ -241,6 +242,85 @@ def test_leaving_out_momentum_or_weight_decay_breaks_the_identity(tmp_path, wron
     dynamics = {"no_momentum": Dynamics(0.0, DECAY), "no_weight_decay": Dynamics(MOMENTUM, 0.0, heavy_ball=True),
                 "steady_state": Dynamics(MOMENTUM, DECAY, heavy_ball=False)}[wrong]
     assert _momentum_error(tmp_path, dynamics) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["AdamW", "Adam"])
+def test_adam_replays_the_preconditioned_recursion(tmp_path, kind):
+    """Adam/AdamW with the preconditioner P_t held fixed over each step: the replay's dots are ⟨P_t λ_{t+1}, ∇l_n(θ_t)⟩
+    and λ_t = ∇J(θ_t) + λ_{t+1} − η_t (H̃ P_t λ_{t+1} + w_d λ_{t+1}), written out here with explicit per-example gradients,
+    a Hessian from autograd and P from a second run of torch's own optimizer (v̂ = v / (1 − β₂^k), P = 1/(√v̂ + ε))."""
+    lr, decay, betas, eps = 0.05, 0.1, (0.9, 0.99), 1e-8
+    make = getattr(torch.optim, kind)
+    dm, net = _train(tmp_path, optimizer=lambda params: make(params, lr=lr, betas=betas, eps=eps, weight_decay=decay))
+    replay = ReplayModule(mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream,
+                          dm.train_set, curvature="coarse", objective=_objective("ce"), hvp_samples=None, batch_size=7)
+    assert replay.dynamics.preconditioned and replay.dynamics.decoupled == (kind == "AdamW")
+    fit_replay(replay, tmp_path)
+    stats = replay.results()
+
+    manifest = load_manifest(tmp_path / "snapshots")
+    strip = lambda st: {k[len("net."):]: v for k, v in st.items()}  # noqa: E731
+    states = [strip(load_snapshot(tmp_path / "snapshots", s)) for s in manifest["snapshots"]]
+    etas = [s["lr_sum"] for s in manifest["snapshots"][1:]]
+    # P_t from the optimizer itself, replaying training step by step
+    twin = mlp(num_classes=10, in_features=4, hidden=6).double()
+    twin.load_state_dict(states[0])
+    opt = make(twin.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y, xd, yd = dm.pool.x.double(), dm.pool.y, dm.downstream.x.double(), dm.downstream.y
+    P = []
+    for t in range(STEPS):
+        opt.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        opt.step()
+        sched.step()
+        P.append({n: 1 / ((opt.state[p]["exp_avg_sq"] / (1 - betas[1] ** float(opt.state[p]["step"]))).sqrt() + eps)
+                  for n, p in twin.named_parameters()})
+        for k, v in twin.state_dict().items():
+            torch.testing.assert_close(v, states[t + 1][k], rtol=1e-12, atol=1e-12)
+
+    names = [n for n, _ in twin.named_parameters()]
+
+    def at(t):
+        return {k: states[t][k].clone().requires_grad_(True) for k in names}
+
+    def grad_j(t):
+        p = at(t)
+        return dict(zip(names, torch.autograd.grad(F.cross_entropy(functional_call(twin, p, (xd,)), yd), list(p.values()))))
+
+    lam = grad_j(STEPS)
+    w_d = decay if kind == "AdamW" else 0.0
+    for t in reversed(range(STEPS)):
+        psi = {k: P[t][k] * lam[k] for k in names}
+        per_example = []
+        for n in range(N_POOL):
+            p = at(t)
+            g = torch.autograd.grad(F.cross_entropy(functional_call(twin, p, (x[n:n + 1],)), y[n:n + 1]), list(p.values()))
+            per_example.append(sum((gi * psi[k]).sum() for gi, k in zip(g, names)))
+        np.testing.assert_allclose(stats.dot[t], torch.stack(per_example).detach().numpy(), rtol=1e-9, atol=1e-12)
+        if t == 0:
+            break
+        p = at(t)
+        g = torch.autograd.grad(F.cross_entropy(functional_call(twin, p, (x,)), y), list(p.values()), create_graph=True)
+        coupled = 0.0 if kind == "AdamW" else decay  # Adam's decay is in the gradient: H̃ = H + wI
+        hv = torch.autograd.grad(sum((gi * psi[k]).sum() for gi, k in zip(g, names)), list(p.values()))
+        lam = {k: grad_j(t)[k] + lam[k] - etas[t] * (h + coupled * psi[k] + w_d * lam[k]) for k, h in zip(names, hv)}
+    np.testing.assert_allclose(stats.eta, etas)
+
+
+def test_leaving_out_the_preconditioner_changes_the_dots(tmp_path):
+    """Guards the test above: an Adam trajectory replayed as plain gradient descent gives other dots."""
+    from pmp_lightning.costate import Dynamics
+
+    dm, _ = _train(tmp_path, optimizer=lambda params: torch.optim.AdamW(params, lr=0.05))
+    replays = []
+    for plain in (False, True):
+        replay = ReplayModule(mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream,
+                              dm.train_set, curvature="coarse", objective=_objective("ce"), hvp_samples=None)
+        if plain:
+            replay.dynamics = Dynamics()
+        replays.append(fit_replay(replay, tmp_path / str(plain)).results().dot)
+    assert np.abs(replays[0] - replays[1]).max() > 1e-3 * np.abs(replays[0]).max()
 
 
 def test_dropping_the_hessian_term_breaks_the_identity(tmp_path):
