@@ -27,6 +27,7 @@ ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
 class ScoringConfig:
     scores: List[ScoreName] = field(default_factory=lambda: [ScoreName[n] for n in SCORES])
     rank_by: Optional[str] = None
+    canaries: int = 0  # downstream examples given a wrong label and held out of J (and as many controls): rank_by=auto
 
 
 def score_names(scoring) -> list[str]:
@@ -107,7 +108,11 @@ def check_settings(cfg) -> tuple[list[str], str]:
                               f"e.g. baselines.folds=5")
     names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else [])]
     _check_selection(cfg.select, cfg.data.get("pool_mode"), names)
-    return names, _rank_by(cfg.scoring.get("rank_by"), names)
+    canaries = cfg.scoring.get("canaries", 0)
+    if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 0:
+        raise SettingError(f"scoring.canaries={canaries!r}: give how many downstream examples to hold out as canaries "
+                           f"(an integer ≥ 0, e.g. 40; 0: none)")
+    return names, _rank_by(cfg.scoring.get("rank_by"), names, canaries)
 
 
 def _check_selection(select, pool_mode: str | None, names: list[str]) -> None:
@@ -124,10 +129,15 @@ def _check_selection(select, pool_mode: str | None, names: list[str]) -> None:
                               f"(cleanlab: baselines.cleanlab=true) or pick from {sorted(names)}")
 
 
-def _rank_by(wanted: str | None, names: list[str]) -> str:
-    """The score that orders suspects.csv: ``scoring.rank_by``, by default the recommended cosine when computed."""
+def _rank_by(wanted: str | None, names: list[str], canaries: int) -> str:
+    """The score that orders suspects.csv: ``scoring.rank_by``; by default the variant the canaries choose (``auto``)
+    when there are canaries, else the cosine when computed."""
+    if wanted == "auto" and not canaries:
+        raise SettingError("scoring.rank_by=auto ranks by the variant the canaries choose; set scoring.canaries (e.g. 40)")
     if wanted is None:
-        return "cosine" if "cosine" in names else names[0]
+        return "auto" if canaries else "cosine" if "cosine" in names else names[0]
+    if wanted == "auto":
+        return wanted
     if wanted not in names:
         raise UnknownScoreError(f"scoring.rank_by={wanted} is not among the scores this run computes; pick one of "
                                 f"{', '.join(names)}")

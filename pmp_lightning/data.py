@@ -414,6 +414,7 @@ class PoolDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         known_errors: str | None = None,
         downstream: "TrustedSet | None" = None,
+        canaries: int = 0,
     ):
         super().__init__()
         if pool_mode not in ("train", "holdout", "test"):
@@ -429,6 +430,7 @@ class PoolDataModule(pl.LightningDataModule):
         self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
         self.known_errors = known_errors
         self.trusted = downstream
+        self.canaries = canaries
         self._ready = False
 
     # ------------------------------------------------------------------ splits
@@ -483,12 +485,38 @@ class PoolDataModule(pl.LightningDataModule):
         self.known_error_mask = self._known_errors(len(pool_src))
         self.pool = IndexedDataset(pool_src.x[pool_idx], self.observed_labels)
         self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(main.x[train_idx], main.y[train_idx])
+        self._hold_out_canaries()
         shared = self.check_overlap()
         if shared and trusted:
             raise DataConfigError(f"the trusted downstream set (data.downstream) shares {shared} images with the pool; J must "
                                   f"not contain examples it scores: remove them from the set, or draw it elsewhere")
         self.downstream_note = self._describe_downstream()
         self._ready = True
+
+    def _hold_out_canaries(self) -> None:
+        """``canaries`` examples of the downstream set with a label made wrong on purpose, and as many with their own
+        label (controls), held out of J and scored beside the pool: a variant that ranks the canaries below the
+        controls finds wrong labels, and the run's data, not the pool's ground truth, says so (``scoring.rank_by=auto``).
+        With pool=train they join the training set, as the pool's own examples do. ``scored`` is what the replay scores:
+        the pool, then the canaries, then the controls (``canary_mask`` marks the canaries among the last two)."""
+        self.scored, self.canary_mask = self.pool, None
+        k = int(self.canaries)
+        if not k:
+            return
+        if k < 0 or 2 * k > len(self.downstream) - 20:
+            raise DataConfigError(f"scoring.canaries={k}: twice that many examples are held out of the downstream set "
+                                  f"({len(self.downstream)} examples), and J keeps at least 20; lower it, or give a larger "
+                                  f"downstream set (data.downstream_size, or data.downstream.size)")
+        ds = self.downstream
+        gen = torch.Generator().manual_seed(self.split_seed + 7919)
+        shift = torch.randint(1, self.num_classes, (k,), generator=gen)
+        wrong = (ds.y[:k] + shift) % self.num_classes
+        held = IndexedDataset(ds.x[: 2 * k], torch.cat([wrong, ds.y[k : 2 * k]]))
+        self.downstream = IndexedDataset(ds.x[2 * k :], ds.y[2 * k :])
+        self.canary_mask = np.arange(2 * k) < k
+        self.scored = IndexedDataset(torch.cat([self.pool.x, held.x]), torch.cat([self.pool.y, held.y]))
+        if self.pool_mode == "train":
+            self.train_set = self.scored
 
     def _draw_downstream(self, images: Images, draw: "_Draw") -> None:
         """J's ``downstream_size`` examples, drawn beside the pool. With a trusted set they are set aside all the same,
@@ -578,8 +606,9 @@ class PoolDataModule(pl.LightningDataModule):
                 "test": content_digest(self.test_set.x, self.test_set.y)}
 
     def downstream_key(self) -> str:
-        """The downstream set that defines J, by content (the replay cache key)."""
-        return content_digest(self.downstream.x, self.downstream.y)
+        """The downstream set that defines J and the scored set (the pool and any canaries), by content (the replay
+        cache key)."""
+        return content_digest(self.downstream.x, self.downstream.y, self.scored.x, self.scored.y)
 
     @property
     def is_mislabeled(self) -> np.ndarray:

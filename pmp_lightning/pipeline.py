@@ -41,12 +41,12 @@ from pmp_lightning.cache import StageCache, code_digest, replay_key_config, trai
 from pmp_lightning.config import check_settings
 from pmp_lightning.costate import describe
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError
-from pmp_lightning.evaluate import contribution_auroc, detection_metrics, small_sample_caveat
+from pmp_lightning.evaluate import canary_choice, contribution_auroc, detection_metrics, small_sample_caveat
 from pmp_lightning.io import save_npz
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.outputs import write_outputs
 from pmp_lightning.replay_store import ReplayStats, growth_steps
-from pmp_lightning.scores import compute_scores
+from pmp_lightning.scores import PMP_VARIANTS, compute_scores
 from pmp_lightning.select import selection
 from pmp_lightning.stats import make_plan
 from pmp_lightning.training import Training, predict_proba
@@ -122,7 +122,7 @@ def run(cfg: DictConfig) -> dict:
     logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") and stages.lead else False
     try:
         with stages.stage("data"):
-            datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
+            datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
             datamodule.setup()
         model_code = code_digest(check_model(training.net, datamodule, cfg.model.get("_target_", "the model")),
                                  cfg.model.get("_target_"))
@@ -143,7 +143,8 @@ def run(cfg: DictConfig) -> dict:
         _link(stages.out / "replay", replay_dir)
         stats = ReplayStats.load(replay_dir / "stats.npz")
         final_probs = final_probabilities(training.net, train_dir / "snapshots", datamodule, trained["test_accuracy"])
-        scores = compute_scores([n for n in names if n != "cleanlab"], stats)
+        scores, canaries = score_stage(stats, [n for n in names if n != "cleanlab"], datamodule)
+        stats = stats.first(len(datamodule.pool))
         cost = {"train": trained.get("seconds"), "replay": replayed.get("seconds")}
         cleanlab = None
         if cfg.baselines.cleanlab:
@@ -158,6 +159,8 @@ def run(cfg: DictConfig) -> dict:
                                    trained["test_accuracy"], cfg.seed)
         metrics = assemble_metrics(stages, detection, trained, stats, objective, cfg.replay, cost, train_dir, replay_dir,
                                    datamodule, cleanlab, chosen, rank_by)
+        if canaries:
+            metrics["canaries"] = canaries
         write_outputs(stages.out, datamodule, scores, metrics, final_probs.argmax(1))
         if logger:
             log_results(logger.experiment, metrics, scores, datamodule)
@@ -249,7 +252,7 @@ def replay_stage(stages: Stages, cache: StageCache, replay_settings, training: T
             directory = cache.start(resume=True) if stages.lead else cache.dir
             with stages.stage("replay"):
                 replay = replay_settings(net=training.net(), objective=objective, snapshot_dir=snapshot_dir,
-                                         pool=datamodule.pool, downstream=datamodule.downstream,
+                                         pool=datamodule.scored, downstream=datamodule.downstream,
                                          train_set=datamodule.train_set, progress_dir=directory)
                 _fit_replay(replay, training, directory)
             replayed = cache.commit({"seconds": stages.timings["replay"]}) if stages.lead else None
@@ -292,6 +295,25 @@ def final_probabilities(make_net: Callable[[], torch.nn.Module], snapshot_dir: P
                                      f"come from another labelling; check data.downstream")
             log.warning(note["label_warning"])
     return predict_proba(net, datamodule.pool.x)
+
+
+def score_stage(stats: ReplayStats, names: list[str], datamodule) -> tuple[dict[str, np.ndarray], dict | None]:
+    """The pool's scores; with canaries (``scoring.canaries``), also the PMP variant that ranks them lowest, as the
+    score ``auto`` (and what every variant reached on them, for metrics.json)."""
+    scores = compute_scores(names, stats)
+    if datamodule.canary_mask is None:
+        return scores, None
+    n = len(datamodule.pool)
+    candidates = {name: s[n:] for name, s in scores.items() if name in PMP_VARIANTS}
+    if not candidates:
+        raise ReplayConfigError("scoring.canaries chooses among the PMP variants, and this run computes none; add some "
+                                "to scoring.scores (e.g. scoring=all)")
+    choice = canary_choice(candidates, datamodule.canary_mask)
+    scores = {name: s[:n] for name, s in scores.items()}
+    scores["auto"] = scores[choice["chosen"]]
+    log.info(f"canaries: {choice['chosen']} ranks the {choice['canaries']} canaries lowest among as many controls "
+             f"(AP {choice['ap'][choice['chosen']]:.3f}); it is the score auto")
+    return scores, choice
 
 
 def cleanlab_stage(stages: Stages, cache: StageCache, training: Training, datamodule, folds: int,

@@ -53,6 +53,12 @@ class ReplayStats:
     def contribution(self) -> np.ndarray:
         return self.eta[:, None] * self.dot
 
+    def first(self, n: int) -> "ReplayStats":
+        """The statistics of the first ``n`` scored examples (the pool, without the canaries scored after it)."""
+        per_example = {"dot", "grad_norm", "loss", "margin", "correct", "el2n", "block_dot", "block_sq"}
+        return ReplayStats(**{f.name: getattr(self, f.name)[:, :n] if f.name in per_example else getattr(self, f.name)
+                              for f in fields(self)})
+
     def trained(self, name: str) -> np.ndarray:
         """The per-example statistic ``name`` at the trained snapshots θ_1..θ_T (T × N): what the baselines average."""
         return getattr(self, name)[1:]

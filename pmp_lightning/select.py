@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 def train_without(training: Training, datamodule, keep: np.ndarray, test: bool = True):
     """A model trained from scratch (the run's seed and config, one process) on the training-set examples where
-    ``keep`` is true, and its clean test accuracy (None when ``test`` is false)."""
+    ``keep`` is true, and its clean test accuracy (None when ``test`` is false). Training examples beyond ``keep``
+    (the canaries and controls of ``scoring.canaries``, after the pool) stay in every retrain."""
+    keep = np.concatenate([keep, np.ones(len(datamodule.train_set) - len(keep), dtype=bool)])
     loader = DataLoader(Subset(datamodule.train_set, np.flatnonzero(keep).tolist()), batch_size=datamodule.batch_size,
                         shuffle=True)
     return training.fit(loader, datamodule.test_dataloader() if test else None, one_process=True)

@@ -1,0 +1,62 @@
+"""Canaries: downstream examples given a wrong label on purpose, held out of J and scored beside the pool, choose the
+PMP variant without the pool's labels (scoring.canaries, rank_by=auto)."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from pmp_lightning.data import PoolDataModule
+from pmp_lightning.errors import DataConfigError, SettingError
+from pmp_lightning.evaluate import canary_choice
+from pmp_lightning.noise import LabelNoise
+from pmp_lightning.pipeline import run
+from pmp_lightning.scores import PMP_VARIANTS
+from tests.conftest import RandomSource
+from tests.test_pipeline import make_cfg
+
+
+@pytest.mark.parametrize("mode", ["train", "holdout"])
+def test_canaries_are_held_out_of_j_and_scored_beside_the_pool(mode):
+    sizes = {"train_size": 60} if mode == "holdout" else {}
+    kw = dict(pool_mode=mode, pool_size=80, downstream_size=60, test_size=20, **sizes)
+    plain = PoolDataModule(RandomSource(n=300), LabelNoise("symmetric", 0.2), **kw)
+    with_canaries = PoolDataModule(RandomSource(n=300), LabelNoise("symmetric", 0.2), **kw, canaries=10)
+    plain.setup(), with_canaries.setup()
+    assert torch.equal(plain.pool.x, with_canaries.pool.x) and torch.equal(plain.pool.y, with_canaries.pool.y)
+    assert len(with_canaries.downstream) == 40 and torch.equal(with_canaries.downstream.x, plain.downstream.x[20:])
+    scored = with_canaries.scored
+    assert len(scored) == 100 and torch.equal(scored.x[:80], plain.pool.x)
+    held_y, original = scored.y[80:], plain.downstream.y[:20]
+    assert (held_y[:10] != original[:10]).all() and torch.equal(held_y[10:], original[10:])  # canaries, then controls
+    assert with_canaries.canary_mask.tolist() == [True] * 10 + [False] * 10
+    assert (with_canaries.train_set is scored) == (mode == "train")  # trained on, as the pool is, only with pool=train
+    assert plain.scored is plain.pool and plain.canary_mask is None
+
+
+def test_too_many_canaries_and_auto_without_them_are_named():
+    dm = PoolDataModule(RandomSource(n=300), LabelNoise("symmetric", 0.2), pool_size=80, downstream_size=60, test_size=20,
+                        canaries=25)
+    with pytest.raises(DataConfigError, match=r"scoring.canaries=25: twice that many .*J keeps at least 20"):
+        dm.setup()
+    with pytest.raises(SettingError, match=r"scoring.rank_by=auto ranks by the variant the canaries choose; set scoring.canaries"):
+        run(make_cfg(__import__("pathlib").Path("/nonexistent"), "scoring.rank_by=auto"))
+
+
+def test_the_variant_that_ranks_the_canaries_lowest_wins():
+    is_canary = np.array([True] * 5 + [False] * 5)
+    good = np.where(is_canary, -1.0, 1.0) + np.linspace(0, 0.1, 10)
+    choice = canary_choice({"bad": -good, "good": good, "tie": good.copy()}, is_canary)
+    assert choice["chosen"] == "good" and choice["ap"]["good"] == 1.0 and choice["ap"]["bad"] < 0.5
+    assert (choice["canaries"], choice["controls"]) == (5, 5)
+
+
+@pytest.mark.slow
+def test_a_run_with_canaries_ranks_by_the_chosen_variant(tmp_path):
+    metrics = run(make_cfg(tmp_path, "scoring.canaries=20", "data.downstream_size=100"))
+    chosen = metrics["canaries"]["chosen"]
+    assert chosen in PMP_VARIANTS and set(metrics["canaries"]["ap"]) == set(PMP_VARIANTS)
+    assert metrics["suspects"]["rank_by"] == "auto" and metrics["detection"]["auto"] == metrics["detection"][chosen]
+    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
+    assert len(rows) == 600 and all(r["auto"] == r[chosen] for r in rows)  # the pool only, the canaries left out
+    assert metrics["downstream"]["size"] == 60  # J without the 40 held out
