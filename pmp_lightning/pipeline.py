@@ -39,7 +39,7 @@ from callbacks.progress import log_above_bars, progress_callbacks
 from pmp_lightning.baselines import check_folds, cleanlab_baseline, cross_validated_probs, crossval_key_config
 from pmp_lightning.cache import StageCache, code_digest, replay_key_config, train_key_config
 from pmp_lightning.config import check_settings
-from pmp_lightning.costate import describe
+from pmp_lightning.costate import describe, hessian_vector_product
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError
 from pmp_lightning.evaluate import canary_choice, contribution_auroc, detection_metrics, small_sample_caveat
 from pmp_lightning.io import save_npz
@@ -48,7 +48,7 @@ from pmp_lightning.outputs import write_outputs
 from pmp_lightning.replay_store import ReplayStats, growth_steps
 from pmp_lightning.scores import PMP_VARIANTS, compute_scores
 from pmp_lightning.select import selection
-from pmp_lightning.stats import make_plan
+from pmp_lightning.stats import UnsupportedModelError, make_plan, per_example_stats, trainable
 from pmp_lightning.training import Training, predict_proba
 from pmp_lightning.trajectory import load_manifest, network_state
 from pmp_lightning.wandb_logging import keep_staging_in, log_results, run_identity
@@ -124,8 +124,8 @@ def run(cfg: DictConfig) -> dict:
         with stages.stage("data"):
             datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
             datamodule.setup()
-        model_code = code_digest(check_model(training.net, datamodule, cfg.model.get("_target_", "the model")),
-                                 cfg.model.get("_target_"))
+        model_code = code_digest(check_model(training.net, datamodule, cfg.model.get("_target_", "the model"),
+                                             cfg.replay.curvature), cfg.model.get("_target_"))
         if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
             check_folds(cfg.baselines.folds, len(datamodule.pool))
         record_ground_truth(stages, datamodule)
@@ -175,14 +175,39 @@ def run(cfg: DictConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- stages
-def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str) -> torch.nn.Module:
+def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str, curvature: str) -> torch.nn.Module:
     """A model that cannot take the data's inputs, has fewer outputs than the data has classes, or whose per-example
-    statistics cannot be computed fails here, in a second or so, in one line naming the fix: not inside torch halfway
-    through training, and never after it. The statistics pass's plan (which layers by rule, which by the fallback)
-    is proven here on a few pool examples and logged. Returns the probe network (for the cache's code key)."""
+    statistics or Hessian-vector products cannot be computed fails here, in a second or so, in one line naming the
+    fix: not inside torch halfway through training, and never after it. The statistics pass's plan (which layers by
+    rule, which by the fallback) is proven here on a few pool examples and logged. Returns the probe network (for the
+    cache's code key)."""
+    _check_same_inputs(datamodule)
     with torch.random.fork_rng(devices=[]):  # the trained model's initialisation must not depend on this probe
         net = make_net().eval()
     x, y = datamodule.pool.x[:8], datamodule.pool.y[:8]
+    _check_outputs(net, x, datamodule, target)
+    with torch.random.fork_rng(devices=[]):
+        plan = make_plan(net, x, y)
+        _check_replay_maths(net, plan, x, y, curvature, target)
+    if rank_zero_only.rank == 0:
+        log.info(f"statistics pass for {type(net).__name__}: {plan.summary()}")
+        _say_what_eval_mode_changes(net)
+    return net
+
+
+def _check_same_inputs(datamodule) -> None:
+    """The downstream and test sets hold inputs like the pool's: a trusted set of another image size or channel count
+    is named here, not in the replay after training."""
+    pool = datamodule.pool.x
+    for what, ds, setting in (("downstream set", datamodule.downstream, "data.downstream"),
+                              ("test set", datamodule.test_set, "data.source")):
+        if tuple(ds.x.shape[1:]) != tuple(pool.shape[1:]) or ds.x.is_floating_point() != pool.is_floating_point():
+            raise DataConfigError(f"the {what} ({setting}) holds inputs of shape {tuple(ds.x.shape[1:])} ({ds.x.dtype}) but "
+                                  f"the pool {tuple(pool.shape[1:])} ({pool.dtype}); give it inputs of the pool's size, "
+                                  f"channels and kind (e.g. a transform that resizes or converts them)")
+
+
+def _check_outputs(net: torch.nn.Module, x: torch.Tensor, datamodule, target: str) -> None:
     try:
         with torch.no_grad():
             logits = net(x)
@@ -201,20 +226,43 @@ def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str
         log.warning(f"model ({target}) has {logits.shape[1]} outputs but the data {datamodule.num_classes} classes: the "
                     f"extra outputs are trained towards probability 0; set model.num_classes={datamodule.num_classes} "
                     f"unless the data lacks classes on purpose")
-    with torch.random.fork_rng(devices=[]):
-        plan = make_plan(net, x, y)
-    if rank_zero_only.rank == 0:
-        log.info(f"statistics pass for {type(net).__name__}: {plan.summary()}")
-        differs = [m for m in net.modules() if isinstance(m, TRAIN_MODE_DIFFERS)]
-        if differs:
-            how = [text for kind, text in ((torch.nn.modules.batchnorm._BatchNorm, "BatchNorm on its running statistics"),
-                                           (torch.nn.modules.instancenorm._InstanceNorm, "InstanceNorm on its running statistics where it keeps them"),
-                                           (torch.nn.modules.dropout._DropoutNd, "dropout off"))
-                   if any(isinstance(m, kind) for m in differs)]
-            log.info(f"the replay differentiates the network in eval mode, where "
-                     f"{', '.join(sorted({type(m).__name__ for m in differs}))} act otherwise than in training "
-                     f"({', '.join(how)}): the exact identity of the scores holds for that eval-mode network")
-    return net
+
+
+def _check_replay_maths(net: torch.nn.Module, plan, x: torch.Tensor, y: torch.Tensor, curvature: str, target: str) -> None:
+    """What the plan's float64 proof does not try: the statistics pass in the network's own precision must give finite
+    values, and the curvature modes need Hessian-vector products (forward-mode derivatives, which some layers, e.g.
+    torch's fused LSTM on the CPU, do not have)."""
+    params = {k: p.detach() for k, p in trainable(net).items()}
+    direction = {k: torch.ones_like(p) for k, p in params.items()}
+    if curvature != "none":
+        try:
+            hessian_vector_product(net, params, direction, lambda: [(x[:2], y[:2])])
+        except Exception as err:  # a missing forward-mode derivative surfaces as one of several types deep inside torch
+            raise ReplayConfigError(f"model ({target}): replay.curvature={curvature} needs Hessian-vector products "
+                                    f"(forward-mode derivatives), which fail for it: {str(err).splitlines()[0]}. Use "
+                                    f"replay.curvature=none (the Hessian term left out), or a layer with forward-mode "
+                                    f"derivatives") from err
+    stats = per_example_stats(net, x, y, direction, plan=plan, by_layer=True)
+    bad = [part.label for k, part in enumerate(plan.parts)
+           if not (torch.isfinite(stats["layer_dot"][:, k]).all() and torch.isfinite(stats["layer_sq"][:, k]).all())]
+    if bad:
+        dtype = str(next(iter(params.values())).dtype).replace("torch.", "")
+        raise UnsupportedModelError(f"model ({target}): the per-example statistics of {', '.join(bad)} are not finite in "
+                                    f"{dtype} for some examples (they are in float64, where the plan was proven); train "
+                                    f"in float64 (trainer.precision=64-true) or replace that layer")
+
+
+def _say_what_eval_mode_changes(net: torch.nn.Module) -> None:
+    differs = [m for m in net.modules() if isinstance(m, TRAIN_MODE_DIFFERS)]
+    if differs:
+        how = [text for kind, text in ((torch.nn.modules.batchnorm._BatchNorm, "BatchNorm on its running statistics"),
+                                       (torch.nn.modules.instancenorm._InstanceNorm,
+                                        "InstanceNorm on its running statistics where it keeps them"),
+                                       (torch.nn.modules.dropout._DropoutNd, "dropout off"))
+               if any(isinstance(m, kind) for m in differs)]
+        log.info(f"the replay differentiates the network in eval mode, where "
+                 f"{', '.join(sorted({type(m).__name__ for m in differs}))} act otherwise than in training "
+                 f"({', '.join(how)}): the exact identity of the scores holds for that eval-mode network")
 
 
 def record_ground_truth(stages: Stages, datamodule) -> None:

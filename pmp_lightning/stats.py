@@ -56,6 +56,9 @@ FALLBACK_FLOATS = 2**24  # per-example gradients a fallback holds at once (64 Mi
 EXPAND_FLOATS = 2**24  # a bare parameter is broadcast along the batch only while batch × its size stays below this
 PROBE_SIZES = (5, 7)  # two batch sizes (rarely a length a network has): an axis that follows them is the batch axis
 VERIFY_RTOL = 1e-9  # float64, against explicit per-example gradients
+# layers whose float32 CPU kernels (mkldnn's RNNs) read a parameter broadcast along the batch wrongly, though the float64
+# proof passes: their parameters go to the fallback, never to a broadcast
+FUSED_KERNELS = (nn.RNNBase,)
 
 
 class UnsupportedModelError(PMPError, TypeError):
@@ -100,6 +103,9 @@ class StatsPlan:
             text += "; per-example vmap(grad) (the fallback) for " + ", ".join(
                 f"{p.label} ({self.kinds[p.module]}{', one example at a time' if p.how == 'loop' else ''}: "
                 f"{', '.join(n[len(p.module) + 1:] if p.module else n for n in p.params)})" for p in slow)
+        if any(p.how == "loop" for p in slow):
+            text += ("; one example at a time is slow: expect the replay to score far fewer examples per second than "
+                     "training reads")
         return text
 
 
@@ -574,7 +580,8 @@ def _initial_parts(model: nn.Module, probe: _Probe) -> list[Part]:
             if args and len(out) == 1 and args[0] != "?" and args[0] == out[0]:
                 parts.append(Part(mod_name, tuple(own), "rule", ((args[0],), (out[0],)), clone_inputs=mod_name in probe.mutated))
                 continue
-        if rule_for(module) is None and clean and all(probe.params[n].numel() * max(PROBE_SIZES) <= EXPAND_FLOATS for n in own):
+        if (rule_for(module) is None and clean and not isinstance(module, FUSED_KERNELS)
+                and all(probe.params[n].numel() * max(PROBE_SIZES) <= EXPAND_FLOATS for n in own)):
             parts += [Part(mod_name, (n,), "expand", view=0 if probe.params[n].dim() and probe.params[n].shape[0] == 1 else 1)
                       for n in own]
             continue

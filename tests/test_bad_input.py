@@ -411,3 +411,64 @@ def test_warnings_reach_run_log(tmp_path):
     log_text = (out / "run.log").read_text()
     assert "J comes from" in log_text and "not verified" in log_text
     assert "not writable" not in done.stderr + log_text  # numpy's warning about mlxtend's read-only arrays is gone
+
+
+class LSTMNet(torch.nn.Module):
+    """Rows of an 8 × 8 digit as a sequence through torch's LSTM (its fused CPU kernel has no forward-mode derivative)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+        self.fc = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.reshape(len(x), 8, 8))
+        return self.fc(out[:, -1])
+
+
+def test_a_model_without_hessian_vector_products_is_named_before_training(tmp_path):
+    """torch's LSTM: no forward-mode derivative for the curvature modes (named before training); with curvature=none its
+    statistics run through the fallback, finite in float32 (its parameters are never broadcast into the fused kernel)."""
+    import numpy as np
+
+    x, y = _digits()
+    with pytest.raises(ReplayConfigError, match=r"replay.curvature=expm needs Hessian-vector products .*replay.curvature=none"):
+        run(_tensors_cfg(tmp_path, x, y, "~model", "+model._target_=tests.test_bad_input.LSTMNet"))
+    assert _nothing_trained(tmp_path)
+    metrics = run(_tensors_cfg(tmp_path / "none", x, y, "~model", "+model._target_=tests.test_bad_input.LSTMNet",
+                               "replay.curvature=none", "scoring.scores=[loss,cosine]"))
+    assert np.isfinite([row["ap"] for row in metrics["detection"].values()]).all()  # its float32 pass is finite
+
+
+class Overflowing(torch.nn.Module):
+    """A parameter whose per-example gradient is about 1e24: its square overflows float32, not float64."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, num_classes)
+        self.b = torch.nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) + self.b * 1e25
+
+
+def test_statistics_that_overflow_in_the_training_precision_are_named_before_training(tmp_path):
+    from pmp_lightning.stats import UnsupportedModelError
+
+    x, y = _digits()
+    with pytest.raises(UnsupportedModelError, match=r"statistics of \(the network itself\) are not finite in float32 .*"
+                                                    r"trainer.precision=64-true"):
+        run(_tensors_cfg(tmp_path, x, y, "~model", "+model._target_=tests.test_bad_input.Overflowing", "replay.curvature=none"))
+    assert _nothing_trained(tmp_path)
+
+
+def test_a_trusted_set_of_another_image_size_is_named_before_training(tmp_path):
+    import numpy as np
+
+    x, y = _digits()
+    np.savez(tmp_path / "big.npz", x=np.zeros((50, 1, 9, 9), dtype=np.float32), y=y[:50])
+    with pytest.raises(DataConfigError, match=r"the downstream set \(data.downstream\) holds inputs of shape \(1, 9, 9\).*"
+                                              r"but the pool \(1, 8, 8\)"):
+        run(_tensors_cfg(tmp_path, x, y, "model.in_features=64", "downstream=file",
+                         f"data.downstream.source.path={tmp_path / 'big.npz'}"))
+    assert _nothing_trained(tmp_path)
