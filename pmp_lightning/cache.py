@@ -9,6 +9,7 @@ entry, so parallel sweep jobs compute it once.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -170,6 +171,20 @@ class StageCache:
         log.info(f"{self.stage} cache miss: computing into {self.dir}")
         self.dir.mkdir(parents=True, exist_ok=True)
         return self.dir
+
+    def load_or_compute(self, compute: Callable[[Path], dict[str, Any]], missing: Callable[[Path], list[str]] | None = None,
+                        resume: bool = False, lead: bool = True, agree: Callable[[str, Any], Any] = lambda name, v: v
+                        ) -> dict[str, Any]:
+        """The entry's results: loaded when complete (``load``), else computed by ``compute(directory)`` into it and
+        committed, all under the entry's lock. ``resume`` keeps a partial entry for ``compute`` to continue. In a
+        process that is not the ``lead`` (another rank of a distributed run), nothing is locked, loaded or written:
+        ``agree(name, value)`` hands it the lead's decisions (the identity in a single process)."""
+        with self.locked() if lead else contextlib.nullcontext():
+            done = agree(self.stage, self.load(missing=missing) if lead else None)
+            if done is None:
+                results = compute(self.start(resume=resume) if lead else self.dir)
+                done = agree(f"{self.stage}_done", self.commit(results) if lead else None)
+        return done
 
     def commit(self, results: dict[str, Any]) -> dict[str, Any]:
         """Mark the entry complete; ``results`` gains an ``entry_id`` unique to this computation."""

@@ -35,7 +35,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_auc_score  # noqa: E402
+from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 from pmp_lightning.io import atomic_write, save_text  # noqa: E402
 from pmp_lightning.scores import PMP_VARIANTS  # noqa: E402

@@ -359,7 +359,7 @@ class TrustedSet:
         if self.source is None:
             images, draw = own["test"]
             if draw is None:
-                raise DataConfigError(f"data.downstream: the data source has no test split; use downstream=file or dataset")
+                raise DataConfigError("data.downstream: the data source has no test split; use downstream=file or dataset")
             idx = draw.take(self.size, "trusted downstream set (data.downstream.size)")
         else:
             main, test = self.source.load()

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from pmp_lightning.cache import COSMETIC_TRAINER_KEYS, StageCache, content_digest
+from pmp_lightning.cache import COSMETIC_TRAINER_KEYS, StageCache, code_digest, content_digest
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.io import save_npz
 
@@ -126,19 +126,20 @@ class ConfusionNoise:
 
         config = OmegaConf.to_container(self.reference, resolve=True)
         keyed = {**config, "trainer": {k: v for k, v in config["trainer"].items() if k not in COSMETIC_TRAINER_KEYS}}
+        training = Training.from_config(OmegaConf.create({**config, "seed": self.seed}))
         cache = StageCache(self.cache_dir, "noise", {"reference": keyed, "seed": self.seed,
                                                       "trained_on": content_digest(reference.x, reference.y),
-                                                      "pool": content_digest(images)})
-        with cache.locked():
-            if cache.load(missing=lambda d: [] if (d / "probs.npz").is_file() else ["probs.npz"]) is None:
-                directory = cache.start()
-                log.info(f"noise=confusion: training the reference classifier on {len(reference.y)} clean examples")
-                training = Training.from_config(OmegaConf.create({**config, "seed": self.seed}))
-                data = TensorDataset(reference.x, reference.y, torch.arange(len(reference.y)))
-                classifier, _ = training.fit(DataLoader(data, batch_size=int(config.get("batch_size", 32)), shuffle=True),
-                                             one_process=True)
-                save_npz(directory / "probs.npz", probs=predict_proba(classifier.net, images))
-                cache.commit({})
+                                                      "pool": content_digest(images),
+                                                      "model_code": code_digest(training.net(), config["model"].get("_target_"))})
+        def train_reference(directory: Path) -> dict:
+            log.info(f"noise=confusion: training the reference classifier on {len(reference.y)} clean examples")
+            data = TensorDataset(reference.x, reference.y, torch.arange(len(reference.y)))
+            classifier, _ = training.fit(DataLoader(data, batch_size=int(config.get("batch_size", 32)), shuffle=True),
+                                         one_process=True)
+            save_npz(directory / "probs.npz", probs=predict_proba(classifier.net, images))
+            return {}
+
+        cache.load_or_compute(train_reference, lambda d: [] if (d / "probs.npz").is_file() else ["probs.npz"])
         with np.load(cache.dir / "probs.npz") as z:
             probs = z["probs"]
         if probs.shape[1] < num_classes:

@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -278,33 +278,28 @@ def record_ground_truth(stages: Stages, datamodule) -> None:
 def train_stage(stages: Stages, cache: StageCache, training: Training, snapshots, datamodule, logger) -> tuple[dict, Path]:
     """The trajectory, from the cache or trained with the snapshot callback: ``{"test_accuracy", "seconds",
     "entry_id"}`` and the cache entry holding ``snapshots/``."""
-    with cache.locked() if stages.lead else nullcontext():
-        trained = _agree("train", cache.load(missing=_missing_snapshots) if stages.lead else None)
-        if trained is None:
-            directory = cache.start() if stages.lead else cache.dir
-            with stages.stage("train"):
-                _, accuracy = training.fit(datamodule, datamodule, logger=logger, root_dir=directory,
-                                           callbacks=[snapshots(dirpath=directory / "snapshots"), ReleaseSpawnedProcessGroup()])
-            trained = _agree("trained", cache.commit({"test_accuracy": accuracy, "seconds": stages.timings["train"]})
-                             if stages.lead else None)
-    return trained, cache.dir
+    def train(directory: Path) -> dict:
+        with stages.stage("train"):
+            _, accuracy = training.fit(datamodule, datamodule, logger=logger, root_dir=directory,
+                                       callbacks=[snapshots(dirpath=directory / "snapshots"), ReleaseSpawnedProcessGroup()])
+        return {"test_accuracy": accuracy, "seconds": stages.timings["train"]}
+
+    return cache.load_or_compute(train, _missing_snapshots, lead=stages.lead, agree=_agree), cache.dir
 
 
 def replay_stage(stages: Stages, cache: StageCache, replay_settings, training: Training, objective, datamodule,
                  snapshot_dir: Path) -> tuple[dict, Path]:
     """The replay's statistics (``stats.npz``), from the cache or computed backward over the snapshots, continuing a
     replay that was cut short."""
-    with cache.locked() if stages.lead else nullcontext():
-        replayed = _agree("replay", cache.load(missing=_missing_stats) if stages.lead else None)
-        if replayed is None:
-            directory = cache.start(resume=True) if stages.lead else cache.dir
-            with stages.stage("replay"):
-                replay = replay_settings(net=training.net(), objective=objective, snapshot_dir=snapshot_dir,
-                                         pool=datamodule.scored, downstream=datamodule.downstream,
-                                         train_set=datamodule.train_set, progress_dir=directory)
-                _fit_replay(replay, training, directory)
-            replayed = cache.commit({"seconds": stages.timings["replay"]}) if stages.lead else None
-    return replayed, cache.dir
+    def replay(directory: Path) -> dict:
+        with stages.stage("replay"):
+            module = replay_settings(net=training.net(), objective=objective, snapshot_dir=snapshot_dir,
+                                     pool=datamodule.scored, downstream=datamodule.downstream,
+                                     train_set=datamodule.train_set, progress_dir=directory)
+            _fit_replay(module, training, directory)
+        return {"seconds": stages.timings["replay"]}
+
+    return cache.load_or_compute(replay, _missing_stats, resume=True, lead=stages.lead, agree=_agree), cache.dir
 
 
 def _fit_replay(replay, training: Training, directory: Path) -> None:
@@ -369,13 +364,12 @@ def cleanlab_stage(stages: Stages, cache: StageCache, training: Training, datamo
     """cleanlab's score from out-of-sample probabilities: K-fold cross-validation (cached) for pool=train,
     the final model's for a held-out pool. Returns the score and what goes under ``cleanlab`` in metrics.json."""
     if datamodule.pool_mode == "train":
-        with cache.locked():
-            done = cache.load(missing=_missing_probs)
-            if done is None:
-                with stages.stage("cleanlab"):
-                    probs = cross_validated_probs(training, datamodule, folds, cache.start(resume=True))
-                    save_npz(cache.dir / "pred_probs.npz", probs=probs)
-                done = cache.commit({"seconds": stages.timings["cleanlab"]})
+        def cross_validate(directory: Path) -> dict:
+            with stages.stage("cleanlab"):
+                save_npz(directory / "pred_probs.npz", probs=cross_validated_probs(training, datamodule, folds, directory))
+            return {"seconds": stages.timings["cleanlab"]}
+
+        done = cache.load_or_compute(cross_validate, _missing_probs, resume=True)
         with np.load(cache.dir / "pred_probs.npz") as z:
             probs = z["probs"]
         source, seconds = f"{folds}-fold cross-validation", done["seconds"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pmp_lightning.data import DatasetSource, PoolDataModule, TensorSource, TrustedSet
+from pmp_lightning.data import DatasetSource, PoolDataModule, TrustedSet
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.noise import ConfusionNoise, LabelNoise
 from pmp_lightning.pipeline import run

@@ -2,8 +2,6 @@
 and a model and data of the user's own built from config."""
 import csv
 import json
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +15,7 @@ from pmp_lightning.data import DatasetSource, PoolDataModule, TensorSource, read
 from pmp_lightning.noise import LabelNoise
 from pmp_lightning.errors import DataConfigError, UnknownScoreError
 from pmp_lightning.pipeline import run
-from tests.conftest import RandomSource
-from tests.test_pipeline import ROOT, SMALL, make_cfg
+from tests.test_pipeline import ROOT, make_cfg
 
 EXAMPLES = ROOT / "docs" / "examples"
 

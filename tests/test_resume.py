@@ -55,7 +55,7 @@ def test_a_killed_replay_resumes_and_ends_bit_identical(tmp_path):
     with np.load(entry / "stats.npz") as resumed, np.load(tmp_path / "c" / "replay" / "stats.npz") as straight:
         assert resumed.files == straight.files
         for name in straight.files:
-            assert np.array_equal(resumed[name], straight[name], equal_nan=True), name
+            assert np.array_equal(resumed[name], straight[name], equal_nan=resumed[name].dtype.kind == "f"), name
     assert (tmp_path / "b" / "scores.csv").read_bytes() == (tmp_path / "c" / "scores.csv").read_bytes()
 
 
