@@ -9,6 +9,10 @@ of the dot product alone (low = suspect); then the whole vector's AUROC and the 
 A layer that carries most of the dot product at an AUROC near 0.5 drowns the others: that is what a
 mean logit pull does through the output layer's bias and uncentred features (README, "The answer to
 the report"). The ground truth (synthetic noise or ``data.known_errors``) is needed for the AUROCs.
+
+It also draws ``diagnose.png`` in the run directory from the statistics the replay kept (no recomputation): per block
+of the network, its share of Σ|⟨ψ_{t+1}, ∇l_n(θ_t)⟩| over all snapshots, and how well the block's cosine alone
+separates the mislabeled examples (AUROC), so that a block that carries the dot product without separating shows.
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from pmp_lightning.compare import _save
 from pmp_lightning.config import register_configs
+from pmp_lightning.replay_store import ReplayStats
 from pmp_lightning.costate import describe, downstream_gradient, objective
 from pmp_lightning.stats import per_example_stats, plan_for, trainable
 from pmp_lightning.trajectory import load_manifest, network_state
@@ -69,6 +75,36 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     return report
 
 
+def block_rows(stats: ReplayStats, truth: np.ndarray) -> list[dict]:
+    """Per block: its share of Σ_t,n |block dot| and the AUROC of its cosine summed over the snapshots (low = suspect)."""
+    share = np.abs(stats.block_dot).sum((0, 1))
+    share = share / max(share.sum(), 1e-300)
+    denominator = stats.block_direction_norm[:, None, :] * np.sqrt(stats.block_sq)
+    cosine = np.divide(stats.block_dot, denominator, out=np.zeros_like(stats.block_dot), where=denominator > 0).sum(0)
+    return [{"block": str(name), "share": float(share[b]), "auroc": float(roc_auc_score(truth, -cosine[:, b]))}
+            for b, name in enumerate(stats.blocks)]
+
+
+def block_picture(run_dir: Path) -> tuple[list[dict], Path]:
+    """``diagnose.png``: per block, its share of |dot| and the AUROC of its cosine alone, from ``replay/stats.npz``."""
+    truth = np.load(run_dir / "ground_truth.npz")["is_mislabeled"]
+    rows = block_rows(ReplayStats.load(run_dir / "replay" / "stats.npz").first(len(truth)), truth)
+    import matplotlib.pyplot as plt
+
+    names = [r["block"] for r in rows][::-1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 0.35 * len(rows) + 1.6), sharey=True)
+    left.barh(names, [r["share"] for r in rows][::-1], color="tab:blue")
+    left.set_xlabel("share of Σ |⟨ψ, ∇l_n⟩| over the snapshots")
+    right.barh(names, [r["auroc"] for r in rows][::-1], color="tab:orange")
+    right.axvline(0.5, color="grey", linestyle=":")
+    right.set_xlim(0, 1)
+    right.set_xlabel("AUROC of the block's cosine alone")
+    fig.suptitle(f"where the score lives: {run_dir.resolve().parent.name}/{run_dir.resolve().name}")
+    path = run_dir / "diagnose.png"
+    _save(fig, path)
+    return rows, path
+
+
 def format_report(report: dict) -> str:
     lines = []
     for name, r in report.items():
@@ -99,6 +135,10 @@ def main(argv=None) -> None:
         parser.exit(2, f"diagnose: --snapshot {args.snapshot} is not a snapshot of this run, which has θ_0 … θ_{count - 1}; "
                        f"give 0 to {count - 1}, or -1 for the last\n")
     print(format_report(diagnose(args.run_dir, args.snapshot)))
+    rows, path = block_picture(args.run_dir)
+    print("\nper block, over every snapshot the replay kept:")
+    print("\n".join(f"  {r['block']:<16} share of |dot| {r['share']:5.2f}   AUROC alone {r['auroc']:.3f}" for r in rows))
+    print(f"picture: {path}")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,11 @@ def test_diagnose_splits_the_dot_product_by_layer_for_the_plain_and_the_centred_
     shown = subprocess.run([sys.executable, "-m", "pmp_lightning.diagnose", str(tmp_path / "run")], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert "J = unit_ce, centred at θ_2: mean logit pull ‖w̄‖ = " in shown.stdout and ", removed" in shown.stdout
+    assert "AUROC alone" in shown.stdout and (tmp_path / "run" / "diagnose.png").stat().st_size > 1000
+    from pmp_lightning.diagnose import block_picture
+
+    rows, _ = block_picture(tmp_path / "run")
+    assert [r["block"] for r in rows] == ["1", "3"] and sum(r["share"] for r in rows) == pytest.approx(1.0)
     missing = subprocess.run([sys.executable, "-m", "pmp_lightning.diagnose", str(tmp_path / "nowhere")], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "is not a finished run directory" in missing.stderr
