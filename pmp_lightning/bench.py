@@ -8,6 +8,8 @@ Methods, all on the same examples, parameters and direction λ:
   (c) vmap_jvp  ``vmap`` over examples of one ``jvp`` of the loss along λ: dots only, no norms
   (d) stats     the project's pass (``pmp_lightning.stats.per_example_stats``): dots, norms, loss,
                 margin, correctness, EL2N from one forward and one backward
+  (d') stats_blocks  the same with every part's share kept and summed into the network's blocks (what the replay
+                runs since it keeps per-block statistics): stats_blocks/stats is their cost
   (e) train     one training step's forward and backward over the same examples (the physical limit)
 
 Timing that survives a busy machine: after a warm-up, the methods run in interleaved rounds (one of each
@@ -42,7 +44,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pmp_lightning import models
-from pmp_lightning.stats import per_example_stats
+from pmp_lightning.stats import block_matrix, per_example_stats, plan_for
 
 MODELS = {"cnn": models.reported_cnn, "small_cnn": models.small_cnn, "mlp": models.mlp, "logreg": models.logistic_regression,
           "resnet": models.ResNet, "vit": models.ViT, "text": models.TextClassifier,
@@ -75,7 +77,7 @@ def _attention_through_the_fallback(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-METHODS = ("loop", "vmap_grad", "vmap_jvp", "stats", "train")
+METHODS = ("loop", "vmap_grad", "vmap_jvp", "stats", "stats_blocks", "train")
 
 
 def _setup(model: str, examples: int, device: str, seed: int = 0):
@@ -123,12 +125,23 @@ def make_methods(net, x, y, params, lam, chunk: int):
         out = [per_example_stats(net, xs, ys, lam) for xs, ys in zip(x.split(chunk), y.split(chunk))]
         return torch.cat([o["dot"] for o in out]), torch.cat([o["grad_norm"] for o in out])
 
+    blocks = block_matrix(plan_for(net, x[:8], y[:8]), net)[1].to(x.device, x.dtype if x.is_floating_point() else torch.float32)
+
+    def stats_blocks():  # what the replay runs: the pass with its parts kept, summed into the network's blocks
+        out = []
+        for xs, ys in zip(x.split(chunk), y.split(chunk)):
+            o = per_example_stats(net, xs, ys, lam, by_layer=True)
+            o["block_dot"], o["block_sq"] = o.pop("layer_dot") @ blocks, o.pop("layer_sq") @ blocks
+            out.append(o)
+        return torch.cat([o["dot"] for o in out]), torch.cat([o["grad_norm"] for o in out])
+
     def train():
         for xs, ys in zip(x.split(chunk), y.split(chunk)):
             net.zero_grad(set_to_none=True)
             F.cross_entropy(net(xs), ys).backward()
 
-    return {"loop": loop, "vmap_grad": vmap_grad, "vmap_jvp": vmap_jvp, "stats": stats, "train": train}
+    return {"loop": loop, "vmap_grad": vmap_grad, "vmap_jvp": vmap_jvp, "stats": stats, "stats_blocks": stats_blocks,
+            "train": train}
 
 
 def _sync(device: str) -> None:
@@ -281,7 +294,7 @@ def _run(args, model: str) -> dict:
     skip = set(args.skip)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         ref_dot, ref_norm = fns["stats"]()
-        for name in ("loop", "vmap_grad", "vmap_jvp"):
+        for name in ("loop", "vmap_grad", "vmap_jvp", "stats_blocks"):
             if name in skip:
                 continue
             try:
@@ -302,7 +315,8 @@ def _run(args, model: str) -> dict:
         print(f"  {name:<10} {min(t) * 1e3:7.1f} ms {statistics.median(t) * 1e3:7.1f} ms")
 
     ratios, median_ratios = {}, {}
-    for num, den in (("stats", "train"), ("vmap_grad", "stats"), ("loop", "stats"), ("vmap_jvp", "stats")):
+    for num, den in (("stats", "train"), ("vmap_grad", "stats"), ("loop", "stats"), ("vmap_jvp", "stats"),
+                     ("stats_blocks", "stats")):
         if num in times and den in times:
             ratios[f"{num}/{den}"] = times[num] / times[den]
             median_ratios[f"{num}/{den}"] = statistics.median(runs[num]) / statistics.median(runs[den])

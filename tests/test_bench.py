@@ -8,7 +8,7 @@ def test_benchmark_runs_every_method_and_reports_ratios(capsys):
     result = bench.main(["--model", "small_cnn", "--examples", "16", "--chunk", "8", "--repeats", "1", "--device", "cpu",
                          "--no-memory"])
     assert set(result["times_s"]) == set(bench.METHODS)
-    assert set(result["ratios"]) == {"stats/train", "vmap_grad/stats", "loop/stats", "vmap_jvp/stats"}
+    assert set(result["ratios"]) == {"stats/train", "vmap_grad/stats", "loop/stats", "vmap_jvp/stats", "stats_blocks/stats"}
     assert all(len(t) == 1 for t in result["runs_s"].values())
     assert "ratios of the minima:" in capsys.readouterr().out
 
