@@ -121,14 +121,7 @@ def run(cfg: DictConfig) -> dict:
         keep_staging_in(stages.out)
     logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") and stages.lead else False
     try:
-        with stages.stage("data"):
-            datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
-            datamodule.setup()
-        model_code = code_digest(check_model(training.net, datamodule, cfg.model.get("_target_", "the model"),
-                                             cfg.replay.curvature), cfg.model.get("_target_"))
-        if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
-            check_folds(cfg.baselines.folds, len(datamodule.pool))
-        record_ground_truth(stages, datamodule)
+        datamodule, model_code = data_stage(stages, cfg, training)
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -158,9 +151,7 @@ def run(cfg: DictConfig) -> dict:
                 chosen = selection(training, datamodule, scores, cfg.select.fractions, cfg.select.scores,
                                    trained["test_accuracy"], cfg.seed)
         metrics = assemble_metrics(stages, detection, trained, stats, objective, cfg.replay, cost, train_dir, replay_dir,
-                                   datamodule, cleanlab, chosen, rank_by)
-        if canaries:
-            metrics["canaries"] = canaries
+                                   datamodule, {"cleanlab": cleanlab, "selection": chosen, "canaries": canaries}, rank_by)
         write_outputs(stages.out, datamodule, scores, metrics, final_probs.argmax(1))
         if logger:
             log_results(logger.experiment, metrics, scores, datamodule)
@@ -175,6 +166,20 @@ def run(cfg: DictConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- stages
+def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
+    """The data, checked with the model before any training (``check_model``), the ground truth written: the
+    datamodule and the digest of the model's code (the train cache key's)."""
+    with stages.stage("data"):
+        datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
+        datamodule.setup()
+    target = cfg.model.get("_target_")
+    model_code = code_digest(check_model(training.net, datamodule, target or "the model", cfg.replay.curvature), target)
+    if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
+        check_folds(cfg.baselines.folds, len(datamodule.pool))
+    record_ground_truth(stages, datamodule)
+    return datamodule, model_code
+
+
 def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str, curvature: str) -> torch.nn.Module:
     """A model that cannot take the data's inputs, has fewer outputs than the data has classes, or whose per-example
     statistics or Hessian-vector products cannot be computed fails here, in a second or so, in one line naming the
@@ -395,8 +400,7 @@ def detect_stage(stages: Stages, scores: dict[str, np.ndarray], stats: ReplaySta
 
 
 def assemble_metrics(stages: Stages, detected: dict, trained: dict, stats: ReplayStats, objective, replay_cfg, cost: dict,
-                     train_dir: Path, replay_dir: Path, datamodule, cleanlab: dict | None, chosen: dict | None,
-                     rank_by: str) -> dict:
+                     train_dir: Path, replay_dir: Path, datamodule, extras: dict, rank_by: str) -> dict:
     """The contents of ``metrics.json``."""
     metrics = {
         "detection": detected["detection"],
@@ -416,10 +420,7 @@ def assemble_metrics(stages: Stages, detected: dict, trained: dict, stats: Repla
     metrics["downstream"] = datamodule.downstream_note
     if datamodule.known_error_counts is not None:
         metrics["known_errors"] = {"file": str(datamodule.known_errors), **datamodule.known_error_counts}
-    if cleanlab is not None:
-        metrics["cleanlab"] = cleanlab
-    if chosen is not None:
-        metrics["selection"] = chosen
+    metrics.update({name: value for name, value in extras.items() if value is not None})  # cleanlab, selection, canaries
     metrics["suspects"] = {"rank_by": rank_by, "file": "suspects.csv"}
     return metrics
 

@@ -100,45 +100,14 @@ class ReplayModule(pl.LightningModule):
         if batch_size is not None and batch_size < 1:
             raise ReplayConfigError(f"replay.batch_size={batch_size}; give a positive chunk size, or null for the device's default")
 
-        snaps = self.manifest["snapshots"]
-        self.T = len(snaps) - 1
-        self.dynamics = Dynamics.of(self.manifest["optimizer"], all(len(s["lrs"]) == 1 for s in snaps[1:]), curvature)
-        if curvature == "exact":
-            self._check_exact(hvp_samples)
-        elif self.dynamics is None:
-            warnings.warn(
-                f"the trajectory was trained with {self.manifest['optimizer']}; the replay treats it as plain "
-                f"gradient descent with the recorded learning rates"
-            )
-        self.dynamics = self.dynamics or Dynamics()
-        lr_sums = np.array([s["lr_sum"] for s in snaps[1:]], dtype=np.float64)
-        if self.dynamics.heavy_ball and not (lr_sums > 0).all():
-            raise ReplayConfigError(f"the momentum replay divides by each step's learning rate, but step(s) "
-                                    f"{np.flatnonzero(lr_sums <= 0).tolist()[:5]} ran at a rate of 0; use replay.curvature=expm")
-        self.eta = self.dynamics.step_sizes(lr_sums)
-        if self.dynamics.preconditioned and not all("preconditioner" in s for s in snaps[1:]):
-            raise SnapshotError(f"{snapshot_dir} holds an {self.manifest['optimizer']['name']} trajectory without its "
-                                f"preconditioners (snapshots written before they were kept); retrain to replay it")
+        self.T = len(self.manifest["snapshots"]) - 1
+        self.dynamics, self.eta = self._read_dynamics(curvature, hvp_samples)
         n_hvp = len(self.train_set) if hvp_samples is None else min(int(hvp_samples), len(self.train_set))
         gen = torch.Generator().manual_seed(seed)
         self.hvp_set = Subset(self.train_set, torch.randperm(len(self.train_set), generator=gen)[:n_hvp].tolist())
 
-        n = len(self.pool)
-        if blocks is not None and (isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks)):
-            raise ReplayConfigError(f"replay.blocks={blocks!r}: give a list of module names (e.g. [stem, layers, fc]), "
-                                    f"or null for the network's top-level blocks")
-        x, y = self.pool.x[:8], self.pool.y[:8]
-        self.blocks, self._to_blocks = block_matrix(plan_for(self.net, x, y), self.net, None if blocks is None else list(blocks))
-        parts = plan_for(self.net, x, y).parts
-        self._param_blocks = torch.tensor([int(self._to_blocks[next(i for i, p in enumerate(parts) if k in p.params)].argmax())
-                                           for k in trainable(self.net)])  # per trainable parameter, its block's index
-        # dot and grad_norm: t = 0..T-1 (the steps); the model's outputs (loss, margin, correct, el2n): t = 0..T
-        self.arrays = {k: np.full((self.T if k in STEP_STATS else self.T + 1, n), np.nan) for k in STAT_NAMES}
-        self.arrays.update({k: np.full((self.T, n, len(self.blocks)), np.nan) for k in BLOCK_STATS})
-        self.lambda_norm = np.full(self.T, np.nan)  # index t-1: ‖λ_t‖, t = 1..T (λ_0 is never needed)
-        self.direction_norm = np.full(self.T, np.nan)  # index t-1: ‖ψ_t‖, the direction step t-1's dots are taken along
-        self.block_direction_norm = np.full((self.T, len(self.blocks)), np.nan)  # the same, block by block
-        self.participation = np.full(self.T, np.nan)  # index t-1: at θ_t, t = 1..T
+        self.blocks, self._to_blocks, self._param_blocks = self._read_blocks(blocks)
+        self._empty_statistics(len(self.pool))
         self.lam: torch.Tensor | None = None
         self.direction: torch.Tensor | None = None  # ψ_{t+1}: λ_{t+1} itself unless momentum is replayed exactly
         self.done = np.zeros(self.T + 1, dtype=bool)  # per snapshot θ_0..θ_T
@@ -148,6 +117,50 @@ class ReplayModule(pl.LightningModule):
             self.progress = ReplayProgress(progress_dir, self._fingerprint(curvature, horizon, n_hvp, seed))
             self._resume()
         self._first = self.T - int(self.done.sum())  # the snapshot of epoch 0 (θ_T unless resumed)
+
+    def _empty_statistics(self, n: int) -> None:
+        """The arrays the replay fills, NaN until computed."""
+        # dot and grad_norm: t = 0..T-1 (the steps); the model's outputs (loss, margin, correct, el2n): t = 0..T
+        self.arrays = {k: np.full((self.T if k in STEP_STATS else self.T + 1, n), np.nan) for k in STAT_NAMES}
+        self.arrays.update({k: np.full((self.T, n, len(self.blocks)), np.nan) for k in BLOCK_STATS})
+        self.lambda_norm = np.full(self.T, np.nan)  # index t-1: ‖λ_t‖, t = 1..T (λ_0 is never needed)
+        self.direction_norm = np.full(self.T, np.nan)  # index t-1: ‖ψ_t‖, the direction step t-1's dots are taken along
+        self.block_direction_norm = np.full((self.T, len(self.blocks)), np.nan)  # the same, block by block
+        self.participation = np.full(self.T, np.nan)  # index t-1: at θ_t, t = 1..T
+
+    def _read_dynamics(self, curvature: str, hvp_samples: int | None) -> tuple[Dynamics, np.ndarray]:
+        """The optimizer that ran, as the replay models it (``costate.Dynamics``; plain descent, with a warning, for
+        one it does not model), and η_t of every interval as the scores use it."""
+        snaps = self.manifest["snapshots"]
+        dynamics = Dynamics.of(self.manifest["optimizer"], all(len(s["lrs"]) == 1 for s in snaps[1:]), curvature)
+        if curvature == "exact":
+            self._check_exact(hvp_samples, dynamics)
+        elif dynamics is None:
+            warnings.warn(
+                f"the trajectory was trained with {self.manifest['optimizer']}; the replay treats it as plain "
+                f"gradient descent with the recorded learning rates"
+            )
+        dynamics = dynamics or Dynamics()
+        lr_sums = np.array([s["lr_sum"] for s in snaps[1:]], dtype=np.float64)
+        if dynamics.heavy_ball and not (lr_sums > 0).all():
+            raise ReplayConfigError(f"the momentum replay divides by each step's learning rate, but step(s) "
+                                    f"{np.flatnonzero(lr_sums <= 0).tolist()[:5]} ran at a rate of 0; use replay.curvature=expm")
+        if dynamics.preconditioned and not all("preconditioner" in s for s in snaps[1:]):
+            raise SnapshotError(f"{self.snapshot_dir} holds an {self.manifest['optimizer']['name']} trajectory without its "
+                                f"preconditioners (snapshots written before they were kept); retrain to replay it")
+        return dynamics, dynamics.step_sizes(lr_sums)
+
+    def _read_blocks(self, groups: list[str] | None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The network's blocks (``stats.block_of``), the parts × blocks matrix that sums the pass's parts into them,
+        and each trainable parameter's block index."""
+        if groups is not None and (isinstance(groups, str) or not all(isinstance(b, str) for b in groups)):
+            raise ReplayConfigError(f"replay.blocks={groups!r}: give a list of module names (e.g. [stem, layers, fc]), "
+                                    f"or null for the network's top-level blocks")
+        plan = plan_for(self.net, self.pool.x[:8], self.pool.y[:8])
+        names, matrix = block_matrix(plan, self.net, None if groups is None else list(groups))
+        of_param = torch.tensor([int(matrix[next(i for i, p in enumerate(plan.parts) if k in p.params)].argmax())
+                                 for k in trainable(self.net)])
+        return names, matrix, of_param
 
     @property
     def chunk(self) -> int:
@@ -181,7 +194,7 @@ class ReplayModule(pl.LightningModule):
                 f"than the one being replayed: {detail}. Replay with the model config used for training (model=...)."
             )
 
-    def _check_exact(self, hvp_samples: int | None) -> None:
+    def _check_exact(self, hvp_samples: int | None, dynamics: Dynamics | None) -> None:
         problems = []
         if any(len(s["lrs"]) != 1 for s in self.manifest["snapshots"][1:]):
             problems.append("a snapshot after every optimizer step (snapshot=every_step)")
@@ -189,7 +202,7 @@ class ReplayModule(pl.LightningModule):
             problems.append("full-batch gradient descent (data.batch_size >= the training set size)")
         if hvp_samples is not None and hvp_samples < len(self.train_set):
             problems.append("Hessian-vector products on the whole training set (replay.hvp_samples=null)")
-        if self.dynamics is None or self.dynamics.preconditioned:
+        if dynamics is None or dynamics.preconditioned:
             problems.append("SGD (with or without momentum and weight decay; not Nesterov, no dampening; Adam's replay "
                             "holds its preconditioner fixed, an approximation)")
         if problems:
