@@ -63,7 +63,7 @@ for message in (".*does not have many workers.*", ".*returned `None`, this fit w
 
 
 AFTER_INTERRUPT = {
-    "train": "the train cache entry has no manifest, so the same command retrains it from scratch",
+    "train": "the same command resumes training from its last finished epoch",
     "replay": "the same command resumes the replay after its last finished snapshot",
 }
 
@@ -286,10 +286,11 @@ def train_stage(stages: Stages, cache: StageCache, training: Training, snapshots
     def train(directory: Path) -> dict:
         with stages.stage("train"):
             _, accuracy = training.fit(datamodule, datamodule, logger=logger, root_dir=directory,
-                                       callbacks=[snapshots(dirpath=directory / "snapshots"), ReleaseSpawnedProcessGroup()])
+                                       callbacks=[snapshots(dirpath=directory / "snapshots"), ReleaseSpawnedProcessGroup()],
+                                       checkpoints=directory / "checkpoints")
         return {"test_accuracy": accuracy, "seconds": stages.timings["train"]}
 
-    return cache.load_or_compute(train, _missing_snapshots, lead=stages.lead, agree=_agree), cache.dir
+    return cache.load_or_compute(train, _missing_snapshots, resume=True, lead=stages.lead, agree=_agree), cache.dir
 
 
 def replay_stage(stages: Stages, cache: StageCache, replay_settings, training: Training, objective, datamodule,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from callbacks.progress import log_above_bars, progress_callbacks
+from callbacks.resume import LastEpochCheckpoint, RandomState
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +120,29 @@ class Training:
                    trainer=instantiate(cfg.trainer, _partial_=True), seed=cfg.seed,
                    progress=cfg.trainer.get("enable_progress_bar", True))
 
-    def fit(self, train, test=None, callbacks=(), logger=False, root_dir=None, one_process: bool = False
-            ) -> tuple[Classifier, float | None]:
+    def fit(self, train, test=None, callbacks=(), logger=False, root_dir=None, one_process: bool = False,
+            checkpoints: Path | None = None) -> tuple[Classifier, float | None]:
         """A classifier trained from scratch (seeded with the run's seed) on ``train`` (a datamodule or a loader), and
         its accuracy on ``test`` (a datamodule or a loader; None: not measured). ``one_process``: a single-process
-        fit even when the run's Trainer uses several (the small retrains, on global rank zero only)."""
+        fit even when the run's Trainer uses several (the small retrains, on global rank zero only).
+
+        ``checkpoints``: a directory where every finished epoch leaves ``last.ckpt`` (the weights, the optimizer, the
+        schedule, the callbacks' state and the random generators'); a fit that finds one there resumes from it, so a
+        killed training continues from its last finished epoch and ends as the uninterrupted one would have."""
         pl.seed_everything(self.seed, workers=True)
         classifier = Classifier(self.net(), self.optimizer, self.lr_schedule)
         single = {"strategy": "auto", "devices": 1, "enable_checkpointing": False} if one_process else {}
+        resume = {}
+        if checkpoints is not None:
+            callbacks = [*callbacks, RandomState(), LastEpochCheckpoint(checkpoints)]
+            last = Path(checkpoints) / "last.ckpt"
+            if last.is_file():
+                log.info(f"training: resuming from its last finished epoch ({last})")
+                resume = {"ckpt_path": str(last)}
         trainer = self.trainer(callbacks=[*callbacks, *progress_callbacks(self.progress)], logger=logger,
                                default_root_dir=root_dir, **single)
         with log_above_bars(self.progress):
-            trainer.fit(classifier, **_data("train_dataloaders", train))
+            trainer.fit(classifier, **_data("train_dataloaders", train), **resume)
         if test is None:
             return classifier, None
         return classifier, float(trainer.test(classifier, verbose=False, **_data("dataloaders", test))[0]["test/accuracy"])

@@ -150,8 +150,46 @@ def test_ctrl_c_during_training_says_what_the_rerun_does(tmp_path):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) != 0
     text = out.read_text()
-    assert "interrupted during train after" in text and "retrains it from scratch" in text, text[-2000:]
+    assert "interrupted during train after" in text and "resumes training from its last finished epoch" in text, text[-2000:]
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_killed_training_resumes_from_its_last_epoch_bit_identical(tmp_path):
+    """SIGKILL in the middle of training (no clean-up at all), then the same command: training continues from its last
+    finished epoch, and every snapshot, the test accuracy and the scores equal those of a run never interrupted."""
+    import signal
+    import time
+
+    import torch
+
+    args = ("model=cnn", "trainer.max_epochs=6", "scoring.scores=[loss,cosine]")
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "killed").mkdir()
+    straight, out = _cli(tmp_path / "straight", *args)
+    assert straight.wait(timeout=600) == 0, out.read_text()[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    proc, out = _cli(killed_dir, *args)
+    deadline = time.time() + 300
+    while not list((killed_dir / "cache" / "train").glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    entry = next((killed_dir / "cache" / "train").glob("*/snapshots"))
+    written = len(json.loads((entry / "manifest.json").read_text())["snapshots"])
+    assert 1 < written < 7 and not json.loads((entry / "manifest.json").read_text())["complete"], written
+
+    again, out = _cli(killed_dir, *args)
+    assert again.wait(timeout=600) == 0, out.read_text()[-3000:]
+    assert "resuming from its last finished epoch" in (killed_dir / "run" / "run.log").read_text()
+    a, b = (json.loads((d / "run" / "metrics.json").read_text()) for d in (tmp_path / "straight", killed_dir))
+    assert a["test_accuracy"] == b["test_accuracy"]
+    for t in range(7):
+        theta = f"theta_{t:04d}.pt"
+        left = torch.load(tmp_path / "straight" / "run" / "snapshots" / theta)
+        right = torch.load(killed_dir / "run" / "snapshots" / theta)
+        assert all(torch.equal(left[k], right[k]) for k in left), theta
+    assert (tmp_path / "straight" / "run" / "scores.csv").read_bytes() == (killed_dir / "run" / "scores.csv").read_bytes()
 
 
 def test_messages_do_not_land_inside_a_progress_bar(tmp_path):
