@@ -42,7 +42,7 @@ def detection_metrics(score: np.ndarray, is_mislabeled: np.ndarray) -> dict[str,
 def canary_choice(scores: dict[str, np.ndarray], is_canary: np.ndarray) -> dict:
     """The variant that ranks the canaries (downstream examples given a wrong label on purpose) lowest among them and
     the controls (as many with their own label): average precision of each variant over that small set, and the best
-    (the first in ``scores``' order on a tie). Only the run's downstream set decides: the pool's labels play no part."""
+    (the first in ``scores``' order on a tie: the caller puts the recommended cosine first). Only the run's downstream set decides: the pool's labels play no part."""
     ap = {name: float(average_precision_score(is_canary, -s)) for name, s in scores.items()}
     best = max(ap.values())
     return {"canaries": int(is_canary.sum()), "controls": int((~is_canary).sum()), "ap": ap,
