@@ -355,10 +355,7 @@ def score_stage(stats: ReplayStats, names: list[str], datamodule) -> tuple[dict[
     n = len(datamodule.pool)
     # the recommended cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
     order = sorted((name for name in scores if name in PMP_VARIANTS), key=lambda name: name != "cosine")
-    candidates = {name: scores[name][n:] for name in order}
-    if not candidates:
-        raise ReplayConfigError("scoring.canaries chooses among the PMP variants, and this run computes none; add some "
-                                "to scoring.scores (e.g. scoring=all)")
+    candidates = {name: scores[name][n:] for name in order}  # check_settings made sure there is one
     choice = canary_choice(candidates, datamodule.canary_mask)
     scores = {name: s[:n] for name, s in scores.items()}
     scores["auto"] = scores[choice["chosen"]]

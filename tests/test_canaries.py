@@ -41,6 +41,8 @@ def test_too_many_canaries_and_auto_without_them_are_named():
         dm.setup()
     with pytest.raises(SettingError, match=r"scoring.rank_by=auto ranks by the variant the canaries choose; set scoring.canaries"):
         run(make_cfg(__import__("pathlib").Path("/nonexistent"), "scoring.rank_by=auto"))
+    with pytest.raises(SettingError, match=r"scoring.canaries chooses among the PMP variants, and this run computes none"):
+        run(make_cfg(__import__("pathlib").Path("/nonexistent"), "scoring.canaries=5", "scoring=baselines"))
 
 
 def test_the_variant_that_ranks_the_canaries_lowest_wins():
