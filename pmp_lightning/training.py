@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -128,7 +129,9 @@ class Training:
 
         ``checkpoints``: a directory where every finished epoch leaves ``last.ckpt`` (the weights, the optimizer, the
         schedule, the callbacks' state and the random generators'); a fit that finds one there resumes from it, so a
-        killed training continues from its last finished epoch and ends as the uninterrupted one would have."""
+        killed training continues from its last finished epoch and ends as the uninterrupted one would have. A fit
+        that finishes removes the directory: a finished training needs no checkpoint, and a later fit into the same
+        place (an entry recomputed because a file went missing) must train, not resume at its end."""
         pl.seed_everything(self.seed, workers=True)
         classifier = Classifier(self.net(), self.optimizer, self.lr_schedule)
         single = {"strategy": "auto", "devices": 1, "enable_checkpointing": False} if one_process else {}
@@ -143,6 +146,8 @@ class Training:
                                default_root_dir=root_dir, **single)
         with log_above_bars(self.progress):
             trainer.fit(classifier, **_data("train_dataloaders", train), **resume)
+        if checkpoints is not None and trainer.is_global_zero:
+            shutil.rmtree(checkpoints, ignore_errors=True)
         if test is None:
             return classifier, None
         return classifier, float(trainer.test(classifier, verbose=False, **_data("dataloaders", test))[0]["test/accuracy"])
