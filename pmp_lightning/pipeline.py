@@ -173,14 +173,16 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
         datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
         datamodule.setup()
     target = cfg.model.get("_target_")
-    model_code = code_digest(check_model(training.net, datamodule, target or "the model", cfg.replay.curvature), target)
+    model_code = code_digest(check_model(training.net, datamodule, target or "the model", cfg.replay.curvature,
+                                         str(cfg.trainer.get("precision", "32-true"))), target)
     if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
         check_folds(cfg.baselines.folds, len(datamodule.pool))
     record_ground_truth(stages, datamodule)
     return datamodule, model_code
 
 
-def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str, curvature: str) -> torch.nn.Module:
+def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str, curvature: str,
+                precision: str = "32-true") -> torch.nn.Module:
     """A model that cannot take the data's inputs, has fewer outputs than the data has classes, or whose per-example
     statistics or Hessian-vector products cannot be computed fails here, in a second or so, in one line naming the
     fix: not inside torch halfway through training, and never after it. The statistics pass's plan (which layers by
@@ -189,7 +191,7 @@ def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str
     _check_same_inputs(datamodule)
     with torch.random.fork_rng(devices=[]):  # the trained model's initialisation must not depend on this probe
         net = make_net().eval()
-    x, y = datamodule.pool.x[:8], datamodule.pool.y[:8]
+    x, y = _probe_inputs(net, datamodule.pool.x[:8], target, precision), datamodule.pool.y[:8]
     _check_outputs(net, x, datamodule, target)
     with torch.random.fork_rng(devices=[]):
         plan = make_plan(net, x, y)
@@ -198,6 +200,19 @@ def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str
         log.info(f"statistics pass for {type(net).__name__}: {plan.summary()}")
         _say_what_eval_mode_changes(net)
     return net
+
+
+def _probe_inputs(net: torch.nn.Module, x: torch.Tensor, target: str, precision: str) -> torch.Tensor:
+    """A few pool inputs in the precision training will give the model: a float64 model trains on float64 inputs
+    under trainer.precision=64-true (Lightning converts both), and is refused, with that fix, otherwise."""
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+    if not x.is_floating_point() or dtype is None or dtype == x.dtype:
+        return x
+    if dtype == torch.float64 and precision.startswith("64"):
+        return x.double()
+    raise DataConfigError(f"model ({target}) holds {str(dtype).replace('torch.', '')} parameters but the data is "
+                          f"{str(x.dtype).replace('torch.', '')}: train in float64 with trainer.precision=64-true "
+                          f"(Lightning then converts the data), or build the model in float32 (no .double())")
 
 
 def _check_same_inputs(datamodule) -> None:

@@ -32,8 +32,9 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "
 def predict_proba(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
     """Softmax probabilities of ``net`` (switched to eval mode) for the inputs ``x``, as float64 (N, K)."""
     net.eval()
-    device = next(net.parameters()).device
-    return torch.cat([net(chunk.to(device)).double().softmax(1).cpu() for chunk in x.split(batch_size)]).numpy()
+    first = next(net.parameters())
+    dtype = first.dtype if x.is_floating_point() and first.is_floating_point() else None  # a float64 model: float64 inputs
+    return torch.cat([net(chunk.to(first.device, dtype)).double().softmax(1).cpu() for chunk in x.split(batch_size)]).numpy()
 
 
 class Classifier(pl.LightningModule):

@@ -472,3 +472,25 @@ def test_a_trusted_set_of_another_image_size_is_named_before_training(tmp_path):
         run(_tensors_cfg(tmp_path, x, y, "model.in_features=64", "downstream=file",
                          f"data.downstream.source.path={tmp_path / 'big.npz'}"))
     assert _nothing_trained(tmp_path)
+
+
+class Float64Net(torch.nn.Module):
+    """A model built in float64 (as `.double()` in its constructor makes it)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, num_classes).double()
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_a_float64_model_is_told_to_train_in_float64(tmp_path):
+    x, y = _digits()
+    args = ("~model", "+model._target_=tests.test_bad_input.Float64Net", "replay.curvature=none")
+    with pytest.raises(DataConfigError, match=r"holds float64 parameters but the data is float32: train in float64 with "
+                                              r"trainer.precision=64-true"):
+        run(_tensors_cfg(tmp_path / "a", x, y, *args))
+    assert _nothing_trained(tmp_path / "a")
+    metrics = run(_tensors_cfg(tmp_path / "b", x, y, *args, "trainer.precision=64-true"))
+    assert metrics["test_accuracy"] > 0.1
