@@ -88,7 +88,8 @@ def test_a_trusted_set_lacking_classes_is_named_before_training():
 
         def load(self):
             from pmp_lightning.data import Images
-            return Images(torch.randn(len(self.labels), 1, 2, 2), self.labels), None
+            gen = torch.Generator().manual_seed(123)  # not the pool's seed: the set must share no image with it
+            return Images(torch.randn(len(self.labels), 1, 2, 2, generator=gen), self.labels), None
 
     def trusted(labels):
         return PoolDataModule(src, LabelNoise("symmetric", 0.2), pool_size=60, downstream_size=20, test_size=20,
