@@ -49,6 +49,7 @@ class Classifier(pl.LightningModule):
         super().__init__()
         self.net, self.optimizer_factory, self.lr_schedule = net, optimizer, lr_schedule
         self.batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        self.said_lone_batch = False  # the skipped batch of one is said once per fit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -56,10 +57,10 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         if len(y) == 1 and self.batch_norm:  # BatchNorm cannot normalise a batch of one in training mode
-            if not getattr(self, "_told", False):
+            if not self.said_lone_batch:
                 log.info("the last batch of each epoch holds one example, which BatchNorm cannot train on: it is skipped "
                          "(a different example each epoch, as the batches are shuffled)")
-                self._told = True
+                self.said_lone_batch = True
             return None
         loss = training_loss(self.net(x), y)
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
