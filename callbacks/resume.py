@@ -24,7 +24,7 @@ class LastEpochCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         path = Path(self.dirpath) / "last.ckpt"
         partial = path.with_name("last.ckpt.partial")
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # the whole state (said, Lightning logs a line per epoch)
         if trainer.is_global_zero:
             os.replace(partial, path)
 
