@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pmp_lightning.errors import PMPError
 from pmp_lightning.layer_rules import accumulate, decomposed_for, linear_map, rule_for
-from pmp_lightning.training import training_loss
+from pmp_lightning.training import IGNORE, training_loss
 
 STAT_NAMES = ("dot", "grad_norm", "loss", "margin", "correct", "el2n")
 STEP_STATS = ("dot", "grad_norm")  # need a backward (and a direction); the rest are the model's outputs
@@ -197,6 +197,15 @@ def output_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 
 
 def _outputs(logits: torch.Tensor, y: torch.Tensor, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per example: its loss, margin (its label's logit minus the largest other), whether it is predicted right, and
+    EL2N (‖softmax − one-hot‖). A language model's document: each of these averaged over its targets (padding left
+    out), so ``correct`` is its next-token accuracy."""
+    if logits.dim() == 3 and y.dim() == 2:
+        kept = y != IGNORE
+        tokens = _outputs(logits[kept], y[kept], losses.new_zeros(int(kept.sum())))
+        counts = kept.sum(1).clamp_min(1).to(logits.dtype)
+        per_doc = {k: logits.new_zeros(y.shape).masked_scatter(kept, v).sum(1) / counts for k, v in tokens.items() if k != "loss"}
+        return {"loss": losses, **per_doc}
     label_logit = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf"))
     probs = logits.softmax(1)
@@ -520,7 +529,8 @@ class _Probe:
         try:
             with Uses():
                 logits = self.model(x)
-            training_loss(logits, torch.zeros(len(x), dtype=torch.long, device=x.device)).backward()
+            targets = logits.shape[:2] if logits.dim() == 3 and x.dim() == 2 else (len(x),)  # a language model's: (N, T)
+            training_loss(logits, torch.zeros(targets, dtype=torch.long, device=x.device)).backward()
         finally:
             for h in handles:
                 h.remove()

@@ -22,9 +22,18 @@ from callbacks.resume import LastEpochCheckpoint, RandomState
 log = logging.getLogger(__name__)
 
 
+IGNORE = -100  # a target left out of a document's loss (F.cross_entropy's ignore_index): the padding of a short file
+
+
 def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The loss training descends, l_n = cross-entropy of example n with its observed label: the one definition that
-    training, the replay's Hessian-vector products and the statistics pass all use."""
+    """The loss training descends: the one definition that training, the replay's Hessian-vector products and the
+    statistics pass all use. A classifier's l_n is the cross-entropy of example n with its observed label (logits
+    (N, K), labels (N,)). A language model's document n has next-token logits (N, T, V) and targets (N, T): l_n is
+    the mean cross-entropy over its targets, those equal to ``IGNORE`` (padding) left out."""
+    if logits.dim() == 3 and labels.dim() == 2:
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        losses = per_token.sum(1) / (labels != IGNORE).sum(1).clamp_min(1)
+        return {"none": losses, "sum": losses.sum(), "mean": losses.mean()}[reduction]
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 

@@ -1,0 +1,172 @@
+"""The language-model setting's parts: the corpus and its documents, the byte tokenizer, corrupted documents with
+ground truth, the causal transformer, and the document loss in the statistics pass (exact against vmap(grad) in
+float64, the padding of short files included)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pmp_lightning.corpus import FolderSource, JsonlSource, StdlibSource, documents, tokenize, top_level
+from pmp_lightning.corruption import CORRUPTIONS, Corruption
+from pmp_lightning.errors import DataConfigError
+from pmp_lightning.gpt import GPT
+from pmp_lightning.stats import make_plan, per_example_stats
+from pmp_lightning.training import IGNORE, training_loss
+from tests.test_stats import check, reference
+
+TEXT = b"def f(x):\n    return x + 1\n\n\nclass A:\n    '''A docstring.'''\n    value = f(2)\n"
+
+
+# ------------------------------------------------------------------ the corpus
+def test_the_standard_library_is_a_corpus():
+    source = StdlibSource(packages=["json"])
+    texts = source.load()
+    assert texts and all(top_level(name) == "json" for name, _ in texts)
+    assert any(name == "json/decoder.py" for name, _ in texts)
+    assert "standard library" in source.describe() and "Python 3." in source.describe()
+    assert top_level("json.py") == "json" and top_level("email/mime/text.py") == "email"
+    with pytest.raises(DataConfigError, match="no such package"):
+        StdlibSource(packages=["no_such_package_here"]).load()
+
+
+def test_windows_and_files_are_deterministic_and_sized():
+    texts = [("a.py", TEXT), ("b.py", TEXT[:20])]
+    docs = documents(texts, "window", 16)
+    assert [d.name for d in docs] == ["a.py@0", "a.py@17", "a.py@34", "a.py@51", "b.py@0"]
+    assert all(len(d.text) == 17 for d in docs) and docs[1].text == TEXT[17:34]
+    whole = documents(texts, "file", 64)
+    assert [len(d.text) for d in whole] == [65, 20]
+    x, y = tokenize(whole, 64)
+    assert x.shape == y.shape == (2, 64)
+    assert bytes(x[0].tolist()) == TEXT[:64] and bytes(y[0].tolist()) == TEXT[1:65]
+    assert (y[1, 19:] == IGNORE).all() and bytes(y[1, :19].tolist()) == TEXT[1:20]  # padding: left out of the loss
+    with pytest.raises(DataConfigError, match="lower data.length, or use data.unit=file"):
+        documents(texts, "window", 200)
+
+
+def test_folder_errors_are_named(tmp_path):
+    with pytest.raises(DataConfigError, match="holds no files"):
+        FolderSource(str(tmp_path)).load()
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(DataConfigError, match="none of its 1 files is text"), pytest.warns(UserWarning):
+        FolderSource(str(tmp_path)).load()
+    (tmp_path / "a.txt").write_bytes(TEXT)
+    with pytest.warns(UserWarning, match="1 of 2 files are not UTF-8 text"):
+        assert FolderSource(str(tmp_path)).load() == [("a.txt", TEXT)]
+    assert FolderSource(str(tmp_path), suffixes=[".txt"]).load() == [("a.txt", TEXT)]
+    with pytest.raises(DataConfigError, match="is not a folder"):
+        FolderSource(str(tmp_path / "a.txt")).load()
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"body": "second"}) + "\n")
+    with pytest.raises(DataConfigError, match=r"line 3: no string field 'text' \(found \['body'\]\)"):
+        JsonlSource(str(path)).load()
+    with pytest.raises(DataConfigError, match="line 1: no string field 'body'"):
+        JsonlSource(str(path), field="body").load()
+    path.write_text(json.dumps({"text": "first"}) + "\n" + json.dumps({"text": "second"}) + "\n")
+    assert JsonlSource(str(path)).load() == [("line 1", b"first"), ("line 2", b"second")]
+    path.write_text("{not json\n")
+    with pytest.raises(DataConfigError, match="line 1: not JSON"):
+        JsonlSource(str(path)).load()
+    path.write_bytes(b'{"text": "\xff"}\n')
+    with pytest.raises(DataConfigError, match="not UTF-8"):
+        JsonlSource(str(path)).load()
+
+
+# ------------------------------------------------------------------ corruption
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_each_corruption_keeps_the_length_and_changes_the_text(kind):
+    rng = np.random.default_rng(0)
+    out = CORRUPTIONS[kind](TEXT, rng)
+    assert len(out) == len(TEXT) and out != TEXT
+    if kind in ("shuffled_lines", "shuffled_tokens", "fragments"):  # a permutation of the document's own bytes
+        assert sorted(out) == sorted(TEXT)
+
+
+def test_corruption_marks_what_it_changed_and_is_seeded():
+    docs = documents([("a.py", TEXT * 20)], "window", 32)
+    out, mask, kinds = Corruption(rate=0.25, seed=3)(docs)
+    assert mask.sum() == round(0.25 * len(docs))
+    assert all((o.text != d.text) == m for o, d, m in zip(out, docs, mask))
+    assert all(bool(k) == m for k, m in zip(kinds, mask)) and {len(o.text) for o in out} == {33}
+    again, mask2, _ = Corruption(rate=0.25, seed=3)(docs)
+    assert [o.text for o in again] == [o.text for o in out] and (mask2 == mask).all()
+    assert not (Corruption(rate=0.25, seed=4)(docs)[1] == mask).all()
+    with pytest.raises(DataConfigError, match="unknown corruption"):
+        Corruption(kinds=["typos"])
+    with pytest.raises(DataConfigError, match="noise.rate"):
+        Corruption(rate=1.5)
+
+
+# ------------------------------------------------------------------ the model and the document loss
+def test_gpt_is_causal_and_tied():
+    torch.manual_seed(0)
+    net = GPT(max_len=16, dim=32, depth=2, heads=4).eval()
+    ids = torch.randint(0, 256, (2, 10))
+    changed = ids.clone()
+    changed[:, 6:] = torch.randint(0, 256, (2, 4))
+    with torch.no_grad():
+        a, b = net(ids), net(changed)
+    assert a.shape == (2, 10, 256)
+    torch.testing.assert_close(a[:, :6], b[:, :6])  # a position sees only the tokens before it
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+    assert net.head.weight is net.tokens.weight
+    assert GPT(tied=False).head.weight is not GPT(tied=False).tokens.weight
+    with pytest.raises(ValueError, match="raise model.max_len"):
+        net(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_the_document_loss_is_the_mean_over_its_targets():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    y = torch.randint(0, 7, (2, 5))
+    y[1, 3:] = IGNORE
+    losses = training_loss(logits, y, reduction="none")
+    torch.testing.assert_close(losses[0], F.cross_entropy(logits[0], y[0]))
+    torch.testing.assert_close(losses[1], F.cross_entropy(logits[1, :3], y[1, :3]))
+    torch.testing.assert_close(training_loss(logits, y), losses.mean())
+
+
+def _corpus_batch(n=5, length=12):
+    torch.manual_seed(0)
+    texts = [(f"{k}.py", bytes(torch.randint(32, 127, (40,)).tolist())) for k in range(n - 1)] + [("short.py", b"x = 1\n")]
+    return tokenize(documents(texts, "file", length), length)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_document_statistics_match_vmap_grad(tied):
+    """Every token's gradient summed inside the document, exactly (float64, 1e-9), a padded short file included; the
+    outputs per document are the token averages over its targets."""
+    x, y = _corpus_batch()
+    torch.manual_seed(0)
+    net = GPT(max_len=16, dim=16, depth=2, heads=2, tied=tied)
+    plan, stats = check(net, x, y)
+    if not tied:
+        assert all(p.how in ("rule", "decompose") for p in plan.parts), plan.summary()
+    logits = net(x).detach()
+    kept = y[4] != IGNORE
+    torch.testing.assert_close(stats["loss"][4], F.cross_entropy(logits[4][kept], y[4][kept]))
+    assert float(stats["correct"][4]) == pytest.approx(float((logits[4][kept].argmax(1) == y[4][kept]).double().mean()))
+    p = logits[4][kept].softmax(1)
+    torch.testing.assert_close(stats["el2n"][4], (p - F.one_hot(y[4][kept], 256)).norm(dim=1).mean())
+
+
+def test_the_document_check_fails_when_the_padding_counts():
+    """Guard: statistics of a loss that averages over the padding too differ from the document loss's gradients."""
+    x, y = _corpus_batch()
+    torch.manual_seed(0)
+    net = GPT(max_len=16, dim=16, depth=1, heads=2).double().eval()
+    g = reference(net, x, y)
+    v = {k: torch.randn_like(t[0]) for k, t in g.items()}
+    dot = sum((g[k] * v[k]).flatten(1).sum(1) for k in g)
+    stats = per_example_stats(net, x, y, v, plan=make_plan(net, x, y))
+    torch.testing.assert_close(stats["dot"], dot, rtol=1e-9, atol=1e-12)
+    padded_counts = y.clone()
+    padded_counts[padded_counts == IGNORE] = 0  # the padding read as targets of byte 0
+    wrong = per_example_stats(net, x, padded_counts, v, plan=make_plan(net, x, padded_counts))
+    assert not torch.allclose(wrong["dot"][4], dot[4], rtol=1e-6)
+    torch.testing.assert_close(wrong["dot"][:4], dot[:4], rtol=1e-9, atol=1e-12)  # full documents: the same
