@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 AVERAGED = ("scoring", "seed")  # override keys that do not define a setting
 NOT_A_SETTING = ("paths.", "hydra.", "trainer.enable_progress_bar")  # where outputs go, not what is computed
 TABLE_METRICS = ("auroc", "ap", "precision_at_k")
-N_SUSPECTS = 32
+N_SUSPECTS = 32  # suspects shown per score: the grids here, suspects.png, the W&B table
+# scores.csv's columns that describe an example (data.py's and corpus.py's pool_columns); the rest are scores
+DESCRIBING = ("index", "true_label", "observed_label", "is_mislabeled", "known_error", "document", "corruption")
 PANELS_PER_ROW = 4
 
 
@@ -64,7 +66,7 @@ class Job:
     def scores(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Per-example scores, the mislabeled mask and the source indices, from scores.csv."""
         rows = list(csv.DictReader((self.path / "scores.csv").open()))
-        names = [k for k in rows[0] if k not in ("index", "true_label", "observed_label", "is_mislabeled", "known_error")]
+        names = [k for k in rows[0] if k not in DESCRIBING]
         scores = {n: np.array([float(r[n]) for r in rows]) for n in names}
         return scores, np.array([r["is_mislabeled"] == "1" for r in rows]), np.array([int(r["index"]) for r in rows])
 
@@ -372,10 +374,14 @@ def plot_suspects(merged, out: Path) -> None:
     """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
     from hydra.utils import instantiate
 
+    from pmp_lightning.data import language_model
+
     setting, (scores, mask, index, job) = next(iter(merged.items()))
     cfg = OmegaConf.load(job.path / ".hydra" / "config.yaml")
     datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
     datamodule.setup()
+    if language_model(datamodule):
+        return  # documents: their first lines are in each run's suspects.csv
     if not np.array_equal(index, datamodule.pool_index):
         raise RuntimeError(f"{job.path}: the rebuilt pool does not match scores.csv; the data source changed since the run")
     for name, s in scores.items():

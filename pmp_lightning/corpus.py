@@ -19,8 +19,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
+from pmp_lightning.cache import content_digest
+from pmp_lightning.data import IndexedDataset
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.training import IGNORE
 
@@ -188,3 +193,126 @@ def tokenize(docs: list[Document], length: int) -> tuple[torch.Tensor, torch.Ten
         x[n, : len(ids) - 1] = ids[:-1]
         y[n, : len(ids) - 1] = ids[1:]
     return x, y
+
+
+class CorpusDataModule(pl.LightningDataModule):
+    """A corpus as the pool, the target set defining J, a test set and the training set, split by file so that no
+    file's windows fall into two of them: files in a random order (``split_seed``) are dealt out to the test set, the
+    target set, the pool and (``pool_mode="holdout"``) the clean training set, each drawing its documents at random
+    from the files it was dealt. A ``noise`` (``Corruption``) corrupts a fraction of the pool, the ground truth that
+    detection is measured against; the target and test sets stay clean.
+
+    ``pool_mode="train"``: the language model trains on the pool, corrupted documents included, and scores it;
+    ``"holdout"``: it trains on ``train_size`` clean documents (None: as many as the pool holds) and scores a pool it
+    never saw. ``downstream``: a source
+    of your own for the target set (a ``FolderSource`` or ``JsonlSource``), which must share no document with the pool.
+    """
+
+    def __init__(self, source, noise, unit: str = "window", length: int = 128, pool_mode: str = "train",
+                 pool_size: int = 2000, train_size: int | None = None, downstream_size: int = 200, test_size: int = 200,
+                 downstream=None, batch_size: int = 32, split_seed: int = 0, num_workers: int = 0, canaries: int = 0,
+                 downstream_includes_pool: bool = False):
+        super().__init__()
+        if pool_mode not in ("train", "holdout") or downstream_includes_pool:
+            raise DataConfigError(f"pool={pool_mode} does not apply to a corpus; use pool=train or pool=holdout")
+        if pool_mode == "train" and train_size is not None:
+            raise DataConfigError("data.train_size does not apply to pool=train, where the pool is the training set")
+        if canaries:
+            raise DataConfigError("scoring.canaries holds out labelled examples with a wrong label; a corpus has no labels: "
+                                  "set scoring.canaries=0")
+        self.source, self.noise, self.unit, self.length = source, noise, unit, length
+        self.pool_mode, self.pool_size, self.train_size = pool_mode, pool_size, train_size
+        self.downstream_size, self.test_size, self.trusted = downstream_size, test_size, downstream
+        self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
+        self.num_classes = VOCAB_SIZE
+        self.canary_mask, self.known_errors, self.known_error_counts = None, None, None
+        self._ready = False
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        texts = self.source.load()
+        documents([max(texts, key=lambda t: len(t[1]))], self.unit, self.length)  # a window fits at all: said first
+        files = [texts[i] for i in torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.split_seed))]
+        gen = torch.Generator().manual_seed(self.split_seed + 1)
+        wanted = [("test set (data.test_size)", self.test_size),
+                  *([] if self.trusted is not None else [("target set (data.downstream_size)", self.downstream_size)]),
+                  ("pool (data.pool_size)", self.pool_size),
+                  *([("clean training set (data.train_size)", self.train_size or self.pool_size)]
+                    if self.pool_mode == "holdout" else [])]
+        dealt = self._deal(files, wanted, gen)
+        test, pool = dealt[0], dealt[-2 if self.pool_mode == "holdout" else -1]
+        target = dealt[1] if self.trusted is None else documents(self.trusted.load(), self.unit, self.length)
+        corrupted, self.corrupted_mask, self.corruption_kind = self.noise(pool)
+        self.pool_documents = corrupted
+        self.pool_index = np.arange(len(pool))
+        self.pool = IndexedDataset(*tokenize(corrupted, self.length))
+        self.scored = self.pool
+        self.downstream = IndexedDataset(*tokenize(target, self.length))
+        self.test_set = IndexedDataset(*tokenize(test, self.length))
+        self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(*tokenize(dealt[-1], self.length))
+        shared = len({d.text for d in target} & {d.text for d in pool})
+        if shared:
+            raise DataConfigError(f"the target set (data.downstream) shares {shared} documents with the pool: J must not "
+                                  f"contain documents it scores; remove them from the target set")
+        self.downstream_note = {"source": self.trusted.describe() if self.trusted is not None else
+                                f"files of {self.source.describe()} beside the pool's", "size": len(target)}
+        self.corpus = self.source.describe()
+        self._ready = True
+
+    def _deal(self, files, wanted, gen) -> list[list[Document]]:
+        """Each split's documents: files dealt in turn until the split has four times the documents it needs (all
+        that remain for a split of size None), then that many drawn from them at random, in corpus order."""
+        out, at = [], 0
+        for what, size in wanted:
+            candidates = []
+            while at < len(files) and (size is None or len(candidates) < 4 * size):
+                long_enough = len(files[at][1]) > (self.length if self.unit == "window" else 1)  # else no document
+                candidates += documents([files[at]], self.unit, self.length) if long_enough else []
+                at += 1
+            size = len(candidates) if size is None else size
+            if size < 1 or len(candidates) < size:
+                raise DataConfigError(f"the {what} needs {size} documents but the corpus ({self.source.describe()}) has only "
+                                      f"{len(candidates)} left after the earlier splits; lower the sizes or give a larger "
+                                      f"corpus")
+            keep = torch.randperm(len(candidates), generator=gen)[:size].sort().values
+            out.append([candidates[i] for i in keep.tolist()])
+        return out
+
+    @property
+    def is_mislabeled(self) -> np.ndarray:
+        """The ground truth detection is measured against: the corrupted documents."""
+        return self.corrupted_mask
+
+    def ground_truth(self) -> dict[str, np.ndarray]:
+        return {"index": self.pool_index, "is_mislabeled": self.corrupted_mask,
+                "corruption": np.array(self.corruption_kind, dtype=str)}
+
+    def pool_columns(self) -> dict[str, list]:
+        """What scores.csv says of each pool document before its scores."""
+        return {"index": self.pool_index.tolist(), "document": [d.name for d in self.pool_documents],
+                "corruption": self.corruption_kind, "is_mislabeled": self.corrupted_mask.astype(int).tolist()}
+
+    def suspect_columns(self, predicted=None) -> dict[str, list]:
+        """What suspects.csv says of each pool document: where it comes from and its first line."""
+        return {"index": self.pool_index.tolist(), "document": [d.name for d in self.pool_documents],
+                "first_line": [first_line(d.text) for d in self.pool_documents]}
+
+    def content_key(self) -> dict[str, str]:
+        return {"train": content_digest(self.train_set.x, self.train_set.y), "pool": content_digest(self.pool.x, self.pool.y),
+                "test": content_digest(self.test_set.x, self.test_set.y)}
+
+    def downstream_key(self) -> str:
+        return content_digest(self.downstream.x, self.downstream.y, self.scored.x, self.scored.y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+def first_line(text: bytes, width: int = 60) -> str:
+    """The document's first non-blank line, at most ``width`` characters: what suspects.csv shows of it."""
+    line = next((s for s in text.decode("utf-8", errors="replace").splitlines() if s.strip()), "")
+    return line.strip()[:width]

@@ -55,7 +55,7 @@ from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pmp_lightning.errors import ReplayConfigError
-from pmp_lightning.training import training_loss
+from pmp_lightning.training import IGNORE, training_loss
 
 ObjectiveFn = Callable[..., torch.Tensor]
 OBJECTIVES: dict[str, ObjectiveFn] = {}
@@ -122,6 +122,10 @@ class Objective:
         self.name, self.params, self.centred = name, dict(sorted((params or {}).items())), centred
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if z.dim() == 3 and y.dim() == 2:  # a language model's documents: the objective per target, averaged in each
+            kept = y != IGNORE
+            per_token = OBJECTIVES[self.name](z[kept], y[kept], **self.params)
+            return z.new_zeros(y.shape).masked_scatter(kept, per_token).sum(1) / kept.sum(1).clamp_min(1)
         return OBJECTIVES[self.name](z, y, **self.params)
 
     def __repr__(self) -> str:
@@ -172,7 +176,7 @@ def logit_weights(fn: ObjectiveFn, logits: torch.Tensor, labels: torch.Tensor,
                   mean_pull: torch.Tensor | None = None) -> torch.Tensor:
     """‖∂l_m/∂z_m‖ per downstream example (‖w_m − w̄‖ for a centred J): how much example m pulls on ∇J."""
     pulls = logit_pulls(fn, logits, labels)
-    return (pulls if mean_pull is None else pulls - mean_pull).norm(dim=1)
+    return (pulls if mean_pull is None else pulls - mean_pull).flatten(1).norm(dim=1)
 
 
 def participation(sum_w: float, sum_w2: float, count: int) -> float:

@@ -282,6 +282,11 @@ def read_known_errors(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 # --------------------------------------------------------------------------- datasets
+def language_model(datamodule) -> bool:
+    """Whether the examples are documents with a target per token (a corpus), not labelled examples."""
+    return datamodule.pool.y.dim() == 2
+
+
 class IndexedDataset(Dataset):
     """In-memory ``(x, y, position)`` triples."""
 
@@ -614,6 +619,23 @@ class PoolDataModule(pl.LightningDataModule):
     def is_mislabeled(self) -> np.ndarray:
         """The ground truth detection is measured against: synthetic label noise or a listed known error."""
         return (self.true_labels != self.observed_labels).numpy() | self.known_error_mask
+
+    def ground_truth(self) -> dict[str, np.ndarray]:
+        """What ``ground_truth.npz`` holds, written before training."""
+        return {"index": self.pool_index, "true_label": self.true_labels.numpy(),
+                "observed_label": self.observed_labels.numpy(), "is_mislabeled": self.is_mislabeled}
+
+    def pool_columns(self) -> dict[str, list]:
+        """What scores.csv says of each pool example before its scores. is_mislabeled: synthetic noise (true_label !=
+        observed_label) or a listed known error (known_error = 1)."""
+        return {"index": self.pool_index.tolist(), "true_label": self.true_labels.tolist(),
+                "observed_label": self.observed_labels.tolist(), "is_mislabeled": self.is_mislabeled.astype(int).tolist(),
+                "known_error": self.known_error_mask.astype(int).tolist()}
+
+    def suspect_columns(self, predicted: np.ndarray | None) -> dict[str, list]:
+        """What suspects.csv says of each pool example: its label and the trained model's."""
+        return {"index": self.pool_index.tolist(), "observed_label": self.observed_labels.tolist(),
+                "predicted_label": predicted.tolist()}
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:

@@ -12,8 +12,9 @@ from pmp_lightning.evaluate import format_table
 from pmp_lightning.io import save_json, save_text
 
 
-def write_outputs(out: Path, datamodule, scores: dict[str, np.ndarray], metrics: dict, predicted: np.ndarray) -> None:
-    """The run's files, then its report on stdout."""
+def write_outputs(out: Path, datamodule, scores: dict[str, np.ndarray], metrics: dict, predicted: np.ndarray | None) -> None:
+    """The run's files, then its report on stdout. ``predicted``: the trained model's label of each pool example
+    (None for a language model)."""
     rank_by = metrics["suspects"]["rank_by"]
     write_scores(out / "scores.csv", datamodule, scores)
     write_suspects(out, datamodule, scores[rank_by], rank_by, predicted)
@@ -21,21 +22,24 @@ def write_outputs(out: Path, datamodule, scores: dict[str, np.ndarray], metrics:
     print_report(metrics, out)
 
 
-def write_suspects(out: Path, datamodule, score: np.ndarray, name: str, predicted: np.ndarray) -> None:
-    """``suspects.csv``: the whole pool, most suspect (lowest score) first, and ``suspects.png``, the first 32."""
+def write_suspects(out: Path, datamodule, score: np.ndarray, name: str, predicted: np.ndarray | None) -> None:
+    """``suspects.csv``: the whole pool, most suspect (lowest score) first, and for images ``suspects.png``, the first 32."""
     from pmp_lightning.compare import N_SUSPECTS, suspect_grid
 
     order = np.argsort(score, kind="stable")
     truth = datamodule.is_mislabeled if datamodule.is_mislabeled.any() else None
+    columns = datamodule.suspect_columns(predicted)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["rank", "index", "observed_label", "predicted_label", name, *(["is_mislabeled"] if truth is not None else [])])
-    observed = datamodule.observed_labels.numpy()
+    writer.writerow(["rank", *columns, name, *(["is_mislabeled"] if truth is not None else [])])
     for rank, i in enumerate(order, start=1):
-        row = [rank, int(datamodule.pool_index[i]), int(observed[i]), int(predicted[i]), repr(float(score[i]))]
+        row = [rank, *(column[i] for column in columns.values()), repr(float(score[i]))]
         writer.writerow(row + ([int(truth[i])] if truth is not None else []))
     save_text(out / "suspects.csv", buf.getvalue())
+    if predicted is None:  # a corpus: its first lines are in suspects.csv
+        return
     top = order[:N_SUSPECTS]
+    observed = datamodule.observed_labels.numpy()
     titles = [f"#{datamodule.pool_index[i]}: {observed[i]}, model {predicted[i]}" for i in top]
     suspect_grid(datamodule.pool.x[top], titles, None if truth is None else truth[top],
                  f"{N_SUSPECTS} most suspect by {name}: index: observed label, model's label"
@@ -45,26 +49,26 @@ def write_suspects(out: Path, datamodule, score: np.ndarray, name: str, predicte
 def write_scores(path: Path, datamodule, scores: dict[str, np.ndarray]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    # is_mislabeled: synthetic noise (true_label != observed_label) or a listed known error (known_error = 1)
-    writer.writerow(["index", "true_label", "observed_label", "is_mislabeled", "known_error", *scores])
-    columns = [datamodule.pool_index, datamodule.true_labels.numpy(), datamodule.observed_labels.numpy(),
-               datamodule.is_mislabeled.astype(int), datamodule.known_error_mask.astype(int)]
-    for row in zip(*columns, *scores.values()):
-        writer.writerow([int(v) for v in row[:5]] + [repr(float(v)) for v in row[5:]])
+    columns = datamodule.pool_columns()
+    writer.writerow([*columns, *scores])
+    for i in range(len(datamodule.pool_index)):
+        writer.writerow([column[i] for column in columns.values()] + [repr(float(s[i])) for s in scores.values()])
     save_text(path, buf.getvalue())
 
 
 def print_report(metrics: dict, out: Path) -> None:
     norms = ", ".join(f"{v:.3g}" for v in metrics["costate"]["lambda_norms"])
     lines = [
-        f"test accuracy: {metrics['test_accuracy']:.4f}",
+        f"test accuracy{' (next token)' if metrics['ground_truth'] == 'corrupted documents' else ''}: "
+        f"{metrics['test_accuracy']:.4f}",
         f"costate ({metrics['costate']['mode']}, J = {metrics['costate']['horizon']} of {metrics['costate']['objective']}) "
         f"‖λ_t‖, t=1..T: {norms}",
         "downstream examples carrying ∇J(θ_t), t=1..T: "
         + ", ".join(f"{v:.0%}" for v in metrics["costate"]["participation"]),
     ]
     if metrics["detection"]:
-        lines += ["", "detection of mislabeled examples (low score = suspect), best AP first:", format_table(metrics["detection"])]
+        lines += ["", f"detection of {metrics['ground_truth']} (low score = suspect), best AP first:",
+                  format_table(metrics["detection"])]
     if "known_errors" in metrics:
         known = metrics["known_errors"]
         repeats = f" ({known['duplicates']} duplicate entries counted once)" if known["duplicates"] else ""

@@ -39,7 +39,8 @@ from callbacks.progress import log_above_bars, progress_callbacks
 from pmp_lightning.baselines import check_folds, cleanlab_baseline, cross_validated_probs, crossval_key_config
 from pmp_lightning.cache import StageCache, code_digest, replay_key_config, train_key_config
 from pmp_lightning.config import check_settings
-from pmp_lightning.costate import describe, hessian_vector_product
+from pmp_lightning.costate import describe, hessian_vector_product, is_centred
+from pmp_lightning.data import language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError
 from pmp_lightning.evaluate import canary_choice, contribution_auroc, detection_metrics, small_sample_caveat
 from pmp_lightning.io import save_npz
@@ -122,6 +123,10 @@ def run(cfg: DictConfig) -> dict:
     logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") and stages.lead else False
     try:
         datamodule, model_code = data_stage(stages, cfg, training)
+        if language_model(datamodule) and is_centred(objective):
+            raise ReplayConfigError("objective.centred=true removes a classifier's mean logit pull from ∇J; for a language "
+                                    "model's J (the target set's token loss) it is not defined here: use objective=ce "
+                                    "(the paper's J), or objective=<name> objective.centred=false")
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -152,7 +157,7 @@ def run(cfg: DictConfig) -> dict:
                                    trained["test_accuracy"], cfg.seed)
         metrics = assemble_metrics(stages, detection, trained, stats, objective, cfg.replay, cost, train_dir, replay_dir,
                                    datamodule, {"cleanlab": cleanlab, "selection": chosen, "canaries": canaries}, rank_by)
-        write_outputs(stages.out, datamodule, scores, metrics, final_probs.argmax(1))
+        write_outputs(stages.out, datamodule, scores, metrics, None if final_probs is None else final_probs.argmax(1))
         if logger:
             log_results(logger.experiment, metrics, scores, datamodule)
         return metrics
@@ -175,6 +180,9 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
     target = cfg.model.get("_target_")
     model_code = code_digest(check_model(training.net, datamodule, target or "the model", cfg.replay.curvature,
                                          str(cfg.trainer.get("precision", "32-true"))), target)
+    if cfg.baselines.cleanlab and language_model(datamodule):
+        raise DataConfigError("baselines.cleanlab scores labels from class probabilities; a corpus has no labels: set "
+                              "baselines.cleanlab=false")
     if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
         check_folds(cfg.baselines.folds, len(datamodule.pool))
     record_ground_truth(stages, datamodule)
@@ -239,6 +247,12 @@ def _check_outputs(net: torch.nn.Module, x: torch.Tensor, datamodule, target: st
         raise DataConfigError(f"model ({target}) returns a {kind}, not a tensor of logits: its forward must return one "
                               f"tensor (batch × classes); return the logits alone (e.g. `return out[0]` or "
                               f"`return out['logits']`), or wrap the model in a module that does")
+    if language_model(datamodule):
+        if logits.shape[:2] != x.shape[:2] or logits.dim() != 3 or logits.shape[2] < datamodule.num_classes:
+            raise DataConfigError(f"model ({target}) gives outputs of shape {tuple(logits.shape[1:])} per document of "
+                                  f"{x.shape[1]} tokens; a language model gives next-token logits (tokens × vocabulary "
+                                  f"of {datamodule.num_classes}): set model.vocab_size={datamodule.num_classes}")
+        return
     if logits.dim() != 2 or logits.shape[1] < datamodule.num_classes:
         raise DataConfigError(f"model ({target}) gives outputs of shape {tuple(logits.shape[1:])} per example, but the labels "
                               f"have {datamodule.num_classes} classes; set model.num_classes={datamodule.num_classes}")
@@ -290,9 +304,9 @@ def record_ground_truth(stages: Stages, datamodule) -> None:
     if not stages.lead:
         return
     mask = datamodule.is_mislabeled
-    save_npz(stages.out / "ground_truth.npz", index=datamodule.pool_index, true_label=datamodule.true_labels.numpy(),
-             observed_label=datamodule.observed_labels.numpy(), is_mislabeled=mask)
-    log.info(f"pool: {len(mask)} examples, {int(mask.sum())} mislabeled; training set: {len(datamodule.train_set)}")
+    save_npz(stages.out / "ground_truth.npz", **datamodule.ground_truth())
+    wrong = "corrupted" if language_model(datamodule) else "mislabeled"
+    log.info(f"pool: {len(mask)} examples, {int(mask.sum())} {wrong}; training set: {len(datamodule.train_set)}")
 
 
 def train_stage(stages: Stages, cache: StageCache, training: Training, snapshots, datamodule, logger) -> tuple[dict, Path]:
@@ -341,11 +355,13 @@ def _fit_replay(replay, training: Training, directory: Path) -> None:
 
 
 def final_probabilities(make_net: Callable[[], torch.nn.Module], snapshot_dir: Path, datamodule,
-                        test_accuracy: float | None) -> np.ndarray:
-    """The trained model's (θ_T's) class probabilities for every pool example. On the way, how often θ_T agrees with
-    the downstream set's labels goes into ``datamodule.downstream_note`` (``model_agreement``), with a warning when it
-    is far below the test accuracy: J's labels then disagree with what the model learned (wrong labels, another
-    labelling convention, another data set)."""
+                        test_accuracy: float | None) -> np.ndarray | None:
+    """The trained model's (θ_T's) class probabilities for every pool example (None for a language model). On the
+    way, how often θ_T agrees with the downstream set's labels goes into ``datamodule.downstream_note``
+    (``model_agreement``), with a warning when it is far below the test accuracy: J's labels then disagree with what
+    the model learned (wrong labels, another labelling convention, another data set)."""
+    if language_model(datamodule):
+        return None
     net = make_net()
     net.load_state_dict(network_state(snapshot_dir, load_manifest(snapshot_dir)["snapshots"][-1]))
     agreement = float((predict_proba(net, datamodule.downstream.x).argmax(1) == datamodule.downstream.y.numpy()).mean())
@@ -420,6 +436,7 @@ def assemble_metrics(stages: Stages, detected: dict, trained: dict, stats: Repla
     metrics = {
         "detection": detected["detection"],
         "test_accuracy": trained["test_accuracy"],
+        "ground_truth": "corrupted documents" if language_model(datamodule) else "mislabeled examples",
         "costate": {"mode": replay_cfg.curvature, "horizon": replay_cfg.horizon, "objective": describe(objective),
                     "lambda_norms": stats.lambda_norm.tolist(), "participation": stats.participation.tolist(),
                     "contribution_auroc": detected["per_snapshot"],

@@ -77,7 +77,13 @@ class Classifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, y, _ = batch
-        acc = (self.net(x).argmax(1) == y).float().mean()
+        logits = self.net(x)
+        if logits.dim() == 3 and y.dim() == 2:  # a language model: its next-token accuracy over the targets
+            kept = y != IGNORE
+            acc = (logits.argmax(2) == y)[kept].float().mean()
+            self.log("test/accuracy", acc, on_step=False, on_epoch=True, batch_size=int(kept.sum()), sync_dist=True)
+            return
+        acc = (logits.argmax(1) == y).float().mean()
         self.log("test/accuracy", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
 
     def configure_optimizers(self):

@@ -9,7 +9,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from sklearn.metrics import precision_recall_curve
 
-N_SUSPECTS = 32
+from pmp_lightning.compare import N_SUSPECTS
+from pmp_lightning.data import language_model
+
 PR_POINTS = 200  # points per precision-recall curve, enough to draw it
 
 
@@ -43,9 +45,9 @@ def log_results(experiment, metrics: dict, scores: dict[str, np.ndarray], datamo
     experiment.summary.update(summary)
     costate = metrics["costate"]
     for t, (norm, share) in enumerate(zip(costate["lambda_norms"], costate["participation"]), start=1):
-        experiment.log({"costate/lambda_norm": norm, "costate/participation": share, "costate/t": t})
+        experiment.log({"costate/lambda_norm": norm, "costate/participation": share, "costate/lambda_t": t})
     for t, auroc in enumerate(costate["contribution_auroc"]):  # c_t uses θ_t and λ_{t+1}
-        experiment.log({"costate/contribution_auroc": auroc, "costate/t": t})
+        experiment.log({"costate/contribution_auroc": auroc, "costate/snapshot_t": t})
 
     mask = datamodule.is_mislabeled
     if not mask.any():
@@ -61,9 +63,11 @@ def log_results(experiment, metrics: dict, scores: dict[str, np.ndarray], datamo
         plots[f"histogram/{name}/mislabeled"] = wandb.Histogram(s[mask])
         for rank, i in enumerate(np.argsort(s, kind="stable")[:N_SUSPECTS]):
             picture = wandb.Image(x[i].permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()) if pictures else None
-            suspects.append([name, rank, picture, int(datamodule.pool_index[i]),
-                             int(datamodule.observed_labels[i]), int(datamodule.true_labels[i]), bool(mask[i])])
+            said = ([datamodule.pool_documents[i].name, datamodule.corruption_kind[i]] if language_model(datamodule) else
+                    [int(datamodule.observed_labels[i]), int(datamodule.true_labels[i])])
+            suspects.append([name, rank, picture, int(datamodule.pool_index[i]), *said, bool(mask[i])])
     pr_table = wandb.Table(columns=["score", "recall", "precision"], data=pr_rows)
     plots["pr_curves"] = wandb.plot.line(pr_table, "recall", "precision", stroke="score", title="Precision-recall (low score = suspect)")
-    plots["top_suspects"] = wandb.Table(columns=["score", "rank", "image", "index", "observed", "true", "mislabeled"], data=suspects)
+    said = ["document", "corruption"] if language_model(datamodule) else ["observed", "true"]
+    plots["top_suspects"] = wandb.Table(columns=["score", "rank", "image", "index", *said, "mislabeled"], data=suspects)
     experiment.log(plots)

@@ -170,3 +170,63 @@ def test_the_document_check_fails_when_the_padding_counts():
     wrong = per_example_stats(net, x, padded_counts, v, plan=make_plan(net, x, padded_counts))
     assert not torch.allclose(wrong["dot"][4], dot[4], rtol=1e-6)
     torch.testing.assert_close(wrong["dot"][:4], dot[:4], rtol=1e-9, atol=1e-12)  # full documents: the same
+
+
+# ------------------------------------------------------------------ the whole run, tiny
+TINY_LM = ["+experiment=code_lm", "data.source.packages=[json,csv]", "data.length=32", "data.pool_size=60",
+           "data.downstream_size=16", "data.test_size=16", "data.batch_size=8", "model.max_len=32", "model.dim=16",
+           "model.depth=1", "model.heads=2", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+           "replay.hvp_samples=16", "replay.lanczos_steps=4", "logger=none"]
+
+
+def make_cfg(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from pmp_lightning.config import register_configs
+    from tests.test_pipeline import ROOT
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*TINY_LM, f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}",
+                                            f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+@pytest.mark.slow
+def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path):
+    import csv as csv_module
+
+    from pmp_lightning.pipeline import run
+    from pmp_lightning.scores import SCORES
+
+    metrics = run(make_cfg(tmp_path))
+    assert metrics["ground_truth"] == "corrupted documents" and set(metrics["detection"]) == set(SCORES)
+    assert 0.0 < metrics["test_accuracy"] < 1.0  # next-token accuracy on the test files
+    truth = np.load(tmp_path / "ground_truth.npz")
+    assert truth["is_mislabeled"].sum() == 12 and set(truth["corruption"][truth["is_mislabeled"]]) <= set(CORRUPTIONS)
+    rows = list(csv_module.DictReader((tmp_path / "scores.csv").open()))
+    assert len(rows) == 60 and all(r["document"].split("/")[0].split(".")[0] in ("json", "csv") for r in rows)
+    assert all((r["corruption"] != "") == (r["is_mislabeled"] == "1") for r in rows)
+    suspects = list(csv_module.DictReader((tmp_path / "suspects.csv").open()))
+    assert list(suspects[0])[:4] == ["rank", "index", "document", "first_line"]
+    loss = {r["corruption"]: [] for r in rows}
+    for r in rows:
+        loss[r["corruption"]].append(-float(r["loss"]))
+    if "random_bytes" in loss:  # uniform printable bytes cost more than code, even to a model of two epochs
+        assert np.mean(loss["random_bytes"]) > np.mean(loss[""])
+
+
+@pytest.mark.slow
+def test_a_corpus_refuses_what_needs_labels_before_training(tmp_path):
+    from hydra.errors import InstantiationException
+
+    from pmp_lightning.errors import PMPError
+    from pmp_lightning.pipeline import run
+
+    for extra, message in ((["baselines.cleanlab=true"], "a corpus has no labels"),
+                           (["objective=unit_ce"], "objective.centred=true"),
+                           (["scoring.canaries=4"], "a corpus has no labels"),
+                           (["data.length=64"], "raise model.max_len"),
+                           (["pool=test"], "does not apply to a corpus")):
+        with pytest.raises((PMPError, ValueError, InstantiationException), match=message):
+            run(make_cfg(tmp_path / extra[0].split("=")[0], *extra))
+        assert not (tmp_path / extra[0].split("=")[0] / "cache" / "train").exists()  # nothing was trained
