@@ -244,7 +244,7 @@ class CorpusDataModule(pl.LightningDataModule):
         test, pool = dealt[0], dealt[-2 if self.pool_mode == "holdout" else -1]
         target = dealt[1] if self.trusted is None else documents(self.trusted.load(), self.unit, self.length)
         corrupted, self.corrupted_mask, self.corruption_kind = self.noise(pool)
-        self.pool_documents = corrupted
+        self.pool_documents, self.target_documents = corrupted, target
         self.pool_index = np.arange(len(pool))
         self.pool = IndexedDataset(*tokenize(corrupted, self.length))
         self.scored = self.pool

@@ -50,6 +50,7 @@ from pmp_lightning.replay_store import ReplayStats, growth_steps
 from pmp_lightning.scores import PMP_VARIANTS, compute_scores
 from pmp_lightning.select import selection
 from pmp_lightning.stats import UnsupportedModelError, make_plan, per_example_stats, trainable
+from pmp_lightning.text_scores import dsir, influence, rho_loss
 from pmp_lightning.training import Training, predict_proba
 from pmp_lightning.trajectory import load_manifest, network_state
 from pmp_lightning.wandb_logging import keep_staging_in, log_results, run_identity
@@ -142,8 +143,11 @@ def run(cfg: DictConfig) -> dict:
         stats = ReplayStats.load(replay_dir / "stats.npz")
         final_probs = final_probabilities(training.net, train_dir / "snapshots", datamodule, trained["test_accuracy"])
         scores, canaries = score_stage(stats, [n for n in names if n != "cleanlab"], datamodule)
+        if language_model(datamodule):
+            scores.update(corpus_baselines_stage(stages, training, objective, datamodule, train_dir / "snapshots"))
         stats = stats.first(len(datamodule.pool))
-        cost = {"train": trained.get("seconds"), "replay": replayed.get("seconds")}
+        cost = {"train": trained.get("seconds"), "replay": replayed.get("seconds"),
+                **({"corpus_baselines": stages.timings["corpus_baselines"]} if "corpus_baselines" in stages.timings else {})}
         cleanlab = None
         if cfg.baselines.cleanlab:
             crossval = stages.cache("crossval", crossval_key_config(cfg, content, model_code))
@@ -362,8 +366,7 @@ def final_probabilities(make_net: Callable[[], torch.nn.Module], snapshot_dir: P
     the model learned (wrong labels, another labelling convention, another data set)."""
     if language_model(datamodule):
         return None
-    net = make_net()
-    net.load_state_dict(network_state(snapshot_dir, load_manifest(snapshot_dir)["snapshots"][-1]))
+    net = final_network(make_net, snapshot_dir)
     agreement = float((predict_proba(net, datamodule.downstream.x).argmax(1) == datamodule.downstream.y.numpy()).mean())
     note = datamodule.downstream_note
     note["model_agreement"] = round(agreement, 4)
@@ -375,6 +378,22 @@ def final_probabilities(make_net: Callable[[], torch.nn.Module], snapshot_dir: P
                                      f"come from another labelling; check data.downstream")
             log.warning(note["label_warning"])
     return predict_proba(net, datamodule.pool.x)
+
+
+def final_network(make_net: Callable[[], torch.nn.Module], snapshot_dir: Path) -> torch.nn.Module:
+    """The trained model θ_T, the trajectory's last snapshot."""
+    net = make_net()
+    net.load_state_dict(network_state(snapshot_dir, load_manifest(snapshot_dir)["snapshots"][-1]))
+    return net
+
+
+def corpus_baselines_stage(stages: Stages, training: Training, objective, datamodule, snapshot_dir: Path) -> dict:
+    """A corpus's language-model baselines (``text_scores``): DSIR, RHO-LOSS (one small training more, on the target
+    set) and the IF-score at θ_T."""
+    with stages.stage("corpus_baselines"):
+        net = final_network(training.net, snapshot_dir)
+        return {"dsir": dsir(datamodule.pool_documents, datamodule.target_documents),
+                "rho_loss": rho_loss(net, training, datamodule), "influence": influence(net, objective, datamodule)}
 
 
 def score_stage(stats: ReplayStats, names: list[str], datamodule) -> tuple[dict[str, np.ndarray], dict | None]:

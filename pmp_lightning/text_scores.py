@@ -1,0 +1,71 @@
+"""The language-model baselines a corpus run scores its documents with beside the replay's scores, each as its paper
+defines it (high = keep, low = suspect, as every score here):
+
+- ``dsir``: DSIR's importance weight (Xie et al. 2023, as its code computes it): the lowercased text split into words
+  and punctuation runs, their unigrams and bigrams hashed into 10,000 buckets, a bag-of-n-grams model of the target set
+  and one of the pool (add-one smoothed), a document's weight the log-ratio of its likelihood under the two. It reads
+  the text only, no model.
+- ``rho_loss``: RHO-LOSS's reducible loss (Mindermann et al. 2022): the document's loss under the trained model θ_T
+  minus its loss under a model of the same recipe trained on the target set alone (the irreducible loss). Noise is
+  hard for both models, so its reducible loss is small.
+- ``influence``: the IF-Score baseline of PDS (Gu et al. 2025): a document's influence on J at the converged model,
+  ⟨∇J(θ_T), ∇l_n(θ_T)⟩, with the Hessian taken as the identity (the gradient-similarity form of influence at θ_T).
+"""
+from __future__ import annotations
+
+import re
+import zlib
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pmp_lightning.corpus import Document
+from pmp_lightning.costate import downstream_gradient
+from pmp_lightning.stats import output_stats, per_example_stats, trainable
+
+DSIR_BUCKETS = 10_000  # DSIR's hashed feature space
+
+
+def _ngram_counts(doc: Document, buckets: int) -> np.ndarray:
+    words = re.findall(rb"\w+|[^\w\s]+", doc.text.lower())  # DSIR's tokenizer: NLTK's WordPunct, on lowercased text
+    grams = words + [a + b" " + b for a, b in zip(words, words[1:])]
+    return np.bincount([zlib.crc32(g) % buckets for g in grams], minlength=buckets).astype(np.float64)
+
+
+def dsir(pool: list[Document], target: list[Document], buckets: int = DSIR_BUCKETS) -> np.ndarray:
+    """log p_target(doc) − log p_pool(doc) under the two hashed bag-of-n-grams models (crc32: the same in every process)."""
+    counts = np.stack([_ngram_counts(d, buckets) for d in pool])
+    target_counts = sum(_ngram_counts(d, buckets) for d in target)
+    log_target = np.log((target_counts + 1) / (target_counts.sum() + buckets))
+    pool_total = counts.sum(0)
+    log_pool = np.log((pool_total + 1) / (pool_total.sum() + buckets))
+    return counts @ (log_target - log_pool)
+
+
+@torch.no_grad()
+def document_losses(net: torch.nn.Module, dataset, batch_size: int = 64) -> np.ndarray:
+    """Each document's loss (mean next-token cross-entropy) under ``net`` in eval mode."""
+    net.eval()
+    return torch.cat([output_stats(net, x, y)["loss"] for x, y in zip(dataset.x.split(batch_size), dataset.y.split(batch_size))]
+                     ).double().numpy()
+
+
+def rho_loss(final_net: torch.nn.Module, training, datamodule) -> np.ndarray:
+    """The reducible loss: under θ_T minus under a model trained by ``training`` (the run's recipe and seed) on the
+    target set."""
+    loader = DataLoader(datamodule.downstream, batch_size=datamodule.batch_size, shuffle=True)
+    irreducible, _ = training.fit(loader, None, one_process=True)
+    return document_losses(final_net, datamodule.pool) - document_losses(irreducible.net, datamodule.pool)
+
+
+def influence(final_net: torch.nn.Module, objective, datamodule, batch_size: int = 64) -> np.ndarray:
+    """⟨∇J(θ_T), ∇l_n(θ_T)⟩ for every pool document: J's gradient once, then one statistics pass."""
+    final_net.eval()
+    params = {k: p.detach() for k, p in trainable(final_net).items()}
+    ds = datamodule.downstream
+    batches = lambda: zip(ds.x.split(batch_size), ds.y.split(batch_size))  # noqa: E731
+    grad_j, _, _ = downstream_gradient(final_net, params, objective, batches, len(ds))
+    pool = datamodule.pool
+    return torch.cat([per_example_stats(final_net, x, y, grad_j)["dot"]
+                      for x, y in zip(pool.x.split(batch_size), pool.y.split(batch_size))]).double().numpy() / len(ds)
