@@ -28,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from pmp_lightning.errors import PMPError
 from pmp_lightning.io import save_json
-from pmp_lightning.replay_store import STATS_FORMAT
 
 log = logging.getLogger(__name__)
 MANIFEST = "cache_manifest.json"
@@ -93,14 +92,6 @@ def train_key_config(cfg: DictConfig, data_content: dict[str, str], model_code: 
     config["data_content"] = data_content
     config["model_code"] = model_code
     return config
-
-
-def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any], downstream_content: str) -> dict[str, Any]:
-    """The replay settings, the objective J, the downstream set's content and the identity of the train entry
-    replayed (a retrained entry gets a new one)."""
-    return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True),
-            "objective": OmegaConf.to_container(cfg.objective, resolve=True), "downstream_content": downstream_content,
-            "stats_format": STATS_FORMAT}
 
 
 class StageCache:

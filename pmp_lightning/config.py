@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
-from pmp_lightning.scores import PMP_VARIANTS, SCORES
+from pmp_lightning.scores.registry import PMP_VARIANTS, SCORES
 
 ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
 

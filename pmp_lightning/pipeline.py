@@ -36,24 +36,24 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.progress import log_above_bars, progress_callbacks
-from pmp_lightning.baselines import check_folds, cleanlab_baseline, cross_validated_probs, crossval_key_config
-from pmp_lightning.cache import StageCache, code_digest, replay_key_config, train_key_config
+from pmp_lightning.scores.cleanlab_score import check_folds, cleanlab_baseline, cross_validated_probs, crossval_key_config
+from pmp_lightning.cache import StageCache, code_digest, train_key_config
 from pmp_lightning.config import check_settings
-from pmp_lightning.costate import describe, hessian_vector_product, is_centred
-from pmp_lightning.data import language_model
+from pmp_lightning.replay.costate import describe, hessian_vector_product, is_centred
+from pmp_lightning.data.images import language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError
-from pmp_lightning.evaluate import canary_choice, contribution_auroc, detection_metrics, small_sample_caveat
+from pmp_lightning.report.evaluate import canary_choice, contribution_auroc, detection_metrics, small_sample_caveat
 from pmp_lightning.io import save_npz
 from pmp_lightning.memory import PeakMemory
-from pmp_lightning.outputs import write_outputs
-from pmp_lightning.replay_store import ReplayStats, growth_steps
-from pmp_lightning.scores import PMP_VARIANTS, compute_scores
-from pmp_lightning.select import selection
-from pmp_lightning.stats import UnsupportedModelError, make_plan, per_example_stats, trainable
-from pmp_lightning.text_scores import dsir, influence, rho_loss
+from pmp_lightning.report.outputs import write_outputs
+from pmp_lightning.replay.store import ReplayStats, growth_steps, replay_key_config
+from pmp_lightning.scores.registry import PMP_VARIANTS, compute_scores
+from pmp_lightning.scores.select import selection
+from pmp_lightning.statistics.per_example import UnsupportedModelError, make_plan, per_example_stats, trainable
+from pmp_lightning.scores.text import dsir, influence, rho_loss
 from pmp_lightning.training import Training, predict_proba
 from pmp_lightning.trajectory import load_manifest, network_state
-from pmp_lightning.wandb_logging import keep_staging_in, log_results, run_identity
+from pmp_lightning.report.wandb_logging import keep_staging_in, log_results, run_identity
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from pmp_lightning.data import PoolDataModule
-from pmp_lightning.noise import LabelNoise
+from pmp_lightning.data.images import PoolDataModule
+from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.errors import (CostateDivergedError, DataConfigError, OutputError, ReplayConfigError, SnapshotError,
                                   UnknownScoreError)
-from pmp_lightning.models import mlp
+from pmp_lightning.models.classifiers import mlp
 from pmp_lightning.pipeline import run
-from pmp_lightning.replay import ReplayModule
-from pmp_lightning.scores import compute_scores
+from pmp_lightning.replay.module import ReplayModule
+from pmp_lightning.scores.registry import compute_scores
 from tests.conftest import RandomSource, fit_replay
 from tests.test_pipeline import ROOT, make_cfg
 
@@ -301,7 +301,7 @@ def test_a_seed_out_of_range_is_one_line_before_any_work(tmp_path, seed):
 
 
 def test_duplicate_known_errors_are_counted_and_named(tmp_path):
-    from pmp_lightning.data import read_known_errors
+    from pmp_lightning.data.images import read_known_errors
 
     path = tmp_path / "known.txt"
     path.write_text("5\n7\n5\n9\n7\n5\n")
@@ -453,7 +453,7 @@ class Overflowing(torch.nn.Module):
 
 
 def test_statistics_that_overflow_in_the_training_precision_are_named_before_training(tmp_path):
-    from pmp_lightning.stats import UnsupportedModelError
+    from pmp_lightning.statistics.per_example import UnsupportedModelError
 
     x, y = _digits()
     with pytest.raises(UnsupportedModelError, match=r"statistics of \(the network itself\) are not finite in float32 .*"

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from pmp_lightning.trajectory import load_manifest, load_snapshot
-from pmp_lightning.models import mlp
-from pmp_lightning.replay import ReplayModule
-from pmp_lightning.scores import compute_scores
+from pmp_lightning.models.classifiers import mlp
+from pmp_lightning.replay.module import ReplayModule
+from pmp_lightning.scores.registry import compute_scores
 from tests.conftest import fit_replay
 
 

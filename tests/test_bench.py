@@ -1,7 +1,7 @@
 """The benchmark runs and its methods agree (it asserts that itself); no timing is checked here."""
 import pytest
 
-from pmp_lightning import bench
+from pmp_lightning.statistics import bench
 
 
 def test_benchmark_runs_every_method_and_reports_ratios(capsys):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from pmp_lightning.models import ResNet, ViT, mlp, reported_cnn
-from pmp_lightning.replay import ReplayModule
-from pmp_lightning.scores import compute_scores
-from pmp_lightning.stats import block_matrix, block_of, per_example_stats, plan_for, trainable
+from pmp_lightning.models.classifiers import ResNet, ViT, mlp, reported_cnn
+from pmp_lightning.replay.module import ReplayModule
+from pmp_lightning.scores.registry import compute_scores
+from pmp_lightning.statistics.per_example import block_matrix, block_of, per_example_stats, plan_for, trainable
 from pmp_lightning.training import training_loss
 from tests.conftest import fit_replay
 

@@ -151,14 +151,14 @@ def test_the_code_key_covers_the_model_source_and_its_builder(tmp_path):
     """code_digest changes when the file defining the model's class, or the builder its _target_ names, changes;
     torch's own classes are stood for by torch's version, so a model of torch layers keys on its builder's file."""
     from pmp_lightning.cache import code_digest
-    from pmp_lightning.models import mlp
+    from pmp_lightning.models.classifiers import mlp
 
     (tmp_path / "net_v.py").write_text(MODEL_SOURCE.format(edit=""))
     first = code_digest(_import_fresh(tmp_path, "net_v").Net(), "net_v.Net")
     assert code_digest(_import_fresh(tmp_path, "net_v").Net(), "net_v.Net") == first  # same code, same key
     (tmp_path / "net_v.py").write_text(MODEL_SOURCE.format(edit=" * 2"))
     assert code_digest(_import_fresh(tmp_path, "net_v").Net(), "net_v.Net") != first  # forward edited
-    builder = code_digest(mlp(in_features=4), "pmp_lightning.models.mlp")  # nn.Sequential of torch layers
+    builder = code_digest(mlp(in_features=4), "pmp_lightning.models.classifiers.mlp")  # nn.Sequential of torch layers
     assert builder != code_digest(mlp(in_features=4), None)  # the builder's file counts
 
 

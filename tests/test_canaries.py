@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pmp_lightning.data import PoolDataModule
+from pmp_lightning.data.images import PoolDataModule
 from pmp_lightning.errors import DataConfigError, SettingError
-from pmp_lightning.evaluate import canary_choice
-from pmp_lightning.noise import LabelNoise
+from pmp_lightning.report.evaluate import canary_choice
+from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.pipeline import run
-from pmp_lightning.scores import PMP_VARIANTS
+from pmp_lightning.scores.registry import PMP_VARIANTS
 from tests.conftest import RandomSource
 from tests.test_pipeline import make_cfg
 

@@ -1,8 +1,8 @@
-"""The downstream objectives and the saturation diagnostic (pmp_lightning/costate.py)."""
+"""The downstream objectives and the saturation diagnostic (pmp_lightning/replay/costate.py)."""
 import pytest
 import torch
 
-from pmp_lightning.costate import OBJECTIVES, describe, logit_weights, objective, participation
+from pmp_lightning.replay.costate import OBJECTIVES, describe, logit_weights, objective, participation
 from pmp_lightning.errors import ReplayConfigError
 
 
@@ -93,7 +93,7 @@ def test_the_default_objective_follows_what_the_pool_is(pool, expected):
 def test_a_centred_objective_gives_the_output_bias_no_gradient(name):
     """Centring removes the mean logit pull: shifting every logit by the same vector (the output bias) no longer
     changes J, while the plain J does move with it."""
-    from pmp_lightning.costate import centred_values, logit_pulls
+    from pmp_lightning.replay.costate import centred_values, logit_pulls
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).double()
@@ -114,11 +114,11 @@ def test_centred_takes_a_boolean():
 
 @pytest.mark.slow
 def test_diagnose_splits_the_dot_product_by_layer_for_the_plain_and_the_centred_j(tmp_path):
-    """A finished run's ⟨∇J, ∇l_n⟩ at θ_T, per layer, for both forms of its objective (python -m pmp_lightning.diagnose)."""
+    """A finished run's ⟨∇J, ∇l_n⟩ at θ_T, per layer, for both forms of its objective (python -m pmp_lightning.report.diagnose)."""
     import subprocess
     import sys
 
-    from pmp_lightning.diagnose import diagnose
+    from pmp_lightning.report.diagnose import diagnose
     from tests.test_pipeline import ROOT, SMALL
 
     done = subprocess.run([sys.executable, "run.py", *SMALL, "trainer.max_epochs=2", "scoring=cosine", f"hydra.run.dir={tmp_path / 'run'}",
@@ -132,20 +132,20 @@ def test_diagnose_splits_the_dot_product_by_layer_for_the_plain_and_the_centred_
         assert sum(r["share"] for r in rows) == pytest.approx(1.0)
         assert all(0.0 <= r["auroc"] <= 1.0 for r in rows)
     assert report["unit_ce"]["mean_pull_norm"] == report["unit_ce, centred"]["mean_pull_norm"] > 0
-    shown = subprocess.run([sys.executable, "-m", "pmp_lightning.diagnose", str(tmp_path / "run")], cwd=ROOT,
+    shown = subprocess.run([sys.executable, "-m", "pmp_lightning.report.diagnose", str(tmp_path / "run")], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert "J = unit_ce, centred at θ_2: mean logit pull ‖w̄‖ = " in shown.stdout and ", removed" in shown.stdout
     assert "AUROC alone" in shown.stdout and (tmp_path / "run" / "diagnose.png").stat().st_size > 1000
-    from pmp_lightning.diagnose import block_picture
+    from pmp_lightning.report.diagnose import block_picture
 
     rows, _ = block_picture(tmp_path / "run")
     assert [r["block"] for r in rows] == ["1", "3"] and sum(r["share"] for r in rows) == pytest.approx(1.0)
-    missing = subprocess.run([sys.executable, "-m", "pmp_lightning.diagnose", str(tmp_path / "nowhere")], cwd=ROOT,
+    missing = subprocess.run([sys.executable, "-m", "pmp_lightning.report.diagnose", str(tmp_path / "nowhere")], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "is not a finished run directory" in missing.stderr
 
     # a snapshot the run does not have, and a run whose cache entry was deleted: one line each, no traceback
-    cmd = [sys.executable, "-m", "pmp_lightning.diagnose", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "pmp_lightning.report.diagnose", str(tmp_path / "run")]
     done = subprocess.run([*cmd, "--snapshot", "7"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--snapshot 7 is not a snapshot of this run, which has θ_0 … θ_2; give 0 to 2, or -1 for the last" in done.stderr

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmp_lightning.data import MlxtendMNIST, PoolDataModule, TorchvisionSource
-from pmp_lightning.noise import LabelNoise
+from pmp_lightning.data.images import MlxtendMNIST, PoolDataModule, TorchvisionSource
+from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.errors import DataConfigError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from pmp_lightning.scores import compute_scores
+from pmp_lightning.scores.registry import compute_scores
 from tests.conftest import fit_replay
 from tests.test_pipeline import ROOT, SMALL, make_cfg
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pmp_lightning.data import DatasetSource, PoolDataModule, TrustedSet
+from pmp_lightning.data.images import DatasetSource, PoolDataModule, TrustedSet
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.noise import ConfusionNoise, LabelNoise
+from pmp_lightning.data.noise import ConfusionNoise, LabelNoise
 from pmp_lightning.pipeline import run
 from tests.conftest import RandomSource
 from tests.test_pipeline import make_cfg
@@ -87,7 +87,7 @@ def test_a_trusted_set_lacking_classes_is_named_before_training():
             self.labels = torch.tensor(labels)
 
         def load(self):
-            from pmp_lightning.data import Images
+            from pmp_lightning.data.images import Images
             gen = torch.Generator().manual_seed(123)  # not the pool's seed: the set must share no image with it
             return Images(torch.randn(len(self.labels), 1, 2, 2, generator=gen), self.labels), None
 
@@ -148,7 +148,7 @@ def test_real_data_mode_says_that_j_comes_from_unverified_data(tmp_path):
 
 # ------------------------------------------------------------------ noise=confusion
 def _confusion(rate, seed, tmp_path):
-    reference = {"model": {"_target_": "pmp_lightning.models.mlp", "in_features": 4, "hidden": 16},
+    reference = {"model": {"_target_": "pmp_lightning.models.classifiers.mlp", "in_features": 4, "hidden": 16},
                  "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.2},
                  "trainer": {"_target_": "pytorch_lightning.Trainer", "max_epochs": 15, "enable_progress_bar": False,
                              "enable_model_summary": False, "accelerator": "cpu"}, "batch_size": 16}

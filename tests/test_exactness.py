@@ -14,13 +14,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from callbacks.theta_snapshot import ThetaSnapshot
 from pmp_lightning.trajectory import load_manifest, load_snapshot
-from pmp_lightning.costate import OBJECTIVES, objective
-from pmp_lightning.data import PoolDataModule
-from pmp_lightning.noise import LabelNoise
-from pmp_lightning.models import mlp
+from pmp_lightning.replay.costate import OBJECTIVES, objective
+from pmp_lightning.data.images import PoolDataModule
+from pmp_lightning.data.noise import LabelNoise
+from pmp_lightning.models.classifiers import mlp
 from pmp_lightning.training import Classifier
-from pmp_lightning.replay import ReplayModule
-from pmp_lightning.scores import compute_scores
+from pmp_lightning.replay.module import ReplayModule
+from pmp_lightning.scores.registry import compute_scores
 from tests.conftest import RandomSource, fit_replay
 
 N_POOL, STEPS = 24, 6
@@ -123,7 +123,7 @@ def _unrolled(dm, net, snapshot_dir, horizon, j_fn, momentum, weight_decay):
     return (-N_POOL * torch.autograd.grad(j_total, gamma)[0]).numpy()
 
 
-# the objectives written out by hand, not through pmp_lightning.costate: the reference must not share the replay's code
+# the objectives written out by hand, not through pmp_lightning.replay.costate: the reference must not share the replay's code
 REFERENCE_J = {
     "ce": lambda z, y: F.cross_entropy(z, y, reduction="none"),
     "tempered_ce": lambda z, y: 3.0 * F.cross_entropy(z / 3.0, y, reduction="none"),
@@ -237,7 +237,7 @@ def test_the_identity_holds_under_momentum_and_weight_decay(tmp_path):
 def test_leaving_out_momentum_or_weight_decay_breaks_the_identity(tmp_path, wrong):
     """Guards the test above: the same trajectory replayed as if it had no momentum, no weight decay, or with the
     steady-state approximation instead of the exact adjoint, misses the reference."""
-    from pmp_lightning.costate import Dynamics
+    from pmp_lightning.replay.costate import Dynamics
 
     dynamics = {"no_momentum": Dynamics(0.0, DECAY), "no_weight_decay": Dynamics(MOMENTUM, 0.0, heavy_ball=True),
                 "steady_state": Dynamics(MOMENTUM, DECAY, heavy_ball=False)}[wrong]
@@ -310,7 +310,7 @@ def test_adam_replays_the_preconditioned_recursion(tmp_path, kind):
 
 def test_leaving_out_the_preconditioner_changes_the_dots(tmp_path):
     """Guards the test above: an Adam trajectory replayed as plain gradient descent gives other dots."""
-    from pmp_lightning.costate import Dynamics
+    from pmp_lightning.replay.costate import Dynamics
 
     dm, _ = _train(tmp_path, optimizer=lambda params: torch.optim.AdamW(params, lr=0.05))
     replays = []

@@ -1,7 +1,7 @@
 """The stable curvature treatment: exp(−η H⁺) λ by Lanczos."""
 import torch
 
-from pmp_lightning.costate import lanczos_expm
+from pmp_lightning.replay.costate import lanczos_expm
 
 
 def _matrix(n=40, seed=0):

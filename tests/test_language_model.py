@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmp_lightning.corpus import FolderSource, JsonlSource, StdlibSource, documents, tokenize, top_level
-from pmp_lightning.corruption import CORRUPTIONS, Corruption
+from pmp_lightning.data.corpus import FolderSource, JsonlSource, StdlibSource, documents, tokenize, top_level
+from pmp_lightning.data.corruption import CORRUPTIONS, Corruption
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.gpt import GPT
-from pmp_lightning.stats import make_plan, per_example_stats
+from pmp_lightning.models.gpt import GPT
+from pmp_lightning.statistics.per_example import make_plan, per_example_stats
 from pmp_lightning.training import IGNORE, training_loss
 from tests.test_stats import check, reference
 
@@ -196,7 +196,7 @@ def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path):
     import csv as csv_module
 
     from pmp_lightning.pipeline import run
-    from pmp_lightning.scores import SCORES
+    from pmp_lightning.scores.registry import SCORES
 
     metrics = run(make_cfg(tmp_path))
     assert metrics["ground_truth"] == "corrupted documents"
@@ -238,7 +238,7 @@ def test_dsir_prefers_documents_like_the_target():
     """Code windows of one module against random bytes, with another module as the target set."""
     from sklearn.metrics import roc_auc_score
 
-    from pmp_lightning.text_scores import dsir
+    from pmp_lightning.scores.text import dsir
 
     target = documents(StdlibSource(["json"]).load(), "window", 128)
     pool = documents(StdlibSource(["csv"]).load(), "window", 128)
@@ -252,9 +252,9 @@ def test_influence_is_the_gradient_dot_product_at_the_final_model():
     """⟨∇J(θ_T), ∇l_n(θ_T)⟩ with J the target set's mean document loss, against autograd in float64."""
     from types import SimpleNamespace
 
-    from pmp_lightning.costate import objective
-    from pmp_lightning.data import IndexedDataset
-    from pmp_lightning.text_scores import influence
+    from pmp_lightning.replay.costate import objective
+    from pmp_lightning.data.images import IndexedDataset
+    from pmp_lightning.scores.text import influence
 
     x, y = _corpus_batch(n=6)
     torch.manual_seed(0)

@@ -78,7 +78,7 @@ def test_the_slurm_launcher_config_composes_without_a_cluster():
 def test_the_report_names_unfinished_jobs_and_leaves_them_out(sweep, tmp_path):
     import shutil
 
-    from pmp_lightning.compare import compare
+    from pmp_lightning.report.compare import compare
 
     root, _ = sweep
     out = tmp_path / "sweep"
@@ -100,7 +100,7 @@ def _fake_job(path, seed, ap, overrides=("+experiment=noisy_mnist",)):
 
 
 def test_the_report_counts_seeds_not_jobs_and_names_duplicates(tmp_path):
-    from pmp_lightning.compare import find_jobs, summarise
+    from pmp_lightning.report.compare import find_jobs, summarise
 
     _fake_job(tmp_path / "run_a", seed=0, ap=0.5)  # two separate runs of the same seed and setting
     _fake_job(tmp_path / "run_b", seed=0, ap=0.7)
@@ -112,7 +112,7 @@ def test_the_report_counts_seeds_not_jobs_and_names_duplicates(tmp_path):
 
 
 def test_compare_on_a_missing_directory_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pmp_lightning.compare", str(tmp_path / "nowhere")], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "pmp_lightning.report.compare", str(tmp_path / "nowhere")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"compare: {tmp_path / 'nowhere'} is not a directory; give a Hydra multirun "
@@ -124,8 +124,8 @@ def test_plots_tell_scores_and_settings_apart(tmp_path, monkeypatch):
     each naming its setting and seed; integer snapshot ticks."""
     import numpy as np
 
-    from pmp_lightning import compare
-    from pmp_lightning.scores import SCORES
+    from pmp_lightning.report import compare
+    from pmp_lightning.scores.registry import SCORES
 
     figures = {}
     monkeypatch.setattr(compare, "_save", lambda fig, path: figures.__setitem__(path.name, fig))
@@ -151,7 +151,7 @@ def test_plots_tell_scores_and_settings_apart(tmp_path, monkeypatch):
 
 
 def test_the_report_has_selection_accuracies_and_costs_over_seeds(tmp_path):
-    from pmp_lightning.compare import cost_lines, find_jobs, selection_lines
+    from pmp_lightning.report.compare import cost_lines, find_jobs, selection_lines
 
     for seed, (acc, cost) in enumerate([(0.80, 100.0), (0.84, 120.0)]):
         _fake_job(tmp_path / str(seed), seed=seed, ap=0.9, overrides=("+experiment=selection_pairflip", f"seed={seed}"))
@@ -172,7 +172,7 @@ def test_settings_sharing_a_long_prefix_keep_their_own_plots(tmp_path, monkeypat
     setting in full, and the precision-recall panels wrapped into a grid of at most four columns."""
     import numpy as np
 
-    from pmp_lightning import compare
+    from pmp_lightning.report import compare
 
     figures = {}
     monkeypatch.setattr(compare, "_save", lambda fig, path: figures.__setitem__(path.name, fig))
@@ -197,7 +197,7 @@ def test_settings_sharing_a_long_prefix_keep_their_own_plots(tmp_path, monkeypat
 
 
 def test_the_spread_over_seeds_is_the_sample_std_and_one_seed_has_none(tmp_path):
-    from pmp_lightning.compare import find_jobs, summarise, write_tables
+    from pmp_lightning.report.compare import find_jobs, summarise, write_tables
 
     _fake_job(tmp_path / "a", seed=0, ap=0.7252)
     _fake_job(tmp_path / "b", seed=1, ap=0.6743)

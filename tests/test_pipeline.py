@@ -11,9 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pmp_lightning.config import register_configs
-from pmp_lightning.evaluate import METRICS
+from pmp_lightning.report.evaluate import METRICS
 from pmp_lightning.pipeline import run
-from pmp_lightning.scores import SCORES
+from pmp_lightning.scores.registry import SCORES
 
 pytestmark = pytest.mark.slow  # every test here runs the pipeline or several processes
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pmp_lightning.baselines import cleanlab_baseline
+from pmp_lightning.scores.cleanlab_score import cleanlab_baseline
 from pmp_lightning.config import register_configs
-from pmp_lightning.data import DatasetSource, PoolDataModule, TensorSource, read_known_errors
-from pmp_lightning.noise import LabelNoise
+from pmp_lightning.data.images import DatasetSource, PoolDataModule, TensorSource, read_known_errors
+from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.errors import DataConfigError, UnknownScoreError
 from pmp_lightning.pipeline import run
 from tests.test_pipeline import ROOT, make_cfg
@@ -227,7 +227,7 @@ def test_bad_tensors_files_say_what_is_wrong(tmp_path, content, message):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("model=mlp model.in_features=100", r"model \(pmp_lightning.models.mlp\) cannot take the data's inputs of shape \(1, 28, 28\) \(torch.float32\): "
+    ("model=mlp model.in_features=100", r"model \(pmp_lightning.models.classifiers.mlp\) cannot take the data's inputs of shape \(1, 28, 28\) \(torch.float32\): "
                                         r".*model.in_features=784"),
     ("model=mlp model.num_classes=5", r"gives outputs of shape \(5,\) per example, but the labels have 10 classes; set model.num_classes=10"),
 ])
@@ -286,7 +286,7 @@ def batch_statistics_net(num_classes: int = 10):
 
 
 def test_a_network_that_truly_cannot_be_handled_is_refused_before_training(tmp_path):
-    from pmp_lightning.stats import UnsupportedModelError
+    from pmp_lightning.statistics.per_example import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match=r"layer '1' \(BatchNorm2d\) normalises with the batch's own statistics"):
         run(make_cfg(tmp_path, "model._target_=tests.test_real_data.batch_statistics_net", "~model.in_features",

@@ -7,9 +7,9 @@ import pytorch_lightning as pl
 import torch
 
 from callbacks.theta_snapshot import ThetaSnapshot
-from pmp_lightning.data import PoolDataModule
-from pmp_lightning.models import mlp
-from pmp_lightning.noise import LabelNoise
+from pmp_lightning.data.images import PoolDataModule
+from pmp_lightning.models.classifiers import mlp
+from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.trajectory import load_manifest
 from pmp_lightning.training import Classifier, WarmupCosine
 from tests.conftest import RandomSource

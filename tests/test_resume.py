@@ -8,9 +8,9 @@ import pytest
 
 from pmp_lightning.cache import MANIFEST
 from pmp_lightning.errors import ReplayConfigError, SnapshotError
-from pmp_lightning.models import mlp
+from pmp_lightning.models.classifiers import mlp
 from pmp_lightning.pipeline import run
-from pmp_lightning.replay import ReplayModule
+from pmp_lightning.replay.module import ReplayModule
 from tests.conftest import fit_replay
 from tests.test_pipeline import ROOT, SMALL, make_cfg
 
@@ -18,7 +18,7 @@ from tests.test_pipeline import ROOT, SMALL, make_cfg
 # number DONE + 1 (counting from the newest), as preemption or the OOM killer would
 KILLED_RUN = """
 import os, runpy, signal, sys
-from pmp_lightning.replay import ReplayModule
+from pmp_lightning.replay.module import ReplayModule
 
 step = ReplayModule.training_step
 def dying(self, batch, batch_idx):

@@ -10,9 +10,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 import pmp_lightning.io as pio
 from callbacks.theta_snapshot import ThetaSnapshot
 from pmp_lightning.trajectory import load_manifest, load_snapshot
-from pmp_lightning.data import PoolDataModule
-from pmp_lightning.noise import LabelNoise
-from pmp_lightning.models import mlp
+from pmp_lightning.data.images import PoolDataModule
+from pmp_lightning.data.noise import LabelNoise
+from pmp_lightning.models.classifiers import mlp
 from pmp_lightning.training import Classifier
 from tests.conftest import RandomSource
 

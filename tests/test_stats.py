@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from pmp_lightning import layer_rules
-from pmp_lightning.models import ResNet, TextClassifier, ViT, mlp, reported_cnn, small_cnn
+from pmp_lightning.statistics import layer_rules
+from pmp_lightning.models.classifiers import ResNet, TextClassifier, ViT, mlp, reported_cnn, small_cnn
 from pmp_lightning.training import training_loss
-from pmp_lightning.stats import UnsupportedModelError, make_plan, per_example_stats
+from pmp_lightning.statistics.per_example import UnsupportedModelError, make_plan, per_example_stats
 
 RTOL = 1e-9
 
@@ -373,7 +373,7 @@ def _inputs(name):
 def test_the_comparison_fails_when_a_part_is_wrong(name, monkeypatch):
     """Guards every case above: with one part's norm made 0.1% too large, the comparison against vmap(grad)
     fails, and the plan's own proof refuses that part (it moves on to the next way)."""
-    from pmp_lightning import stats as stats_module
+    from pmp_lightning.statistics import per_example as stats_module
 
     make, module = GUARDED[name]
     net = make().double().eval()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pmp_lightning.cache import content_digest
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.noise import NUM_CLASSES, LabelNoise
+from pmp_lightning.data.noise import NUM_CLASSES, LabelNoise
 
 # --------------------------------------------------------------------------- sources
 @dataclass

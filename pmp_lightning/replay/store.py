@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from pmp_lightning.errors import ReplayConfigError, SnapshotError
 from pmp_lightning.io import save_npz
@@ -15,6 +17,14 @@ from pmp_lightning.io import save_npz
 # the format of stats.npz and of the replay's progress, in the replay cache key and the progress fingerprint:
 # 3: θ_T's outputs are a row of their own; 4: the direction ψ the dots are taken along (momentum), direction_norm
 STATS_FORMAT = 4
+
+
+def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any], downstream_content: str) -> dict[str, Any]:
+    """The replay settings, the objective J, the downstream set's content and the identity of the train entry
+    replayed (a retrained entry gets a new one)."""
+    return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True),
+            "objective": OmegaConf.to_container(cfg.objective, resolve=True), "downstream_content": downstream_content,
+            "stats_format": STATS_FORMAT}
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Why a run's PMP scores do or do not find its mislabeled examples: ⟨∇J, ∇l_n⟩ at one snapshot, layer by layer.
 
-    python -m pmp_lightning.diagnose outputs/runs/<run> [--snapshot T]
+    python -m pmp_lightning.report.diagnose outputs/runs/<run> [--snapshot T]
 
 For the run's objective, plain and centred, at θ_t (default: the last snapshot θ_T) it prints the
 norm of the downstream set's mean logit pull w̄ and, per layer with parameters: the layer's share of
@@ -25,11 +25,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pmp_lightning.compare import _save
+from pmp_lightning.report.compare import _save
 from pmp_lightning.config import register_configs
-from pmp_lightning.replay_store import ReplayStats
-from pmp_lightning.costate import describe, downstream_gradient, objective
-from pmp_lightning.stats import per_example_stats, plan_for, trainable
+from pmp_lightning.replay.store import ReplayStats
+from pmp_lightning.replay.costate import describe, downstream_gradient, objective
+from pmp_lightning.statistics.per_example import per_example_stats, plan_for, trainable
 from pmp_lightning.trajectory import load_manifest, network_state
 
 CHUNK = 256
@@ -120,7 +120,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pmp_lightning.diagnose", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pmp_lightning.report.diagnose", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/<run>, or a sweep's job directory)")
     parser.add_argument("--snapshot", type=int, default=-1, help="snapshot index t (default: the last, θ_T)")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from pmp_lightning.cache import train_key_config
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.io import save_npz
-from pmp_lightning.select import train_without
+from pmp_lightning.scores.select import train_without
 from pmp_lightning.training import Training, predict_proba
 
 log = logging.getLogger(__name__)

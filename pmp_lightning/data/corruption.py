@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from pmp_lightning.corpus import Document
+from pmp_lightning.data.corpus import Document
 from pmp_lightning.errors import DataConfigError
 
 CorruptionFn = Callable[[bytes, np.random.Generator], bytes]

@@ -9,8 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from sklearn.metrics import precision_recall_curve
 
-from pmp_lightning.compare import N_SUSPECTS
-from pmp_lightning.data import language_model
+from pmp_lightning.report.compare import N_SUSPECTS
+from pmp_lightning.data.images import language_model
 
 PR_POINTS = 200  # points per precision-recall curve, enough to draw it
 

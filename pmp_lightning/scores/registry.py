@@ -26,7 +26,7 @@ import numpy as np
 from pmp_lightning.errors import UnknownScoreError
 
 if TYPE_CHECKING:  # the registry stays importable without torch, so Hydra composes before the heavy stack loads
-    from pmp_lightning.replay_store import ReplayStats
+    from pmp_lightning.replay.store import ReplayStats
 
 ScoreFn = Callable[["ReplayStats"], np.ndarray]
 SCORES: dict[str, ScoreFn] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pmp_lightning.evaluate import format_table
+from pmp_lightning.report.evaluate import format_table
 from pmp_lightning.io import save_json, save_text
 
 
@@ -24,7 +24,7 @@ def write_outputs(out: Path, datamodule, scores: dict[str, np.ndarray], metrics:
 
 def write_suspects(out: Path, datamodule, score: np.ndarray, name: str, predicted: np.ndarray | None) -> None:
     """``suspects.csv``: the whole pool, most suspect (lowest score) first, and for images ``suspects.png``, the first 32."""
-    from pmp_lightning.compare import N_SUSPECTS, suspect_grid
+    from pmp_lightning.report.compare import N_SUSPECTS, suspect_grid
 
     order = np.argsort(score, kind="stable")
     truth = datamodule.is_mislabeled if datamodule.is_mislabeled.any() else None

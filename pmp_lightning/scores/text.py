@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pmp_lightning.corpus import Document
-from pmp_lightning.costate import downstream_gradient
-from pmp_lightning.stats import output_stats, per_example_stats, trainable
+from pmp_lightning.data.corpus import Document
+from pmp_lightning.replay.costate import downstream_gradient
+from pmp_lightning.statistics.per_example import output_stats, per_example_stats, trainable
 
 DSIR_BUCKETS = 10_000  # DSIR's hashed feature space
 

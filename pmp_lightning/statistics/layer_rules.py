@@ -26,7 +26,7 @@ per-example gradient larger than the layer's own parameters per example (the nor
         every projection through the linear rule, bias_k/bias_v broadcast along the batch.
 
 Exact types only (``type(layer) in RULES``, as Opacus does): a subclass may compute something else in its
-``forward``. Everything else is the fallback's (``pmp_lightning/stats.py``).
+``forward``. Everything else is the fallback's (``pmp_lightning/statistics/per_example.py``).
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def conv_weight_offsets(layer: nn.modules.conv._ConvNd, a: torch.Tensor, delta: 
 # One convolution backward over the batch as groups (the per-example weight gradients, b × the weight's size) beats
 # the kernel-offset loop where a group's in × out channels are few (the loop's window copies and small products
 # dominate there) and the kernel has more than one offset. Measured per conv layer of the shipped models, one thread,
-# 64 examples (python -m pmp_lightning.bench --conv-layers; docs/performance.md), two runs: 0.33-0.96 of the loop's
+# 64 examples (python -m pmp_lightning.statistics.bench --conv-layers; docs/performance.md), two runs: 0.33-0.96 of the loop's
 # time at up to 40 × 40 channels, 1.9-2.1 for 1 × 1 kernels, 2.2-3.8 at 64 × 64 and 160 × 160; the layers in between
 # (32 × 64 to 80 × 160) gave 0.62-1.76 and swung between the runs, so they keep the loop.
 GROUPED_CHANNELS = 1600

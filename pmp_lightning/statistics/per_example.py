@@ -9,7 +9,7 @@ One forward pass keeps what each part of the network needs (a layer's input, a m
 backward of Σ_n l_n gives δ_n = ∂l_n/∂(output) at each part (examples do not interact in eval mode, so the sum's
 gradient is per example). Each trainable parameter is covered by exactly one *part* of a ``StatsPlan``:
 
-- ``rule``: a layer with an exact per-layer formula (``pmp_lightning/layer_rules.py``: Linear of any input rank,
+- ``rule``: a layer with an exact per-layer formula (``pmp_lightning/statistics/layer_rules.py``: Linear of any input rank,
   Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, BatchNorm in eval mode, InstanceNorm, RMSNorm). A layer whose
   output carries no batch axis (a position embedding looked up for ``arange(T)``) has its output broadcast to the
   batch during the pass, so that the backward gives each example its own δ.
@@ -47,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pmp_lightning.errors import PMPError
-from pmp_lightning.layer_rules import accumulate, decomposed_for, linear_map, rule_for
+from pmp_lightning.statistics.layer_rules import accumulate, decomposed_for, linear_map, rule_for
 from pmp_lightning.training import IGNORE, training_loss
 
 STAT_NAMES = ("dot", "grad_norm", "loss", "margin", "correct", "el2n")
@@ -169,7 +169,7 @@ def per_example_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, v: dict[
     Without a direction (``v=None``) there is no ``dot``.
 
     ``by_layer`` adds ``layer_sq`` and ``layer_dot`` (batch × parts, in ``plan.parts`` order): each part's share of
-    the squared gradient norm and of the dot product (``pmp_lightning.diagnose``). The network must be in eval
+    the squared gradient norm and of the dot product (``pmp_lightning.report.diagnose``). The network must be in eval
     mode; its plan is made (and proven) on the first call and kept for the network.
     """
     if net.training:

@@ -10,7 +10,7 @@ epoch's batches) and propagates the costate:
 
 J is the mean of ``objective`` over the downstream set and P_t is picked by ``curvature``; both, and the
 maths of one snapshot (∇J with its participation, the Hessian-vector products), are in
-``pmp_lightning/costate.py``; this module is the Lightning plumbing around them. ``curvature=exact`` is the paper's step formula plus a
+``pmp_lightning/replay/costate.py``; this module is the Lightning plumbing around them. ``curvature=exact`` is the paper's step formula plus a
 check that the trajectory was full-batch with one step per snapshot (then the scores are exact).
 At each snapshot the replay also records how many downstream examples carry ∇J
 (``costate.participation``).
@@ -41,11 +41,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from pmp_lightning.costate import PROPAGATORS, Dynamics, ObjectiveFn, describe, downstream_gradient, hessian_vector_product
-from pmp_lightning.costate import objective as make_objective
+from pmp_lightning.replay.costate import PROPAGATORS, Dynamics, ObjectiveFn, describe, downstream_gradient, hessian_vector_product
+from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
-from pmp_lightning.replay_store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps
-from pmp_lightning.stats import STAT_NAMES, STEP_STATS, block_matrix, output_stats, per_example_stats, plan_for, trainable
+from pmp_lightning.replay.store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps
+from pmp_lightning.statistics.per_example import STAT_NAMES, STEP_STATS, block_matrix, output_stats, per_example_stats, plan_for, trainable
 from pmp_lightning.trajectory import load_manifest, load_preconditioner, network_shapes, network_state
 
 CURVATURES = tuple(PROPAGATORS)

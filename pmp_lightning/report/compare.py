@@ -1,6 +1,6 @@
 """Comparison report over a Hydra multirun: which score finds mislabeled examples, under which settings.
 
-    python -m pmp_lightning.compare outputs/multiruns/<date_time>
+    python -m pmp_lightning.report.compare outputs/multiruns/<date_time>
 
 Also runs by itself at the end of every multirun (``CompareCallback`` in ``conf/hydra/default.yaml``).
 A *setting* is a job's overrides minus ``scoring`` and ``seed``; seeds are averaged. Writes into the
@@ -38,7 +38,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 from pmp_lightning.io import atomic_write, save_text  # noqa: E402
-from pmp_lightning.scores import PMP_VARIANTS  # noqa: E402
+from pmp_lightning.scores.registry import PMP_VARIANTS  # noqa: E402
 
 log = logging.getLogger(__name__)
 AVERAGED = ("scoring", "seed")  # override keys that do not define a setting
@@ -374,7 +374,7 @@ def plot_suspects(merged, out: Path) -> None:
     """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
     from hydra.utils import instantiate
 
-    from pmp_lightning.data import language_model
+    from pmp_lightning.data.images import language_model
 
     setting, (scores, mask, index, job) = next(iter(merged.items()))
     cfg = OmegaConf.load(job.path / ".hydra" / "config.yaml")
@@ -426,7 +426,7 @@ class CompareCallback(Callback):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pmp_lightning.compare", description="Write the comparison report of a Hydra multirun directory.")
+    parser = argparse.ArgumentParser(prog="python -m pmp_lightning.report.compare", description="Write the comparison report of a Hydra multirun directory.")
     parser.add_argument("sweep_dir", type=Path)
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():

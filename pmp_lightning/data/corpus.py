@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pmp_lightning.cache import content_digest
-from pmp_lightning.data import IndexedDataset
+from pmp_lightning.data.images import IndexedDataset
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.training import IGNORE
 

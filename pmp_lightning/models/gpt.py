@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pmp_lightning.corpus import VOCAB_SIZE
+from pmp_lightning.data.corpus import VOCAB_SIZE
 
 
 class CausalBlock(nn.Module):

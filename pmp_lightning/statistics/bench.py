@@ -1,12 +1,12 @@
 """Benchmark of the replay's per-example statistics against the alternatives, in one process.
 
-    python -m pmp_lightning.bench [--model cnn] [--examples 256] [--chunk N] [--repeats 15] [--threads 1] [--device cpu] [--load 1]
+    python -m pmp_lightning.statistics.bench [--model cnn] [--examples 256] [--chunk N] [--repeats 15] [--threads 1] [--device cpu] [--load 1]
 
 Methods, all on the same examples, parameters and direction λ:
   (a) loop      the reported approach: one ``torch.autograd.grad`` per example, then dots and norms
   (b) vmap_grad ``torch.func.vmap(grad)``: every per-example gradient materialised, then dots and norms
   (c) vmap_jvp  ``vmap`` over examples of one ``jvp`` of the loss along λ: dots only, no norms
-  (d) stats     the project's pass (``pmp_lightning.stats.per_example_stats``): dots, norms, loss,
+  (d) stats     the project's pass (``pmp_lightning.statistics.per_example.per_example_stats``): dots, norms, loss,
                 margin, correctness, EL2N from one forward and one backward
   (d') stats_blocks  the same with every part's share kept and summed into the network's blocks (what the replay
                 runs since it keeps per-block statistics): stats_blocks/stats is their cost
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pmp_lightning import models
-from pmp_lightning.stats import block_matrix, per_example_stats, plan_for
+from pmp_lightning.models import classifiers as models
+from pmp_lightning.statistics.per_example import block_matrix, per_example_stats, plan_for
 
 MODELS = {"cnn": models.reported_cnn, "small_cnn": models.small_cnn, "mlp": models.mlp, "logreg": models.logistic_regression,
           "resnet": models.ResNet, "vit": models.ViT, "text": models.TextClassifier,
@@ -184,7 +184,7 @@ def cpu_load(processes: int):
 def peak_memory_mib(method: str, model: str, args) -> tuple[float, float] | None:
     """Peak memory while running ``method`` once, in a fresh process so methods do not share a high-water mark."""
     code = (
-        "import json; from pmp_lightning import bench; from pmp_lightning.memory import PeakMemory; "
+        "import json; from pmp_lightning.statistics import bench; from pmp_lightning.memory import PeakMemory; "
         f"a = json.loads({json.dumps(json.dumps(vars(args)))}); "
         f"fns = bench.make_methods(*bench._setup({model!r}, a['examples'], a['device']), a['chunk']); "
         f"fns[{method!r}](); "  # warm-up: allocator caches and lazy initialisation are not the method's
@@ -209,7 +209,7 @@ CONV_LAYERS = [(1, 32, 28, 1, 3, 0), (32, 64, 26, 1, 3, 0), (1, 16, 28, 2, 5, 0)
 def conv_layer_costs(examples: int, repeats: int) -> list[dict]:
     """The conv weight rule's two ways (the kernel-offset loop, the grouped convolution backward) on each shipped conv
     layer, interleaved, each one's minimum over the rounds: what ``layer_rules.GROUPED_CHANNELS`` was set from."""
-    from pmp_lightning import layer_rules
+    from pmp_lightning.statistics import layer_rules
 
     rows = []
     for cin, cout, size, stride, k, pad in CONV_LAYERS:
@@ -230,7 +230,7 @@ def conv_layer_costs(examples: int, repeats: int) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m pmp_lightning.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pmp_lightning.statistics.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["cnn"], choices=[*sorted(MODELS), "all"],
                         help="the networks to time, one after the other (default: the reported CNN; all: every one)")
     parser.add_argument("--examples", type=int, default=256, help="examples every method processes (default 256)")
