@@ -8,13 +8,16 @@ the score that orders ``suspects.csv`` (default: ``cosine`` when computed, else 
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
@@ -69,6 +72,29 @@ def register_configs() -> None:
                 node=ScoringConfig(scores=[ScoreName[n] for n in SCORES if n not in PMP_VARIANTS]))
     for name in SCORES:
         store.store(group="scoring", name=name, node=ScoringConfig(scores=[ScoreName[name]]))
+
+
+class WritableOutputs(Callback):
+    """Hydra makes the run's (or the sweep's) directory before the task function starts, so an unwritable
+    ``hydra.run.dir`` would end in Hydra's traceback, never reaching the run's own check: this names it first, in one
+    line. It looks at the nearest directory that exists and creates nothing (the name holds the time, which Hydra
+    reads again)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        _require_writable_parent(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        _require_writable_parent(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _require_writable_parent(directory: str, setting: str) -> None:
+    path = Path(directory).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a directory" if not existing.is_dir() else "not writable"
+        logging.getLogger("run").error(f"OutputError: cannot write to {path} ({existing} is {why}); point {setting} at a "
+                                       f"writable directory")
+        sys.exit(1)
 
 
 # settings checked before any work: (key, smallest allowed, may be null, example)

@@ -494,3 +494,20 @@ def test_a_float64_model_is_told_to_train_in_float64(tmp_path):
     assert _nothing_trained(tmp_path / "a")
     metrics = run(_tensors_cfg(tmp_path / "b", x, y, *args, "trainer.precision=64-true"))
     assert metrics["test_accuracy"] > 0.1
+
+
+@pytest.mark.parametrize("mode", ["run", "multirun"])
+def test_an_unwritable_hydra_directory_is_one_line_before_hydra_makes_it(tmp_path, mode):
+    """Hydra makes hydra.run.dir (hydra.sweep.dir) before the task function runs: the WritableOutputs callback names an
+    unwritable one first. Guard: a writable one passes the same check (the run then fails on purpose, later)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    key, extra = ("hydra.run.dir", []) if mode == "run" else ("hydra.sweep.dir", ["-m"])
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), *extra, "+experiment=noisy_mnist", f"{key}={blocker / 'out'}",
+                           "trainer.max_epochs=0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout
+    assert f"cannot write to {blocker / 'out'} ({blocker} is not a directory); point {key} at a writable" in done.stderr + done.stdout
+    fine = subprocess.run([sys.executable, str(ROOT / "run.py"), *extra, "+experiment=noisy_mnist",
+                           f"{key}={tmp_path / 'out'}", "trainer.max_epochs=0"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert "cannot write" not in fine.stderr + fine.stdout and "trainer.max_epochs=0" in fine.stderr + fine.stdout
