@@ -33,6 +33,7 @@ class LineProgress(ProgressBar):
         self._enabled = True
         self._start = self._epoch_start = 0.0
         self._examples = 0
+        self._pending = None  # a replay snapshot's line, said once the module has finished that snapshot
 
     def disable(self) -> None:
         self._enabled = False
@@ -44,7 +45,24 @@ class LineProgress(ProgressBar):
         self._start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._say_pending()
         self._epoch_start, self._examples = time.perf_counter(), 0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._say_pending()
+
+    def _say_pending(self) -> None:
+        """The replay's line for the snapshot just finished: only now, after the module's own epoch end has carried λ
+        back and saved the snapshot's progress, is it done (a kill before that redoes it), and its time whole."""
+        if self._pending is not None:
+            self._say(*self._pending)
+            self._pending = None
+
+    def _say(self, what: str, extra: str) -> None:
+        now = time.perf_counter()
+        took = now - self._epoch_start
+        rate = f"{self._examples / took:.0f} examples/s" if took > 0 else "-"
+        print(f"{what}: {took:.1f} s, {rate}, {extra}; elapsed {now - self._start:.1f} s", flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._examples += len(batch[0])
@@ -52,20 +70,16 @@ class LineProgress(ProgressBar):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._enabled or not trainer.is_global_zero:
             return
-        now = time.perf_counter()
-        took = now - self._epoch_start
-        rate = f"{self._examples / took:.0f} examples/s" if took > 0 else "-"
-        done = f"({trainer.current_epoch + 1}/{trainer.max_epochs})"
         if hasattr(pl_module, "snapshot_of_epoch"):  # the replay: an epoch scores one snapshot with λ_{t+1}
             t = pl_module.snapshot_of_epoch(trainer.current_epoch)
-            what = f"replay θ_{t} {done}"
-            # (callbacks run before the module's own epoch end, so λ is still λ_{t+1}; θ_T has none yet)
+            # counted over the whole trajectory, so a resumed replay goes on counting where the interrupted one stopped;
+            # callbacks run before the module's own epoch end, so λ is still λ_{t+1} (θ_T has none yet)
             extra = f"‖λ_{t + 1}‖ = {float(pl_module.lam.norm()):.3g}" if t < pl_module.T else "the trained model, for the baselines"
-        else:
-            what = f"train epoch {done}"
-            loss = trainer.callback_metrics.get("train/loss")
-            extra = f"loss {float(loss):.4f}" if loss is not None else ""
-        print(f"{what}: {took:.1f} s, {rate}, {extra}; elapsed {now - self._start:.1f} s", flush=True)
+            self._pending = (f"replay θ_{t} ({pl_module.T - t + 1}/{pl_module.T + 1})", extra)
+            return
+        loss = trainer.callback_metrics.get("train/loss")
+        self._say(f"train epoch ({trainer.current_epoch + 1}/{trainer.max_epochs})",
+                  f"loss {float(loss):.4f}" if loss is not None else "")
 
 
 def on_a_terminal() -> bool:

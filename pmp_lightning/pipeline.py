@@ -336,7 +336,7 @@ def replay_stage(stages: Stages, cache: StageCache, replay_settings, training: T
                                      pool=datamodule.scored, downstream=datamodule.downstream,
                                      train_set=datamodule.train_set, progress_dir=directory)
             _fit_replay(module, training, directory)
-        return {"seconds": stages.timings["replay"]}
+        return {"seconds": round(stages.timings["replay"] + module.resumed_seconds, 3)}  # the interrupted part too
 
     return cache.load_or_compute(replay, _missing_stats, resume=True, lead=stages.lead, agree=_agree), cache.dir
 
@@ -345,7 +345,8 @@ def _fit_replay(replay, training: Training, directory: Path) -> None:
     """Run the replay's own Trainer over the snapshots still to do (global rank zero writes stats.npz at the end)."""
     total = replay.T + 1
     if replay.remaining < total:
-        log.info(f"replay: resuming in {directory}, {total - replay.remaining} of {total} snapshots already done")
+        log.info(f"replay: resuming in {directory}, {total - replay.remaining} of {total} snapshots already done "
+                 f"({replay.resumed_seconds:.0f} s of replay before the interruption)")
     if not replay.remaining:  # every snapshot was done before an interruption; only stats.npz is missing
         if rank_zero_only.rank == 0:
             replay.save_stats()

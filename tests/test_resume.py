@@ -1,4 +1,5 @@
 """A killed replay resumes after its last finished snapshot (training's resume is in test_snapshot.py)."""
+import json
 import signal
 import subprocess
 import sys
@@ -14,33 +15,45 @@ from pmp_lightning.replay.module import ReplayModule
 from tests.conftest import fit_replay
 from tests.test_pipeline import ROOT, SMALL, make_cfg
 
-# run.py with the replay's training_step patched to SIGKILL its own process halfway through snapshot
-# number DONE + 1 (counting from the newest), as preemption or the OOM killer would
+# run.py with the replay's training_step (or its epoch end, where λ is carried back and the progress saved) patched to
+# SIGKILL its own process in snapshot number DONE + 1 (counting from the newest), as preemption or the OOM killer would
 KILLED_RUN = """
 import os, runpy, signal, sys
 from pmp_lightning.replay.module import ReplayModule
 
-step = ReplayModule.training_step
+step, end = ReplayModule.training_step, ReplayModule.on_train_epoch_end
 def dying(self, batch, batch_idx):
-    if self.done.sum() == {done} and batch_idx == 1:
+    if self.done.sum() == {done} and batch_idx == 1 and "{where}" == "step":
         os.kill(os.getpid(), signal.SIGKILL)
     return step(self, batch, batch_idx)
-ReplayModule.training_step = dying
+def dying_at_the_end(self):
+    if self.done.sum() == {done} and "{where}" == "epoch_end":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return end(self)
+ReplayModule.training_step, ReplayModule.on_train_epoch_end = dying, dying_at_the_end
 sys.argv = ["run.py", *{args!r}]
 runpy.run_path("run.py", run_name="__main__")
 """
 
 
 @pytest.mark.slow
-def test_a_killed_replay_resumes_and_ends_bit_identical(tmp_path):
+@pytest.mark.parametrize("where", ["step", "epoch_end"])
+def test_a_killed_replay_resumes_and_ends_bit_identical(tmp_path, where):
+    """Killed halfway through a snapshot's batches, or after its statistics but before λ is carried back and saved: the
+    snapshot is redone, its progress line was never printed (the count goes on where it stopped), the recorded replay
+    cost holds the time before the kill too, and the results are bit-identical to an uninterrupted run's."""
     args = [*SMALL, "scoring.scores=[raw,cosine,loss]", f"paths.cache_dir={tmp_path / 'cache'}"]
-    first = subprocess.run([sys.executable, "-c", KILLED_RUN.format(done=2, args=[*args, f"hydra.run.dir={tmp_path / 'a'}"])],
+    first = subprocess.run([sys.executable, "-c", KILLED_RUN.format(done=2, where=where,
+                                                                    args=[*args, f"hydra.run.dir={tmp_path / 'a'}"])],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    killed_log = first.stdout + first.stderr
+    assert "replay θ_4 (1/5)" in killed_log and "replay θ_3 (2/5)" in killed_log and "replay θ_2" not in killed_log
     entry = next((tmp_path / "cache" / "replay").glob("[!.]*"))
     assert not (entry / MANIFEST).exists() and not (entry / "stats.npz").exists()  # a partial entry, not taken for done
     with np.load(entry / "costate.npz") as z:
         assert z["done"].tolist() == [False, False, False, True, True]  # θ_4 (the trained model) and θ_3 were done
+        before = float(z["seconds"].sum())
     assert sorted(p.name for p in (entry / "rows").iterdir()) == ["row_00003.npz", "row_00004.npz"]
 
     again = subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={tmp_path / 'b'}"], cwd=ROOT,
@@ -48,6 +61,9 @@ def test_a_killed_replay_resumes_and_ends_bit_identical(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr
     assert "train cache hit" in log and "2 of 5 snapshots already done" in log and "replay: 3 snapshots" in log
+    assert [f"replay θ_{t} ({5 - t}/5)" in log for t in (2, 1, 0)] == [True] * 3 and "replay θ_3" not in log
+    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert before > 0 and resumed["cost_s"]["replay"] == pytest.approx(resumed["timings"]["replay"] + before, abs=2e-3)
 
     # an uninterrupted run from scratch (it retrains too): the same seed gives the same bits
     uninterrupted = run(make_cfg(tmp_path / "c", "scoring.scores=[raw,cosine,loss]", cache=tmp_path / "cache2"))

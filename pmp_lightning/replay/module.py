@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -111,12 +112,14 @@ class ReplayModule(pl.LightningModule):
         self.lam: torch.Tensor | None = None
         self.direction: torch.Tensor | None = None  # ψ_{t+1}: λ_{t+1} itself unless momentum is replayed exactly
         self.done = np.zeros(self.T + 1, dtype=bool)  # per snapshot θ_0..θ_T
+        self.seconds = np.zeros(self.T + 1)  # each finished snapshot's wall time, kept across interruptions
         self.automatic_optimization = False
         self.progress = None
         if progress_dir is not None:
             self.progress = ReplayProgress(progress_dir, self._fingerprint(curvature, horizon, n_hvp, seed))
             self._resume()
         self._first = self.T - int(self.done.sum())  # the snapshot of epoch 0 (θ_T unless resumed)
+        self.resumed_seconds = float(self.seconds.sum())  # the replay's time before an interruption
 
     def _empty_statistics(self, n: int) -> None:
         """The arrays the replay fills, NaN until computed."""
@@ -229,6 +232,7 @@ class ReplayModule(pl.LightningModule):
         self.lambda_norm, self.participation = state["lambda_norm"], state["participation"]
         self.direction_norm, self.block_direction_norm = state["direction_norm"], state["block_direction_norm"]
         self.lam, self.direction = torch.from_numpy(state["costate"]), torch.from_numpy(state["direction"])
+        self.seconds = state.get("seconds", self.seconds)
 
     # ------------------------------------------------------------------ lightning plumbing
     def configure_optimizers(self):
@@ -252,6 +256,7 @@ class ReplayModule(pl.LightningModule):
             self.direction = self.direction.to(self.device, self.dtype)
 
     def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
         t = self.snapshot_of_epoch(self.current_epoch)
         self._load(t)
         self._lam_dict = None if t == self.T else self._unflatten(self.direction)  # θ_T: no λ_{T+1}, no dot
@@ -292,11 +297,12 @@ class ReplayModule(pl.LightningModule):
                                                      self._precond.get(t))
             self._record_norm(t, share)
         self.done[t] = True
+        self.seconds[t] = time.perf_counter() - self._epoch_start
         if self.progress is not None and self.trainer.is_global_zero:
             self.progress.save(t, {k: self.arrays[k][t] for k in self._row_stats(t)}, costate=self.lam.detach().cpu().numpy(),
                                direction=self.direction.detach().cpu().numpy(), done=self.done, lambda_norm=self.lambda_norm,
                                direction_norm=self.direction_norm, block_direction_norm=self.block_direction_norm,
-                               participation=self.participation)
+                               participation=self.participation, seconds=self.seconds)
 
     def on_train_end(self) -> None:
         if self.progress is not None and self.trainer.is_global_zero and self.done.all():
