@@ -128,10 +128,8 @@ def check_settings(cfg) -> tuple[list[str], str]:
     growth = cfg.replay.get("growth_warning")
     if isinstance(growth, bool) or not isinstance(growth, (int, float)) or growth <= 1:
         raise ReplayConfigError(f"replay.growth_warning={growth!r}: it must be a number > 1 (a growth factor of ‖λ‖), e.g. 10")
-    folds = cfg.baselines.folds
-    if cfg.baselines.cleanlab and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
-        raise DataConfigError(f"baselines.folds={folds!r}: cross-validation needs an integer from 2 to the pool size, "
-                              f"e.g. baselines.folds=5")
+    if cfg.baselines.cleanlab:
+        check_folds(cfg.baselines.folds)
     names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else [])]
     _check_selection(cfg.select, cfg.data.get("pool_mode"), names)
     canaries = cfg.scoring.get("canaries", 0)
@@ -142,6 +140,14 @@ def check_settings(cfg) -> tuple[list[str], str]:
         raise SettingError("scoring.canaries chooses among the PMP variants, and this run computes none; add some to "
                            "scoring.scores (e.g. scoring=all)")
     return names, _rank_by(cfg.scoring.get("rank_by"), names, canaries)
+
+
+def check_folds(folds, pool_size: int | None = None) -> None:
+    """cleanlab's cross-validation folds: checked with the settings, and once the pool's size is known."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= (pool_size or folds):
+        size = f" ({pool_size})" if pool_size else ""
+        raise DataConfigError(f"baselines.folds={folds!r}: cross-validation needs an integer from 2 to the pool size{size}, "
+                              f"e.g. baselines.folds=5")
 
 
 def _check_selection(select, pool_mode: str | None, names: list[str]) -> None:

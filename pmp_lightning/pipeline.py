@@ -36,9 +36,9 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from callbacks.process_group import ReleaseSpawnedProcessGroup
 from callbacks.progress import log_above_bars, progress_callbacks
-from pmp_lightning.scores.cleanlab_score import check_folds, cleanlab_baseline, cross_validated_probs, crossval_key_config
+from pmp_lightning.scores.cleanlab_score import cleanlab_baseline, cross_validated_probs, crossval_key_config
 from pmp_lightning.cache import StageCache, code_digest, train_key_config
-from pmp_lightning.config import check_settings
+from pmp_lightning.config import check_folds, check_settings
 from pmp_lightning.replay.costate import describe, hessian_vector_product, is_centred
 from pmp_lightning.data.images import language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError

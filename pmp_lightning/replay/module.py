@@ -46,7 +46,8 @@ from pmp_lightning.replay.costate import PROPAGATORS, Dynamics, ObjectiveFn, des
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
 from pmp_lightning.replay.store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps
-from pmp_lightning.statistics.per_example import STAT_NAMES, STEP_STATS, block_matrix, output_stats, per_example_stats, plan_for, trainable
+from pmp_lightning.statistics.per_example import (STAT_NAMES, STEP_STATS, block_matrix, default_chunk, output_stats,
+                                                  per_example_stats, plan_for, trainable)
 from pmp_lightning.trajectory import load_manifest, load_preconditioner, network_shapes, network_state
 
 CURVATURES = tuple(PROPAGATORS)
@@ -168,7 +169,7 @@ class ReplayModule(pl.LightningModule):
     @property
     def chunk(self) -> int:
         """Examples per chunk: ``batch_size``, or by default 64 on a CPU and 1024 on a GPU (the fastest measured)."""
-        return self.batch_size or (1024 if self.device.type == "cuda" else 64)
+        return self.batch_size or default_chunk(self.device.type)
 
     @property
     def remaining(self) -> int:

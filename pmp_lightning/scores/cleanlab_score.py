@@ -23,7 +23,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pmp_lightning.cache import train_key_config
-from pmp_lightning.errors import DataConfigError
 from pmp_lightning.io import save_npz
 from pmp_lightning.scores.select import train_without
 from pmp_lightning.training import Training, predict_proba
@@ -36,12 +35,6 @@ def crossval_key_config(cfg: DictConfig, data_content: dict[str, str], model_cod
     return {**train_key_config(cfg, data_content, model_code), "folds": cfg.baselines.folds}
 
 
-def check_folds(folds, pool_size: int) -> None:
-    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= pool_size:
-        raise DataConfigError(f"baselines.folds={folds!r}: cross-validation needs an integer from 2 to the pool size "
-                              f"({pool_size}), e.g. baselines.folds=5")
-
-
 def cross_validated_probs(training: Training, datamodule, folds: int, directory: Path) -> np.ndarray:
     """Out-of-sample probabilities (N, K) of the pool the run trains on, from K-fold cross-validation.
 
@@ -50,7 +43,6 @@ def cross_validated_probs(training: Training, datamodule, folds: int, directory:
     from sklearn.model_selection import KFold, StratifiedKFold
 
     labels = datamodule.observed_labels.numpy()
-    check_folds(folds, len(labels))
     counts = np.bincount(labels)
     stratify = counts[counts > 0].min() >= folds  # a class with fewer examples than folds cannot be stratified
     splitter = (StratifiedKFold if stratify else KFold)(n_splits=folds, shuffle=True, random_state=training.seed)

@@ -44,7 +44,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pmp_lightning.models import classifiers as models
-from pmp_lightning.statistics.per_example import block_matrix, per_example_stats, plan_for
+from pmp_lightning.statistics.per_example import block_matrix, default_chunk, per_example_stats, plan_for
 
 MODELS = {"cnn": models.reported_cnn, "small_cnn": models.small_cnn, "mlp": models.mlp, "logreg": models.logistic_regression,
           "resnet": models.ResNet, "vit": models.ViT, "text": models.TextClassifier,
@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--conv-layers", action="store_true",
                         help="instead of whole models: the conv weight rule's two ways on each shipped conv layer")
     args = parser.parse_args(argv)
-    args.chunk = args.chunk or (1024 if args.device.startswith("cuda") else 64)
+    args.chunk = args.chunk or default_chunk(args.device.split(":")[0])
     if args.threads < 0:
         parser.error(f"--threads {args.threads}: give a number of threads ≥ 1, or 0 for torch's default")
     threads_before = torch.get_num_threads()

@@ -158,6 +158,12 @@ def block_matrix(plan: "StatsPlan", net: nn.Module, groups: list[str] | None = N
     return [label[b] for b in kept], matrix
 
 
+def default_chunk(device_type: str) -> int:
+    """Examples per chunk of the pass when none is set: 64 on a CPU, 1024 on a GPU (each the fastest measured,
+    docs/performance.md); the replay's ``replay.batch_size`` and the benchmark's ``--chunk`` default to it."""
+    return 1024 if device_type == "cuda" else 64
+
+
 def trainable(net: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters training moves (``requires_grad``), by name: what λ, ∇J and the statistics cover."""
     return {k: p for k, p in net.named_parameters() if p.requires_grad}
