@@ -267,3 +267,22 @@ def test_influence_is_the_gradient_dot_product_at_the_final_model():
         g = torch.autograd.grad(training_loss(net(x[n:n + 1]), y[n:n + 1]), params)
         want = sum((a * b).sum() for a, b in zip(grad_j, g))
         assert got[n] == pytest.approx(float(want), rel=1e-9)
+
+
+# ------------------------------------------------------------------ a labelled text set from the same corpus
+def test_package_windows_are_labelled_balanced_and_split_by_file():
+    from pmp_lightning.data.corpus import PackageSource
+
+    source = PackageSource(packages=["json", "email", "asyncio"], length=64, per_package=40, seed=0)
+    main, test = source.load()
+    assert main.x.shape == (120, 64) and main.x.dtype == torch.long and main.y.bincount().tolist() == [40, 40, 40]
+    assert test.y.bincount().tolist() == [8, 8, 8] and source.num_classes == 3
+    windows = {bytes(row.tolist()) for row in main.x}
+    assert not windows & {bytes(row.tolist()) for row in test.x}
+    assert source.files["main"] and source.files["test"] and not set(source.files["main"]) & set(source.files["test"])
+    texts = dict(StdlibSource(["json", "email", "asyncio"]).load())
+    for split, images in (("main", main), ("test", test)):  # every window comes from a file its split read
+        read = [texts[name] for name in source.files[split]]
+        assert all(any(bytes(row.tolist()) in text for text in read) for row in images.x)
+    with pytest.raises(DataConfigError, match="'nonexistent_pkg' has 0 file.*a package needs two at least"):
+        PackageSource(packages=["json", "nonexistent_pkg"]).load()

@@ -316,3 +316,44 @@ def first_line(text: bytes, width: int = 60) -> str:
     """The document's first non-blank line, at most ``width`` characters: what suspects.csv shows of it."""
     line = next((s for s in text.decode("utf-8", errors="replace").splitlines() if s.strip()), "")
     return line.strip()[:width]
+
+
+class PackageSource:
+    """A labelled text set with no download: windows of ``length`` bytes from ten top-level packages of the standard
+    library, each labelled by its package (class k = ``packages[k]``), as token ids for a text classifier. Each
+    package's files are split by ``seed`` between the main split and the test split (``test_fraction`` of them, at
+    least one), so no file has windows in both; each package gives at most ``per_package`` windows to the main split
+    (a fifth of that to the test split), drawn at random, so the classes are about balanced."""
+
+    PACKAGES = ("asyncio", "ctypes", "email", "encodings", "idlelib", "importlib", "multiprocessing", "tkinter",
+                "unittest", "xml")
+
+    def __init__(self, packages: list[str] | None = None, length: int = 128, per_package: int = 300,
+                 test_fraction: float = 0.2, seed: int = 0):
+        self.packages = list(packages or self.PACKAGES)
+        self.length, self.per_package, self.test_fraction, self.seed = length, per_package, test_fraction, seed
+        self.num_classes = len(self.packages)
+
+    def load(self):
+        from pmp_lightning.data.images import Images
+
+        texts = StdlibSource(self.packages).load()
+        gen = torch.Generator().manual_seed(self.seed)
+        splits = {"main": ([], []), "test": ([], [])}
+        self.files = {"main": [], "test": []}  # the files each split read, by name
+        for label, package in enumerate(self.packages):
+            files = [t for t in texts if top_level(t[0]) == package]
+            if len(files) < 2:
+                raise DataConfigError(f"data.source.packages: {package!r} has {len(files)} file(s) in "
+                                      f"{StdlibSource().describe()}; a package needs two at least (one per split)")
+            order = torch.randperm(len(files), generator=gen).tolist()
+            held = max(1, round(self.test_fraction * len(files)))
+            for split, chosen, cap in (("test", order[:held], max(1, self.per_package // 5)),
+                                       ("main", order[held:], self.per_package)):
+                self.files[split] += [files[i][0] for i in sorted(chosen)]
+                windows = documents([files[i] for i in sorted(chosen)], "window", self.length - 1)  # length bytes
+                keep = torch.randperm(len(windows), generator=gen)[:cap].sort().values.tolist()
+                splits[split][0].append(torch.tensor([list(windows[i].text) for i in keep], dtype=torch.long))
+                splits[split][1].append(torch.full((len(keep),), label))
+        main, test = ((torch.cat(x), torch.cat(y)) for x, y in splits.values())
+        return Images.checked(*main, "data.source (PackageSource)"), Images.checked(*test, "data.source (PackageSource)")
