@@ -42,7 +42,8 @@ def test_a_killed_replay_resumes_and_ends_bit_identical(tmp_path, where):
     """Killed halfway through a snapshot's batches, or after its statistics but before λ is carried back and saved: the
     snapshot is redone, its progress line was never printed (the count goes on where it stopped), the recorded replay
     cost holds the time before the kill too, and the results are bit-identical to an uninterrupted run's."""
-    args = [*SMALL, "scoring.scores=[raw,cosine,loss]", f"paths.cache_dir={tmp_path / 'cache'}"]
+    args = [*SMALL, "scoring.scores=[raw,cosine,loss]", f"paths.cache_dir={tmp_path / 'cache'}",
+            "trainer.enable_progress_bar=true"]  # not on a terminal: a line per epoch and snapshot
     first = subprocess.run([sys.executable, "-c", KILLED_RUN.format(done=2, where=where,
                                                                     args=[*args, f"hydra.run.dir={tmp_path / 'a'}"])],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
