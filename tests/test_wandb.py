@@ -64,6 +64,10 @@ def test_offline_run_files_hold_the_summary_metrics(tmp_path, monkeypatch):
     assert summary["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert {"costate/lambda_norm", "costate/participation", "costate/contribution_auroc", "pr_curves_table/_type",
             "histogram/raw/mislabeled/values"} <= set(history)
+    # each curve has its own step key, so the summary pairs ‖λ_T‖ with t = T (a shared "costate/t" ended at T − 1)
+    norms = metrics["costate"]["lambda_norms"]
+    assert summary["costate/lambda_t"] == len(norms) and summary["costate/lambda_norm"] == pytest.approx(norms[-1])
+    assert summary["costate/snapshot_t"] == len(norms) - 1 and "costate/t" not in summary
     assert json.loads(history["top_suspects/_type"]) == "table-file"
     assert json.loads(history["top_suspects/nrows"]) == 3 * 32  # 32 suspects per score, with images
     assert config["replay"]["curvature"] == "expm"  # the full config is logged
