@@ -316,8 +316,9 @@ def odd_conv_net():
     )
 
 
-@pytest.mark.parametrize("make", [reported_cnn, small_cnn, mlp, odd_conv_net, ResNet, ViT, TextClassifier],
-                         ids=["cnn", "small_cnn", "mlp", "odd_conv", "resnet", "vit", "text"])
+@pytest.mark.parametrize("make", [reported_cnn, small_cnn, mlp, odd_conv_net, ResNet, ViT, TextClassifier,
+                                  lambda: TextClassifier(depth=2)],
+                         ids=["cnn", "small_cnn", "mlp", "odd_conv", "resnet", "vit", "text", "text_encoder"])
 def test_whole_models_match_vmap_grad(make):
     torch.manual_seed(0)
     net = make()

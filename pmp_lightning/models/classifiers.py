@@ -118,8 +118,9 @@ class ViT(nn.Module):
 
 
 class TextClassifier(nn.Module):
-    """A text-style classifier: token and position embeddings (``nn.Embedding``), LayerNorm, mean pooling over the
-    positions and a GELU MLP.
+    """A text-style classifier: token and position embeddings (``nn.Embedding``), ``depth`` pre-norm transformer
+    encoder blocks (``EncoderBlock``; none by default: a bag of tokens), LayerNorm, mean pooling over the positions and
+    a GELU MLP.
 
     Integer inputs are token ids (N, T). Floating inputs are images (N, C, H, W), read as a sequence of tokens: each
     ``patch`` × ``patch`` patch's mean brightness (in [0, 1]) quantised to ``vocab_size`` levels, row by row. So the
@@ -127,11 +128,12 @@ class TextClassifier(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, vocab_size: int = 16, max_len: int = 64, dim: int = 64, hidden: int = 128,
-                 patch: int = 4, padding_idx: int | None = None):
+                 patch: int = 4, padding_idx: int | None = None, depth: int = 0, heads: int = 4):
         super().__init__()
         self.patch, self.vocab_size = patch, vocab_size
         self.tokens = nn.Embedding(vocab_size, dim, padding_idx=padding_idx)
         self.positions = nn.Embedding(max_len, dim)
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, hidden) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
 
@@ -144,4 +146,4 @@ class TextClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.tokenize(x)
         h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=ids.device))
-        return self.mlp(self.norm(h).mean(1))
+        return self.mlp(self.norm(self.blocks(h)).mean(1))
