@@ -42,7 +42,8 @@ from pmp_lightning.config import check_folds, check_settings
 from pmp_lightning.replay.costate import describe, hessian_vector_product, is_centred
 from pmp_lightning.data.images import language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError
-from pmp_lightning.report.evaluate import canary_choice, contribution_auroc, detection_metrics, small_sample_caveat
+from pmp_lightning.report.evaluate import (auroc_by_kind, canary_choice, contribution_auroc, detection_metrics,
+                                           small_sample_caveat)
 from pmp_lightning.io import save_npz
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.report.outputs import write_outputs
@@ -159,8 +160,10 @@ def run(cfg: DictConfig) -> dict:
             with stages.stage("select"):
                 chosen = selection(training, datamodule, scores, cfg.select.fractions, cfg.select.scores,
                                    trained["test_accuracy"], cfg.seed)
+        by_kind = auroc_by_kind(scores, datamodule.corruption_kind) if language_model(datamodule) and detection["detection"] else None
         metrics = assemble_metrics(stages, detection, trained, stats, objective, cfg.replay, cost, train_dir, replay_dir,
-                                   datamodule, {"cleanlab": cleanlab, "selection": chosen, "canaries": canaries}, rank_by)
+                                   datamodule, {"cleanlab": cleanlab, "selection": chosen, "canaries": canaries,
+                                                "auroc_by_corruption": by_kind}, rank_by)
         write_outputs(stages.out, datamodule, scores, metrics, None if final_probs is None else final_probs.argmax(1))
         if logger:
             log_results(logger.experiment, metrics, scores, datamodule)

@@ -201,6 +201,8 @@ def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path):
     metrics = run(make_cfg(tmp_path))
     assert metrics["ground_truth"] == "corrupted documents"
     assert set(metrics["detection"]) == set(SCORES) | {"dsir", "rho_loss", "influence"}
+    by_kind = metrics["auroc_by_corruption"]
+    assert set(by_kind) <= set(CORRUPTIONS) and all(set(row) == set(metrics["detection"]) for row in by_kind.values())
     assert 0.0 < metrics["test_accuracy"] < 1.0  # next-token accuracy on the test files
     truth = np.load(tmp_path / "ground_truth.npz")
     assert truth["is_mislabeled"].sum() == 12 and set(truth["corruption"][truth["is_mislabeled"]]) <= set(CORRUPTIONS)
@@ -286,3 +288,10 @@ def test_package_windows_are_labelled_balanced_and_split_by_file():
         assert all(any(bytes(row.tolist()) in text for text in read) for row in images.x)
     with pytest.raises(DataConfigError, match="'nonexistent_pkg' has 0 file.*a package needs two at least"):
         PackageSource(packages=["json", "nonexistent_pkg"]).load()
+
+
+def test_auroc_by_kind_compares_each_kind_with_the_clean_documents():
+    from pmp_lightning.report.evaluate import auroc_by_kind
+
+    got = auroc_by_kind({"s": np.array([3.0, 2.0, 1.0, 2.5])}, ["", "", "random_bytes", "fragments"])
+    assert got == {"fragments": {"s": 0.5}, "random_bytes": {"s": 1.0}}  # low score = suspect

@@ -39,6 +39,18 @@ def detection_metrics(score: np.ndarray, is_mislabeled: np.ndarray) -> dict[str,
     }
 
 
+def auroc_by_kind(scores: dict[str, np.ndarray], kinds: list[str]) -> dict[str, dict[str, float]]:
+    """For each kind of corruption, each score's AUROC of the documents corrupted that way against the clean ones
+    (kind ''): which score finds which kind, free of how many there are of each."""
+    kinds = np.asarray(kinds, dtype=str)
+    clean = kinds == ""
+    out = {}
+    for kind in sorted(set(kinds.tolist()) - {""}):
+        keep = clean | (kinds == kind)
+        out[kind] = {name: float(roc_auc_score(kinds[keep] == kind, -s[keep])) for name, s in scores.items()}
+    return out
+
+
 def canary_choice(scores: dict[str, np.ndarray], is_canary: np.ndarray) -> dict:
     """The variant that ranks the canaries (downstream examples given a wrong label on purpose) lowest among them and
     the controls (as many with their own label): average precision of each variant over that small set, and the best
