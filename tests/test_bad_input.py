@@ -330,14 +330,14 @@ def test_scores_csv_says_which_examples_are_listed_known_errors(tmp_path):
 
 @pytest.mark.slow
 def test_the_command_line_tools_name_themselves_and_every_option():
-    for tool in ("bench", "diagnose", "compare"):
+    for tool in ("statistics.bench", "report.diagnose", "report.compare"):
         done = subprocess.run([sys.executable, "-m", f"pmp_lightning.{tool}", "--help"], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith(f"usage: python -m pmp_lightning.{tool}")
         options = re.findall(r"^  (--[\w-]+)[^\n]*\n(?:\s{20,}[^\n]*\n)*", done.stdout, flags=re.M)
         for block in re.split(r"\n(?=  --)", done.stdout.split("options:")[1])[1:]:
             assert len(block.split(None, 2)) > 2 or "\n" in block.strip(), f"{tool}: an option without help: {block!r}"
-        assert options or tool == "compare"
+        assert options or tool == "report.compare"
 
 
 class TupleNet(torch.nn.Module):
