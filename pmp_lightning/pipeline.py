@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> dict:
         keep_staging_in(stages.out)
     logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") and stages.lead else False
     try:
-        datamodule, model_code = data_stage(stages, cfg, training)
+        datamodule, training, model_code = data_stage(stages, cfg, training)
         if language_model(datamodule) and is_centred(objective):
             raise ReplayConfigError("objective.centred=true removes a classifier's mean logit pull from ∇J; for a language "
                                     "model's J (the target set's token loss) it is not defined here: use objective=ce "
@@ -180,10 +180,12 @@ def run(cfg: DictConfig) -> dict:
 # ----------------------------------------------------------------------------- stages
 def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
     """The data, checked with the model before any training (``check_model``), the ground truth written: the
-    datamodule and the digest of the model's code (the train cache key's)."""
+    datamodule, the training with the model's shape settings taken from the data (``Training.for_data``) and the
+    digest of the model's code (the train cache key's)."""
     with stages.stage("data"):
         datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
         datamodule.setup()
+    training = training.for_data(datamodule.pool.x, datamodule.num_classes)
     target = cfg.model.get("_target_")
     model_code = code_digest(check_model(training.net, datamodule, target or "the model", cfg.replay.curvature,
                                          str(cfg.trainer.get("precision", "32-true"))), target)
@@ -193,7 +195,7 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
     if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
         check_folds(cfg.baselines.folds, len(datamodule.pool))
     record_ground_truth(stages, datamodule)
-    return datamodule, model_code
+    return datamodule, training, model_code
 
 
 def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str, curvature: str,

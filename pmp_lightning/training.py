@@ -2,9 +2,11 @@
 loop that the run's own trajectory, the selection retrains and cleanlab's cross-validation folds all use."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -44,6 +46,19 @@ def predict_proba(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np
     first = next(net.parameters())
     dtype = first.dtype if x.is_floating_point() and first.is_floating_point() else None  # a float64 model: float64 inputs
     return torch.cat([net(chunk.to(first.device, dtype)).double().softmax(1).cpu() for chunk in x.split(batch_size)]).numpy()
+
+
+def shaped(make_net: Callable[[], nn.Module], x: torch.Tensor, num_classes: int) -> Callable[[], nn.Module]:
+    """The model's builder with what the data knows filled in where the model's config leaves it null: ``num_classes``
+    (the data's class count), ``in_channels`` and ``image_size`` (images (N, C, H, W)), ``in_features`` (the
+    flattened input size). A model config does not repeat the input shape, so one config serves MNIST and CIFAR-10;
+    a value set in the config is kept (and a wrong one is named before training)."""
+    keywords = getattr(make_net, "keywords", {})
+    known = {"num_classes": num_classes, "in_features": int(math.prod(x.shape[1:]))}
+    if x.is_floating_point() and x.dim() == 4:
+        known.update(in_channels=int(x.shape[1]), image_size=int(x.shape[-1]))
+    fill = {k: v for k, v in known.items() if k in keywords and keywords[k] is None}
+    return functools.partial(make_net, **fill) if fill else make_net
 
 
 class Classifier(pl.LightningModule):
@@ -129,6 +144,10 @@ class Training:
     trainer: Callable[..., pl.Trainer]
     seed: int
     progress: bool = True
+
+    def for_data(self, x: torch.Tensor, num_classes: int) -> "Training":
+        """This training with the model's null shape settings taken from inputs like ``x`` (``shaped``)."""
+        return dataclasses.replace(self, net=shaped(self.net, x, num_classes))
 
     @classmethod
     def from_config(cls, cfg) -> "Training":

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from pmp_lightning.training import shaped
 from pmp_lightning.scores.registry import compute_scores
 from tests.conftest import fit_replay
 from tests.test_pipeline import ROOT, SMALL, make_cfg
@@ -23,7 +24,8 @@ def single_process_scores(cfg, snapshot_dir, names, accelerator="cpu"):
     """The run's datamodule and the scores of replaying ``snapshot_dir`` in this one process."""
     datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
     datamodule.setup()
-    replay = instantiate(cfg.replay, net=instantiate(cfg.model), objective=instantiate(cfg.objective),
+    net = shaped(instantiate(cfg.model, _partial_=True), datamodule.pool.x, datamodule.num_classes)()
+    replay = instantiate(cfg.replay, net=net, objective=instantiate(cfg.objective),
                          snapshot_dir=snapshot_dir, pool=datamodule.pool,
                          downstream=datamodule.downstream, train_set=datamodule.train_set)
     return datamodule, compute_scores(names, fit_replay(replay, accelerator=accelerator).results())

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from pmp_lightning.trajectory import load_manifest, network_state
 from pmp_lightning.scores.cleanlab_score import cleanlab_baseline
 from pmp_lightning.config import register_configs
 from pmp_lightning.data.images import DatasetSource, PoolDataModule, TensorSource, read_known_errors
@@ -292,3 +293,44 @@ def test_a_network_that_truly_cannot_be_handled_is_refused_before_training(tmp_p
         run(make_cfg(tmp_path, "model._target_=tests.test_real_data.batch_statistics_net", "~model.in_features",
                      "~model.hidden"))
     assert not list((tmp_path / "cache").glob("train/*/snapshots"))  # refused before training
+
+
+def _fake_cifar10(root, per_batch=16, test=40, seed=0):
+    """CIFAR-10's on-disk layout (cifar-10-batches-py: five pickled training batches, a test batch, the meta file),
+    filled with random colour images, so torchvision's own loader reads it offline."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
+    for name in batches:
+        n = test if name == "test_batch" else per_batch
+        entry = {"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{k}" for k in range(10)]}))
+
+
+@pytest.mark.slow
+def test_cifar10_runs_a_resnet_with_no_shape_setting(tmp_path, monkeypatch):
+    """data=cifar10 with model=resnet: the model takes 3 channels (and the class count) from the data, with no yaml
+    edit. Offline on a fake set of CIFAR-10's layout (torchvision's checksums patched out for it). Guard: the same run
+    with the shape written into the config wrongly (model.in_channels=1) is refused before training."""
+    import torchvision
+
+    from pmp_lightning.errors import DataConfigError
+
+    _fake_cifar10(tmp_path / "cifar")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    small = ["data=cifar10", f"data.source.root={tmp_path / 'cifar'}", "data.source.download=false", "model=resnet",
+             "data.pool_size=40", "data.downstream_size=20", "data.test_size=30", "trainer.max_epochs=1",
+             "replay.hvp_samples=8", "scoring.scores=[cosine,loss]"]
+    with pytest.raises(DataConfigError, match="cannot take the data's inputs of shape \\(3, 32, 32\\)"):
+        run(make_cfg(tmp_path / "wrong", *small, "model.in_channels=1"))
+    assert not (tmp_path / "wrong" / "cache" / "train").exists()
+    metrics = run(make_cfg(tmp_path / "run", *small))
+    assert set(metrics["detection"]) == {"cosine", "loss"}
+    snapshots = tmp_path / "run" / "snapshots"
+    state = network_state(snapshots, load_manifest(snapshots)["snapshots"][0])
+    assert state["stem.0.weight"].shape[1] == 3 and state["fc.weight"].shape[0] == 10  # built for the data

@@ -50,3 +50,21 @@ def test_warm_up_then_cosine_as_recorded_in_the_snapshots(tmp_path):
     assert lrs[:4] == pytest.approx([0.05, 0.1, 0.15, 0.2])  # warm-up over the first epoch
     decay = [0.2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 8))) for k in range(8)]
     assert lrs[4:] == pytest.approx(decay)  # cosine from lr towards 0.1 × lr
+
+
+def test_a_model_takes_what_the_config_leaves_null_from_the_data():
+    """shaped(): null shape settings come from the inputs and the class count; a value written in the config stays."""
+    import functools
+
+    from pmp_lightning.models.classifiers import ViT, mlp
+    from pmp_lightning.training import shaped
+
+    x = torch.rand(4, 3, 32, 32)
+    net = shaped(functools.partial(mlp, num_classes=None, in_features=None), x, 7)()
+    assert net[1].in_features == 3 * 32 * 32 and net[-1].out_features == 7
+    vit = shaped(functools.partial(ViT, num_classes=None, image_size=None, in_channels=None), x, 10)()
+    assert vit.patch_embed.in_channels == 3 and vit.pos_embed.shape[1] == (32 // 7) ** 2 + 1
+    kept = shaped(functools.partial(mlp, num_classes=10, in_features=None), x, 7)()
+    assert kept[-1].out_features == 10  # written in the config: kept (a wrong value is named before training)
+    tokens = torch.randint(0, 16, (4, 12))
+    assert shaped(functools.partial(mlp, num_classes=None, in_features=None), tokens, 3)()[1].in_features == 12

