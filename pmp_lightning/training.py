@@ -3,6 +3,7 @@ loop that the run's own trajectory, the selection retrains and cleanlab's cross-
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import shutil
@@ -48,17 +49,31 @@ def predict_proba(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np
     return torch.cat([net(chunk.to(first.device, dtype)).double().softmax(1).cpu() for chunk in x.split(batch_size)]).numpy()
 
 
+SHAPE_SETTINGS = ("num_classes", "in_channels", "in_features", "image_size")  # what shaped() takes from the data
+
+
 def shaped(make_net: Callable[[], nn.Module], x: torch.Tensor, num_classes: int) -> Callable[[], nn.Module]:
     """The model's builder with what the data knows filled in where the model's config leaves it null: ``num_classes``
     (the data's class count), ``in_channels`` and ``image_size`` (images (N, C, H, W)), ``in_features`` (the
     flattened input size). A model config does not repeat the input shape, so one config serves MNIST and CIFAR-10;
-    a value set in the config is kept (and a wrong one is named before training)."""
-    keywords = getattr(make_net, "keywords", {})
+    a value set in the config is kept (and a wrong one is named before training). A null setting that the model does
+    not take at all (a model of your own behind ``model._target_``) is dropped, so it need not be deleted."""
+    if not isinstance(make_net, functools.partial):
+        return make_net
     known = {"num_classes": num_classes, "in_features": int(math.prod(x.shape[1:]))}
     if x.is_floating_point() and x.dim() == 4:
         known.update(in_channels=int(x.shape[1]), image_size=int(x.shape[-1]))
-    fill = {k: v for k, v in known.items() if k in keywords and keywords[k] is None}
-    return functools.partial(make_net, **fill) if fill else make_net
+    try:
+        accepted = inspect.signature(make_net.func).parameters
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
+    except (TypeError, ValueError):  # no signature to read: pass everything on
+        accepted, takes_any = {}, True
+    keywords = {}
+    for key, value in make_net.keywords.items():
+        if value is None and key in SHAPE_SETTINGS and not (takes_any or key in accepted):
+            continue
+        keywords[key] = known.get(key, value) if value is None and key in SHAPE_SETTINGS else value
+    return functools.partial(make_net.func, *make_net.args, **keywords)
 
 
 class Classifier(pl.LightningModule):

@@ -396,8 +396,13 @@ def test_more_outputs_than_classes_is_said(tmp_path, caplog):
     x, y = _digits()
     keep = y < 3
     with caplog.at_level(logging.WARNING, logger="pmp_lightning.pipeline"):
-        run(_tensors_cfg(tmp_path, x[keep], y[keep], "model.in_features=64", "data.test_size=20", "data.downstream_size=20"))
+        run(_tensors_cfg(tmp_path / "ten", x[keep], y[keep], "model.num_classes=10", "data.test_size=20",
+                         "data.downstream_size=20"))
     assert "has 10 outputs but the data 3 classes" in caplog.text and "set model.num_classes=3" in caplog.text
+    caplog.clear()  # left null (the default), the model takes the data's 3 classes: nothing to say
+    with caplog.at_level(logging.WARNING, logger="pmp_lightning.pipeline"):
+        run(_tensors_cfg(tmp_path / "null", x[keep], y[keep], "data.test_size=20", "data.downstream_size=20"))
+    assert "outputs but the data" not in caplog.text
 
 
 def test_warnings_reach_run_log(tmp_path):

@@ -290,7 +290,7 @@ def test_a_network_that_truly_cannot_be_handled_is_refused_before_training(tmp_p
     from pmp_lightning.statistics.per_example import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match=r"layer '1' \(BatchNorm2d\) normalises with the batch's own statistics"):
-        run(make_cfg(tmp_path, "model._target_=tests.test_real_data.batch_statistics_net", "~model.in_features",
+        run(make_cfg(tmp_path, "model._target_=tests.test_real_data.batch_statistics_net",
                      "~model.hidden"))
     assert not list((tmp_path / "cache").glob("train/*/snapshots"))  # refused before training
 

@@ -66,5 +66,8 @@ def test_a_model_takes_what_the_config_leaves_null_from_the_data():
     assert vit.patch_embed.in_channels == 3 and vit.pos_embed.shape[1] == (32 // 7) ** 2 + 1
     kept = shaped(functools.partial(mlp, num_classes=10, in_features=None), x, 7)()
     assert kept[-1].out_features == 10  # written in the config: kept (a wrong value is named before training)
+    from pmp_lightning.models.classifiers import small_cnn
+    gray = torch.rand(4, 1, 28, 28)  # a null setting the model does not take is dropped, not passed on
+    assert shaped(functools.partial(small_cnn, num_classes=None, in_channels=None), gray, 3)()[-1].out_features == 3
     tokens = torch.randint(0, 16, (4, 12))
     assert shaped(functools.partial(mlp, num_classes=None, in_features=None), tokens, 3)()[1].in_features == 12
