@@ -125,10 +125,7 @@ def run(cfg: DictConfig) -> dict:
     logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") and stages.lead else False
     try:
         datamodule, training, model_code = data_stage(stages, cfg, training)
-        if language_model(datamodule) and is_centred(objective):
-            raise ReplayConfigError("objective.centred=true removes a classifier's mean logit pull from ∇J; for a language "
-                                    "model's J (the target set's token loss) it is not defined here: use objective=ce "
-                                    "(the paper's J), or objective=<name> objective.centred=false")
+        _check_objective(objective, datamodule)
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -154,16 +151,10 @@ def run(cfg: DictConfig) -> dict:
             crossval = stages.cache("crossval", crossval_key_config(cfg, content, model_code))
             scores["cleanlab"], cleanlab = cleanlab_stage(stages, crossval, training, datamodule, cfg.baselines.folds, final_probs)
             cost["cleanlab"] = cleanlab["seconds"]
-        detection = detect_stage(stages, scores, stats, datamodule.is_mislabeled)
-        chosen = None
-        if cfg.select.fractions:
-            with stages.stage("select"):
-                chosen = selection(training, datamodule, scores, cfg.select.fractions, cfg.select.scores,
-                                   trained["test_accuracy"], cfg.seed)
-        by_kind = auroc_by_kind(scores, datamodule.corruption_kind) if language_model(datamodule) and detection["detection"] else None
+        detection = detect_stage(stages, scores, stats, datamodule)
+        chosen = selection_stage(stages, cfg, training, datamodule, scores, trained["test_accuracy"])
         metrics = assemble_metrics(stages, detection, trained, stats, objective, cfg.replay, cost, train_dir, replay_dir,
-                                   datamodule, {"cleanlab": cleanlab, "selection": chosen, "canaries": canaries,
-                                                "auroc_by_corruption": by_kind}, rank_by)
+                                   datamodule, {"cleanlab": cleanlab, "selection": chosen, "canaries": canaries}, rank_by)
         write_outputs(stages.out, datamodule, scores, metrics, None if final_probs is None else final_probs.argmax(1))
         if logger:
             log_results(logger.experiment, metrics, scores, datamodule)
@@ -440,9 +431,20 @@ def cleanlab_stage(stages: Stages, cache: StageCache, training: Training, datamo
     return score, {"probabilities": source, "seconds": seconds, **summary}
 
 
-def detect_stage(stages: Stages, scores: dict[str, np.ndarray], stats: ReplayStats, mask: np.ndarray) -> dict:
+def selection_stage(stages: Stages, cfg: DictConfig, training: Training, datamodule, scores: dict[str, np.ndarray],
+                    full_accuracy: float | None) -> dict | None:
+    """With ``select.fractions``: the test accuracy of retraining without each score's lowest-scored examples."""
+    if not cfg.select.fractions:
+        return None
+    with stages.stage("select"):
+        return selection(training, datamodule, scores, cfg.select.fractions, cfg.select.scores, full_accuracy, cfg.seed)
+
+
+def detect_stage(stages: Stages, scores: dict[str, np.ndarray], stats: ReplayStats, datamodule) -> dict:
     """Detection metrics per score and the per-snapshot AUROC of c_t (empty without a ground truth), with the
-    small-sample caveat when the pool has few mislabeled or clean examples."""
+    small-sample caveat when the pool has few mislabeled or clean examples; for a corpus, each score's AUROC per
+    corruption kind."""
+    mask = datamodule.is_mislabeled
     with stages.stage("score"):
         if not mask.any():
             log.warning("the pool has no known mislabeled examples (noise=none and no data.known_errors): detection "
@@ -452,7 +454,8 @@ def detect_stage(stages: Stages, scores: dict[str, np.ndarray], stats: ReplaySta
         if caveat:
             log.warning(caveat)
         return {"detection": {name: detection_metrics(s, mask) for name, s in scores.items()},
-                "per_snapshot": contribution_auroc(stats.contribution, mask), "caveat": caveat}
+                "per_snapshot": contribution_auroc(stats.contribution, mask), "caveat": caveat,
+                "by_kind": auroc_by_kind(scores, datamodule.corruption_kind) if language_model(datamodule) else None}
 
 
 def assemble_metrics(stages: Stages, detected: dict, trained: dict, stats: ReplayStats, objective, replay_cfg, cost: dict,
@@ -474,6 +477,8 @@ def assemble_metrics(stages: Stages, detected: dict, trained: dict, stats: Repla
     }
     if detected["caveat"]:
         metrics["detection_caveat"] = detected["caveat"]
+    if detected.get("by_kind"):
+        metrics["auroc_by_corruption"] = detected["by_kind"]
     metrics["downstream"] = datamodule.downstream_note
     if datamodule.known_error_counts is not None:
         metrics["known_errors"] = {"file": str(datamodule.known_errors), **datamodule.known_error_counts}
@@ -550,6 +555,13 @@ def _require_writable(directory: Path, setting: str) -> None:
             pass
     except OSError as err:
         raise OutputError(f"cannot write to {directory} ({err.strerror or err}); point {setting} at a writable directory") from err
+
+
+def _check_objective(objective, datamodule) -> None:
+    if language_model(datamodule) and is_centred(objective):
+        raise ReplayConfigError("objective.centred=true removes a classifier's mean logit pull from ∇J; for a language "
+                                "model's J (the target set's token loss) it is not defined here: use objective=ce "
+                                "(the paper's J), or objective=<name> objective.centred=false")
 
 
 def _check_strategy(cfg: DictConfig) -> None:
