@@ -24,8 +24,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from pmp_lightning.cache import content_digest
-from pmp_lightning.data.images import IndexedDataset
+from pmp_lightning.data.images import IndexedDataset, PoolDataModule
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.training import IGNORE
 
@@ -40,7 +39,7 @@ class Document:
     text: bytes
 
 
-def _decoded(name: str, raw: bytes) -> bytes | None:
+def _decoded(raw: bytes) -> bytes | None:
     """The file's bytes when they are text (UTF-8 without NUL bytes), else None: a binary file."""
     if b"\0" in raw:
         return None
@@ -56,7 +55,7 @@ def _read_files(root: Path, files: list[Path], what: str) -> list[tuple[str, byt
     texts, binary = [], []
     for path in files:
         name = path.relative_to(root).as_posix()
-        raw = _decoded(name, path.read_bytes())
+        raw = _decoded(path.read_bytes())
         (binary.append(name) if raw is None else texts.append((name, raw)))
     if binary:
         warnings.warn(f"{what}: {len(binary)} of {len(files)} files are not UTF-8 text (NUL bytes or invalid UTF-8) and "
@@ -298,12 +297,9 @@ class CorpusDataModule(pl.LightningDataModule):
         return {"index": self.pool_index.tolist(), "document": [d.name for d in self.pool_documents],
                 "first_line": [first_line(d.text) for d in self.pool_documents]}
 
-    def content_key(self) -> dict[str, str]:
-        return {"train": content_digest(self.train_set.x, self.train_set.y), "pool": content_digest(self.pool.x, self.pool.y),
-                "test": content_digest(self.test_set.x, self.test_set.y)}
-
-    def downstream_key(self) -> str:
-        return content_digest(self.downstream.x, self.downstream.y, self.scored.x, self.scored.y)
+    # the cache keys by content, as the image pools have them (they read the same attributes)
+    content_key = PoolDataModule.content_key
+    downstream_key = PoolDataModule.downstream_key
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)

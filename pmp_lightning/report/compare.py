@@ -375,7 +375,9 @@ def plot_suspects(merged, out: Path) -> None:
     from hydra.utils import instantiate
 
     setting, (scores, mask, index, job) = next(iter(merged.items()))
-    if "document" in (job.path / "scores.csv").open().readline().split(","):
+    with (job.path / "scores.csv").open() as f:
+        header = f.readline().split(",")
+    if "document" in header:
         return  # a corpus: no pictures; each run's suspects.csv shows the documents' first lines
     cfg = OmegaConf.load(job.path / ".hydra" / "config.yaml")
     datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
