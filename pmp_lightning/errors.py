@@ -35,5 +35,9 @@ class UnknownScoreError(PMPError, KeyError):
         return str(self.args[0])
 
 
+class UnsupportedModelError(PMPError, TypeError):
+    """A network whose per-example gradients are not defined (its examples interact in eval mode)."""
+
+
 class OutputError(PMPError, OSError):
     """An output or cache directory that cannot be written."""

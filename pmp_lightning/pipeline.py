@@ -41,7 +41,7 @@ from pmp_lightning.cache import StageCache, code_digest, train_key_config
 from pmp_lightning.config import check_folds, check_settings
 from pmp_lightning.replay.costate import describe, hessian_vector_product, is_centred
 from pmp_lightning.data.images import language_model
-from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError
+from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError, UnsupportedModelError
 from pmp_lightning.report.evaluate import (auroc_by_kind, canary_choice, contribution_auroc, detection_metrics,
                                            small_sample_caveat)
 from pmp_lightning.io import save_npz
@@ -50,9 +50,10 @@ from pmp_lightning.report.outputs import write_outputs
 from pmp_lightning.replay.store import ReplayStats, growth_steps, replay_key_config
 from pmp_lightning.scores.registry import PMP_VARIANTS, compute_scores
 from pmp_lightning.scores.select import selection
-from pmp_lightning.statistics.per_example import UnsupportedModelError, make_plan, per_example_stats, trainable
+from pmp_lightning.statistics.per_example import per_example_stats
+from pmp_lightning.statistics.plan import make_plan
 from pmp_lightning.scores.text import dsir, influence, rho_loss
-from pmp_lightning.training import Training, predict_proba
+from pmp_lightning.training import Training, predict_proba, trainable
 from pmp_lightning.trajectory import load_manifest, network_state
 from pmp_lightning.report.wandb_logging import keep_staging_in, log_results, run_identity
 

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 IGNORE = -100  # a target left out of a document's loss (F.cross_entropy's ignore_index): the padding of a short file
 
 
+def trainable(net: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters training moves (``requires_grad``), by name: what λ, ∇J and the statistics cover."""
+    return {k: p for k, p in net.named_parameters() if p.requires_grad}
+
+
 def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The loss training descends: the one definition that training, the replay's Hessian-vector products and the
     statistics pass all use. A classifier's l_n is the cross-entropy of example n with its observed label (logits

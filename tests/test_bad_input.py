@@ -458,7 +458,7 @@ class Overflowing(torch.nn.Module):
 
 
 def test_statistics_that_overflow_in_the_training_precision_are_named_before_training(tmp_path):
-    from pmp_lightning.statistics.per_example import UnsupportedModelError
+    from pmp_lightning.errors import UnsupportedModelError
 
     x, y = _digits()
     with pytest.raises(UnsupportedModelError, match=r"statistics of \(the network itself\) are not finite in float32 .*"

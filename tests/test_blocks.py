@@ -7,8 +7,9 @@ from torch.func import functional_call, grad, vmap
 from pmp_lightning.models.classifiers import ResNet, ViT, mlp, reported_cnn
 from pmp_lightning.replay.module import ReplayModule
 from pmp_lightning.scores.registry import compute_scores
-from pmp_lightning.statistics.per_example import block_matrix, block_of, per_example_stats, plan_for, trainable
-from pmp_lightning.training import training_loss
+from pmp_lightning.statistics.per_example import per_example_stats
+from pmp_lightning.statistics.plan import block_matrix, block_of, plan_for
+from pmp_lightning.training import trainable, training_loss
 from tests.conftest import fit_replay
 
 

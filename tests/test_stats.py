@@ -10,7 +10,9 @@ from torch.func import functional_call, grad, vmap
 from pmp_lightning.statistics import layer_rules
 from pmp_lightning.models.classifiers import ResNet, TextClassifier, ViT, mlp, reported_cnn, small_cnn
 from pmp_lightning.training import training_loss
-from pmp_lightning.statistics.per_example import UnsupportedModelError, make_plan, per_example_stats
+from pmp_lightning.errors import UnsupportedModelError
+from pmp_lightning.statistics.per_example import per_example_stats
+from pmp_lightning.statistics.plan import make_plan
 
 RTOL = 1e-9
 
@@ -35,7 +37,7 @@ def check(net, x, y, ways=None, rtol=RTOL, loop=False):
     net = net.double().eval()
     x = x.double() if x.is_floating_point() else x
     plan = make_plan(net, x, y)
-    got = {p.module: p.how for p in plan.parts}
+    got = {p.module: p.way.name for p in plan.parts}
     for module, how in (ways or {}).items():
         assert got.get(module) == how, (module, got)
     return plan, compare(net, x, y, plan, rtol, loop)
@@ -111,7 +113,7 @@ def test_conv2d(conv, grouped, monkeypatch):
     x, y = images(size=12)
     net(x.float())
     plan, _ = check(net, x, y)
-    assert all(p.how == "rule" for p in plan.parts)
+    assert all(p.way.name == "rule" for p in plan.parts)
 
 
 @pytest.mark.parametrize("conv,shape", [
@@ -126,7 +128,7 @@ def test_conv1d_and_3d(conv, shape, grouped, monkeypatch):
     x, y = torch.randn(7, *shape, dtype=torch.float64), torch.randint(0, 10, (7,))
     net(x.float())
     plan, _ = check(net, x, y)
-    assert all(p.how == "rule" for p in plan.parts)
+    assert all(p.way.name == "rule" for p in plan.parts)
 
 
 class Tokens(nn.Module):
@@ -256,7 +258,7 @@ class Bare(nn.Module):
 
 def test_bare_parameters_are_broadcast_along_the_batch():
     plan, _ = check(Bare(), *vectors(), {"": "expand"})
-    assert {p.params[0]: p.view for p in plan.parts if p.how == "expand"} == {"cls": 0, "pos": 0, "shift": 2}
+    assert {p.params[0]: p.view for p in plan.parts if p.way.name == "expand"} == {"cls": 0, "pos": 0, "shift": 2}
 
 
 class Functional(nn.Module):
@@ -278,7 +280,7 @@ def test_tied_and_functional_weights_go_to_the_fallback():
     torch.manual_seed(0)
     plan, _ = check(Functional(), torch.randint(0, 11, (7, 5)), torch.randint(0, 10, (7,)))
     tied = next(p for p in plan.parts if "emb.weight" in p.params)
-    assert tied.how in ("fallback", "loop") and tied.module == ""  # both uses enclosed only by the network itself
+    assert tied.way.name in ("fallback", "loop") and tied.module == ""  # both uses enclosed only by the network itself
 
 
 class Branchy(nn.Module):
@@ -304,7 +306,7 @@ class Inner(nn.Module):
 
 def test_data_dependent_control_flow_is_handled_one_example_at_a_time():
     plan, _ = check(Branchy(), *vectors(), loop=True)
-    assert {p.module: p.how for p in plan.parts}["inner"] == "loop"
+    assert {p.module: p.way.name for p in plan.parts}["inner"] == "loop"
 
 
 # ------------------------------------------------------------------ whole models
@@ -327,7 +329,7 @@ def test_whole_models_match_vmap_grad(make):
     if isinstance(net, ResNet):  # running statistics that are not the identity
         net.train()(x.float() * 2)
     plan, stats = check(net, x, y)
-    assert all(p.how in ("rule", "decompose", "expand") for p in plan.parts), plan.summary()  # no fallback needed
+    assert all(p.way.name in ("rule", "decompose", "expand") for p in plan.parts), plan.summary()  # no fallback needed
     logits = net(x).detach()
     torch.testing.assert_close(stats["loss"], F.cross_entropy(logits, y, reduction="none"))
     p = logits.softmax(1)
@@ -374,8 +376,6 @@ def _inputs(name):
 def test_the_comparison_fails_when_a_part_is_wrong(name, monkeypatch):
     """Guards every case above: with one part's norm made 0.1% too large, the comparison against vmap(grad)
     fails, and the plan's own proof refuses that part (it moves on to the next way)."""
-    from pmp_lightning.statistics import per_example as stats_module
-
     make, module = GUARDED[name]
     net = make().double().eval()
     x, y = _inputs(name)
@@ -385,15 +385,16 @@ def test_the_comparison_fails_when_a_part_is_wrong(name, monkeypatch):
         net.eval()
     plan = make_plan(net, x, y)
     part = next(p for p in plan.parts if p.module == module)
-    assert part.how == {"MultiheadAttention": "decompose", "expand": "expand", "fallback": "fallback"}.get(name, "rule")
+    assert part.way.name == {"MultiheadAttention": "decompose", "expand": "expand", "fallback": "fallback"}.get(name, "rule")
     compare(net, x, y, plan)  # right as it is
-    reduce = stats_module._reduce
+    way = type(part.way)
+    reduce = way.reduce
 
-    def wrong(p, *args):
-        dot, sq = reduce(p, *args)
+    def wrong(self, p, *args):
+        dot, sq = reduce(self, p, *args)
         return (dot, sq * 1.001) if p == part else (dot, sq)
 
-    monkeypatch.setattr(stats_module, "_reduce", wrong)
+    monkeypatch.setattr(way, "reduce", wrong)
     with pytest.raises(AssertionError):
         compare(net, x, y, plan)
     assert part not in make_plan(net, x, y).parts  # the proof does not keep a wrong part
@@ -435,4 +436,4 @@ class TorchTransformer(nn.Module):
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_torchs_own_transformer_encoder(batch_first, norm_first):
     plan, _ = check(TorchTransformer(batch_first, norm_first), *vectors())
-    assert {p.how for p in plan.parts} <= {"rule", "decompose"}, plan.summary()
+    assert {p.way.name for p in plan.parts} <= {"rule", "decompose"}, plan.summary()

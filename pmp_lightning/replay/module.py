@@ -46,8 +46,9 @@ from pmp_lightning.replay.costate import PROPAGATORS, Dynamics, ObjectiveFn, des
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
 from pmp_lightning.replay.store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps
-from pmp_lightning.statistics.per_example import (STAT_NAMES, STEP_STATS, block_matrix, default_chunk, output_stats,
-                                                  per_example_stats, plan_for, trainable)
+from pmp_lightning.statistics.per_example import STAT_NAMES, STEP_STATS, default_chunk, output_stats, per_example_stats
+from pmp_lightning.statistics.plan import block_matrix, plan_for
+from pmp_lightning.training import trainable
 from pmp_lightning.trajectory import load_manifest, load_preconditioner, network_shapes, network_state
 
 CURVATURES = tuple(PROPAGATORS)

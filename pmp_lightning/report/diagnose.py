@@ -30,8 +30,9 @@ from pmp_lightning.config import register_configs
 from pmp_lightning.data.images import language_model
 from pmp_lightning.replay.store import ReplayStats
 from pmp_lightning.replay.costate import describe, downstream_gradient, objective
-from pmp_lightning.statistics.per_example import per_example_stats, plan_for, trainable
-from pmp_lightning.training import shaped
+from pmp_lightning.statistics.per_example import per_example_stats
+from pmp_lightning.statistics.plan import plan_for
+from pmp_lightning.training import shaped, trainable
 from pmp_lightning.trajectory import load_manifest, network_state
 
 CHUNK = 256

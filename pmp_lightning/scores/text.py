@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from pmp_lightning.data.corpus import Document
 from pmp_lightning.replay.costate import downstream_gradient
-from pmp_lightning.statistics.per_example import output_stats, per_example_stats, trainable
+from pmp_lightning.statistics.per_example import output_stats, per_example_stats
+from pmp_lightning.training import trainable
 
 DSIR_BUCKETS = 10_000  # DSIR's hashed feature space
 

@@ -44,7 +44,8 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pmp_lightning.models import classifiers as models
-from pmp_lightning.statistics.per_example import block_matrix, default_chunk, per_example_stats, plan_for
+from pmp_lightning.statistics.per_example import default_chunk, per_example_stats
+from pmp_lightning.statistics.plan import block_matrix, plan_for
 
 MODELS = {"cnn": models.reported_cnn, "small_cnn": models.small_cnn, "mlp": models.mlp, "logreg": models.logistic_regression,
           "resnet": models.ResNet, "vit": models.ViT, "text": models.TextClassifier,

@@ -26,7 +26,7 @@ per-example gradient larger than the layer's own parameters per example (the nor
         every projection through the linear rule, bias_k/bias_v broadcast along the batch.
 
 Exact types only (``type(layer) in RULES``, as Opacus does): a subclass may compute something else in its
-``forward``. Everything else is the fallback's (``pmp_lightning/statistics/per_example.py``).
+``forward``. Everything else is the fallback's (``pmp_lightning/statistics/ways.py``).
 """
 from __future__ import annotations
 
