@@ -287,7 +287,7 @@ def batch_statistics_net(num_classes: int = 10):
 
 
 def test_a_network_that_truly_cannot_be_handled_is_refused_before_training(tmp_path):
-    from pmp_lightning.statistics.per_example import UnsupportedModelError
+    from pmp_lightning.errors import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match=r"layer '1' \(BatchNorm2d\) normalises with the batch's own statistics"):
         run(make_cfg(tmp_path, "model._target_=tests.test_real_data.batch_statistics_net",
@@ -334,3 +334,74 @@ def test_cifar10_runs_a_resnet_with_no_shape_setting(tmp_path, monkeypatch):
     snapshots = tmp_path / "run" / "snapshots"
     state = network_state(snapshots, load_manifest(snapshots)["snapshots"][0])
     assert state["stem.0.weight"].shape[1] == 3 and state["fc.weight"].shape[0] == 10  # built for the data
+
+
+def _labelled_tensors(tmp_path, n=120, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 4, (n,), generator=gen)
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    return y
+
+
+def _datamodule(tmp_path, pool_mode="train", noise=None, **kw):
+    kw = {"pool_size": 60, "downstream_size": 20, "test_size": 20, **kw}
+    if pool_mode == "holdout":
+        kw["train_size"] = 20
+    return PoolDataModule(TensorSource(str(tmp_path / "data.pt")), noise or LabelNoise("none", 0.0), pool_mode=pool_mode, **kw)
+
+
+@pytest.mark.parametrize("pool_mode", ["train", "holdout"])
+def test_a_labels_file_gives_the_observed_labels_and_the_source_the_ground_truth(tmp_path, pool_mode):
+    """data.labels_file as CIFAR-10N's human labels are used: a torch.save'd dict of numpy arrays (one label per
+    training example, in the source's order) whose ``clean_label`` is the source's own. The pool's observed labels
+    are the file's, its ground truth the source's, and the mislabeled are where they differ; with pool=holdout the
+    training set keeps the source's labels. Guard: a file whose clean_label disagrees with the source is refused."""
+    y = _labelled_tensors(tmp_path)
+    human = y.clone()
+    wrong = torch.arange(0, len(y), 7)
+    human[wrong] = (human[wrong] + 1) % 4
+    torch.save({"clean_label": y.numpy(), "worse_label": human.numpy(), "aggre_label": y.numpy()}, tmp_path / "human.pt")
+    dm = _datamodule(tmp_path, pool_mode, labels_file=str(tmp_path / "human.pt"), labels_key="worse_label")
+    dm.setup()
+    idx = torch.as_tensor(dm.pool_index)
+    assert torch.equal(dm.observed_labels, human[idx]) and torch.equal(dm.true_labels, y[idx])
+    assert np.array_equal(dm.is_mislabeled, (human[idx] != y[idx]).numpy()) and dm.is_mislabeled.any()
+    assert torch.equal(dm.pool.y, human[idx])
+    if pool_mode == "holdout":
+        train_x = {x.numpy().tobytes(): int(label) for x, label in zip(dm.train_set.x, dm.train_set.y)}
+        source = torch.load(tmp_path / "data.pt")
+        truth = {x.numpy().tobytes(): int(label) for x, label in zip(source["x"], source["y"])}
+        assert all(truth[k] == v for k, v in train_x.items())
+    # the same file read through its other array, and as a plain text file of labels
+    same = _datamodule(tmp_path, pool_mode, labels_file=str(tmp_path / "human.pt"), labels_key="aggre_label")
+    same.setup()
+    assert not same.is_mislabeled.any()
+    (tmp_path / "labels.txt").write_text("\n".join(str(int(v)) for v in human))
+    text = _datamodule(tmp_path, pool_mode, labels_file=str(tmp_path / "labels.txt"))
+    text.setup()
+    assert torch.equal(text.observed_labels, dm.observed_labels)
+    torch.save({"clean_label": human.numpy(), "worse_label": human.numpy()}, tmp_path / "other.pt")
+    with pytest.raises(DataConfigError, match=r"clean_label differs from the data's own labels at \d+ of 120"):
+        _datamodule(tmp_path, pool_mode, labels_file=str(tmp_path / "other.pt"), labels_key="worse_label").setup()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("short", r"holds 119 labels, the data source's training split has 120 examples"),
+    ("range", r"labels run from 0 to 6; the data's classes are 0..3"),
+    ("no key", r"holds the arrays \['worse_label'\]; data.labels_key is not set"),
+    ("bad key", r"data.labels_key='worst' is not among them"),
+    ("missing", r"is not a file"),
+    ("noise", r"noise=symmetric would corrupt them again \(noise.rate=0.2\); add noise=none"),
+    ("pool=test", r"pool=test scores test-split images"),
+    ("pickle", r"holds Python objects"),
+])
+def test_a_labels_file_that_cannot_work_is_named_before_training(tmp_path, case, match):
+    y = _labelled_tensors(tmp_path)
+    files = {"short": y[:-1], "range": y * 2, "no key": {"worse_label": y.numpy()}, "bad key": {"worse_label": y.numpy()},
+             "pickle": {"worse_label": Path("x")}}
+    if case in files:
+        torch.save(files[case], tmp_path / "labels.pt")
+    kw = {"labels_file": str(tmp_path / "labels.pt"), "labels_key": "worst" if case == "bad key" else None}
+    with pytest.raises(DataConfigError, match=match):
+        _datamodule(tmp_path, "test" if case == "pool=test" else "train",
+                    LabelNoise("symmetric", 0.2) if case == "noise" else None, **kw).setup()

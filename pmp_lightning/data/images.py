@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pmp_lightning.cache import content_digest
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.data.noise import NUM_CLASSES, LabelNoise
+from pmp_lightning.data.noise import NUM_CLASSES, LabelNoise, read_labels_file
 
 # --------------------------------------------------------------------------- sources
 @dataclass
@@ -404,6 +404,10 @@ class PoolDataModule(pl.LightningDataModule):
     of ``downstream_size`` examples drawn from the training source; it is drawn after every other split, so the
     pool, its noise and the trajectory do not depend on it, and it must share no image with the pool.
 
+    ``labels_file`` (and ``labels_key`` for a file of named arrays): labels that replace the source's own for the pool, one
+    per training-split example (CIFAR-10N's human labels; format in ``noise.read_labels_file``): the file's labels are
+    observed, the source's the ground truth. With pool=holdout the training set keeps the source's labels.
+
     ``known_errors``: a file of source indices known to be mislabeled (e.g. from a human review; format in
     ``read_known_errors``). They count as mislabeled beside any synthetic noise, so detection is measured
     against both; listed indices that are not in the pool are skipped with a warning.
@@ -425,6 +429,8 @@ class PoolDataModule(pl.LightningDataModule):
         known_errors: str | None = None,
         downstream: "TrustedSet | None" = None,
         canaries: int = 0,
+        labels_file: str | None = None,
+        labels_key: str | None = None,
     ):
         super().__init__()
         if pool_mode not in ("train", "holdout", "test"):
@@ -439,6 +445,15 @@ class PoolDataModule(pl.LightningDataModule):
         self.downstream_includes_pool = downstream_includes_pool
         self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
         self.known_errors = known_errors
+        if labels_file is not None and pool_mode == "test":
+            raise DataConfigError("data.labels_file replaces the labels of the source's training split, but pool=test scores "
+                                  "test-split images; use pool=train or pool=holdout")
+        if labels_file is not None and getattr(noise, "rate", 0) > 0:
+            raise DataConfigError(f"data.labels_file gives the observed labels, and noise={getattr(noise, 'kind', 'noise')} "
+                                  f"would corrupt them again (noise.rate={noise.rate}); add noise=none")
+        if labels_key is not None and labels_file is None:
+            raise DataConfigError(f"data.labels_key={labels_key!r} names an array of data.labels_file, which is not set")
+        self.labels_file, self.labels_key = labels_file, labels_key
         self.trusted = downstream
         self.canaries = canaries
         self._ready = False
@@ -490,8 +505,11 @@ class PoolDataModule(pl.LightningDataModule):
                 f"the pool holds a single class ({int(self.true_labels[0])}) in its {len(self.true_labels)} examples: "
                 f"label noise and detection need several classes; raise data.pool_size"
             )
-        self.observed_labels = self.noise(self.true_labels, self.num_classes, self._noise_classes(main.y[train_idx]),
-                                          images=pool_src.x[pool_idx], reference=self.test_set)
+        if self.labels_file is not None:  # the file's labels are observed, the source's are the ground truth
+            self.observed_labels = read_labels_file(self.labels_file, self.labels_key, main.y, self.num_classes)[pool_idx]
+        else:
+            self.observed_labels = self.noise(self.true_labels, self.num_classes, self._noise_classes(main.y[train_idx]),
+                                              images=pool_src.x[pool_idx], reference=self.test_set)
         self.known_error_mask = self._known_errors(len(pool_src))
         self.pool = IndexedDataset(pool_src.x[pool_idx], self.observed_labels)
         self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(main.x[train_idx], main.y[train_idx])
@@ -557,7 +575,7 @@ class PoolDataModule(pl.LightningDataModule):
                 warnings.warn(note["class_warning"], stacklevel=3)
             return note
         note = {"source": "drawn from the data source, beside the pool", "size": len(self.downstream)}
-        if getattr(self.noise, "rate", 0) == 0:
+        if getattr(self.noise, "rate", 0) == 0 and self.labels_file is None:
             note["warning"] = (f"J comes from {len(self.downstream)} examples of the same data as the pool, whose labels "
                                f"are not verified: a source with label errors puts some of them into J. Give a small set "
                                f"you trust as data.downstream (downstream=file, dataset or test_split)")

@@ -146,3 +146,77 @@ class ConfusionNoise:
             raise DataConfigError(f"noise=confusion: the reference model gives {probs.shape[1]} classes, the data has "
                                   f"{num_classes}; set model.num_classes={num_classes}")
         return probs[:, :num_classes]
+
+
+def read_labels_file(path: str | Path, key: str | None, originals: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels that replace the data source's own, one per example of its training split in the source's order: the
+    way CIFAR-10N's human label sets are used (``data.labels_file=CIFAR-10_human.pt data.labels_key=worse_label``).
+    The file's labels are the observed ones and the source's the ground truth.
+
+    Formats: a ``.pt`` (torch.save) or ``.npz`` file holding a dict, whose array ``key`` names (CIFAR-10N: worse_label,
+    aggre_label, random_label1..3), or holding the array itself (``.pt``, ``.npy``); or a text file with one label per
+    line. A dict that also holds ``clean_label`` (as CIFAR-10N's does) must agree with the source's labels, so a file
+    made for another data set or order is refused."""
+    setting = "data.labels_file"
+    path = Path(path)
+    if not path.is_file():
+        raise DataConfigError(f"{setting}={str(path)!r} is not a file (resolved to {path.resolve()}); give a file with one "
+                              f"label per training example (e.g. CIFAR-10N's CIFAR-10_human.pt with data.labels_key=worse_label)")
+    content = _read_labels(path, setting)
+    if isinstance(content, dict):
+        if key is None or key not in content:
+            named = " is not set" if key is None else f"={key!r} is not among them"
+            raise DataConfigError(f"{setting}: {path} holds the arrays {sorted(content)}; data.labels_key{named}: name the "
+                                  f"labels to use, e.g. data.labels_key={sorted(content)[0]}")
+        clean = content.get("clean_label")
+        labels = content[key]
+    else:
+        if key is not None:
+            raise DataConfigError(f"{setting}: {path} holds one array, not named ones; drop data.labels_key={key!r}")
+        clean, labels = None, content
+    labels = _label_array(labels, f"{setting} ({path}{'' if key is None else ', ' + key})", len(originals), num_classes)
+    if clean is not None:
+        clean = _label_array(clean, f"{setting} ({path}, clean_label)", len(originals), num_classes)
+        differ = int((clean != originals).sum())
+        if differ:
+            raise DataConfigError(f"{setting}: the file's clean_label differs from the data's own labels at {differ} of "
+                                  f"{len(originals)} examples: the file was made for another data set or another order "
+                                  f"of it; use the file that goes with data.source")
+    return labels
+
+
+def _read_labels(path: Path, setting: str):
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        if path.suffix == ".npy":
+            return np.load(path)
+        if path.suffix == ".pt":
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            foreign = [g for g in unsafe if not g.startswith("numpy.")]
+            if foreign:
+                raise DataConfigError(f"{setting}: {path} holds Python objects ({', '.join(foreign[:3])}), not label arrays; "
+                                      f"save the labels as tensors or numpy arrays")
+            # numpy arrays (as CIFAR-10N ships) are rebuilt by numpy's own functions, nothing else
+            return torch.load(path, map_location="cpu", weights_only=not unsafe)
+        return np.array([int(line) for line in path.read_text().split()])
+    except DataConfigError:
+        raise
+    except Exception as err:  # a damaged or foreign file raises various errors inside torch or numpy
+        raise DataConfigError(f"{setting}={str(path)!r} cannot be read ({type(err).__name__}: {err}); give a .pt, .npz or "
+                              f".npy file of labels, or a text file with one label per line") from err
+
+
+def _label_array(values, what: str, size: int, num_classes: int) -> torch.Tensor:
+    labels = torch.as_tensor(np.asarray(values))
+    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise DataConfigError(f"{what}: holds {tuple(labels.shape)} {labels.dtype} values; the labels must be one integer "
+                              f"class per example")
+    if len(labels) != size:
+        raise DataConfigError(f"{what}: holds {len(labels)} labels, the data source's training split has {size} examples; "
+                              f"the file must give one label per example, in the source's order")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataConfigError(f"{what}: labels run from {int(labels.min())} to {int(labels.max())}; the data's classes are "
+                              f"0..{num_classes - 1}")
+    return labels.long()
