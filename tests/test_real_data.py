@@ -360,7 +360,8 @@ def test_a_labels_file_gives_the_observed_labels_and_the_source_the_ground_truth
     human = y.clone()
     wrong = torch.arange(0, len(y), 7)
     human[wrong] = (human[wrong] + 1) % 4
-    torch.save({"clean_label": y.numpy(), "worse_label": human.numpy(), "aggre_label": y.numpy()}, tmp_path / "human.pt")
+    torch.save({"clean_label": y.numpy(), "worse_label": human.numpy(), "aggre_label": y.numpy()}, tmp_path / "human.pt",
+               _use_new_zipfile_serialization=False)  # the legacy format, which older files have
     dm = _datamodule(tmp_path, pool_mode, labels_file=str(tmp_path / "human.pt"), labels_key="worse_label")
     dm.setup()
     idx = torch.as_tensor(dm.pool_index)

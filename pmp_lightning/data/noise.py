@@ -7,6 +7,7 @@ confuses the image with: instance-dependent noise, which looks like human error.
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ from pmp_lightning.errors import DataConfigError
 from pmp_lightning.io import save_npz
 
 NUM_CLASSES = 10
+# what torch.load may rebuild from a labels file besides tensors: numpy arrays and their dtypes
+NUMPY_ARRAYS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype,  # [0]: numpy's array rebuilder, wherever it lives
+                *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
 log = logging.getLogger(__name__)
 
 
@@ -192,17 +196,13 @@ def _read_labels(path: Path, setting: str):
                 return {k: z[k] for k in z.files}
         if path.suffix == ".npy":
             return np.load(path)
-        if path.suffix == ".pt":
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            foreign = [g for g in unsafe if not g.startswith("numpy.")]
-            if foreign:
-                raise DataConfigError(f"{setting}: {path} holds Python objects ({', '.join(foreign[:3])}), not label arrays; "
-                                      f"save the labels as tensors or numpy arrays")
-            # numpy arrays (as CIFAR-10N ships) are rebuilt by numpy's own functions, nothing else
-            return torch.load(path, map_location="cpu", weights_only=not unsafe)
+        if path.suffix == ".pt":  # tensors, or numpy arrays as CIFAR-10N ships them: nothing else is unpickled
+            with torch.serialization.safe_globals(NUMPY_ARRAYS):
+                return torch.load(path, map_location="cpu", weights_only=True)
         return np.array([int(line) for line in path.read_text().split()])
-    except DataConfigError:
-        raise
+    except pickle.UnpicklingError as err:
+        raise DataConfigError(f"{setting}: {path} holds Python objects, not label arrays ({err}); save the labels as "
+                              f"tensors or numpy arrays") from err
     except Exception as err:  # a damaged or foreign file raises various errors inside torch or numpy
         raise DataConfigError(f"{setting}={str(path)!r} cannot be read ({type(err).__name__}: {err}); give a .pt, .npz or "
                               f".npy file of labels, or a text file with one label per line") from err
