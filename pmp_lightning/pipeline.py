@@ -438,7 +438,8 @@ def selection_stage(stages: Stages, cfg: DictConfig, training: Training, datamod
     if not cfg.select.fractions:
         return None
     with stages.stage("select"):
-        return selection(training, datamodule, scores, cfg.select.fractions, cfg.select.scores, full_accuracy, cfg.seed)
+        return selection(training, datamodule, scores, cfg.select.fractions, cfg.select.scores, full_accuracy, cfg.seed,
+                         cfg.trainer.max_epochs)
 
 
 def detect_stage(stages: Stages, scores: dict[str, np.ndarray], stats: ReplayStats, datamodule) -> dict:

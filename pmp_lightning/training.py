@@ -178,7 +178,7 @@ class Training:
                    progress=cfg.trainer.get("enable_progress_bar", True))
 
     def fit(self, train, test=None, callbacks=(), logger=False, root_dir=None, one_process: bool = False,
-            checkpoints: Path | None = None) -> tuple[Classifier, float | None]:
+            checkpoints: Path | None = None, max_steps: int | None = None) -> tuple[Classifier, float | None]:
         """A classifier trained from scratch (seeded with the run's seed) on ``train`` (a datamodule or a loader), and
         its accuracy on ``test`` (a datamodule or a loader; None: not measured). ``one_process``: a single-process
         fit even when the run's Trainer uses several (the small retrains, on global rank zero only).
@@ -187,10 +187,14 @@ class Training:
         schedule, the callbacks' state and the random generators'); a fit that finds one there resumes from it, so a
         killed training continues from its last finished epoch and ends as the uninterrupted one would have. A fit
         that finishes removes the directory: a finished training needs no checkpoint, and a later fit into the same
-        place (an entry recomputed because a file went missing) must train, not resume at its end."""
+        place (an entry recomputed because a file went missing) must train, not resume at its end.
+
+        ``max_steps``: train for that many optimizer steps instead of the configured epochs (a budget of tokens)."""
         pl.seed_everything(self.seed, workers=True)
         classifier = Classifier(self.net(), self.optimizer, self.lr_schedule)
         single = {"strategy": "auto", "devices": 1, "enable_checkpointing": False} if one_process else {}
+        if max_steps is not None:
+            single.update(max_steps=max_steps, max_epochs=-1)
         resume = {}
         if checkpoints is not None:
             callbacks = [*callbacks, RandomState(), LastEpochCheckpoint(checkpoints)]

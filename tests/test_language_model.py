@@ -193,13 +193,28 @@ def make_cfg(tmp_path, *overrides):
 
 
 @pytest.mark.slow
-def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path):
+def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
+    """The tiny run, with selection: each retrain on the kept documents has the whole pool's token budget (2 epochs
+    of 60 documents in batches of 8: 16 steps, whatever it keeps) and reports the test loss."""
     import csv as csv_module
 
     from pmp_lightning.pipeline import run
     from pmp_lightning.scores.registry import SCORES
+    from pmp_lightning.training import Training
 
-    metrics = run(make_cfg(tmp_path))
+    fit, retrains = Training.fit, []
+
+    def spy(self, train, *args, max_steps=None, **kwargs):
+        if max_steps is not None:
+            retrains.append((len(train.dataset), max_steps))
+        return fit(self, train, *args, max_steps=max_steps, **kwargs)
+
+    monkeypatch.setattr(Training, "fit", spy)
+    metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss]"))
+    assert retrains == [(60, 16), (48, 16), (48, 16), (48, 16)]  # whole pool, oracle, loss, random
+    sel = metrics["selection"]
+    assert sel["measure"] == "test loss" and set(sel["0.2"]) == {"loss", "random"}
+    assert all(0 < v < 10 for v in [sel["full"], sel["oracle"], *sel["0.2"].values()])
     assert metrics["ground_truth"] == "corrupted documents"
     assert set(metrics["detection"]) == set(SCORES) | {"dsir", "rho_loss", "influence"}
     by_kind = metrics["auroc_by_corruption"]

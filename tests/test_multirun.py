@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.test_pipeline import ROOT, SMALL
@@ -122,7 +123,6 @@ def test_compare_on_a_missing_directory_is_one_line(tmp_path):
 def test_plots_tell_scores_and_settings_apart(tmp_path, monkeypatch):
     """Figure objects: distinct styles for all 15 scores and a legend off the curves; one histogram figure per setting,
     each naming its setting and seed; integer snapshot ticks."""
-    import numpy as np
 
     from pmp_lightning.report import compare
     from pmp_lightning.scores.registry import SCORES
@@ -167,10 +167,33 @@ def test_the_report_has_selection_accuracies_and_costs_over_seeds(tmp_path):
     assert "| setting | train | replay | cleanlab |" in report and "| all jobs | 10 | 110 | 550 |" in report
 
 
+def test_the_selection_plot_shows_each_score_against_the_fraction_kept(tmp_path, monkeypatch):
+    """A language model's selection (its measure the test loss): one line per score over the fractions kept, the
+    whole pool and the oracle as references, and the measure on the y axis."""
+    from pmp_lightning.report import compare
+
+    figures = {}
+    monkeypatch.setattr(compare, "_save", lambda fig, path: figures.__setitem__(path.name, fig))
+    for seed in (0, 1):
+        _fake_job(tmp_path / str(seed), seed=seed, ap=0.9, overrides=("+experiment=code_lm", f"seed={seed}"))
+        metrics = json.loads((tmp_path / str(seed) / "metrics.json").read_text())
+        metrics["selection"] = {"measure": "test loss", "full": 2.0, "oracle": 1.8,
+                                "0.1": {"cosine": 1.9 + seed / 10, "random": 2.1}, "0.3": {"cosine": 1.7, "random": 2.2}}
+        (tmp_path / str(seed) / "metrics.json").write_text(json.dumps(metrics))
+    jobs = compare.find_jobs(tmp_path)
+    assert "clean test loss after retraining with the whole pool's token budget" in "\n".join(compare.selection_lines(jobs))
+    compare.plot_selection(jobs, tmp_path)
+    ax = figures["selection.png"].axes[0]
+    assert ax.get_ylabel() == "test loss" and ax.get_xlabel() == "fraction of the pool kept"
+    scores = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar containers, one per score
+    assert set(scores) == {"cosine", "random"}
+    assert np.allclose(scores["cosine"].get_xdata(), [0.7, 0.9]) and np.allclose(scores["cosine"].get_ydata(), [1.7, 1.95])
+    assert {line.get_label() for line in ax.get_lines()} >= {"whole pool", "oracle"}
+
+
 def test_settings_sharing_a_long_prefix_keep_their_own_plots(tmp_path, monkeypatch):
     """Twelve settings whose names agree for their first 80 characters: twelve histogram files, titles that name each
     setting in full, and the precision-recall panels wrapped into a grid of at most four columns."""
-    import numpy as np
 
     from pmp_lightning.report import compare
 

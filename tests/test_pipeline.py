@@ -95,7 +95,7 @@ def test_holdout_pool_scores_examples_the_trajectory_never_saw(tmp_path):
 def test_selection_retrains_without_the_lowest_scored_examples(tmp_path):
     metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss]", "scoring.scores=[raw,loss]"))
     sel = metrics["selection"]
-    assert set(sel) == {"full", "oracle", "0.2"} and set(sel["0.2"]) == {"loss", "random"}
+    assert set(sel) == {"measure", "full", "oracle", "0.2"} and sel["measure"] == "test accuracy" and set(sel["0.2"]) == {"loss", "random"}
     assert all(0.0 < v <= 1.0 for v in (sel["full"], sel["oracle"], *sel["0.2"].values()))
     # the loss baseline finds most mislabels (AUROC > 0.9 above), so dropping its lowest 20% beats a random 20%
     assert sel["0.2"]["loss"] > sel["0.2"]["random"]

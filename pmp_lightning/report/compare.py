@@ -13,6 +13,7 @@ sweep directory:
 - ``lambda_norms.png``: ‖λ_t‖ per snapshot, one line per curvature mode
 - ``saturation.png``: per snapshot, the share of the downstream set that carries ∇J (participation ratio)
   beside the detection AUROC of that snapshot's contribution c_t: where J saturates, detection fails
+- ``selection.png`` (with ``select.fractions``): what retraining on the kept fraction reaches, per score
 - ``suspects_<score>.png``: the 32 most suspected examples per score, observed and true label
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 from pmp_lightning.io import atomic_write, save_text  # noqa: E402
 from pmp_lightning.scores.registry import PMP_VARIANTS  # noqa: E402
+from pmp_lightning.scores.select import REPORT_KEYS  # noqa: E402
 
 log = logging.getLogger(__name__)
 AVERAGED = ("scoring", "seed")  # override keys that do not define a setting
@@ -151,18 +153,28 @@ def _mean_std(values: list[float]) -> str:
     return mean_std(float(np.mean(values)), sample_std(values))
 
 
-def selection_lines(jobs: list[Job]) -> list[str]:
-    """Per setting, test accuracy after retraining without the lowest-scored fraction, mean ± std over seeds."""
+def selection_runs(jobs: list[Job]) -> dict[str, tuple[list[dict], list[str], list[str]]]:
+    """Per setting: each seed's selection report, the removed fractions and the scores, in order."""
     by_setting: dict[str, dict[str, dict]] = defaultdict(dict)
     for job in jobs:
         if "selection" in job.metrics:
             by_setting[job.setting].setdefault(job.seed, job.metrics["selection"])
-    lines = []
+    found = {}
     for setting, by_seed in sorted(by_setting.items()):
         runs = list(by_seed.values())
-        fractions = sorted({f for r in runs for f in r if f not in ("full", "oracle")}, key=float)
-        names = list(dict.fromkeys(name for r in runs for f in fractions for name in r.get(f, {})))
-        lines += ["", f"Selection ({setting}, {len(runs)} seeds): clean test accuracy after retraining without the "
+        fractions = sorted({f for r in runs for f in r if f not in REPORT_KEYS}, key=float)
+        found[setting] = runs, fractions, list(dict.fromkeys(name for r in runs for f in fractions for name in r.get(f, {})))
+    return found
+
+
+def selection_lines(jobs: list[Job]) -> list[str]:
+    """Per setting, what retraining without the lowest-scored fraction reaches (test accuracy, or a language model's
+    test loss), mean ± std over seeds."""
+    lines = []
+    for setting, (runs, fractions, names) in selection_runs(jobs).items():
+        measure = runs[0].get("measure", "test accuracy")
+        budget = " with the whole pool's token budget" if measure == "test loss" else ""
+        lines += ["", f"Selection ({setting}, {len(runs)} seeds): clean {measure} after retraining{budget} without the "
                       f"lowest-scored fraction of the pool; all kept {_mean_std([r['full'] for r in runs])}, "
                       f"oracle (exactly the mislabeled removed) {_mean_std([r['oracle'] for r in runs])}.", "",
                   "| removed | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
@@ -352,6 +364,28 @@ def plot_saturation(jobs: list[Job], out: Path) -> None:
     _save(fig, out / "saturation.png")
 
 
+def plot_selection(jobs: list[Job], out: Path) -> None:
+    """``selection.png``: per setting, what the retrained model reaches against the fraction of the pool kept, one
+    line per score (mean ± std over seeds), with the whole pool and the oracle as references."""
+    found = selection_runs(jobs)
+    if not found:
+        return
+    fig, axes = plt.subplots(1, len(found), figsize=(5.5 * len(found), 4), squeeze=False)
+    for ax, (setting, (runs, fractions, names)) in zip(axes[0], found.items()):
+        fractions = fractions[::-1]  # the fraction kept rising left to right
+        kept = [1 - float(f) for f in fractions]
+        for name, style in score_styles(names).items():
+            values = [[r[f][name] for r in runs if name in r.get(f, {})] for f in fractions]
+            ax.errorbar(kept, [np.mean(v) for v in values], yerr=[sample_std(v) if len(v) > 1 else 0 for v in values],
+                        marker="o", capsize=3, label=name, **style)
+        ax.axhline(np.mean([r["full"] for r in runs]), color="black", lw=0.8, ls="--", label="whole pool")
+        ax.axhline(np.mean([r["oracle"] for r in runs]), color="green", lw=0.8, ls=":", label="oracle")
+        ax.set(xlabel="fraction of the pool kept", ylabel=runs[0].get("measure", "test accuracy"),
+               title=wrapped(f"{setting} ({len(runs)} seeds)"))
+        ax.legend(fontsize=6)
+    _save(fig, out / "selection.png")
+
+
 def suspect_grid(images, titles: list[str], red, title: str, path: Path) -> None:
     """A 4 × 8 grid of pool images with a caption each (red where ``red`` is true); inputs that are not
     images ((C, H, W) with 1 or 3 channels) are left undrawn."""
@@ -410,6 +444,7 @@ def compare(sweep_dir: str | Path) -> list[dict]:
     plot_histograms(merged, sweep_dir)
     plot_lambda_norms(jobs, sweep_dir)
     plot_saturation(jobs, sweep_dir)
+    plot_selection(jobs, sweep_dir)
     plot_suspects(merged, sweep_dir)
     log.info(f"comparison of {len(jobs)} jobs written to {sweep_dir}/comparison.md")
     return rows

@@ -10,6 +10,7 @@ import numpy as np
 
 from pmp_lightning.report.evaluate import format_table
 from pmp_lightning.io import save_json, save_text
+from pmp_lightning.scores.select import REPORT_KEYS
 
 
 def write_outputs(out: Path, datamodule, scores: dict[str, np.ndarray], metrics: dict, predicted: np.ndarray | None) -> None:
@@ -82,10 +83,10 @@ def print_report(metrics: dict, out: Path) -> None:
         lines += [f"cleanlab: probabilities from {cl['probabilities']}, {cl['seconds']:.0f} s; {found}"]
     if "selection" in metrics:
         sel = metrics["selection"]
-        lines += ["", f"test accuracy after retraining without the lowest-scored examples (all kept: {sel['full']:.4f}, "
+        lines += ["", f"{sel['measure']} after retraining without the lowest-scored examples (all kept: {sel['full']:.4f}, "
                       f"oracle without exactly the mislabeled: {sel['oracle']:.4f}):"]
         lines += [f"  removed {float(f):.0%}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
-                  for f, row in sel.items() if f not in ("full", "oracle")]
+                  for f, row in sel.items() if f not in REPORT_KEYS]
     lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings"].items())]
     if metrics["peak_memory_mib"]:
         lines += ["peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in metrics["peak_memory_mib"].items())]

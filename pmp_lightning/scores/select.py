@@ -1,8 +1,10 @@
 """Selection utility: does removing the lowest-scored examples help the model trained without them?
 
 For each fraction f and each chosen score, retrain from scratch (same seed, same config) on the pool minus its
-lowest-scored ⌈f·N⌉ examples and measure clean test accuracy. References: removing a random ⌈f·N⌉ examples, and
-removing exactly the mislabeled examples (the oracle). The settings are checked before any work
+lowest-scored ⌈f·N⌉ examples and measure what the retrained model reaches: a classifier's clean test accuracy; a
+language model's loss on the clean test documents, trained with the whole pool's token budget (its number of steps:
+fewer documents, more passes over them), the paper's headline measure. References: removing a random ⌈f·N⌉ examples,
+and removing exactly the mislabeled (corrupted) examples (the oracle). The settings are checked before any work
 (``config.check_settings``).
 """
 from __future__ import annotations
@@ -13,27 +15,46 @@ import math
 import numpy as np
 from torch.utils.data import DataLoader, Subset
 
+from pmp_lightning.data.images import language_model
+from pmp_lightning.scores.text import token_loss
 from pmp_lightning.training import Training
 
 log = logging.getLogger(__name__)
+REPORT_KEYS = ("measure", "full", "oracle")  # a selection report's entries that are not removed fractions
 
 
-def train_without(training: Training, datamodule, keep: np.ndarray, test: bool = True):
+def train_without(training: Training, datamodule, keep: np.ndarray, test: bool = True, steps: int | None = None):
     """A model trained from scratch (the run's seed and config, one process) on the training-set examples where
-    ``keep`` is true, and its clean test accuracy (None when ``test`` is false). Training examples beyond ``keep``
-    (the canaries and controls of ``scoring.canaries``, after the pool) stay in every retrain."""
+    ``keep`` is true, and its clean test accuracy (None when ``test`` is false); ``steps``: train for that many steps
+    instead of the configured epochs. Training examples beyond ``keep`` (the canaries and controls of
+    ``scoring.canaries``, after the pool) stay in every retrain."""
     keep = np.concatenate([keep, np.ones(len(datamodule.train_set) - len(keep), dtype=bool)])
     loader = DataLoader(Subset(datamodule.train_set, np.flatnonzero(keep).tolist()), batch_size=datamodule.batch_size,
                         shuffle=True)
-    return training.fit(loader, datamodule.test_dataloader() if test else None, one_process=True)
+    return training.fit(loader, datamodule.test_dataloader() if test else None, one_process=True, max_steps=steps)
+
+
+def _retrained(training: Training, datamodule, keep: np.ndarray, budget: int | None) -> float:
+    """What a retrain on the kept examples reaches: a classifier's test accuracy, or (with a step ``budget``) a
+    language model's test loss."""
+    if budget is None:
+        return train_without(training, datamodule, keep)[1]
+    model, _ = train_without(training, datamodule, keep, test=False, steps=budget)
+    return token_loss(model.net, datamodule.test_set)
 
 
 def selection(training: Training, datamodule, scores: dict[str, np.ndarray], fractions, names, full_accuracy: float,
-              seed: int) -> dict:
-    """``{"full": acc, "oracle": acc, "<fraction>": {score: acc, ..., "random": acc}}``."""
+              seed: int, epochs: int) -> dict:
+    """``{"measure": ..., "full": value, "oracle": value, "<fraction>": {score: value, ..., "random": value}}``; the
+    measure is the test accuracy, or for a language model the test loss after ``epochs`` passes' worth of steps over
+    the whole pool (the full run retrained the same way)."""
     n = len(datamodule.pool)
     mask = datamodule.is_mislabeled
-    report: dict = {"full": full_accuracy, "oracle": train_without(training, datamodule, ~mask)[1]}
+    lm = language_model(datamodule)
+    budget = epochs * math.ceil(len(datamodule.train_set) / datamodule.batch_size) if lm else None
+    measure = "test loss" if lm else "test accuracy"
+    full = _retrained(training, datamodule, np.ones(n, dtype=bool), budget) if lm else full_accuracy
+    report: dict = {"measure": measure, "full": full, "oracle": _retrained(training, datamodule, ~mask, budget)}
     rng = np.random.default_rng(seed)
     for fraction in fractions:
         k = math.ceil(fraction * n)
@@ -42,7 +63,7 @@ def selection(training: Training, datamodule, scores: dict[str, np.ndarray], fra
             drop = rng.permutation(n)[:k] if name == "random" else np.argsort(scores[name], kind="stable")[:k]
             keep = np.ones(n, dtype=bool)
             keep[drop] = False
-            row[name] = train_without(training, datamodule, keep)[1]
-            log.info(f"select: without the lowest {fraction:.0%} by {name}: test accuracy {row[name]:.4f}")
+            row[name] = _retrained(training, datamodule, keep, budget)
+            log.info(f"select: without the lowest {fraction:.0%} by {name}: {measure} {row[name]:.4f}")
         report[str(fraction)] = row
     return report

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from pmp_lightning.data.corpus import Document
 from pmp_lightning.replay.costate import downstream_gradient
 from pmp_lightning.statistics.per_example import output_stats, per_example_stats
-from pmp_lightning.training import trainable
+from pmp_lightning.training import IGNORE, trainable
 
 DSIR_BUCKETS = 10_000  # DSIR's hashed feature space
 
@@ -50,6 +50,12 @@ def document_losses(net: torch.nn.Module, dataset, batch_size: int = 64) -> np.n
     net.eval()
     return torch.cat([output_stats(net, x, y)["loss"] for x, y in zip(dataset.x.split(batch_size), dataset.y.split(batch_size))]
                      ).double().numpy()
+
+
+def token_loss(net: torch.nn.Module, dataset, batch_size: int = 64) -> float:
+    """The language model's loss on ``dataset``: mean next-token cross-entropy over all its targets (padding left out)."""
+    counts = (dataset.y != IGNORE).sum(1).double().numpy()
+    return float((document_losses(net, dataset, batch_size) * counts).sum() / counts.sum())
 
 
 def rho_loss(final_net: torch.nn.Module, training, datamodule) -> np.ndarray:
