@@ -13,6 +13,15 @@ def test_benchmark_runs_every_method_and_reports_ratios(capsys):
     assert "ratios of the minima:" in capsys.readouterr().out
 
 
+def test_benchmark_builds_the_shipped_models_from_their_configs_and_times_the_language_model():
+    """The networks come from conf/model (every shipped config is a choice, none listed twice); the language model
+    gets documents of token ids, and every method agrees with the pass on it (the benchmark asserts that)."""
+    assert set(bench.SHIPPED) == {p.stem for p in bench.MODEL_CONFIGS.glob("*.yaml")} and "gpt" in bench.MODELS
+    result = bench.main(["--model", "gpt", "--examples", "4", "--chunk", "2", "--repeats", "1", "--device", "cpu",
+                         "--no-memory"])
+    assert {"stats", "train", "vmap_grad"} <= set(result["times_s"])
+
+
 @pytest.mark.slow
 def test_benchmark_measures_peak_memory_in_fresh_processes():
     result = bench.main(["--model", "small_cnn", "--examples", "16", "--chunk", "8", "--repeats", "1", "--device", "cpu"])
