@@ -39,7 +39,7 @@ from callbacks.progress import log_above_bars, progress_callbacks
 from pmp_lightning.scores.cleanlab_score import cleanlab_baseline, cross_validated_probs, crossval_key_config
 from pmp_lightning.cache import StageCache, code_digest, train_key_config
 from pmp_lightning.config import check_folds, check_settings
-from pmp_lightning.replay.costate import describe, hessian_vector_product, is_centred
+from pmp_lightning.replay.costate import describe, hessian_vector_product
 from pmp_lightning.data.images import language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError, UnsupportedModelError
 from pmp_lightning.report.evaluate import (auroc_by_kind, canary_choice, contribution_auroc, detection_metrics,
@@ -103,9 +103,6 @@ class Stages:
         if peak.peak_mib is not None:
             self.memory[name] = round(peak.peak_mib, 1)
 
-    def cache(self, stage: str, config: dict) -> StageCache:
-        return StageCache(self.cache_dir, stage, config)
-
 
 def run(cfg: DictConfig) -> dict:
     """Run one experiment; returns the contents of ``metrics.json`` (an empty dict on ranks other than zero)."""
@@ -126,14 +123,13 @@ def run(cfg: DictConfig) -> dict:
     logger = instantiate(cfg.logger, **run_identity()) if cfg.get("logger") and stages.lead else False
     try:
         datamodule, training, model_code = data_stage(stages, cfg, training)
-        _check_objective(objective, datamodule)
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
         content = datamodule.content_key()
-        trained, train_dir = train_stage(stages, stages.cache("train", train_key_config(cfg, content, model_code)), training,
+        trained, train_dir = train_stage(stages, StageCache(stages.cache_dir, "train", train_key_config(cfg, content, model_code)), training,
                                          snapshots, datamodule, logger)
-        replayed, replay_dir = replay_stage(stages, stages.cache("replay", replay_key_config(cfg, trained, datamodule.downstream_key())),
+        replayed, replay_dir = replay_stage(stages, StageCache(stages.cache_dir, "replay", replay_key_config(cfg, trained, datamodule.downstream_key())),
                                             replay_settings, training, objective, datamodule, train_dir / "snapshots")
         if not stages.lead:
             return {}
@@ -149,7 +145,7 @@ def run(cfg: DictConfig) -> dict:
                 **({"corpus_baselines": stages.timings["corpus_baselines"]} if "corpus_baselines" in stages.timings else {})}
         cleanlab = None
         if cfg.baselines.cleanlab:
-            crossval = stages.cache("crossval", crossval_key_config(cfg, content, model_code))
+            crossval = StageCache(stages.cache_dir, "crossval", crossval_key_config(cfg, content, model_code))
             scores["cleanlab"], cleanlab = cleanlab_stage(stages, crossval, training, datamodule, cfg.baselines.folds, final_probs)
             cost["cleanlab"] = cleanlab["seconds"]
         detection = detect_stage(stages, scores, stats, datamodule)
@@ -557,13 +553,6 @@ def _require_writable(directory: Path, setting: str) -> None:
             pass
     except OSError as err:
         raise OutputError(f"cannot write to {directory} ({err.strerror or err}); point {setting} at a writable directory") from err
-
-
-def _check_objective(objective, datamodule) -> None:
-    if language_model(datamodule) and is_centred(objective):
-        raise ReplayConfigError("objective.centred=true removes a classifier's mean logit pull from ∇J; for a language "
-                                "model's J (the target set's token loss) it is not defined here: use objective=ce "
-                                "(the paper's J), or objective=<name> objective.centred=false")
 
 
 def _check_strategy(cfg: DictConfig) -> None:

@@ -242,13 +242,34 @@ def test_a_corpus_refuses_what_needs_labels_before_training(tmp_path):
     from pmp_lightning.pipeline import run
 
     for extra, message in ((["baselines.cleanlab=true"], "a corpus has no labels"),
-                           (["objective=unit_ce"], "objective.centred=true"),
                            (["scoring.canaries=4"], "a corpus has no labels"),
                            (["data.length=64"], "raise model.max_len"),
                            (["pool=test"], "does not apply to a corpus")):
         with pytest.raises((PMPError, ValueError, InstantiationException), match=message):
             run(make_cfg(tmp_path / extra[0].split("=")[0], *extra))
         assert not (tmp_path / extra[0].split("=")[0] / "cache" / "train").exists()  # nothing was trained
+
+
+def test_a_centred_token_objective_ignores_a_shift_of_every_logit():
+    """Centring for a language model's J: w̄ is the target set's mean pull, one vector over the vocabulary, and the
+    centred J does not move when every logit at every position shifts by the same vector (documents of unequal length,
+    padding included), while the plain J does. The participation weights are the norms of the centred pulls."""
+    from pmp_lightning.replay.costate import centred_values, logit_pulls, logit_weights, objective, pull_sum
+
+    torch.manual_seed(0)
+    z = torch.randn(5, 7, 11, dtype=torch.float64)
+    y = torch.randint(0, 11, (5, 7))
+    y[1, 4:], y[3, 2:] = IGNORE, IGNORE
+    obj = objective("ce", centred=True)
+    mean_pull = pull_sum(logit_pulls(obj, z, y)) / len(z)
+    assert mean_pull.shape == (11,)
+    shift = torch.zeros(11, dtype=torch.float64, requires_grad=True)
+    (centred,) = torch.autograd.grad(centred_values(obj, z + shift, y, mean_pull).mean(), shift)
+    (plain,) = torch.autograd.grad(centred_values(obj, z + shift, y, None).mean(), shift)
+    assert centred.abs().max() < 1e-15 < plain.abs().max()
+    zc = z.clone().requires_grad_(True)
+    (pulls,) = torch.autograd.grad(centred_values(obj, zc, y, mean_pull).sum(), zc)
+    assert torch.allclose(logit_weights(obj, z, y, mean_pull), pulls.flatten(1).norm(dim=1), rtol=1e-12)
 
 
 # ------------------------------------------------------------------ the language-model baselines

@@ -159,24 +159,46 @@ def is_centred(fn: ObjectiveFn) -> bool:
 
 
 def logit_pulls(fn: ObjectiveFn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """w_m = ∂l_m/∂z_m per downstream example (B, K): how example m pulls on ∇J through its logits."""
+    """w_m = ∂l_m/∂z_m per downstream example (B, K; a language model's document (B, T, V), a pull at each position):
+    how example m pulls on ∇J through its logits."""
     z = logits.detach().requires_grad_(True)
     with torch.enable_grad():
         (g,) = torch.autograd.grad(fn(z, labels).sum(), z)
     return g
 
 
+def pull_sum(pulls: torch.Tensor) -> torch.Tensor:
+    """Σ_m of the examples' logit pulls as one vector over the classes: a document's pulls summed over its positions
+    too, so that w̄ = pull_sum / M shifts every logit of every position alike."""
+    return pulls.flatten(0, -2).sum(0)
+
+
+def _spread(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """How a document's loss weighs each position (B, T): 1/T_m at its targets, 0 at padding; a classifier's 1."""
+    if z.dim() == 3 and y.dim() == 2:
+        kept = (y != IGNORE).to(z.dtype)
+        return kept / kept.sum(1, keepdim=True).clamp_min(1)
+    return z.new_ones(y.shape)
+
+
 def centred_values(fn: ObjectiveFn, z: torch.Tensor, y: torch.Tensor, mean_pull: torch.Tensor | None) -> torch.Tensor:
-    """l_m − w̄ᵀ z_m per example (w̄ held constant), or l_m itself when ``mean_pull`` is None."""
+    """l_m − w̄ᵀ z_m per example (w̄ held constant), or l_m itself when ``mean_pull`` is None. A language model's
+    document: l_m − (1/T_m) Σ_t w̄ᵀ z_{m,t} over its targets, so a shift of every logit at every position by the same
+    vector leaves the centred J unchanged, as a shift of every logit does for a classifier."""
     values = fn(z, y)
-    return values if mean_pull is None else values - z @ mean_pull
+    if mean_pull is None:
+        return values
+    shift = z @ mean_pull
+    return values - (shift * _spread(z, y)).sum(1) if shift.dim() == 2 else values - shift
 
 
 def logit_weights(fn: ObjectiveFn, logits: torch.Tensor, labels: torch.Tensor,
                   mean_pull: torch.Tensor | None = None) -> torch.Tensor:
     """‖∂l_m/∂z_m‖ per downstream example (‖w_m − w̄‖ for a centred J): how much example m pulls on ∇J."""
     pulls = logit_pulls(fn, logits, labels)
-    return (pulls if mean_pull is None else pulls - mean_pull).flatten(1).norm(dim=1)
+    if mean_pull is not None:
+        pulls = pulls - (_spread(logits, labels)[:, :, None] * mean_pull if pulls.dim() == 3 else mean_pull)
+    return pulls.flatten(1).norm(dim=1)
 
 
 def participation(sum_w: float, sum_w2: float, count: int) -> float:
@@ -206,7 +228,7 @@ def downstream_gradient(net: nn.Module, params: Params, fn: ObjectiveFn, batches
     mean_pull = None
     if is_centred(fn) or with_pull:
         with torch.no_grad():
-            mean_pull = reduce(sum(logit_pulls(fn, net(x), y).sum(0) for x, y in batches())) / count
+            mean_pull = reduce(sum(pull_sum(logit_pulls(fn, net(x), y)) for x, y in batches())) / count
     centre = mean_pull if is_centred(fn) else None
 
     def summed(p, x, y):
