@@ -21,7 +21,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
-from pmp_lightning.scores.registry import PMP_VARIANTS, SCORES
+from pmp_lightning.scores.registry import CORPUS_BASELINES, PMP_VARIANTS, SCORES
+
+CORPUS_DATAMODULE = "pmp_lightning.data.corpus.CorpusDataModule"
 
 ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
 
@@ -131,7 +133,8 @@ def check_settings(cfg) -> tuple[list[str], str]:
     if cfg.baselines.cleanlab:
         check_folds(cfg.baselines.folds)
     names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else [])]
-    _check_selection(cfg.select, cfg.data.get("pool_mode"), names)
+    corpus = cfg.data.get("_target_") == CORPUS_DATAMODULE  # its language-model baselines come with every run
+    _check_selection(cfg.select, cfg.data.get("pool_mode"), [*names, *(CORPUS_BASELINES if corpus else ())])
     canaries = cfg.scoring.get("canaries", 0)
     if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 0:
         raise SettingError(f"scoring.canaries={canaries!r}: give how many downstream examples to hold out as canaries "

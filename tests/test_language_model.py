@@ -199,7 +199,7 @@ def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
     import csv as csv_module
 
     from pmp_lightning.pipeline import run
-    from pmp_lightning.scores.registry import SCORES
+    from pmp_lightning.scores.registry import CORPUS_BASELINES, SCORES
     from pmp_lightning.training import Training
 
     fit, retrains = Training.fit, []
@@ -210,13 +210,13 @@ def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
         return fit(self, train, *args, max_steps=max_steps, **kwargs)
 
     monkeypatch.setattr(Training, "fit", spy)
-    metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss]"))
-    assert retrains == [(60, 16), (48, 16), (48, 16), (48, 16)]  # whole pool, oracle, loss, random
+    metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss,dsir]"))
+    assert retrains == [(60, 16), *[(48, 16)] * 4]  # whole pool, oracle, loss, dsir (a corpus baseline), random
     sel = metrics["selection"]
-    assert sel["measure"] == "test loss" and set(sel["0.2"]) == {"loss", "random"}
+    assert sel["measure"] == "test loss" and set(sel["0.2"]) == {"loss", "dsir", "random"}
     assert all(0 < v < 10 for v in [sel["full"], sel["oracle"], *sel["0.2"].values()])
     assert metrics["ground_truth"] == "corrupted documents"
-    assert set(metrics["detection"]) == set(SCORES) | {"dsir", "rho_loss", "influence"}
+    assert set(metrics["detection"]) == set(SCORES) | set(CORPUS_BASELINES)
     by_kind = metrics["auroc_by_corruption"]
     assert set(by_kind) <= set(CORRUPTIONS) and all(set(row) == set(metrics["detection"]) for row in by_kind.values())
     assert 0.0 < metrics["test_accuracy"] < 1.0  # next-token accuracy on the test files

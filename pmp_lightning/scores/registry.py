@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # the registry stays importable without torch, so Hydra compo
 ScoreFn = Callable[["ReplayStats"], np.ndarray]
 SCORES: dict[str, ScoreFn] = {}
 PMP_VARIANTS: list[str] = []  # the raw score and its normalisations, in registry order
+# a corpus run's language-model baselines (scores/text.py), computed beside the registry's from the trained model
+CORPUS_BASELINES = ("dsir", "rho_loss", "influence")
 CLIP_QUANTILE = 0.5  # clipping threshold C_t: this quantile of the step's gradient norms
 
 
