@@ -47,6 +47,29 @@ def test_windows_and_files_are_deterministic_and_sized():
         documents(texts, "window", 200)
 
 
+def test_a_bpe_trained_on_the_corpus_cuts_windows_of_tokens():
+    """data.tokenizer=BPETokenizer: a byte-level BPE trained on the corpus's own texts, deterministic (the same
+    vocabulary twice); windows hold length + 1 tokens, not bytes, so a window spans more bytes than tokens; each
+    window's text tokenizes back to its length + 1 tokens (the boundaries may move a token, no more), and the model's
+    inputs and targets are those tokens. Guard: the byte tokenizer's windows are length + 1 bytes."""
+    from pmp_lightning.data.corpus import BPETokenizer
+
+    texts = StdlibSource(packages=["json"]).load()
+    bpe = BPETokenizer(vocab_size=400).fit([t for _, t in texts])
+    again = BPETokenizer(vocab_size=400).fit([t for _, t in texts])
+    assert bpe.vocab_size == 400 and bpe._bpe.get_vocab() == again._bpe.get_vocab()
+    docs = documents(texts, "window", 32, bpe)
+    assert docs and np.mean([len(d.text) for d in docs]) > 2 * 33  # code compresses to well over two bytes per token
+    counts = [bpe.count(d.text) for d in docs]
+    assert all(31 <= c <= 35 for c in counts) and np.mean([c == 33 for c in counts]) > 0.8
+    x, y = tokenize(docs, 32, bpe)
+    ids = bpe.encode(docs[0].text)[:33]
+    assert x[0, :len(ids) - 1].tolist() == ids[:-1] and y[0, :len(ids) - 1].tolist() == ids[1:]
+    assert int(x.max()) < 400 and all(len(d.text) == 33 for d in documents(texts, "window", 32))
+    with pytest.raises(DataConfigError, match="give more than 256"):
+        BPETokenizer(vocab_size=100)
+
+
 def test_folder_errors_are_named(tmp_path):
     with pytest.raises(DataConfigError, match="holds no files"):
         FolderSource(str(tmp_path)).load()
@@ -232,6 +255,21 @@ def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
         loss[r["corruption"]].append(-float(r["loss"]))
     if "random_bytes" in loss:  # uniform printable bytes cost more than code, even to a model of two epochs
         assert np.mean(loss["random_bytes"]) > np.mean(loss[""])
+
+
+@pytest.mark.slow
+def test_code_lm_runs_with_a_bpe_and_a_centred_j(tmp_path):
+    """The tiny run with a BPE of 300 tokens trained on the corpus: the language model's vocabulary is the BPE's
+    (model.vocab_size null), and a centred J (objective.centred=true) runs for a language model."""
+    from pmp_lightning.pipeline import run
+    from pmp_lightning.trajectory import load_manifest, network_state
+
+    metrics = run(make_cfg(tmp_path, "data.tokenizer._target_=pmp_lightning.data.corpus.BPETokenizer",
+                           "+data.tokenizer.vocab_size=300", "objective.centred=true", "scoring.scores=[cosine,loss]"))
+    assert set(metrics["detection"]) >= {"cosine", "loss"} and 0.0 < metrics["test_accuracy"] < 1.0
+    snapshots = tmp_path / "snapshots"
+    state = network_state(snapshots, load_manifest(snapshots)["snapshots"][0])
+    assert state["tokens.weight"].shape[0] == state["head.weight"].shape[0] == 300
 
 
 @pytest.mark.slow

@@ -2,10 +2,11 @@
 about 30 MB of it), a folder of text files, or a JSONL file with a ``text`` field (the usual format of LM corpora).
 
 A source's ``load()`` gives ``(name, text)`` pairs in a fixed order; ``documents`` cuts them into documents (whole
-files, or fixed windows of ``length + 1`` bytes) and the byte-level tokenizer makes them token ids: byte b is token b,
-so the vocabulary is 256 with no download and no training. A document of ``length + 1`` tokens gives the model its
-first ``length`` tokens as input and the last ``length`` as targets; a shorter file (``unit="file"``) is padded, its
-padded targets ``IGNORE`` (left out of the loss).
+files, or fixed windows of ``length + 1`` tokens) and a tokenizer makes them token ids: by default bytes (byte b is
+token b, a vocabulary of 256 with no download and no training), or a byte-level BPE trained on the corpus itself
+(``BPETokenizer``, offline). A document of ``length + 1`` tokens gives the model its first ``length`` tokens as input
+and the last ``length`` as targets; a shorter one (``unit="file"``, or a window whose text tokenizes shorter after
+corruption) is padded, its padded targets ``IGNORE`` (left out of the loss).
 
 Every failure of the input is named here, before anything is trained: an empty folder, a JSONL line without ``text``,
 binary files, documents shorter than one window.
@@ -29,6 +30,73 @@ from pmp_lightning.errors import DataConfigError
 from pmp_lightning.training import IGNORE
 
 VOCAB_SIZE = 256  # the byte-level tokenizer: byte b is token b
+
+
+class ByteTokenizer:
+    """Bytes as tokens: byte b is token b (a vocabulary of 256: no training, every text covered)."""
+
+    vocab_size = VOCAB_SIZE
+
+    def fit(self, texts: list[bytes]) -> "ByteTokenizer":
+        return self
+
+    def encode(self, text: bytes) -> list[int]:
+        return list(text)
+
+    def count(self, text: bytes) -> int:
+        return len(text)
+
+    def spans(self, text: bytes, size: int) -> list[tuple[int, int]]:
+        """Byte offsets of the text's consecutive windows of ``size`` tokens (a shorter rest dropped)."""
+        return [(start, start + size) for start in range(0, len(text) - size + 1, size)]
+
+    def describe(self) -> str:
+        return "bytes"
+
+
+class BPETokenizer:
+    """A byte-level BPE (GPT-2's kind: every text covered, no unknown token) trained on the corpus's own texts with
+    the ``tokenizers`` package, offline and deterministic, up to ``vocab_size`` tokens (fewer when the corpus has
+    fewer merges to make). Its vocabulary is the language model's (``model.vocab_size`` null takes it). It is trained
+    on every file of the source before the splits are drawn (it reads no label and no corruption)."""
+
+    def __init__(self, vocab_size: int = 1024, min_frequency: int = 2):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+            raise DataConfigError(f"data.tokenizer.vocab_size={vocab_size!r}: a byte-level BPE holds the 256 bytes and its "
+                                  f"merges; give more than 256, e.g. 1024")
+        self.wanted, self.min_frequency = vocab_size, min_frequency
+        self._bpe = None
+
+    def fit(self, texts: list[bytes]) -> "BPETokenizer":
+        from tokenizers import ByteLevelBPETokenizer
+
+        self._bpe = ByteLevelBPETokenizer()
+        self._bpe.train_from_iterator([t.decode("utf-8") for t in texts], vocab_size=self.wanted,
+                                      min_frequency=self.min_frequency, show_progress=False)
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        if self._bpe is None:
+            raise RuntimeError("the BPE is trained on the corpus first (fit)")
+        return self._bpe.get_vocab_size()
+
+    def encode(self, text: bytes) -> list[int]:
+        return self._bpe.encode(text.decode("utf-8", errors="replace")).ids
+
+    def count(self, text: bytes) -> int:
+        return len(self.encode(text))
+
+    def spans(self, text: bytes, size: int) -> list[tuple[int, int]]:
+        """Byte offsets of the text's consecutive windows of ``size`` tokens (a shorter rest dropped)."""
+        decoded = text.decode("utf-8")
+        offsets = self._bpe.encode(decoded).offsets
+        starts = range(0, len(offsets) - size + 1, size)
+        byte = lambda char: len(decoded[:char].encode("utf-8"))  # noqa: E731 - offsets count characters
+        return [(byte(offsets[s][0]), byte(offsets[s + size - 1][1])) for s in starts]
+
+    def describe(self) -> str:
+        return f"byte-level BPE of {self.vocab_size if self._bpe else self.wanted} tokens, trained on the corpus"
 
 
 @dataclass(frozen=True)
@@ -156,10 +224,12 @@ class JsonlSource:
         return texts
 
 
-def documents(texts: list[tuple[str, bytes]], unit: str = "window", length: int = 128) -> list[Document]:
-    """The corpus cut into documents of ``length + 1`` bytes at most: ``unit="window"`` cuts every text into
-    consecutive non-overlapping windows of exactly that size (a text's rest shorter than a window is dropped);
-    ``unit="file"`` keeps each text as one document, cut to that size. Deterministic: the texts' order, then offsets."""
+def documents(texts: list[tuple[str, bytes]], unit: str = "window", length: int = 128,
+              tokenizer=None) -> list[Document]:
+    """The corpus cut into documents of ``length + 1`` tokens at most (bytes, unless ``tokenizer`` says otherwise):
+    ``unit="window"`` cuts every text into consecutive non-overlapping windows of exactly that many tokens (a text's
+    rest shorter than a window is dropped); ``unit="file"`` keeps each text as one document, cut to that size.
+    Deterministic: the texts' order, then offsets."""
     if unit not in ("window", "file"):
         raise DataConfigError(f"data.unit={unit!r}; use window (fixed windows of data.length tokens) or file")
     if not isinstance(length, int) or length < 1:
@@ -173,22 +243,25 @@ def documents(texts: list[tuple[str, bytes]], unit: str = "window", length: int 
         if short:
             warnings.warn(f"{short} texts shorter than 2 bytes are skipped (no next-token target)", stacklevel=2)
         return docs
-    docs = [Document(f"{name}@{start}", text[start:start + size])
-            for name, text in texts for start in range(0, len(text) - size + 1, size)]
+    tokenizer = tokenizer or ByteTokenizer()
+    docs = [Document(f"{name}@{start}", text[start:stop]) for name, text in texts for start, stop in tokenizer.spans(text, size)]
     if not docs:
-        longest = max(len(t) for _, t in texts)
-        raise DataConfigError(f"no text is as long as one window of data.length + 1 = {size} bytes (the longest holds "
+        longest = max(len(tokenizer.encode(t)) for _, t in texts)
+        raise DataConfigError(f"no text is as long as one window of data.length + 1 = {size} tokens (the longest holds "
                               f"{longest}): lower data.length, or use data.unit=file")
     return docs
 
 
-def tokenize(docs: list[Document], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (N, length) of the byte-level tokenizer: x = tokens[:-1], y = tokens[1:]; a shorter document
-    is padded (inputs 0, a byte no text holds; targets ``IGNORE``)."""
+def tokenize(docs: list[Document], length: int, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (N, length) of the tokenizer (bytes by default): x = tokens[:-1], y = tokens[1:] of the first
+    ``length + 1`` tokens; a shorter document is padded (inputs 0, targets ``IGNORE``)."""
     x = torch.zeros(len(docs), length, dtype=torch.long)
     y = torch.full((len(docs), length), IGNORE, dtype=torch.long)
     for n, doc in enumerate(docs):
-        ids = torch.frombuffer(bytearray(doc.text), dtype=torch.uint8).long()
+        ids = (torch.frombuffer(bytearray(doc.text), dtype=torch.uint8).long() if tokenizer is None
+               else torch.tensor(tokenizer.encode(doc.text)[:length + 1], dtype=torch.long))
+        if len(ids) < 2:
+            continue
         x[n, : len(ids) - 1] = ids[:-1]
         y[n, : len(ids) - 1] = ids[1:]
     return x, y
@@ -210,7 +283,7 @@ class CorpusDataModule(pl.LightningDataModule):
     def __init__(self, source, noise, unit: str = "window", length: int = 128, pool_mode: str = "train",
                  pool_size: int = 2000, train_size: int | None = None, downstream_size: int = 200, test_size: int = 200,
                  downstream=None, batch_size: int = 32, split_seed: int = 0, num_workers: int = 0, canaries: int = 0,
-                 downstream_includes_pool: bool = False):
+                 downstream_includes_pool: bool = False, tokenizer=None):
         super().__init__()
         if pool_mode not in ("train", "holdout") or downstream_includes_pool:
             raise DataConfigError(f"pool={pool_mode} does not apply to a corpus; use pool=train or pool=holdout")
@@ -223,7 +296,8 @@ class CorpusDataModule(pl.LightningDataModule):
         self.pool_mode, self.pool_size, self.train_size = pool_mode, pool_size, train_size
         self.downstream_size, self.test_size, self.trusted = downstream_size, test_size, downstream
         self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
-        self.num_classes = VOCAB_SIZE
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.num_classes = VOCAB_SIZE  # the tokenizer's vocabulary, once it is trained (setup)
         self.canary_mask, self.known_errors, self.known_error_counts = None, None, None
         self._ready = False
 
@@ -231,7 +305,8 @@ class CorpusDataModule(pl.LightningDataModule):
         if self._ready:
             return
         texts = self.source.load()
-        documents([max(texts, key=lambda t: len(t[1]))], self.unit, self.length)  # a window fits at all: said first
+        self.num_classes = self.tokenizer.fit([text for _, text in texts]).vocab_size
+        documents([max(texts, key=lambda t: len(t[1]))], self.unit, self.length, self.tokenizer)  # a window fits at all
         files = [texts[i] for i in torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.split_seed))]
         gen = torch.Generator().manual_seed(self.split_seed + 1)
         wanted = [("test set (data.test_size)", self.test_size),
@@ -241,22 +316,23 @@ class CorpusDataModule(pl.LightningDataModule):
                     if self.pool_mode == "holdout" else [])]
         dealt = self._deal(files, wanted, gen)
         test, pool = dealt[0], dealt[-2 if self.pool_mode == "holdout" else -1]
-        target = dealt[1] if self.trusted is None else documents(self.trusted.load(), self.unit, self.length)
+        target = dealt[1] if self.trusted is None else documents(self.trusted.load(), self.unit, self.length, self.tokenizer)
         corrupted, self.corrupted_mask, self.corruption_kind = self.noise(pool)
         self.pool_documents, self.target_documents = corrupted, target
         self.pool_index = np.arange(len(pool))
-        self.pool = IndexedDataset(*tokenize(corrupted, self.length))
+        tokens = lambda docs: IndexedDataset(*tokenize(docs, self.length, self.tokenizer))  # noqa: E731
+        self.pool = tokens(corrupted)
         self.scored = self.pool
-        self.downstream = IndexedDataset(*tokenize(target, self.length))
-        self.test_set = IndexedDataset(*tokenize(test, self.length))
-        self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(*tokenize(dealt[-1], self.length))
+        self.downstream = tokens(target)
+        self.test_set = tokens(test)
+        self.train_set = self.pool if self.pool_mode == "train" else tokens(dealt[-1])
         shared = len({d.text for d in target} & {d.text for d in pool})
         if shared:
             raise DataConfigError(f"the target set (data.downstream) shares {shared} documents with the pool: J must not "
                                   f"contain documents it scores; remove them from the target set")
         self.downstream_note = {"source": self.trusted.describe() if self.trusted is not None else
                                 f"files of {self.source.describe()} beside the pool's", "size": len(target)}
-        self.corpus = self.source.describe()
+        self.corpus = f"{self.source.describe()}, tokens: {self.tokenizer.describe()}"
         self._ready = True
 
     def _deal(self, files, wanted, gen) -> list[list[Document]]:
@@ -266,8 +342,9 @@ class CorpusDataModule(pl.LightningDataModule):
         for what, size in wanted:
             candidates = []
             while at < len(files) and (size is None or len(candidates) < 4 * size):
-                long_enough = len(files[at][1]) > (self.length if self.unit == "window" else 1)  # else no document
-                candidates += documents([files[at]], self.unit, self.length) if long_enough else []
+                long_enough = (self.tokenizer.count(files[at][1]) > self.length if self.unit == "window"
+                               else len(files[at][1]) > 1)  # else no document
+                candidates += documents([files[at]], self.unit, self.length, self.tokenizer) if long_enough else []
                 at += 1
             size = len(candidates) if size is None else size
             if size < 1 or len(candidates) < size:

@@ -27,7 +27,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pmp_lightning.report.compare import _save
 from pmp_lightning.config import register_configs
-from pmp_lightning.data.images import language_model
 from pmp_lightning.replay.store import ReplayStats
 from pmp_lightning.replay.costate import describe, downstream_gradient, objective
 from pmp_lightning.statistics.per_example import per_example_stats
@@ -56,7 +55,7 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     plan = plan_for(net, datamodule.pool.x[:8], datamodule.pool.y[:8])
     run_objective = instantiate(cfg.objective)
     report = {"snapshot": entry["t"]}
-    for centred in (False,) if language_model(datamodule) else (False, True):  # a corpus's J has no centred form
+    for centred in (False, True):
         obj = objective(run_objective.name, centred=centred, **run_objective.params)
         ds = datamodule.downstream
         grads, pull, _ = downstream_gradient(net, {k: p.detach() for k, p in trainable(net).items()}, obj,
