@@ -505,11 +505,7 @@ class PoolDataModule(pl.LightningDataModule):
                 f"the pool holds a single class ({int(self.true_labels[0])}) in its {len(self.true_labels)} examples: "
                 f"label noise and detection need several classes; raise data.pool_size"
             )
-        if self.labels_file is not None:  # the file's labels are observed, the source's are the ground truth
-            self.observed_labels = read_labels_file(self.labels_file, self.labels_key, main.y, self.num_classes)[pool_idx]
-        else:
-            self.observed_labels = self.noise(self.true_labels, self.num_classes, self._noise_classes(main.y[train_idx]),
-                                              images=pool_src.x[pool_idx], reference=self.test_set)
+        self.observed_labels = self._observed_labels(main, pool_src, pool_idx, train_idx)
         self.known_error_mask = self._known_errors(len(pool_src))
         self.pool = IndexedDataset(pool_src.x[pool_idx], self.observed_labels)
         self.train_set = self.pool if self.pool_mode == "train" else IndexedDataset(main.x[train_idx], main.y[train_idx])
@@ -520,6 +516,13 @@ class PoolDataModule(pl.LightningDataModule):
                                   f"not contain examples it scores: remove them from the set, or draw it elsewhere")
         self.downstream_note = self._describe_downstream()
         self._ready = True
+
+    def _observed_labels(self, main: Images, pool_src: Images, pool_idx: torch.Tensor, train_idx: torch.Tensor):
+        """The pool's labels as observed: a labels file's (the source's are the ground truth), or the noise's."""
+        if self.labels_file is not None:
+            return read_labels_file(self.labels_file, self.labels_key, main.y, self.num_classes)[pool_idx]
+        return self.noise(self.true_labels, self.num_classes, self._noise_classes(main.y[train_idx]),
+                          images=pool_src.x[pool_idx], reference=self.test_set)
 
     def _hold_out_canaries(self) -> None:
         """``canaries`` examples of the downstream set with a label made wrong on purpose, and as many with their own
