@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from pmp_lightning.errors import UnsupportedModelError
 from pmp_lightning.statistics.layer_rules import decomposed_for, rule_for
-from pmp_lightning.statistics.proof import failing, oracle_gradients
+from pmp_lightning.statistics.proof import direction, failing, oracle
 from pmp_lightning.statistics.ways import DECOMPOSE, EXPAND, FALLBACK, LOOP, RULE, Part
 from pmp_lightning.training import trainable, training_loss
 
@@ -119,10 +119,11 @@ def make_plan(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StatsPlan:
         model = copy.deepcopy(net).eval().double()
         xd = x.double() if x.is_floating_point() else x
         probe = _Probe(model, xd)
-        oracle = oracle_gradients(model, xd, y)
+        v = direction(model)
+        explicit = oracle(model, xd, y, v)
         plan = StatsPlan(_initial_parts(model, probe), {name: type(m).__name__ for name, m in model.named_modules()})
         for _ in range(4 * len(plan.parts) + 8):
-            wrong = failing(model, plan.parts, xd, y, oracle)
+            wrong = failing(model, plan.parts, xd, y, v, explicit)
             if not wrong:
                 return plan
             plan = StatsPlan(_merge([_next_way(p, probe, model) if i in wrong else p for i, p in enumerate(plan.parts)]),
