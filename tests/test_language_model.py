@@ -84,6 +84,23 @@ def test_folder_errors_are_named(tmp_path):
         FolderSource(str(tmp_path / "a.txt")).load()
 
 
+def test_a_text_in_several_files_is_dealt_to_one_split_only(tmp_path):
+    """Files that share a window (a licence header, a copied module) do not put the same document into two splits:
+    J never holds a document it scores, and the test set none the model trains on. Guard: here every file opens with
+    the same window, so without the rule the target set and the pool would share it and the run would be refused."""
+    from pmp_lightning.data.corpus import CorpusDataModule
+    from pmp_lightning.data.corruption import Corruption
+
+    header = b"# Copyright (c) the authors.\n"  # 30 bytes: the first window of every file below
+    for k in range(40):
+        (tmp_path / f"m{k:02d}.py").write_bytes(header + f"def f{k}(x):\n    return x * {k} + {k * k}\n".encode() * 3)
+    dm = CorpusDataModule(FolderSource(str(tmp_path)), Corruption(rate=0.0), length=29, pool_size=20,
+                          downstream_size=5, test_size=5)
+    dm.setup()
+    texts = [{d.text for d in docs} for docs in (dm.pool_documents, dm.target_documents)]
+    assert not texts[0] & texts[1] and sum(header in t for t in texts[0] | texts[1]) <= 1
+
+
 def test_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"body": "second"}) + "\n")

@@ -337,14 +337,17 @@ class CorpusDataModule(pl.LightningDataModule):
 
     def _deal(self, files, wanted, gen) -> list[list[Document]]:
         """Each split's documents: files dealt in turn until the split has four times the documents it needs (all
-        that remain for a split of size None), then that many drawn from them at random, in corpus order."""
-        out, at = [], 0
+        that remain for a split of size None), then that many drawn from them at random, in corpus order. A document
+        whose text an earlier split already holds (a licence header, a copied module) is not dealt again, so no text
+        is in two splits (J never holds a document it scores, the test set none the model trained on)."""
+        out, at, taken = [], 0, set()
         for what, size in wanted:
             candidates = []
             while at < len(files) and (size is None or len(candidates) < 4 * size):
                 long_enough = (self.tokenizer.count(files[at][1]) > self.length if self.unit == "window"
                                else len(files[at][1]) > 1)  # else no document
-                candidates += documents([files[at]], self.unit, self.length, self.tokenizer) if long_enough else []
+                candidates += [doc for doc in (documents([files[at]], self.unit, self.length, self.tokenizer)
+                                               if long_enough else []) if doc.text not in taken]
                 at += 1
             size = len(candidates) if size is None else size
             if size < 1 or len(candidates) < size:
@@ -353,6 +356,7 @@ class CorpusDataModule(pl.LightningDataModule):
                                       f"corpus")
             keep = torch.randperm(len(candidates), generator=gen)[:size].sort().values
             out.append([candidates[i] for i in keep.tolist()])
+            taken.update(doc.text for doc in out[-1])
         return out
 
     @property
