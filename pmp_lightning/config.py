@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
-from pmp_lightning.scores.registry import CORPUS_BASELINES, PMP_VARIANTS, SCORES
+from pmp_lightning.scores.registry import AUTO_FAMILY, CORPUS_BASELINES, PMP_VARIANTS, SCORES
 
 CORPUS_DATAMODULE = "pmp_lightning.data.corpus.CorpusDataModule"
 
@@ -139,9 +139,9 @@ def check_settings(cfg) -> tuple[list[str], str]:
     if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 0:
         raise SettingError(f"scoring.canaries={canaries!r}: give how many downstream examples to hold out as canaries "
                            f"(an integer ≥ 0, e.g. 40; 0: none)")
-    if canaries and not any(n in PMP_VARIANTS for n in names):
-        raise SettingError("scoring.canaries chooses among the PMP variants, and this run computes none; add some to "
-                           "scoring.scores (e.g. scoring=all)")
+    if canaries and not any(n in AUTO_FAMILY for n in names):
+        raise SettingError(f"scoring.canaries chooses among the PMP variants {', '.join(AUTO_FAMILY)}, and this run "
+                           f"computes none; add some to scoring.scores (e.g. scoring=all)")
     return names, _rank_by(cfg.scoring.get("rank_by"), names, canaries)
 
 

@@ -48,7 +48,7 @@ from pmp_lightning.io import save_npz
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.report.outputs import write_outputs
 from pmp_lightning.replay.store import ReplayStats, growth_steps, replay_key_config
-from pmp_lightning.scores.registry import PMP_VARIANTS, compute_scores
+from pmp_lightning.scores.registry import AUTO_FAMILY, compute_scores
 from pmp_lightning.scores.select import selection
 from pmp_lightning.statistics.per_example import per_example_stats
 from pmp_lightning.statistics.plan import make_plan
@@ -397,9 +397,8 @@ def score_stage(stats: ReplayStats, names: list[str], datamodule) -> tuple[dict[
     if datamodule.canary_mask is None:
         return scores, None
     n = len(datamodule.pool)
-    # the recommended cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
-    order = sorted((name for name in scores if name in PMP_VARIANTS), key=lambda name: name != "cosine")
-    candidates = {name: scores[name][n:] for name in order}  # check_settings made sure there is one
+    # the family in its order, the cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
+    candidates = {name: scores[name][n:] for name in AUTO_FAMILY if name in scores}  # check_settings: there is one
     choice = canary_choice(candidates, datamodule.canary_mask)
     scores = {name: s[:n] for name, s in scores.items()}
     scores["auto"] = scores[choice["chosen"]]

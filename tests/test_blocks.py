@@ -78,3 +78,37 @@ def test_block_scores_and_groups_of_ones_own(trained):
     assert list(one.blocks) == ["(other)", "3"]
     np.testing.assert_allclose(one.block_dot[:, :, 1], stats.block_dot[:, :, 1])
     np.testing.assert_allclose(compute_scores(["block_cosine"], one)["block_cosine"], scores["block_cosine"])
+
+
+def _random_stats(T=3, N=12, B=4, seed=0):
+    from pmp_lightning.replay.store import ReplayStats
+
+    rng = np.random.default_rng(seed)
+    block_dot, block_sq = rng.normal(size=(T, N, B)), rng.uniform(0.1, 2, size=(T, N, B)) * rng.uniform(0.01, 100, size=B)
+    direction = rng.uniform(0.5, 2, size=(T, B))
+    zeros = np.zeros((T + 1, N))
+    return ReplayStats(dot=block_dot.sum(2), grad_norm=np.sqrt(block_sq.sum(2)), loss=zeros, margin=zeros, correct=zeros,
+                       el2n=zeros, eta=np.full(T, 0.1), lambda_norm=np.ones(T), direction_norm=np.sqrt((direction**2).sum(1)),
+                       participation=np.ones(T), block_dot=block_dot, block_sq=block_sq, block_direction_norm=direction,
+                       blocks=np.array([f"b{b}" for b in range(B)]))
+
+
+def test_late_fisher_is_the_cosine_in_the_blocks_fisher_metric():
+    """Written out: each later block divided by the examples' mean squared gradient norm there. Scaling a block's
+    gradients and ψ alike leaves it unchanged (late_cosine moves); on one block it is the cosine."""
+    s = _random_stats()
+    late = slice(2, None)
+    f = s.block_sq[:, :, late].mean(1, keepdims=True)
+    dot = (s.block_dot[:, :, late] / f).sum(2)
+    norm = np.sqrt((s.block_sq[:, :, late] / f).sum(2))
+    direction = np.sqrt((s.block_direction_norm[:, None, late] ** 2 / f).sum(2))
+    np.testing.assert_allclose(compute_scores(["late_fisher"], s)["late_fisher"], (dot / (direction * norm)).sum(0))
+    scaled = _random_stats()
+    scaled.block_dot[:, :, 3] *= 100.0
+    scaled.block_sq[:, :, 3] *= 100.0
+    scaled.block_direction_norm[:, 3] *= 10.0
+    before, after = compute_scores(["late_fisher", "late_cosine"], s), compute_scores(["late_fisher", "late_cosine"], scaled)
+    np.testing.assert_allclose(after["late_fisher"], before["late_fisher"])
+    assert not np.allclose(after["late_cosine"], before["late_cosine"])
+    one = _random_stats(B=1)
+    np.testing.assert_allclose(compute_scores(["late_fisher"], one)["late_fisher"], compute_scores(["cosine"], one)["cosine"])

@@ -6,42 +6,67 @@ import numpy as np
 import pytest
 import torch
 
-from pmp_lightning.data.images import PoolDataModule
+from pmp_lightning.data.images import PoolDataModule, TrustedSet
 from pmp_lightning.errors import DataConfigError, SettingError
 from pmp_lightning.report.evaluate import canary_choice
 from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.pipeline import run
-from pmp_lightning.scores.registry import PMP_VARIANTS
+from pmp_lightning.scores.registry import AUTO_FAMILY
 from tests.conftest import RandomSource
 from tests.test_pipeline import make_cfg
 
 
-@pytest.mark.parametrize("mode", ["train", "holdout"])
-def test_canaries_are_held_out_of_j_and_scored_beside_the_pool(mode):
+@pytest.mark.parametrize("mode", ["train", "holdout", "test"])
+def test_canaries_are_drawn_beside_j_and_scored_beside_the_pool(mode):
+    """J drawn from the data keeps its examples: the canaries are drawn beside it, after the pool, so the pool and J
+    are those of the run without canaries."""
     sizes = {"train_size": 60} if mode == "holdout" else {}
-    kw = dict(pool_mode=mode, pool_size=80, downstream_size=60, test_size=20, **sizes)
-    plain = PoolDataModule(RandomSource(n=300), LabelNoise("symmetric", 0.2), **kw)
-    with_canaries = PoolDataModule(RandomSource(n=300), LabelNoise("symmetric", 0.2), **kw, canaries=10)
+    kw = dict(pool_mode=mode, pool_size=80, downstream_size=30, test_size=20, **sizes)
+    plain = PoolDataModule(RandomSource(n=300, test_n=200), LabelNoise("symmetric", 0.2), **kw)
+    with_canaries = PoolDataModule(RandomSource(n=300, test_n=200), LabelNoise("symmetric", 0.2), **kw, canaries=10)
     plain.setup(), with_canaries.setup()
-    assert torch.equal(plain.pool.x, with_canaries.pool.x) and torch.equal(plain.pool.y, with_canaries.pool.y)
-    assert len(with_canaries.downstream) == 40 and torch.equal(with_canaries.downstream.x, plain.downstream.x[20:])
+    for name in ("pool", "downstream", "test_set"):
+        assert torch.equal(getattr(plain, name).x, getattr(with_canaries, name).x), name
+        assert torch.equal(getattr(plain, name).y, getattr(with_canaries, name).y), name
     scored = with_canaries.scored
     assert len(scored) == 100 and torch.equal(scored.x[:80], plain.pool.x)
-    held_y, original = scored.y[80:], plain.downstream.y[:20]
-    assert (held_y[:10] != original[:10]).all() and torch.equal(held_y[10:], original[10:])  # canaries, then controls
+    held = scored.x[80:].flatten(1)
+    for other in (plain.pool, plain.downstream, plain.test_set):  # images of their own
+        assert not (held[:, None] == other.x.flatten(1)[None]).all(-1).any()
     assert with_canaries.canary_mask.tolist() == [True] * 10 + [False] * 10
     assert (with_canaries.train_set is scored) == (mode == "train")  # trained on, as the pool is, only with pool=train
+    if mode == "holdout":
+        assert torch.equal(with_canaries.train_set.x, plain.train_set.x)  # a training set of a given size: the same
     assert plain.scored is plain.pool and plain.canary_mask is None
 
 
+def test_a_trusted_set_gives_its_own_canaries_and_the_pool_stays():
+    kw = dict(pool_mode="holdout", pool_size=40, downstream_size=20, test_size=20)
+    src = RandomSource(n=200, test_n=120)
+    plain = PoolDataModule(src, LabelNoise("symmetric", 0.2), **kw, downstream=TrustedSet(None, "test", 50))
+    with_canaries = PoolDataModule(src, LabelNoise("symmetric", 0.2), **kw, downstream=TrustedSet(None, "test", 50),
+                                   canaries=10)
+    drawn = PoolDataModule(src, LabelNoise("symmetric", 0.2), **kw, canaries=10)
+    plain.setup(), with_canaries.setup(), drawn.setup()
+    assert len(with_canaries.downstream) == 30 and torch.equal(with_canaries.downstream.x, plain.downstream.x[20:])
+    held_y, original = with_canaries.scored.y[40:], plain.downstream.y[:20]
+    assert (held_y[:10] != original[:10]).all() and torch.equal(held_y[10:], original[10:])  # canaries, then controls
+    for name in ("pool", "train_set", "test_set"):  # either J, with canaries: the same pool and training set
+        assert torch.equal(getattr(drawn, name).x, getattr(with_canaries, name).x), name
+
+
 def test_too_many_canaries_and_auto_without_them_are_named():
-    dm = PoolDataModule(RandomSource(n=300), LabelNoise("symmetric", 0.2), pool_size=80, downstream_size=60, test_size=20,
-                        canaries=25)
+    dm = PoolDataModule(RandomSource(n=300, test_n=100), LabelNoise("symmetric", 0.2), pool_size=80, downstream_size=20,
+                        test_size=20, canaries=25, downstream=TrustedSet(None, "test", 60))
     with pytest.raises(DataConfigError, match=r"scoring.canaries=25: twice that many .*J keeps at least 20"):
+        dm.setup()
+    dm = PoolDataModule(RandomSource(n=150), LabelNoise("symmetric", 0.2), pool_size=80, downstream_size=20,
+                        test_size=20, canaries=25)
+    with pytest.raises(DataConfigError, match=r"canaries and controls \(2 × scoring.canaries=25, drawn beside J\) needs 50"):
         dm.setup()
     with pytest.raises(SettingError, match=r"scoring.rank_by=auto ranks by the variant the canaries choose; set scoring.canaries"):
         run(make_cfg(__import__("pathlib").Path("/nonexistent"), "scoring.rank_by=auto"))
-    with pytest.raises(SettingError, match=r"scoring.canaries chooses among the PMP variants, and this run computes none"):
+    with pytest.raises(SettingError, match=r"scoring.canaries chooses among the PMP variants cosine, .* and this run computes none"):
         run(make_cfg(__import__("pathlib").Path("/nonexistent"), "scoring.canaries=5", "scoring=baselines"))
 
 
@@ -57,8 +82,8 @@ def test_the_variant_that_ranks_the_canaries_lowest_wins():
 def test_a_run_with_canaries_ranks_by_the_chosen_variant(tmp_path):
     metrics = run(make_cfg(tmp_path, "scoring.canaries=20", "data.downstream_size=100"))
     chosen = metrics["canaries"]["chosen"]
-    assert chosen in PMP_VARIANTS and set(metrics["canaries"]["ap"]) == set(PMP_VARIANTS)
+    assert chosen in AUTO_FAMILY and list(metrics["canaries"]["ap"]) == list(AUTO_FAMILY)
     assert metrics["suspects"]["rank_by"] == "auto" and metrics["detection"]["auto"] == metrics["detection"][chosen]
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
     assert len(rows) == 600 and all(r["auto"] == r[chosen] for r in rows)  # the pool only, the canaries left out
-    assert metrics["downstream"]["size"] == 60  # J without the 40 held out
+    assert metrics["downstream"]["size"] == 100  # J keeps its examples: the canaries were drawn beside it

@@ -456,6 +456,7 @@ class PoolDataModule(pl.LightningDataModule):
         self.labels_file, self.labels_key = labels_file, labels_key
         self.trusted = downstream
         self.canaries = canaries
+        self._canary_source = None  # J drawn from the data: the canaries' 2k images, drawn beside it (_draw_canaries)
         self._ready = False
 
     # ------------------------------------------------------------------ splits
@@ -478,7 +479,7 @@ class PoolDataModule(pl.LightningDataModule):
                 self.downstream = IndexedDataset(test_split.x, test_split.y)
             else:
                 self._draw_downstream(test_split, test_draw)
-            test_idx = test_draw.take(self.test_size, "test set (data.test_size)")
+            test_idx = self._draw_with_canaries(test_split, test_draw, self.test_size, "test set (data.test_size)")
             self.test_set = IndexedDataset(test_split.x[test_idx], test_split.y[test_idx])
             train_idx = train_draw.take(self.train_size, "training set (data.train_size)")
         else:
@@ -489,11 +490,12 @@ class PoolDataModule(pl.LightningDataModule):
             pool_src = main
             if self.pool_mode == "holdout":
                 pool_idx = train_draw.take(self.pool_size, "held-out pool (data.pool_size)")
-                if self.train_size is None and not len(train_draw.rest()):
+                if self.train_size is None and len(train_draw.rest()) <= 2 * self.canaries:
                     raise DataConfigError("pool=holdout leaves no examples to train on; lower data.pool_size or set data.train_size")
-                train_idx = train_draw.take(self.train_size, "clean training set (data.train_size)")
+                train_idx = self._draw_with_canaries(main, train_draw, self.train_size, "clean training set (data.train_size)")
             else:
                 pool_idx = train_idx = train_draw.take(self.pool_size, "pool (data.pool_size)")
+                self._draw_canaries(main, train_draw)
         if trusted:  # drawn last, so the pool, its noise and the trajectory do not depend on it
             self.downstream = self.trusted.draw({"main": (main, train_draw), "test": (test_split, test_draw)},
                                                 self.num_classes)
@@ -524,26 +526,51 @@ class PoolDataModule(pl.LightningDataModule):
         return self.noise(self.true_labels, self.num_classes, self._noise_classes(main.y[train_idx]),
                           images=pool_src.x[pool_idx], reference=self.test_set)
 
+    def _draw_with_canaries(self, images: Images, draw: "_Draw", size: int | None, what: str) -> torch.Tensor:
+        """A set of ``size`` examples (null: the rest of the draw) and the canaries beside it, drawn so that the set is
+        the one the run without canaries draws when its size is given: the canaries after it, else before."""
+        if size is None:
+            self._draw_canaries(images, draw)
+        idx = draw.take(size, what)
+        if size is not None:
+            self._draw_canaries(images, draw)
+        return idx
+
+    def _draw_canaries(self, images: Images, draw: "_Draw") -> None:
+        """With J drawn from the data, the canaries' ``2 * canaries`` images are drawn beside it, as J is, after the
+        pool: J, the pool and the test set stay those of the run without canaries (only a set of the rest of the
+        images, data.train_size or data.test_size null, is 2k smaller). A trusted set gives its own (``_hold_out_canaries``), and these
+        are set aside unused, as J's are (``_draw_downstream``), so either J trains on the same examples."""
+        k = int(self.canaries)
+        if not k or self.downstream_includes_pool or (self.trusted is not None and not self.downstream_size):
+            return
+        idx = draw.take(2 * k, f"canaries and controls (2 × scoring.canaries={k}, drawn beside J)")
+        if self.trusted is None:
+            self._canary_source = IndexedDataset(images.x[idx], images.y[idx])
+
     def _hold_out_canaries(self) -> None:
-        """``canaries`` examples of the downstream set with a label made wrong on purpose, and as many with their own
-        label (controls), held out of J and scored beside the pool: a variant that ranks the canaries below the
-        controls finds wrong labels, and the run's data, not the pool's ground truth, says so (``scoring.rank_by=auto``).
+        """``canaries`` examples with a label made wrong on purpose, and as many with their own label (controls),
+        scored beside the pool and kept out of J: a variant that ranks the canaries below the controls finds wrong
+        labels, and the run's data, not the pool's ground truth, says so (``scoring.rank_by=auto``). With J drawn from
+        the data they are drawn beside it (J keeps its size); a trusted set gives up its first 2k examples for them.
         With pool=train they join the training set, as the pool's own examples do. ``scored`` is what the replay scores:
         the pool, then the canaries, then the controls (``canary_mask`` marks the canaries among the last two)."""
         self.scored, self.canary_mask = self.pool, None
         k = int(self.canaries)
         if not k:
             return
-        if k < 0 or 2 * k > len(self.downstream) - 20:
-            raise DataConfigError(f"scoring.canaries={k}: twice that many examples are held out of the downstream set "
-                                  f"({len(self.downstream)} examples), and J keeps at least 20; lower it, or give a larger "
-                                  f"downstream set (data.downstream_size, or data.downstream.size)")
-        ds = self.downstream
+        held = self._canary_source
+        if held is None:
+            if k < 0 or 2 * k > len(self.downstream) - 20:
+                raise DataConfigError(f"scoring.canaries={k}: twice that many examples are held out of the downstream set "
+                                      f"({len(self.downstream)} examples), and J keeps at least 20; lower it, or give a "
+                                      f"larger downstream set (data.downstream.size)")
+            held = IndexedDataset(self.downstream.x[: 2 * k], self.downstream.y[: 2 * k])
+            self.downstream = IndexedDataset(self.downstream.x[2 * k :], self.downstream.y[2 * k :])
         gen = torch.Generator().manual_seed(self.split_seed + 7919)
         shift = torch.randint(1, self.num_classes, (k,), generator=gen)
-        wrong = (ds.y[:k] + shift) % self.num_classes
-        held = IndexedDataset(ds.x[: 2 * k], torch.cat([wrong, ds.y[k : 2 * k]]))
-        self.downstream = IndexedDataset(ds.x[2 * k :], ds.y[2 * k :])
+        wrong = (held.y[:k] + shift) % self.num_classes
+        held = IndexedDataset(held.x, torch.cat([wrong, held.y[k:]]))
         self.canary_mask = np.arange(2 * k) < k
         self.scored = IndexedDataset(torch.cat([self.pool.x, held.x]), torch.cat([self.pool.y, held.y]))
         if self.pool_mode == "train":

@@ -138,6 +138,25 @@ def late_cosine(s: ReplayStats) -> np.ndarray:
     return _safe_div(dot, np.sqrt((s.block_direction_norm[:, late] ** 2).sum(1))[:, None] * norm).sum(0)
 
 
+@register("late_fisher", pmp=True)
+def late_fisher(s: ReplayStats) -> np.ndarray:
+    """``late_cosine`` in the metric that divides each block by F_{t,b}, the scored examples' mean squared gradient
+    norm in block b at θ_t (the trace of the block's empirical Fisher over its examples): Σ_t ⟨ψ, ∇l_n⟩_F /
+    (‖ψ‖_F ‖∇l_n‖_F) over the later half of the blocks. A block-scalar stand-in for a Fisher or Adam preconditioner:
+    a block whose gradients are large for every example, not for this one, gets no more say than the others."""
+    late = slice(len(s.blocks) // 2, None)
+    fisher = s.block_sq[:, :, late].mean(1, keepdims=True)  # T × 1 × B
+    dot = _safe_div(s.block_dot[:, :, late], fisher).sum(2)
+    norm = np.sqrt(_safe_div(s.block_sq[:, :, late], fisher).sum(2))
+    direction = np.sqrt(_safe_div(s.block_direction_norm[:, None, late] ** 2, fisher).sum(2))
+    return _safe_div(dot, direction * norm).sum(0)
+
+
+# the variants the canaries choose among (scoring.canaries, the score ``auto``): where in the network the cosine is
+# taken, and in which metric; the cosine first, so that it wins a tie. On a network of one block they coincide.
+AUTO_FAMILY = ("cosine", "block_cosine", "late_cosine", "late_fisher")
+
+
 # ----------------------------------------------------------------------------- baselines
 @register("loss")
 def loss(s: ReplayStats) -> np.ndarray:
