@@ -37,6 +37,11 @@ def test_canaries_are_drawn_beside_j_and_scored_beside_the_pool(mode):
     assert (with_canaries.train_set is scored) == (mode == "train")  # trained on, as the pool is, only with pool=train
     if mode == "holdout":
         assert torch.equal(with_canaries.train_set.x, plain.train_set.x)  # a training set of a given size: the same
+    if mode == "train":  # a pool of the rest of the images (data.pool_size=null) leaves room for the canaries
+        rest = PoolDataModule(RandomSource(n=300, test_n=200), LabelNoise("symmetric", 0.2), **{**kw, "pool_size": None},
+                              canaries=10)
+        rest.setup()
+        assert len(rest.pool) == 300 - 30 - 20 and len(rest.scored) == len(rest.pool) + 20
     assert plain.scored is plain.pool and plain.canary_mask is None
 
 

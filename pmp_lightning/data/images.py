@@ -494,8 +494,7 @@ class PoolDataModule(pl.LightningDataModule):
                     raise DataConfigError("pool=holdout leaves no examples to train on; lower data.pool_size or set data.train_size")
                 train_idx = self._draw_with_canaries(main, train_draw, self.train_size, "clean training set (data.train_size)")
             else:
-                pool_idx = train_idx = train_draw.take(self.pool_size, "pool (data.pool_size)")
-                self._draw_canaries(main, train_draw)
+                pool_idx = train_idx = self._draw_with_canaries(main, train_draw, self.pool_size, "pool (data.pool_size)")
         if trusted:  # drawn last, so the pool, its noise and the trajectory do not depend on it
             self.downstream = self.trusted.draw({"main": (main, train_draw), "test": (test_split, test_draw)},
                                                 self.num_classes)
@@ -539,7 +538,7 @@ class PoolDataModule(pl.LightningDataModule):
     def _draw_canaries(self, images: Images, draw: "_Draw") -> None:
         """With J drawn from the data, the canaries' ``2 * canaries`` images are drawn beside it, as J is, after the
         pool: J, the pool and the test set stay those of the run without canaries (only a set of the rest of the
-        images, data.train_size or data.test_size null, is 2k smaller). A trusted set gives its own (``_hold_out_canaries``), and these
+        images, a null data.pool_size, train_size or test_size, is 2k smaller). A trusted set gives its own (``_hold_out_canaries``), and these
         are set aside unused, as J's are (``_draw_downstream``), so either J trains on the same examples."""
         k = int(self.canaries)
         if not k or self.downstream_includes_pool or (self.trusted is not None and not self.downstream_size):
