@@ -42,7 +42,7 @@ from pmp_lightning.config import check_folds, check_settings
 from pmp_lightning.replay.costate import describe, hessian_vector_product
 from pmp_lightning.data.images import language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError, UnsupportedModelError
-from pmp_lightning.report.evaluate import (auroc_by_kind, canary_choice, contribution_auroc, detection_metrics,
+from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, canary_choice, contribution_auroc, detection_metrics,
                                            small_sample_caveat)
 from pmp_lightning.io import save_npz
 from pmp_lightning.memory import PeakMemory
@@ -402,8 +402,10 @@ def score_stage(stats: ReplayStats, names: list[str], datamodule) -> tuple[dict[
     choice = canary_choice(candidates, datamodule.canary_mask)
     scores = {name: s[:n] for name, s in scores.items()}
     scores["auto"] = scores[choice["chosen"]]
-    log.info(f"canaries: {choice['chosen']} ranks the {choice['canaries']} canaries lowest among as many controls "
-             f"(AP {choice['ap'][choice['chosen']]:.3f}); it is the score auto")
+    first = next(iter(candidates))
+    log.info(f"canaries: {choice['chosen']} is the score auto (AP on the {choice['canaries']} canaries among as many "
+             f"controls: " + ", ".join(f"{name} {ap:.3f}" for name, ap in choice["ap"].items())
+             + f"; another than {first} only where it does better in ≥ {CANARY_CONFIDENCE:.0%} of resamples)")
     return scores, choice
 
 

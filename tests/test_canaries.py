@@ -5,6 +5,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import average_precision_score
 
 from pmp_lightning.data.images import PoolDataModule, TrustedSet
 from pmp_lightning.errors import DataConfigError, SettingError
@@ -80,7 +81,23 @@ def test_the_variant_that_ranks_the_canaries_lowest_wins():
     good = np.where(is_canary, -1.0, 1.0) + np.linspace(0, 0.1, 10)
     choice = canary_choice({"bad": -good, "good": good, "tie": good.copy()}, is_canary)
     assert choice["chosen"] == "good" and choice["ap"]["good"] == 1.0 and choice["ap"]["bad"] < 0.5
-    assert (choice["canaries"], choice["controls"]) == (5, 5)
+    assert (choice["canaries"], choice["controls"]) == (5, 5) and choice["beats_bad"] == {"good": 1.0, "tie": 1.0}
+
+
+def test_a_difference_the_canaries_cannot_tell_from_chance_keeps_the_first():
+    """An alternative a little better on 40 + 40 examples does not replace the recommended first variant; a clearly
+    better one does; without the resamples' test (confidence 0) the slightly better one would have won."""
+    rng = np.random.default_rng(1)
+    is_canary = np.arange(80) < 40
+    first = np.where(is_canary, -1.0, 1.0) + rng.normal(0, 1.2, 80)
+    slightly = first + rng.normal(0, 0.3, 80)
+    while average_precision_score(is_canary, -slightly) <= average_precision_score(is_canary, -first):
+        slightly = first + rng.normal(0, 0.3, 80)
+    clearly = np.where(is_canary, -1.0, 1.0) + rng.normal(0, 0.5, 80)
+    assert canary_choice({"cosine": first, "slightly": slightly}, is_canary)["chosen"] == "cosine"
+    assert canary_choice({"cosine": first, "slightly": slightly}, is_canary, confidence=0.0)["chosen"] == "slightly"
+    choice = canary_choice({"cosine": first, "slightly": slightly, "clearly": clearly}, is_canary)
+    assert choice["chosen"] == "clearly" and choice["beats_cosine"]["clearly"] >= 0.95 > choice["beats_cosine"]["slightly"]
 
 
 @pytest.mark.slow

@@ -51,14 +51,34 @@ def auroc_by_kind(scores: dict[str, np.ndarray], kinds: list[str]) -> dict[str, 
     return out
 
 
-def canary_choice(scores: dict[str, np.ndarray], is_canary: np.ndarray) -> dict:
-    """The variant that ranks the canaries (downstream examples given a wrong label on purpose) lowest among them and
-    the controls (as many with their own label): average precision of each variant over that small set, and the best
-    (the first in ``scores``' order on a tie: the caller puts the recommended cosine first). Only the run's downstream set decides: the pool's labels play no part."""
+# an alternative replaces the recommended variant only if it ranks the canaries better in this share of resamples
+CANARY_CONFIDENCE = 0.95
+CANARY_RESAMPLES = 1000
+
+
+def canary_choice(scores: dict[str, np.ndarray], is_canary: np.ndarray, confidence: float = CANARY_CONFIDENCE,
+                  resamples: int = CANARY_RESAMPLES) -> dict:
+    """The variant that ranks the canaries (examples given a wrong label on purpose) lowest among them and the
+    controls (as many with their own label), by average precision; only the run's downstream set decides, the pool's
+    labels play no part. The first of ``scores`` (the recommended cosine) stays unless another beats its AP in at least
+    ``confidence`` of the bootstrap resamples of canaries and controls (each resampled with replacement, the same
+    resample for every variant): a difference that 2k examples cannot tell from chance does not move the choice. Of
+    those that pass, the best AP on the whole set wins (the earlier on a tie)."""
+    is_canary = np.asarray(is_canary, dtype=bool)
     ap = {name: float(average_precision_score(is_canary, -s)) for name, s in scores.items()}
-    best = max(ap.values())
+    first, *others = scores
+    rng = np.random.default_rng(0)
+    canaries, controls = np.flatnonzero(is_canary), np.flatnonzero(~is_canary)
+    wins = dict.fromkeys(others, 0)
+    for _ in range(resamples if others else 0):
+        idx = np.concatenate([rng.choice(canaries, len(canaries)), rng.choice(controls, len(controls))])
+        base = average_precision_score(is_canary[idx], -scores[first][idx])
+        for name in others:
+            wins[name] += average_precision_score(is_canary[idx], -scores[name][idx]) > base
+    beats = {name: wins[name] / resamples for name in others}
+    passed = [name for name in others if beats[name] >= confidence]
     return {"canaries": int(is_canary.sum()), "controls": int((~is_canary).sum()), "ap": ap,
-            "chosen": next(name for name, v in ap.items() if v == best)}
+            f"beats_{first}": beats, "chosen": max(passed, key=lambda name: ap[name]) if passed else first}
 
 
 def contribution_auroc(contribution: np.ndarray, is_mislabeled: np.ndarray) -> list[float]:
