@@ -173,7 +173,7 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
     with stages.stage("data"):
         datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
         datamodule.setup()
-    training = training.for_data(datamodule.pool.x, datamodule.num_classes)
+    training = training.for_data(datamodule.pool.x, datamodule.num_classes, getattr(datamodule, "vocab_size", None))
     target = cfg.model.get("_target_")
     model_code = code_digest(check_model(training.net, datamodule, target or "the model", cfg.replay.curvature,
                                          str(cfg.trainer.get("precision", "32-true"))), target)

@@ -57,15 +57,17 @@ def predict_proba(net: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np
 SHAPE_SETTINGS = ("num_classes", "in_channels", "in_features", "image_size", "vocab_size")  # what shaped() takes from the data
 
 
-def shaped(make_net: Callable[[], nn.Module], x: torch.Tensor, num_classes: int) -> Callable[[], nn.Module]:
+def shaped(make_net: Callable[[], nn.Module], x: torch.Tensor, num_classes: int,
+           vocab_size: int | None = None) -> Callable[[], nn.Module]:
     """The model's builder with what the data knows filled in where the model's config leaves it null: ``num_classes``
     (the data's class count), ``in_channels`` and ``image_size`` (images (N, C, H, W)), ``in_features`` (the
-    flattened input size), ``vocab_size`` (a language model's: a corpus's classes are its tokenizer's vocabulary). A model config does not repeat the input shape, so one config serves MNIST and CIFAR-10;
+    flattened input size), ``vocab_size`` (a corpus's tokenizer's vocabulary, when the data has one). A model config
+    does not repeat the input shape, so one config serves MNIST and CIFAR-10;
     a value set in the config is kept (and a wrong one is named before training). A null setting that the model does
     not take at all (a model of your own behind ``model._target_``) is dropped, so it need not be deleted."""
     if not isinstance(make_net, functools.partial):
         return make_net
-    known = {"num_classes": num_classes, "in_features": int(math.prod(x.shape[1:])), "vocab_size": num_classes}
+    known = {"num_classes": num_classes, "in_features": int(math.prod(x.shape[1:])), "vocab_size": vocab_size}
     if x.is_floating_point() and x.dim() == 4:
         known.update(in_channels=int(x.shape[1]), image_size=int(x.shape[-1]))
     try:
@@ -165,9 +167,9 @@ class Training:
     seed: int
     progress: bool = True
 
-    def for_data(self, x: torch.Tensor, num_classes: int) -> "Training":
+    def for_data(self, x: torch.Tensor, num_classes: int, vocab_size: int | None = None) -> "Training":
         """This training with the model's null shape settings taken from inputs like ``x`` (``shaped``)."""
-        return dataclasses.replace(self, net=shaped(self.net, x, num_classes))
+        return dataclasses.replace(self, net=shaped(self.net, x, num_classes, vocab_size))
 
     @classmethod
     def from_config(cls, cfg) -> "Training":

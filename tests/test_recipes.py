@@ -71,3 +71,6 @@ def test_a_model_takes_what_the_config_leaves_null_from_the_data():
     assert shaped(functools.partial(small_cnn, num_classes=None, in_channels=None), gray, 3)()[-1].out_features == 3
     tokens = torch.randint(0, 16, (4, 12))
     assert shaped(functools.partial(mlp, num_classes=None, in_features=None), tokens, 3)()[1].in_features == 12
+    from pmp_lightning.models.classifiers import TextClassifier
+    text = shaped(functools.partial(TextClassifier, num_classes=None, vocab_size=None, max_len=12), tokens, 3, 300)()
+    assert text.tokens.num_embeddings == 300 and text.mlp[-1].out_features == 3  # the tokenizer's vocabulary, not K

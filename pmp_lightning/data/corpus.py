@@ -246,7 +246,7 @@ def documents(texts: list[tuple[str, bytes]], unit: str = "window", length: int 
     tokenizer = tokenizer or ByteTokenizer()
     docs = [Document(f"{name}@{start}", text[start:stop]) for name, text in texts for start, stop in tokenizer.spans(text, size)]
     if not docs:
-        longest = max(len(tokenizer.encode(t)) for _, t in texts)
+        longest = max(tokenizer.count(t) for _, t in texts)
         raise DataConfigError(f"no text is as long as one window of data.length + 1 = {size} tokens (the longest holds "
                               f"{longest}): lower data.length, or use data.unit=file")
     return docs
@@ -255,11 +255,11 @@ def documents(texts: list[tuple[str, bytes]], unit: str = "window", length: int 
 def tokenize(docs: list[Document], length: int, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (N, length) of the tokenizer (bytes by default): x = tokens[:-1], y = tokens[1:] of the first
     ``length + 1`` tokens; a shorter document is padded (inputs 0, targets ``IGNORE``)."""
+    tokenizer = tokenizer or ByteTokenizer()
     x = torch.zeros(len(docs), length, dtype=torch.long)
     y = torch.full((len(docs), length), IGNORE, dtype=torch.long)
     for n, doc in enumerate(docs):
-        ids = (torch.frombuffer(bytearray(doc.text), dtype=torch.uint8).long() if tokenizer is None
-               else torch.tensor(tokenizer.encode(doc.text)[:length + 1], dtype=torch.long))
+        ids = torch.tensor(tokenizer.encode(doc.text)[:length + 1], dtype=torch.long)
         if len(ids) < 2:
             continue
         x[n, : len(ids) - 1] = ids[:-1]
@@ -297,7 +297,7 @@ class CorpusDataModule(pl.LightningDataModule):
         self.downstream_size, self.test_size, self.trusted = downstream_size, test_size, downstream
         self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
         self.tokenizer = tokenizer or ByteTokenizer()
-        self.num_classes = VOCAB_SIZE  # the tokenizer's vocabulary, once it is trained (setup)
+        self.num_classes = self.vocab_size = VOCAB_SIZE  # the tokenizer's vocabulary, once it is trained (setup)
         self.canary_mask, self.known_errors, self.known_error_counts = None, None, None
         self._ready = False
 
@@ -305,7 +305,7 @@ class CorpusDataModule(pl.LightningDataModule):
         if self._ready:
             return
         texts = self.source.load()
-        self.num_classes = self.tokenizer.fit([text for _, text in texts]).vocab_size
+        self.num_classes = self.vocab_size = self.tokenizer.fit([text for _, text in texts]).vocab_size
         documents([max(texts, key=lambda t: len(t[1]))], self.unit, self.length, self.tokenizer)  # a window fits at all
         files = [texts[i] for i in torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.split_seed))]
         gen = torch.Generator().manual_seed(self.split_seed + 1)
@@ -332,7 +332,6 @@ class CorpusDataModule(pl.LightningDataModule):
                                   f"contain documents it scores; remove them from the target set")
         self.downstream_note = {"source": self.trusted.describe() if self.trusted is not None else
                                 f"files of {self.source.describe()} beside the pool's", "size": len(target)}
-        self.corpus = f"{self.source.describe()}, tokens: {self.tokenizer.describe()}"
         self._ready = True
 
     def _deal(self, files, wanted, gen) -> list[list[Document]]:
