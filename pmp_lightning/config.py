@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
-from pmp_lightning.scores.registry import AUTO_FAMILY, CORPUS_BASELINES, PMP_VARIANTS, SCORES
+from pmp_lightning.scores.registry import AUTO_FAMILY, CORPUS_BASELINES, PMP_VARIANTS, SCORER_TARGET, SCORES
 
 CORPUS_DATAMODULE = "pmp_lightning.data.corpus.CorpusDataModule"
 
@@ -135,6 +135,12 @@ def check_settings(cfg) -> tuple[list[str], str]:
     names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else [])]
     corpus = cfg.data.get("_target_") == CORPUS_DATAMODULE  # its language-model baselines come with every run
     _check_selection(cfg.select, cfg.data.get("pool_mode"), [*names, *(CORPUS_BASELINES if corpus else ())])
+    if cfg.data.get("wide_size") and not corpus:
+        raise SettingError("data.wide_size is the data scorer's wide slice of a corpus (data=code, +experiment=code_lm); "
+                           "this data has no documents to deal it from")
+    if cfg.data.get("wide_size") and SCORER_TARGET not in names:
+        raise SettingError(f"data.wide_size: the data scorer learns the PMP score {SCORER_TARGET}, which this run does not "
+                           f"compute; add it to scoring.scores (e.g. scoring=all)")
     canaries = cfg.scoring.get("canaries", 0)
     if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 0:
         raise SettingError(f"scoring.canaries={canaries!r}: give how many downstream examples to hold out as canaries "

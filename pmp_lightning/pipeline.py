@@ -40,7 +40,7 @@ from pmp_lightning.scores.cleanlab_score import cleanlab_baseline, cross_validat
 from pmp_lightning.cache import StageCache, code_digest, train_key_config
 from pmp_lightning.config import check_folds, check_settings
 from pmp_lightning.replay.costate import describe, hessian_vector_product
-from pmp_lightning.data.images import language_model
+from pmp_lightning.data.images import IndexedDataset, language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError, UnsupportedModelError
 from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, canary_choice, contribution_auroc, detection_metrics,
                                            small_sample_caveat)
@@ -48,7 +48,8 @@ from pmp_lightning.io import save_npz
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.report.outputs import write_outputs
 from pmp_lightning.replay.store import ReplayStats, growth_steps, replay_key_config
-from pmp_lightning.scores.registry import AUTO_FAMILY, compute_scores
+from pmp_lightning.scores.registry import AUTO_FAMILY, SCORER_TARGET, compute_scores
+from pmp_lightning.scores.scorer import data_scorer, document_features
 from pmp_lightning.scores.select import selection
 from pmp_lightning.statistics.per_example import per_example_stats
 from pmp_lightning.statistics.plan import make_plan
@@ -150,8 +151,10 @@ def run(cfg: DictConfig) -> dict:
             cost["cleanlab"] = cleanlab["seconds"]
         detection = detect_stage(stages, scores, stats, datamodule)
         chosen = selection_stage(stages, cfg, training, datamodule, scores, trained["test_accuracy"])
+        scorer = scorer_stage(stages, cfg, training, datamodule, train_dir / "snapshots", scores)
         metrics = assemble_metrics(stages, detection, trained, stats, objective, cfg.replay, cost, train_dir, replay_dir,
-                                   datamodule, {"cleanlab": cleanlab, "selection": chosen, "canaries": canaries}, rank_by)
+                                   datamodule, {"cleanlab": cleanlab, "selection": chosen, "canaries": canaries,
+                                                "scorer": scorer}, rank_by)
         write_outputs(stages.out, datamodule, scores, metrics, None if final_probs is None else final_probs.argmax(1))
         if logger:
             log_results(logger.experiment, metrics, scores, datamodule)
@@ -175,8 +178,11 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
         datamodule.setup()
     training = training.for_data(datamodule.pool.x, datamodule.num_classes, getattr(datamodule, "vocab_size", None))
     target = cfg.model.get("_target_")
-    model_code = code_digest(check_model(training.net, datamodule, target or "the model", cfg.replay.curvature,
-                                         str(cfg.trainer.get("precision", "32-true"))), target)
+    probe = check_model(training.net, datamodule, target or "the model", cfg.replay.curvature,
+                        str(cfg.trainer.get("precision", "32-true")))
+    if getattr(datamodule, "wide", None) is not None:
+        document_features(probe, IndexedDataset(datamodule.wide.x[:2], datamodule.wide.y[:2]))  # named before training
+    model_code = code_digest(probe, target)
     if cfg.baselines.cleanlab and language_model(datamodule):
         raise DataConfigError("baselines.cleanlab scores labels from class probabilities; a corpus has no labels: set "
                               "baselines.cleanlab=false")
@@ -437,6 +443,24 @@ def selection_stage(stages: Stages, cfg: DictConfig, training: Training, datamod
     with stages.stage("select"):
         return selection(training, datamodule, scores, cfg.select.fractions, cfg.select.scores, full_accuracy, cfg.seed,
                          cfg.trainer.max_epochs)
+
+
+def scorer_stage(stages: Stages, cfg: DictConfig, training: Training, datamodule, snapshot_dir: Path,
+                 scores: dict[str, np.ndarray]) -> dict | None:
+    """With a corpus's wide slice (``data.wide_size``): the data scorer learns the pool's γ and scores the slice
+    (``scores/scorer.py``); with ``select.fractions``, fresh models trained on the slice without each score's lowest
+    documents, the slice's own token budget."""
+    if getattr(datamodule, "wide", None) is None:
+        return None
+    with stages.stage("scorer"):
+        report, wide = data_scorer(final_network(training.net, snapshot_dir), datamodule, scores[SCORER_TARGET], cfg.seed)
+        log.info(f"data scorer: Spearman ρ {report['pool']['spearman_out_of_fold']:.3f} with the pool's exact "
+                 f"{SCORER_TARGET} out of fold; scores the {report['wide']['size']} documents of the wide slice")
+        if cfg.select.fractions:
+            report["selection"] = selection(training, datamodule, wide, cfg.select.fractions,
+                                            [n for n in wide if n != "random"], None, cfg.seed, cfg.trainer.max_epochs,
+                                            wide=True)
+    return report
 
 
 def detect_stage(stages: Stages, scores: dict[str, np.ndarray], stats: ReplayStats, datamodule) -> dict:

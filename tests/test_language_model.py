@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pmp_lightning.data.corpus import FolderSource, JsonlSource, StdlibSource, documents, tokenize, top_level
 from pmp_lightning.data.corruption import CORRUPTIONS, Corruption
-from pmp_lightning.errors import DataConfigError
+from pmp_lightning.errors import DataConfigError, SettingError
 from pmp_lightning.models.gpt import GPT
 from pmp_lightning.statistics.per_example import per_example_stats
 from pmp_lightning.statistics.plan import make_plan
@@ -387,3 +387,62 @@ def test_auroc_by_kind_compares_each_kind_with_the_clean_documents():
 
     got = auroc_by_kind({"s": np.array([3.0, 2.0, 1.0, 2.5])}, ["", "", "random_bytes", "fragments"])
     assert got == {"fragments": {"s": 0.5}, "random_bytes": {"s": 1.0}}  # low score = suspect
+
+
+# ------------------------------------------------------------------ the data scorer
+def test_the_data_scorer_learns_what_the_features_hold_and_reads_real_positions_only():
+    """The ridge head recovers a γ linear in the features (out of fold) and not one of pure noise; a document's
+    features are the mean hidden state over its targets, padding left out."""
+    from pmp_lightning.data.images import IndexedDataset
+    from pmp_lightning.scores.scorer import document_features, fit_scorer
+    from pmp_lightning.training import IGNORE
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 12))
+    gamma = features @ rng.normal(size=12) + 0.1 * rng.normal(size=200)
+    _, oof = fit_scorer(features, gamma, seed=0)
+    assert np.corrcoef(oof, gamma)[0, 1] > 0.95  # predicted on examples each fold did not see
+    noise = rng.normal(size=200)
+    assert np.corrcoef(fit_scorer(features, noise, seed=0)[1], noise)[0, 1] < 0.3  # nothing to learn: nothing learned
+    torch.manual_seed(0)
+    net = GPT(vocab_size=20, max_len=8, dim=8, depth=1, heads=2)
+    x = torch.randint(0, 20, (2, 8))
+    y = x.clone()
+    y[1, 5:] = IGNORE  # the second document has 5 targets
+    got = document_features(net, IndexedDataset(x, y))
+    with torch.no_grad():
+        h = net.hidden(x)
+    np.testing.assert_allclose(got[0], h[0].mean(0).double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got[1], h[1, :5].mean(0).double().numpy(), rtol=1e-5)
+    with pytest.raises(SettingError, match="data.wide_size needs the proxy's hidden states .* use model=gpt"):
+        document_features(torch.nn.Linear(8, 20), IndexedDataset(x, y))
+
+
+@pytest.mark.slow
+def test_code_lm_with_a_wide_slice_scores_and_selects_it(tmp_path, monkeypatch):
+    """The tiny run with a wide slice of 120 documents: the scorer learns the pool's γ, scores the slice beside the
+    proxy's loss, DSIR and random, and each retrain on the slice has the slice's token budget (2 epochs of 120
+    documents in batches of 8: 30 steps)."""
+    from pmp_lightning.pipeline import run
+    from pmp_lightning.training import Training
+    from tests.test_pipeline import make_cfg as image_cfg
+
+    fit, retrains = Training.fit, []
+
+    def spy(self, train, *args, max_steps=None, **kwargs):
+        if max_steps is not None:
+            retrains.append((len(train.dataset), max_steps))
+        return fit(self, train, *args, max_steps=max_steps, **kwargs)
+
+    monkeypatch.setattr(Training, "fit", spy)
+    metrics = run(make_cfg(tmp_path, "data.wide_size=120", "select.fractions=[0.2]", "select.scores=[loss]"))
+    scorer = metrics["scorer"]
+    assert scorer["target"] == "raw" and -1 <= scorer["pool"]["spearman_out_of_fold"] <= 1
+    assert scorer["wide"]["size"] == 120 and set(scorer["wide"]["detection"]) == {"scorer", "loss", "dsir", "random"}
+    assert retrains[:4] == [(60, 16), (48, 16), (48, 16), (48, 16)]  # the pool's selection first: whole, oracle, loss, random
+    assert retrains[4:] == [(120, 30), (96, 30), *[(96, 30)] * 4]  # the slice: whole, oracle, scorer, loss, dsir, random
+    assert set(scorer["selection"]["0.2"]) == {"scorer", "loss", "dsir", "random"}
+    with pytest.raises(SettingError, match="learns the PMP score raw, which this run does not compute"):
+        run(make_cfg(tmp_path / "no_raw", "data.wide_size=120", "scoring.scores=[cosine,loss]"))
+    with pytest.raises(SettingError, match="data.wide_size is the data scorer's wide slice of a corpus"):
+        run(image_cfg(tmp_path / "images", "+data.wide_size=120"))

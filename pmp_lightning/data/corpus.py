@@ -283,7 +283,7 @@ class CorpusDataModule(pl.LightningDataModule):
     def __init__(self, source, noise, unit: str = "window", length: int = 128, pool_mode: str = "train",
                  pool_size: int = 2000, train_size: int | None = None, downstream_size: int = 200, test_size: int = 200,
                  downstream=None, batch_size: int = 32, split_seed: int = 0, num_workers: int = 0, canaries: int = 0,
-                 downstream_includes_pool: bool = False, tokenizer=None):
+                 downstream_includes_pool: bool = False, tokenizer=None, wide_size: int | None = None):
         super().__init__()
         if pool_mode not in ("train", "holdout") or downstream_includes_pool:
             raise DataConfigError(f"pool={pool_mode} does not apply to a corpus; use pool=train or pool=holdout")
@@ -296,6 +296,10 @@ class CorpusDataModule(pl.LightningDataModule):
         self.pool_mode, self.pool_size, self.train_size = pool_mode, pool_size, train_size
         self.downstream_size, self.test_size, self.trusted = downstream_size, test_size, downstream
         self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
+        if wide_size is not None and (isinstance(wide_size, bool) or not isinstance(wide_size, int) or wide_size < 1):
+            raise DataConfigError(f"data.wide_size={wide_size!r}: give the number of documents of the wide slice the "
+                                  f"data scorer scores (e.g. 6000), or null for none")
+        self.wide_size, self.wide = wide_size, None
         self.tokenizer = tokenizer or ByteTokenizer()
         self.num_classes = self.vocab_size = VOCAB_SIZE  # the tokenizer's vocabulary, once it is trained (setup)
         self.canary_mask, self.known_errors, self.known_error_counts = None, None, None
@@ -313,10 +317,12 @@ class CorpusDataModule(pl.LightningDataModule):
                   *([] if self.trusted is not None else [("target set (data.downstream_size)", self.downstream_size)]),
                   ("pool (data.pool_size)", self.pool_size),
                   *([("clean training set (data.train_size)", self.train_size or self.pool_size)]
-                    if self.pool_mode == "holdout" else [])]
-        dealt = self._deal(files, wanted, gen)
-        test, pool = dealt[0], dealt[-2 if self.pool_mode == "holdout" else -1]
-        target = dealt[1] if self.trusted is None else documents(self.trusted.load(), self.unit, self.length, self.tokenizer)
+                    if self.pool_mode == "holdout" else []),
+                  *([("wide slice (data.wide_size)", self.wide_size)] if self.wide_size else [])]
+        dealt = dict(zip((what for what, _ in wanted), self._deal(files, wanted, gen)))
+        test, pool = dealt["test set (data.test_size)"], dealt["pool (data.pool_size)"]
+        target = (dealt["target set (data.downstream_size)"] if self.trusted is None
+                  else documents(self.trusted.load(), self.unit, self.length, self.tokenizer))
         corrupted, self.corrupted_mask, self.corruption_kind = self.noise(pool)
         self.pool_documents, self.target_documents = corrupted, target
         self.pool_index = np.arange(len(pool))
@@ -325,7 +331,10 @@ class CorpusDataModule(pl.LightningDataModule):
         self.scored = self.pool
         self.downstream = tokens(target)
         self.test_set = tokens(test)
-        self.train_set = self.pool if self.pool_mode == "train" else tokens(dealt[-1])
+        self.train_set = self.pool if self.pool_mode == "train" else tokens(dealt["clean training set (data.train_size)"])
+        if self.wide_size:  # documents the proxy never saw, corrupted as the pool is: the data scorer's (scores/scorer.py)
+            self.wide_documents, self.wide_mask, _ = self.noise(dealt["wide slice (data.wide_size)"])
+            self.wide = tokens(self.wide_documents)
         shared = len({d.text for d in target} & {d.text for d in pool})
         if shared:
             raise DataConfigError(f"the target set (data.downstream) shares {shared} documents with the pool: J must not "

@@ -50,9 +50,13 @@ class GPT(nn.Module):
         if tied:
             self.head.weight = self.tokens.weight
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (N, T, dim), after the final norm: what the head reads, and the data scorer too."""
         if ids.shape[1] > self.max_len:
             raise ValueError(f"a sequence of {ids.shape[1]} tokens is longer than model.max_len={self.max_len}; "
                              f"raise model.max_len to at least data.length")
         h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=ids.device))
-        return self.head(self.norm(self.blocks(h)))
+        return self.norm(self.blocks(h))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(ids))

@@ -33,6 +33,7 @@ SCORES: dict[str, ScoreFn] = {}
 PMP_VARIANTS: list[str] = []  # the raw score and its normalisations, in registry order
 # a corpus run's language-model baselines (scores/text.py), computed beside the registry's from the trained model
 CORPUS_BASELINES = ("dsir", "rho_loss", "influence")
+SCORER_TARGET = "raw"  # what the data scorer learns (scores/scorer.py): the paper's γ
 CLIP_QUANTILE = 0.5  # clipping threshold C_t: this quantile of the step's gradient norms
 
 

@@ -23,38 +23,42 @@ log = logging.getLogger(__name__)
 REPORT_KEYS = ("measure", "full", "oracle")  # a selection report's entries that are not removed fractions
 
 
-def train_without(training: Training, datamodule, keep: np.ndarray, test: bool = True, steps: int | None = None):
-    """A model trained from scratch (the run's seed and config, one process) on the training-set examples where
-    ``keep`` is true, and its clean test accuracy (None when ``test`` is false); ``steps``: train for that many steps
-    instead of the configured epochs. Training examples beyond ``keep`` (the canaries and controls of
-    ``scoring.canaries``, after the pool) stay in every retrain."""
-    keep = np.concatenate([keep, np.ones(len(datamodule.train_set) - len(keep), dtype=bool)])
-    loader = DataLoader(Subset(datamodule.train_set, np.flatnonzero(keep).tolist()), batch_size=datamodule.batch_size,
-                        shuffle=True)
+def train_without(training: Training, datamodule, keep: np.ndarray, test: bool = True, steps: int | None = None,
+                  dataset=None):
+    """A model trained from scratch (the run's seed and config, one process) on the examples of ``dataset`` (the
+    training set by default) where ``keep`` is true, and its clean test accuracy (None when ``test`` is false);
+    ``steps``: train for that many steps instead of the configured epochs. Examples beyond ``keep`` (the canaries and
+    controls of ``scoring.canaries``, after the pool) stay in every retrain."""
+    dataset = datamodule.train_set if dataset is None else dataset
+    keep = np.concatenate([keep, np.ones(len(dataset) - len(keep), dtype=bool)])
+    loader = DataLoader(Subset(dataset, np.flatnonzero(keep).tolist()), batch_size=datamodule.batch_size, shuffle=True)
     return training.fit(loader, datamodule.test_dataloader() if test else None, one_process=True, max_steps=steps)
 
 
-def _retrained(training: Training, datamodule, keep: np.ndarray, budget: int | None) -> float:
+def _retrained(training: Training, datamodule, keep: np.ndarray, budget: int | None, dataset=None) -> float:
     """What a retrain on the kept examples reaches: a classifier's test accuracy, or (with a step ``budget``) a
     language model's test loss."""
     if budget is None:
         return train_without(training, datamodule, keep)[1]
-    model, _ = train_without(training, datamodule, keep, test=False, steps=budget)
+    model, _ = train_without(training, datamodule, keep, test=False, steps=budget, dataset=dataset)
     return token_loss(model.net, datamodule.test_set)
 
 
 def selection(training: Training, datamodule, scores: dict[str, np.ndarray], fractions, names, full_accuracy: float,
-              seed: int, epochs: int) -> dict:
+              seed: int, epochs: int, wide: bool = False) -> dict:
     """``{"measure": ..., "full": value, "oracle": value, "<fraction>": {score: value, ..., "random": value}}``; the
     measure is the test accuracy, or for a language model the test loss after ``epochs`` passes' worth of steps over
-    the whole pool (the full run retrained the same way)."""
-    n = len(datamodule.pool)
-    mask = datamodule.is_mislabeled
+    the whole set (the full run retrained the same way). ``wide``: select from a corpus's wide slice
+    (``data.wide_size``, documents the proxy never saw) instead of the pool."""
+    pool, mask = (datamodule.wide, datamodule.wide_mask) if wide else (datamodule.pool, datamodule.is_mislabeled)
+    n = len(pool)
     lm = language_model(datamodule)
-    budget = epochs * math.ceil(len(datamodule.train_set) / datamodule.batch_size) if lm else None
+    source = pool if wide else datamodule.train_set
+    budget = epochs * math.ceil(len(source) / datamodule.batch_size) if lm else None
     measure = "test loss" if lm else "test accuracy"
-    full = _retrained(training, datamodule, np.ones(n, dtype=bool), budget) if lm else full_accuracy
-    report: dict = {"measure": measure, "full": full, "oracle": _retrained(training, datamodule, ~mask, budget)}
+    retrain = lambda keep: _retrained(training, datamodule, keep, budget, source)  # noqa: E731
+    full = retrain(np.ones(n, dtype=bool)) if lm else full_accuracy
+    report: dict = {"measure": measure, "full": full, "oracle": retrain(~mask)}
     rng = np.random.default_rng(seed)
     for fraction in fractions:
         k = math.ceil(fraction * n)
@@ -63,7 +67,8 @@ def selection(training: Training, datamodule, scores: dict[str, np.ndarray], fra
             drop = rng.permutation(n)[:k] if name == "random" else np.argsort(scores[name], kind="stable")[:k]
             keep = np.ones(n, dtype=bool)
             keep[drop] = False
-            row[name] = _retrained(training, datamodule, keep, budget)
-            log.info(f"select: without the lowest {fraction:.0%} by {name}: {measure} {row[name]:.4f}")
+            row[name] = retrain(keep)
+            log.info(f"select{' (wide slice)' if wide else ''}: without the lowest {fraction:.0%} by {name}: {measure} "
+                     f"{row[name]:.4f}")
         report[str(fraction)] = row
     return report
