@@ -232,14 +232,8 @@ def make_cfg(tmp_path, *overrides):
                                             f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
 
 
-@pytest.mark.slow
-def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
-    """The tiny run, with selection: each retrain on the kept documents has the whole pool's token budget (2 epochs
-    of 60 documents in batches of 8: 16 steps, whatever it keeps) and reports the test loss."""
-    import csv as csv_module
-
-    from pmp_lightning.pipeline import run
-    from pmp_lightning.scores.registry import CORPUS_BASELINES, SCORES
+def spy_on_retrains(monkeypatch) -> list[tuple[int, int]]:
+    """(documents, steps) of every training with a step budget (the selection's retrains), as they happen."""
     from pmp_lightning.training import Training
 
     fit, retrains = Training.fit, []
@@ -250,6 +244,19 @@ def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
         return fit(self, train, *args, max_steps=max_steps, **kwargs)
 
     monkeypatch.setattr(Training, "fit", spy)
+    return retrains
+
+
+@pytest.mark.slow
+def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
+    """The tiny run, with selection: each retrain on the kept documents has the whole pool's token budget (2 epochs
+    of 60 documents in batches of 8: 16 steps, whatever it keeps) and reports the test loss."""
+    import csv as csv_module
+
+    from pmp_lightning.pipeline import run
+    from pmp_lightning.scores.registry import CORPUS_BASELINES, SCORES
+
+    retrains = spy_on_retrains(monkeypatch)
     metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss,dsir]"))
     assert retrains == [(60, 16), *[(48, 16)] * 4]  # whole pool, oracle, loss, dsir (a corpus baseline), random
     sel = metrics["selection"]
@@ -424,17 +431,9 @@ def test_code_lm_with_a_wide_slice_scores_and_selects_it(tmp_path, monkeypatch):
     proxy's loss, DSIR and random, and each retrain on the slice has the slice's token budget (2 epochs of 120
     documents in batches of 8: 30 steps)."""
     from pmp_lightning.pipeline import run
-    from pmp_lightning.training import Training
     from tests.test_pipeline import make_cfg as image_cfg
 
-    fit, retrains = Training.fit, []
-
-    def spy(self, train, *args, max_steps=None, **kwargs):
-        if max_steps is not None:
-            retrains.append((len(train.dataset), max_steps))
-        return fit(self, train, *args, max_steps=max_steps, **kwargs)
-
-    monkeypatch.setattr(Training, "fit", spy)
+    retrains = spy_on_retrains(monkeypatch)
     metrics = run(make_cfg(tmp_path, "data.wide_size=120", "select.fractions=[0.2]", "select.scores=[loss]"))
     scorer = metrics["scorer"]
     assert scorer["target"] == "raw" and -1 <= scorer["pool"]["spearman_out_of_fold"] <= 1
