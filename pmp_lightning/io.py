@@ -56,3 +56,21 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+# what torch.load may rebuild besides tensors: numpy arrays and their dtypes (CIFAR-10N ships its labels so)
+NUMPY_ARRAYS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype,  # [0]: numpy's array rebuilder, wherever it lives
+                *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
+
+
+def load_arrays(path: Path):
+    """What an array file holds: a dict of arrays (``.npz``; a ``.pt`` from ``torch.save`` of a dict) or one array
+    (``.npy``, ``.pt``). A ``.pt`` may hold tensors or numpy arrays, and nothing else is unpickled. Errors are torch's
+    and numpy's own: the caller names the setting and the fix."""
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    if path.suffix == ".npy":
+        return np.load(path)
+    with torch.serialization.safe_globals(NUMPY_ARRAYS):
+        return torch.load(path, map_location="cpu", weights_only=True)

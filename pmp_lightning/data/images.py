@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pmp_lightning.cache import content_digest
-from pmp_lightning.errors import DataConfigError
 from pmp_lightning.data.noise import NUM_CLASSES, LabelNoise, read_labels_file
+from pmp_lightning.errors import DataConfigError
+from pmp_lightning.io import load_arrays
 
 # --------------------------------------------------------------------------- sources
 @dataclass
@@ -146,11 +147,7 @@ class TensorSource:
             raise DataConfigError(f"{self.setting}.path={str(self.path)!r} is not a file (resolved to {self.path.resolve()}); "
                                   f"save your tensors with torch.save({{'x': x, 'y': y}}, path) or numpy.savez(path, x=x, y=y)")
         try:
-            if self.path.suffix == ".npz":
-                with np.load(self.path) as z:
-                    content = {k: z[k] for k in z.files}
-            else:
-                content = torch.load(self.path, map_location="cpu", weights_only=True)
+            content = load_arrays(self.path)
         except Exception as err:  # a damaged or foreign file raises various errors inside torch or numpy
             raise DataConfigError(f"{self.setting}.path={str(self.path)!r} cannot be read ({type(err).__name__}: {err}); "
                                   f"it must be a .pt file from torch.save or an .npz file from numpy.savez") from err

@@ -17,12 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pmp_lightning.cache import COSMETIC_TRAINER_KEYS, StageCache, code_digest, content_digest
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.io import save_npz
+from pmp_lightning.io import load_arrays, save_npz
 
 NUM_CLASSES = 10
-# what torch.load may rebuild from a labels file besides tensors: numpy arrays and their dtypes
-NUMPY_ARRAYS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype,  # [0]: numpy's array rebuilder, wherever it lives
-                *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
 log = logging.getLogger(__name__)
 
 
@@ -191,14 +188,8 @@ def read_labels_file(path: str | Path, key: str | None, originals: torch.Tensor,
 
 def _read_labels(path: Path, setting: str):
     try:
-        if path.suffix == ".npz":
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
-        if path.suffix == ".npy":
-            return np.load(path)
-        if path.suffix == ".pt":  # tensors, or numpy arrays as CIFAR-10N ships them: nothing else is unpickled
-            with torch.serialization.safe_globals(NUMPY_ARRAYS):
-                return torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix in (".npz", ".npy", ".pt"):
+            return load_arrays(path)
         return np.array([int(line) for line in path.read_text().split()])
     except pickle.UnpicklingError as err:
         raise DataConfigError(f"{setting}: {path} holds Python objects, not label arrays ({err}); save the labels as "
