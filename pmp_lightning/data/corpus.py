@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from pmp_lightning.data.images import IndexedDataset, PoolDataModule
 from pmp_lightning.errors import DataConfigError
@@ -244,12 +243,17 @@ def documents(texts: list[tuple[str, bytes]], unit: str = "window", length: int 
             warnings.warn(f"{short} texts shorter than 2 bytes are skipped (no next-token target)", stacklevel=2)
         return docs
     tokenizer = tokenizer or ByteTokenizer()
-    docs = [Document(f"{name}@{start}", text[start:stop]) for name, text in texts for start, stop in tokenizer.spans(text, size)]
+    docs = [doc for name, text in texts for doc in _windows(name, text, size, tokenizer)]
     if not docs:
         longest = max(tokenizer.count(t) for _, t in texts)
         raise DataConfigError(f"no text is as long as one window of data.length + 1 = {size} tokens (the longest holds "
                               f"{longest}): lower data.length, or use data.unit=file")
     return docs
+
+
+def _windows(name: str, text: bytes, size: int, tokenizer) -> list[Document]:
+    """The text's consecutive windows of ``size`` tokens, named by their byte offset (none when it is shorter)."""
+    return [Document(f"{name}@{start}", text[start:stop]) for start, stop in tokenizer.spans(text, size)]
 
 
 def tokenize(docs: list[Document], length: int, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,10 +356,10 @@ class CorpusDataModule(pl.LightningDataModule):
         for what, size in wanted:
             candidates = []
             while at < len(files) and (size is None or len(candidates) < 4 * size):
-                long_enough = (self.tokenizer.count(files[at][1]) > self.length if self.unit == "window"
-                               else len(files[at][1]) > 1)  # else no document
-                candidates += [doc for doc in (documents([files[at]], self.unit, self.length, self.tokenizer)
-                                               if long_enough else []) if doc.text not in taken]
+                name, text = files[at]
+                dealt = (_windows(name, text, self.length + 1, self.tokenizer) if self.unit == "window"
+                         else documents([files[at]], "file", self.length) if len(text) > 1 else [])
+                candidates += [doc for doc in dealt if doc.text not in taken]
                 at += 1
             size = len(candidates) if size is None else size
             if size < 1 or len(candidates) < size:
@@ -386,15 +390,12 @@ class CorpusDataModule(pl.LightningDataModule):
         return {"index": self.pool_index.tolist(), "document": [d.name for d in self.pool_documents],
                 "first_line": [first_line(d.text) for d in self.pool_documents]}
 
-    # the cache keys by content, as the image pools have them (they read the same attributes)
+    # the cache keys by content and the loaders, as the image pools have them (they read the same attributes)
     content_key = PoolDataModule.content_key
     downstream_key = PoolDataModule.downstream_key
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+    _loader = PoolDataModule._loader
+    train_dataloader = PoolDataModule.train_dataloader
+    test_dataloader = PoolDataModule.test_dataloader
 
 
 def first_line(text: bytes, width: int = 60) -> str:
