@@ -453,7 +453,13 @@ def scorer_stage(stages: Stages, cfg: DictConfig, training: Training, datamodule
     if getattr(datamodule, "wide", None) is None:
         return None
     with stages.stage("scorer"):
-        report, wide = data_scorer(final_network(training.net, snapshot_dir), datamodule, scores[SCORER_TARGET], cfg.seed)
+        gamma = scores[SCORER_TARGET]
+        report, oof, wide = data_scorer(final_network(training.net, snapshot_dir), datamodule, gamma, cfg.seed)
+        if datamodule.is_mislabeled.any():
+            report["pool"].update(ap_exact=detection_metrics(gamma, datamodule.is_mislabeled)["ap"],
+                                  ap_out_of_fold=detection_metrics(oof, datamodule.is_mislabeled)["ap"])
+        report["wide"]["detection"] = ({name: detection_metrics(s, datamodule.wide_mask) for name, s in wide.items()}
+                                       if datamodule.wide_mask.any() else {})
         log.info(f"data scorer: Spearman ρ {report['pool']['spearman_out_of_fold']:.3f} with the pool's exact "
                  f"{SCORER_TARGET} out of fold; scores the {report['wide']['size']} documents of the wide slice")
         if cfg.select.fractions:

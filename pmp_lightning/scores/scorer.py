@@ -19,7 +19,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pmp_lightning.errors import SettingError
-from pmp_lightning.report.evaluate import detection_metrics
 from pmp_lightning.scores.registry import SCORER_TARGET
 from pmp_lightning.scores.text import document_losses, dsir
 from pmp_lightning.training import IGNORE
@@ -49,20 +48,14 @@ def fit_scorer(features: np.ndarray, gamma: np.ndarray, seed: int):
     return head.fit(features, gamma), oof
 
 
-def data_scorer(net: torch.nn.Module, datamodule, gamma: np.ndarray, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """What metrics.json says of the scorer, and the wide slice's scores: the scorer's, the proxy's loss (perplexity
-    filtering), DSIR toward the target set, and random."""
+def data_scorer(net: torch.nn.Module, datamodule, gamma: np.ndarray, seed: int):
+    """What metrics.json says of the scorer, the out-of-fold predictions on the pool, and the wide slice's scores: the
+    scorer's, the proxy's loss (perplexity filtering), DSIR toward the target set, and random."""
     head, oof = fit_scorer(document_features(net, datamodule.pool), gamma, seed)
     wide = {"scorer": head.predict(document_features(net, datamodule.wide)),
             "loss": -document_losses(net, datamodule.wide),
             "dsir": dsir(datamodule.wide_documents, datamodule.target_documents),
             "random": np.random.default_rng(0).random(len(datamodule.wide))}
-    mask = datamodule.is_mislabeled
     report = {"target": SCORER_TARGET, "features": "proxy θ_T, mean last hidden state", "alpha": float(head[-1].alpha_),
-              "pool": {"spearman_out_of_fold": float(spearmanr(gamma, oof)[0]),
-                       "ap_exact": detection_metrics(gamma, mask)["ap"] if mask.any() else None,
-                       "ap_out_of_fold": detection_metrics(oof, mask)["ap"] if mask.any() else None},
-              "wide": {"size": len(datamodule.wide),
-                       "detection": ({name: detection_metrics(s, datamodule.wide_mask) for name, s in wide.items()}
-                                     if datamodule.wide_mask.any() else {})}}
-    return report, wide
+              "pool": {"spearman_out_of_fold": float(spearmanr(gamma, oof)[0])}, "wide": {"size": len(datamodule.wide)}}
+    return report, oof, wide

@@ -47,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pmp_lightning.statistics.per_example import default_chunk, per_example_stats
 from pmp_lightning.statistics.plan import block_matrix, plan_for
+from pmp_lightning.data.corpus import VOCAB_SIZE
 from pmp_lightning.training import shaped, training_loss
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
@@ -66,12 +67,12 @@ SEQUENCE = {"gpt": 128, "gpt2_shape": 256}
 
 def build(model: str) -> torch.nn.Module:
     """The benchmark's network ``model``, from its config in conf/model, shaped for MNIST's 28 × 28 images (a language
-    model takes token ids)."""
+    model takes token ids, of the byte tokenizer's vocabulary unless the size sets its own)."""
     name, changes = RESIZED.get(model, (model, {}))
     cfg = OmegaConf.load(MODEL_CONFIGS / f"{name}.yaml")
     cfg.pop("defaults", None)  # the recipe: training only
     cfg.merge_with(changes)
-    net = shaped(instantiate(cfg, _partial_=True), torch.zeros(2, 1, 28, 28), 10)()
+    net = shaped(instantiate(cfg, _partial_=True), torch.zeros(2, 1, 28, 28), 10, VOCAB_SIZE)()
     return _attention_through_the_fallback(net) if model == "vit_fallback" else net
 
 
