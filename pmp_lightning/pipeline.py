@@ -42,8 +42,8 @@ from pmp_lightning.config import check_folds, check_settings
 from pmp_lightning.replay.costate import describe, hessian_vector_product
 from pmp_lightning.data.images import IndexedDataset, language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError, UnsupportedModelError
-from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, canary_choice, contribution_auroc, detection_metrics,
-                                           small_sample_caveat)
+from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, canary_choice, contribution_auroc,
+                                           detection_metrics, small_sample_caveat)
 from pmp_lightning.io import save_npz
 from pmp_lightning.memory import PeakMemory
 from pmp_lightning.report.outputs import write_outputs

@@ -535,8 +535,9 @@ class PoolDataModule(pl.LightningDataModule):
     def _draw_canaries(self, images: Images, draw: "_Draw") -> None:
         """With J drawn from the data, the canaries' ``2 * canaries`` images are drawn beside it, as J is, after the
         pool: J, the pool and the test set stay those of the run without canaries (only a set of the rest of the
-        images, a null data.pool_size, train_size or test_size, is 2k smaller). A trusted set gives its own (``_hold_out_canaries``), and these
-        are set aside unused, as J's are (``_draw_downstream``), so either J trains on the same examples."""
+        images, a null data.pool_size, train_size or test_size, is 2k smaller). A trusted set gives its own
+        (``_hold_out_canaries``), and these are set aside unused, as J's are (``_draw_downstream``), so either J trains
+        on the same examples."""
         k = int(self.canaries)
         if not k or self.downstream_includes_pool or (self.trusted is not None and not self.downstream_size):
             return

@@ -39,7 +39,7 @@ def _retrained(training: Training, datamodule, keep: np.ndarray, budget: int | N
     """What a retrain on the kept examples reaches: a classifier's test accuracy, or (with a step ``budget``) a
     language model's test loss."""
     if budget is None:
-        return train_without(training, datamodule, keep)[1]
+        return train_without(training, datamodule, keep, dataset=dataset)[1]
     model, _ = train_without(training, datamodule, keep, test=False, steps=budget, dataset=dataset)
     return token_loss(model.net, datamodule.test_set)
 
