@@ -40,7 +40,7 @@ from pmp_lightning.scores.cleanlab_score import cleanlab_baseline, cross_validat
 from pmp_lightning.cache import StageCache, code_digest, train_key_config
 from pmp_lightning.config import check_folds, check_settings
 from pmp_lightning.replay.costate import describe, hessian_vector_product
-from pmp_lightning.data.images import IndexedDataset, language_model
+from pmp_lightning.data.images import IndexedDataset, datamodule_from_config, language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError, UnsupportedModelError
 from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, canary_choice, contribution_auroc,
                                            detection_metrics, small_sample_caveat)
@@ -174,7 +174,7 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
     datamodule, the training with the model's shape settings taken from the data (``Training.for_data``) and the
     digest of the model's code (the train cache key's)."""
     with stages.stage("data"):
-        datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
+        datamodule = datamodule_from_config(cfg)
         datamodule.setup()
     training = training.for_data(datamodule.pool.x, datamodule.num_classes, getattr(datamodule, "vocab_size", None))
     target = cfg.model.get("_target_")

@@ -109,3 +109,27 @@ def test_a_run_with_canaries_ranks_by_the_chosen_variant(tmp_path):
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
     assert len(rows) == 600 and all(r["auto"] == r[chosen] for r in rows)  # the pool only, the canaries left out
     assert metrics["downstream"]["size"] == 100  # J keeps its examples: the canaries were drawn beside it
+
+
+@pytest.mark.slow
+def test_the_sweep_report_rebuilds_the_pool_a_run_with_canaries_scored(tmp_path):
+    """With pool=train and a pool of every image left (data.pool_size=null) the canaries take their images out of the
+    pool: the report's suspect pictures (and diagnose) rebuild the data from the run's config, canaries included, and
+    so find the pool the run scored (they rebuilt it without them, and the report stopped on a mismatch)."""
+    from omegaconf import OmegaConf
+
+    from pmp_lightning.data.images import datamodule_from_config
+    from pmp_lightning.report.compare import compare
+
+    job = tmp_path / "sweep" / "0"
+    cfg = make_cfg(job, "scoring.canaries=10", "data.pool_size=null", "trainer.max_epochs=2",
+                   "scoring=cosine")
+    run(cfg)
+    (job / ".hydra").mkdir()
+    OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+    (job / ".hydra" / "overrides.yaml").write_text("- scoring.canaries=10\n")
+    rebuilt = datamodule_from_config(OmegaConf.load(job / ".hydra" / "config.yaml"))
+    rebuilt.setup()
+    assert len(rebuilt.scored) == len(rebuilt.pool) + 20
+    compare(tmp_path / "sweep")
+    assert (tmp_path / "sweep" / "suspects_cosine.png").stat().st_size > 0

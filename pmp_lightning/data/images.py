@@ -284,6 +284,14 @@ def read_known_errors(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 # --------------------------------------------------------------------------- datasets
+def datamodule_from_config(cfg):
+    """The run's data as its config describes it (``data``, ``noise``, ``scoring.canaries``), not yet set up: the one
+    place that builds it, so that the reports (``compare``, ``diagnose``) rebuild the very pool the run scored."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
+
+
 def language_model(datamodule) -> bool:
     """Whether the examples are documents with a target per token (a corpus), not labelled examples."""
     return datamodule.pool.y.dim() == 2

@@ -406,7 +406,7 @@ def suspect_grid(images, titles: list[str], red, title: str, path: Path) -> None
 
 def plot_suspects(merged, out: Path) -> None:
     """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
-    from hydra.utils import instantiate
+    from pmp_lightning.data.images import datamodule_from_config
 
     setting, (scores, mask, index, job) = next(iter(merged.items()))
     with (job.path / "scores.csv").open() as f:
@@ -414,7 +414,7 @@ def plot_suspects(merged, out: Path) -> None:
     if "document" in header:
         return  # a corpus: no pictures; each run's suspects.csv shows the documents' first lines
     cfg = OmegaConf.load(job.path / ".hydra" / "config.yaml")
-    datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise))
+    datamodule = datamodule_from_config(cfg)
     datamodule.setup()
     if not np.array_equal(index, datamodule.pool_index):
         raise RuntimeError(f"{job.path}: the rebuilt pool does not match scores.csv; the data source changed since the run")
