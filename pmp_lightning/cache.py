@@ -1,4 +1,5 @@
-"""Stage caches: train once, replay once, score many times.
+"""Stage caches: train once, replay once, score many times; and ``Stages``, where a run writes and what each of its
+stages cost (wall time, peak memory), which every stage function takes.
 
 A stage's entry lives in ``<cache_dir>/<stage>/<key>/`` where ``key`` hashes exactly the config
 that affects the stage. ``cache_manifest.json`` records the stage, the key, that config and
@@ -18,8 +19,10 @@ import os
 import shutil
 import socket
 import sys
+import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pmp_lightning.errors import PMPError
 from pmp_lightning.io import save_json
+from pmp_lightning.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 MANIFEST = "cache_manifest.json"
@@ -76,10 +80,11 @@ class CacheError(PMPError, RuntimeError):
 NOT_TRAIN_KEYS = ("known_errors", "downstream_size", "downstream_includes_pool", "downstream", "labels_file", "labels_key")
 
 
-def train_key_config(cfg: DictConfig, data_content: dict[str, str], model_code: str) -> dict[str, Any]:
-    """What determines the trajectory (and so the snapshots and test accuracy): the training config, the content
-    of the training set, the pool and the test set (``PoolDataModule.content_key``), not only where they came from,
-    and the model's code (``code_digest``), not only its ``_target_``."""
+def train_key_config(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that determine the trajectory (and so the snapshots and test accuracy). Its cache entry adds what
+    the data and the model are, not only where they came from (``StageCache``'s ``identity``): the content of the
+    training set, the pool and the test set (``data_content``, ``PoolDataModule.content_key``) and the model's code
+    (``model_code``, ``code_digest``), not only its ``_target_``."""
     trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in COSMETIC_TRAINER_KEYS}
     keys = ("data", "noise", "model", "optimizer", "lr_schedule", "snapshot")
     config = {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}}
@@ -89,15 +94,15 @@ def train_key_config(cfg: DictConfig, data_content: dict[str, str], model_code: 
     if "reference" in config["noise"]:
         trainer = config["noise"]["reference"]["trainer"]
         config["noise"]["reference"]["trainer"] = {k: v for k, v in trainer.items() if k not in COSMETIC_TRAINER_KEYS}
-    config["data_content"] = data_content
-    config["model_code"] = model_code
     return config
 
 
 class StageCache:
-    def __init__(self, root: str | Path, stage: str, config: dict[str, Any]):
+    def __init__(self, root: str | Path, stage: str, config: dict[str, Any], **identity: Any):
+        """The entry of ``stage`` for ``config`` (settings) and ``identity`` (what they were applied to: the data's
+        content, the model's code, the entry a stage continues), which together make the key."""
         self.stage = stage
-        self.config = json.loads(json.dumps(config, default=str))  # as the manifest will hold it
+        self.config = json.loads(json.dumps({**config, **identity}, default=str))  # as the manifest will hold it
         self.key = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / stage / self.key
 
@@ -183,3 +188,37 @@ class StageCache:
         save_json(self.dir / MANIFEST, {"format": FORMAT, "stage": self.stage, "key": self.key, "complete": True,
                                         "config": self.config, "results": results})
         return results
+
+
+AFTER_INTERRUPT = {
+    "train": "the same command resumes training from its last finished epoch",
+    "replay": "the same command resumes the replay after its last finished snapshot",
+}
+
+
+@dataclass
+class Stages:
+    """Where a run writes and what it measures of itself: the output and cache directories, whether this process is
+    global rank zero, and each stage's wall time and peak memory."""
+
+    out: Path
+    cache_dir: Path
+    lead: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        """Record the stage's wall time and the process's peak memory during it; say so when it is interrupted."""
+        start = time.perf_counter()
+        try:
+            with PeakMemory("cuda" if torch.cuda.is_available() else "cpu") as peak:
+                yield
+        except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
+            if isinstance(err, KeyboardInterrupt) or err.code not in (0, None):
+                log.error(f"interrupted during {name} after {time.perf_counter() - start:.0f} s; no results were written; "
+                          f"{AFTER_INTERRUPT.get(name, 'run the same command again')}")
+            raise
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        if peak.peak_mib is not None:
+            self.memory[name] = round(peak.peak_mib, 1)

@@ -167,6 +167,11 @@ class Training:
     seed: int
     progress: bool = True
 
+    @property
+    def epochs(self) -> int:
+        """The Trainer's ``max_epochs``."""
+        return self.trainer.keywords["max_epochs"]
+
     def for_data(self, x: torch.Tensor, num_classes: int, vocab_size: int | None = None) -> "Training":
         """This training with the model's null shape settings taken from inputs like ``x`` (``shaped``)."""
         return dataclasses.replace(self, net=shaped(self.net, x, num_classes, vocab_size))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -135,3 +135,10 @@ def network_state(dirpath: str | Path, entry: dict[str, Any]) -> dict[str, torch
 def network_shapes(net: torch.nn.Module) -> dict[str, list[int]]:
     """The shapes a snapshot of ``net`` records (``param_shapes`` in the manifest), with the training module's prefix."""
     return {PREFIX + k: list(v.shape) for k, v in net.state_dict().items()}
+
+
+def final_network(make_net: Callable[[], torch.nn.Module], snapshot_dir: Path) -> torch.nn.Module:
+    """The trained model θ_T, the trajectory's last snapshot."""
+    net = make_net()
+    net.load_state_dict(network_state(snapshot_dir, load_manifest(snapshot_dir)["snapshots"][-1]))
+    return net

@@ -19,12 +19,11 @@ from pmp_lightning.io import save_npz
 STATS_FORMAT = 4
 
 
-def replay_key_config(cfg: DictConfig, train_entry: dict[str, Any], downstream_content: str) -> dict[str, Any]:
-    """The replay settings, the objective J, the downstream set's content and the identity of the train entry
-    replayed (a retrained entry gets a new one)."""
-    return {"train_entry": train_entry["entry_id"], "replay": OmegaConf.to_container(cfg.replay, resolve=True),
-            "objective": OmegaConf.to_container(cfg.objective, resolve=True), "downstream_content": downstream_content,
-            "stats_format": STATS_FORMAT}
+def replay_key_config(cfg: DictConfig) -> dict[str, Any]:
+    """The replay's settings and the objective J. Its cache entry adds the train entry replayed (``train_entry``: a
+    retrained entry gets a new one) and the downstream set's content (``downstream_content``)."""
+    return {"replay": OmegaConf.to_container(cfg.replay, resolve=True),
+            "objective": OmegaConf.to_container(cfg.objective, resolve=True), "stats_format": STATS_FORMAT}
 
 
 @dataclass

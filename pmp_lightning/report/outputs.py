@@ -1,5 +1,5 @@
 """What a run writes into its directory (besides the links to its cache entries): ``scores.csv``, ``suspects.csv``
-and ``suspects.png``, ``metrics.json``, and the report it prints. Every file is written atomically."""
+and ``suspects.png``, ``metrics.json`` (its contents: ``assemble_metrics``), and the report it prints. Every file is written atomically."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pmp_lightning.report.evaluate import format_table
+from pmp_lightning.cache import Stages
+from pmp_lightning.data.images import language_model
 from pmp_lightning.io import save_json, save_text
+from pmp_lightning.replay.costate import describe
+from pmp_lightning.replay.store import ReplayStats, growth_steps
+from pmp_lightning.report.evaluate import format_table
 from pmp_lightning.scores.select import REPORT_KEYS
 
 
@@ -21,6 +25,38 @@ def write_outputs(out: Path, datamodule, scores: dict[str, np.ndarray], metrics:
     write_suspects(out, datamodule, scores[rank_by], rank_by, predicted)
     save_json(out / "metrics.json", metrics)
     print_report(metrics, out)
+
+
+def assemble_metrics(stages: Stages, detected: dict, trained: dict, replayed: dict, stats: ReplayStats, objective,
+                     replay: dict, train_dir: Path, replay_dir: Path, datamodule, extras: dict, rank_by: str) -> dict:
+    """The contents of ``metrics.json``; ``replay``: the replay's settings."""
+    cost = {"train": trained.get("seconds"), "replay": replayed.get("seconds"),
+            **{stage: stages.timings[stage] for stage in ("corpus_baselines",) if stage in stages.timings},
+            **({"cleanlab": extras["cleanlab"]["seconds"]} if extras.get("cleanlab") else {})}
+    metrics = {
+        "detection": detected["detection"],
+        "test_accuracy": trained["test_accuracy"],
+        "ground_truth": "corrupted documents" if language_model(datamodule) else "mislabeled examples",
+        "costate": {"mode": replay["curvature"], "horizon": replay["horizon"], "objective": describe(objective),
+                    "lambda_norms": stats.lambda_norm.tolist(), "participation": stats.participation.tolist(),
+                    "contribution_auroc": detected["per_snapshot"],
+                    "growth_warnings": growth_steps(stats.lambda_norm, replay["growth_warning"])},
+        "timings": stages.timings,
+        "cost_s": cost,
+        "peak_memory_mib": stages.memory,
+        "cache": {"train": str(train_dir), "replay": str(replay_dir),
+                  "computed": [stage for stage in ("train", "replay") if stage in stages.timings]},
+    }
+    if detected["caveat"]:
+        metrics["detection_caveat"] = detected["caveat"]
+    if detected.get("by_kind"):
+        metrics["auroc_by_corruption"] = detected["by_kind"]
+    metrics["downstream"] = datamodule.downstream_note
+    if datamodule.known_error_counts is not None:
+        metrics["known_errors"] = {"file": str(datamodule.known_errors), **datamodule.known_error_counts}
+    metrics.update({name: value for name, value in extras.items() if value is not None})  # cleanlab, selection, canaries
+    metrics["suspects"] = {"rank_by": rank_by, "file": "suspects.csv"}
+    return metrics
 
 
 def write_suspects(out: Path, datamodule, score: np.ndarray, name: str, predicted: np.ndarray | None) -> None:

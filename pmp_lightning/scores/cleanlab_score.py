@@ -20,19 +20,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 
-from pmp_lightning.cache import train_key_config
+from pmp_lightning.cache import Stages, StageCache
 from pmp_lightning.io import save_npz
 from pmp_lightning.scores.select import train_without
 from pmp_lightning.training import Training, predict_proba
 
 log = logging.getLogger(__name__)
-
-
-def crossval_key_config(cfg: DictConfig, data_content: dict[str, str], model_code: str) -> dict:
-    """What the cross-validated probabilities depend on: the trajectory's config, data and model code, and K."""
-    return {**train_key_config(cfg, data_content, model_code), "folds": cfg.baselines.folds}
 
 
 def cross_validated_probs(training: Training, datamodule, folds: int, directory: Path) -> np.ndarray:
@@ -76,3 +70,28 @@ def cleanlab_baseline(labels: np.ndarray, pred_probs: np.ndarray, is_mislabeled:
         summary["precision"] = hits / max(int(issues.sum()), 1)
         summary["recall"] = hits / int(is_mislabeled.sum())
     return np.asarray(quality, dtype=np.float64), summary
+
+
+def cleanlab_stage(stages: Stages, cache: StageCache, training: Training, datamodule, folds: int,
+                   final_probs: np.ndarray) -> tuple[np.ndarray, dict]:
+    """cleanlab's score from out-of-sample probabilities: K-fold cross-validation (cached) for pool=train,
+    the final model's for a held-out pool. Returns the score and what goes under ``cleanlab`` in metrics.json."""
+    if datamodule.pool_mode == "train":
+        def cross_validate(directory: Path) -> dict:
+            with stages.stage("cleanlab"):
+                probs = cross_validated_probs(training, datamodule, folds, directory)
+                save_npz(directory / "pred_probs.npz", probs=probs)
+            return {"seconds": stages.timings["cleanlab"]}
+
+        done = cache.load_or_compute(cross_validate, _missing_probs, resume=True)
+        with np.load(cache.dir / "pred_probs.npz") as z:
+            probs = z["probs"]
+        source, seconds = f"{folds}-fold cross-validation", done["seconds"]
+    else:
+        probs, source, seconds = final_probs, "the trained model (the pool is held out)", 0.0
+    score, summary = cleanlab_baseline(datamodule.observed_labels.numpy(), probs, datamodule.is_mislabeled)
+    return score, {"probabilities": source, "seconds": seconds, **summary}
+
+
+def _missing_probs(entry: Path) -> list[str]:
+    return [] if (entry / "pred_probs.npz").is_file() else ["pred_probs.npz"]

@@ -15,6 +15,7 @@ import math
 import numpy as np
 from torch.utils.data import DataLoader, Subset
 
+from pmp_lightning.cache import Stages
 from pmp_lightning.data.images import language_model
 from pmp_lightning.scores.text import token_loss
 from pmp_lightning.training import Training
@@ -45,21 +46,21 @@ def _retrained(training: Training, datamodule, keep: np.ndarray, budget: int | N
 
 
 def selection(training: Training, datamodule, scores: dict[str, np.ndarray], fractions, names, full_accuracy: float,
-              seed: int, epochs: int, wide: bool = False) -> dict:
+              wide: bool = False) -> dict:
     """``{"measure": ..., "full": value, "oracle": value, "<fraction>": {score: value, ..., "random": value}}``; the
-    measure is the test accuracy, or for a language model the test loss after ``epochs`` passes' worth of steps over
-    the whole set (the full run retrained the same way). ``wide``: select from a corpus's wide slice
+    measure is the test accuracy, or for a language model the test loss after the run's epochs' worth of steps over
+    the whole set (the full run retrained the same way); the random removals are drawn with the run's seed. ``wide``: select from a corpus's wide slice
     (``data.wide_size``, documents the proxy never saw) instead of the pool."""
     pool, mask = (datamodule.wide, datamodule.wide_mask) if wide else (datamodule.pool, datamodule.is_mislabeled)
     n = len(pool)
     lm = language_model(datamodule)
     source = pool if wide else datamodule.train_set
-    budget = epochs * math.ceil(len(source) / datamodule.batch_size) if lm else None
+    budget = training.epochs * math.ceil(len(source) / datamodule.batch_size) if lm else None
     measure = "test loss" if lm else "test accuracy"
     retrain = lambda keep: _retrained(training, datamodule, keep, budget, source)  # noqa: E731
     full = retrain(np.ones(n, dtype=bool)) if lm else full_accuracy
     report: dict = {"measure": measure, "full": full, "oracle": retrain(~mask)}
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(training.seed)
     for fraction in fractions:
         k = math.ceil(fraction * n)
         row = {}
@@ -72,3 +73,12 @@ def selection(training: Training, datamodule, scores: dict[str, np.ndarray], fra
                      f"{row[name]:.4f}")
         report[str(fraction)] = row
     return report
+
+
+def selection_stage(stages: Stages, fractions: list[float], names: list[str], training: Training, datamodule,
+                    scores: dict[str, np.ndarray], full_accuracy: float | None) -> dict | None:
+    """With ``select.fractions``: the test accuracy of retraining without each score's lowest-scored examples."""
+    if not fractions:
+        return None
+    with stages.stage("select"):
+        return selection(training, datamodule, scores, fractions, names, full_accuracy)

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pmp_lightning.cache import Stages
 from pmp_lightning.data.corpus import Document
 from pmp_lightning.replay.costate import downstream_gradient
 from pmp_lightning.statistics.per_example import output_stats, per_example_stats
-from pmp_lightning.training import IGNORE, trainable
+from pmp_lightning.training import IGNORE, Training, trainable
 
 DSIR_BUCKETS = 10_000  # DSIR's hashed feature space
 
@@ -76,3 +77,11 @@ def influence(final_net: torch.nn.Module, objective, datamodule, batch_size: int
     pool = datamodule.pool
     return torch.cat([per_example_stats(final_net, x, y, grad_j)["dot"]
                       for x, y in zip(pool.x.split(batch_size), pool.y.split(batch_size))]).double().numpy() / len(ds)
+
+
+def corpus_baselines_stage(stages: Stages, net: torch.nn.Module, training: Training, objective, datamodule) -> dict:
+    """A corpus's language-model baselines (``text_scores``): DSIR, RHO-LOSS (one small training more, on the target
+    set) and the IF-score at θ_T (``net``)."""
+    with stages.stage("corpus_baselines"):
+        return {"dsir": dsir(datamodule.pool_documents, datamodule.target_documents),
+                "rho_loss": rho_loss(net, training, datamodule), "influence": influence(net, objective, datamodule)}
