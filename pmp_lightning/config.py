@@ -21,7 +21,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
-from pmp_lightning.scores.registry import AUTO_FAMILY, CORPUS_BASELINES, PMP_VARIANTS, SCORER_TARGET, SCORES
+from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, CORPUS_BASELINES, PMP_VARIANTS,
+                                           SCORER_TARGET, SCORES)
 
 CORPUS_DATAMODULE = "pmp_lightning.data.corpus.CorpusDataModule"
 
@@ -33,6 +34,7 @@ class ScoringConfig:
     scores: List[ScoreName] = field(default_factory=lambda: [ScoreName[n] for n in SCORES])
     rank_by: Optional[str] = None
     canaries: int = 0  # downstream examples given a wrong label and held out of J (and as many controls): rank_by=auto
+    by_class: bool = False  # also score each example against its own label's class's costate (one replay per class)
 
 
 def score_names(scoring) -> list[str]:
@@ -132,8 +134,14 @@ def check_settings(cfg) -> tuple[list[str], str]:
         raise ReplayConfigError(f"replay.growth_warning={growth!r}: it must be a number > 1 (a growth factor of ‖λ‖), e.g. 10")
     if cfg.baselines.cleanlab:
         check_folds(cfg.baselines.folds)
-    names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else [])]
+    by_class = cfg.scoring.get("by_class", False)
     corpus = cfg.data.get("_target_") == CORPUS_DATAMODULE  # its language-model baselines come with every run
+    if not isinstance(by_class, bool) or (by_class and corpus):
+        raise SettingError(f"scoring.by_class={by_class!r}: true scores each example against the costate of its own "
+                           f"label's class, false (the default) does not" + ("; a corpus has no labels: leave it false"
+                                                                              if by_class is True else ""))
+    names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else []),
+             *(CLASS_VARIANTS if by_class else [])]
     _check_selection(cfg.select, cfg.data.get("pool_mode"), [*names, *(CORPUS_BASELINES if corpus else ())])
     if cfg.data.get("wide_size") and not corpus:
         raise SettingError("data.wide_size is the data scorer's wide slice of a corpus (data=code, +experiment=code_lm); "
@@ -145,7 +153,7 @@ def check_settings(cfg) -> tuple[list[str], str]:
     if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 0:
         raise SettingError(f"scoring.canaries={canaries!r}: give how many downstream examples to hold out as canaries "
                            f"(an integer ≥ 0, e.g. 40; 0: none)")
-    if canaries and not any(n in AUTO_FAMILY for n in names):
+    if canaries and not any(n in (*AUTO_FAMILY, *CLASS_VARIANTS) for n in names):
         raise SettingError(f"scoring.canaries chooses among the PMP variants {', '.join(AUTO_FAMILY)}, and this run "
                            f"computes none; add some to scoring.scores (e.g. scoring=all)")
     return names, _rank_by(cfg.scoring.get("rank_by"), names, canaries)

@@ -18,6 +18,7 @@ the replay writes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -45,7 +46,9 @@ from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, can
 from pmp_lightning.io import save_npz
 from pmp_lightning.report.outputs import assemble_metrics, write_outputs
 from pmp_lightning.replay.store import ReplayStats, replay_key_config
-from pmp_lightning.scores.registry import AUTO_FAMILY, SCORER_TARGET, compute_scores
+from pmp_lightning.replay.costate import describe
+from pmp_lightning.replay.costate import objective as make_objective
+from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS, SCORER_TARGET, class_scores, compute_scores
 from pmp_lightning.scores.scorer import data_scorer, document_features
 from pmp_lightning.scores.select import selection, selection_stage
 from pmp_lightning.scores.text import corpus_baselines_stage
@@ -94,15 +97,15 @@ def run(cfg: DictConfig) -> dict:
         replay_cache = StageCache(stages.cache_dir, "replay", replay_key, train_entry=trained["entry_id"],
                                   downstream_content=datamodule.downstream_key())
         crossval = StageCache(stages.cache_dir, "crossval", train_key, folds=folds) if folds else None
-        replayed, replay_dir = replay_stage(stages, replay_cache, replay_settings, training, objective, datamodule,
-                                            train_dir / "snapshots")
+        replayed, replay_dirs = replay_stage(stages, replay_cache, replay_settings, training, objective, datamodule,
+                                             train_dir / "snapshots", cfg.scoring.by_class)
         if not stages.lead:
             return {}
-        _link(stages.out / "snapshots", train_dir / "snapshots")
-        _link(stages.out / "replay", replay_dir)
+        replay_dir = replay_dirs.pop(None)
+        _link(stages.out / "snapshots", train_dir / "snapshots"), _link(stages.out / "replay", replay_dir)
         stats = ReplayStats.load(replay_dir / "stats.npz")
         final_probs = final_probabilities(final, datamodule, trained["test_accuracy"])
-        scores, canaries = score_stage(stats, [n for n in names if n != "cleanlab"], datamodule)
+        scores, canaries = score_stage(stats, [n for n in names if n != "cleanlab"], datamodule, replay_dirs)
         if language_model(datamodule):
             scores.update(corpus_baselines_stage(stages, final, training, objective, datamodule))
         cleanlab = None
@@ -138,6 +141,7 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
     """The data, checked with the model before any training (``check_model``), the ground truth written: the
     datamodule, the training with the model's shape settings taken from the data (``Training.for_data``) and the
     digest of the model's code (the train cache key's)."""
+    by_class = cfg.scoring.get("by_class", False)
     with stages.stage("data"):
         datamodule = datamodule_from_config(cfg)
         datamodule.setup()
@@ -146,6 +150,11 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
                               "baselines.cleanlab=false")
     if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
         check_folds(cfg.baselines.folds, len(datamodule.pool))
+    missing = sorted(set(datamodule.scored.y.tolist()) - set(datamodule.downstream.y.tolist())) if by_class else []
+    if missing:  # scoring.by_class: each scored example needs its own label's class's costate
+        raise DataConfigError(f"scoring.by_class: the downstream set (data.downstream) has no example of class(es) "
+                              f"{missing}, which pool examples are labelled with, so those have no class costate; give a "
+                              f"downstream set with every class, or leave scoring.by_class=false")
     training = training.for_data(datamodule.pool.x, datamodule.num_classes, getattr(datamodule, "vocab_size", None))
     target = cfg.model.get("_target_")
     probe = check_model(training.net, datamodule, target or "the model", cfg.replay.curvature,
@@ -175,18 +184,32 @@ def train_stage(stages: Stages, cache: StageCache, training: Training, snapshots
 
 
 def replay_stage(stages: Stages, cache: StageCache, replay_settings, training: Training, objective, datamodule,
-                 snapshot_dir: Path) -> tuple[dict, Path]:
+                 snapshot_dir: Path, by_class: bool = False) -> tuple[dict, dict]:
     """The replay's statistics (``stats.npz``), from the cache or computed backward over the snapshots, continuing a
-    replay that was cut short."""
-    def replay(directory: Path) -> dict:
-        with stages.stage("replay"):
-            module = replay_settings(net=training.net(), objective=objective, snapshot_dir=snapshot_dir,
-                                     pool=datamodule.scored, downstream=datamodule.downstream,
-                                     train_set=datamodule.train_set, progress_dir=directory)
+    replay that was cut short: the replay's result and its entry's directory (under ``None``). With ``by_class``
+    (``scoring.by_class``), also one replay per class k of the scored examples' labels, J restricted to the downstream
+    examples labelled k (the run's objective, not centred: J_k is one class's pull), scoring the examples labelled k
+    (``registry.CLASS_VARIANTS``), each an entry of its own (under k)."""
+    def replay(directory: Path, name: str, **sets) -> dict:
+        with stages.stage(name):
+            module = replay_settings(net=training.net(), snapshot_dir=snapshot_dir, train_set=datamodule.train_set,
+                                     progress_dir=directory, **sets)
             _fit_replay(module, training, directory)
-        return {"seconds": round(stages.timings["replay"] + module.resumed_seconds, 3)}  # the interrupted part too
+        return {"seconds": round(stages.timings[name] + module.resumed_seconds, 3)}  # the interrupted part too
 
-    return cache.load_or_compute(replay, _missing_stats, resume=True, lead=stages.lead, agree=_agree), cache.dir
+    whole = functools.partial(replay, name="replay", objective=objective, pool=datamodule.scored,
+                              downstream=datamodule.downstream)
+    labels, own = datamodule.scored.y, make_objective(objective.name, **objective.params)
+    entries = {k: StageCache(stages.cache_dir, "replay", cache.config, by_class=k, class_objective=describe(own))
+               for k in (sorted(set(labels.tolist())) if by_class else ())}
+    done, dirs = cache.load_or_compute(whole, _missing_stats, resume=True, lead=stages.lead, agree=_agree), {None: cache.dir}
+    for k, entry in entries.items():
+        sets = dict(objective=own, pool=datamodule.scored.where(labels == k),
+                    downstream=datamodule.downstream.where(datamodule.downstream.y == k))
+        spent = entry.load_or_compute(functools.partial(replay, name="class_replay", **sets), _missing_stats, resume=True,
+                                      lead=stages.lead, agree=_agree)["seconds"]
+        done, dirs[k] = {**done, "class_seconds": round(done.get("class_seconds", 0.0) + spent, 3)}, entry.dir
+    return done, dirs
 
 
 def _fit_replay(replay, training: Training, directory: Path) -> None:
@@ -228,15 +251,20 @@ def final_probabilities(net: torch.nn.Module, datamodule, test_accuracy: float |
 
 
 
-def score_stage(stats: ReplayStats, names: list[str], datamodule) -> tuple[dict[str, np.ndarray], dict | None]:
-    """The pool's scores; with canaries (``scoring.canaries``), also the PMP variant that ranks them lowest, as the
-    score ``auto`` (and what every variant reached on them, for metrics.json)."""
-    scores = compute_scores(names, stats)
+def score_stage(stats: ReplayStats, names: list[str], datamodule,
+                class_dirs: dict[int, Path]) -> tuple[dict[str, np.ndarray], dict | None]:
+    """The pool's scores, the class variants from the replays of ``class_dirs`` among them (``scoring.by_class``);
+    with canaries (``scoring.canaries``), also the PMP variant that ranks them lowest, as the score ``auto`` (and what
+    every variant reached on them, for metrics.json)."""
+    scores = compute_scores([n for n in names if n not in CLASS_VARIANTS], stats)
+    if class_dirs:
+        by_class = {k: ReplayStats.load(d / "stats.npz") for k, d in class_dirs.items()}
+        scores.update(class_scores(by_class, datamodule.scored.y.numpy()))
     if datamodule.canary_mask is None:
         return scores, None
     n = len(datamodule.pool)
     # the family in its order, the cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
-    candidates = {name: scores[name][n:] for name in AUTO_FAMILY if name in scores}  # check_settings: there is one
+    candidates = {name: scores[name][n:] for name in (*AUTO_FAMILY, *CLASS_VARIANTS) if name in scores}
     choice = canary_choice(candidates, datamodule.canary_mask)
     scores = {name: s[:n] for name, s in scores.items()}
     scores["auto"] = scores[choice["chosen"]]

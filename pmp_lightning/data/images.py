@@ -309,6 +309,10 @@ class IndexedDataset(Dataset):
     def __getitem__(self, i: int):
         return self.x[i], self.y[i], i
 
+    def where(self, keep: torch.Tensor) -> "IndexedDataset":
+        """The examples where ``keep`` is true, in their order."""
+        return IndexedDataset(self.x[keep], self.y[keep])
+
     def to(self, dtype: torch.dtype) -> "IndexedDataset":
         """The same examples with floating inputs in ``dtype``; integer inputs (token ids) stay integers."""
         return IndexedDataset(self.x.to(dtype) if self.x.is_floating_point() else self.x, self.y)

@@ -31,6 +31,7 @@ def assemble_metrics(stages: Stages, detected: dict, trained: dict, replayed: di
                      replay: dict, train_dir: Path, replay_dir: Path, datamodule, extras: dict, rank_by: str) -> dict:
     """The contents of ``metrics.json``; ``replay``: the replay's settings."""
     cost = {"train": trained.get("seconds"), "replay": replayed.get("seconds"),
+            **({"class_replay": replayed["class_seconds"]} if "class_seconds" in replayed else {}),
             **{stage: stages.timings[stage] for stage in ("corpus_baselines",) if stage in stages.timings},
             **({"cleanlab": extras["cleanlab"]["seconds"]} if extras.get("cleanlab") else {})}
     metrics = {

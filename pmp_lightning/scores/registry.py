@@ -157,6 +157,23 @@ def late_fisher(s: ReplayStats) -> np.ndarray:
 # taken, and in which metric; the cosine first, so that it wins a tie. On a network of one block they coincide.
 AUTO_FAMILY = ("cosine", "block_cosine", "late_cosine", "late_fisher")
 
+# ``scoring.by_class``: each example scored against the costate of its own observed label's class, λ^{(y_n)}, the
+# costate of J restricted to the downstream examples labelled y_n (one replay per class, ``pipeline.replay_stage``),
+# after the class-based influence functions of Nguyen-Duc et al. (ACL 2023), who found influence between examples of
+# different classes unreliable in deep networks. Each is a variant above, taken within the class's replay; the
+# canaries choose among them too.
+CLASS_VARIANTS = {"class_cosine": "cosine", "class_late_cosine": "late_cosine"}
+
+
+def class_scores(by_class: dict[int, ReplayStats], labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The class variants of every scored example (``labels``: the observed ones), from the replay of its class
+    (``by_class[k]`` scored exactly the examples labelled k, in their order)."""
+    scores = {name: np.full(len(labels), np.nan) for name in CLASS_VARIANTS}
+    for k, stats in by_class.items():
+        for name, within in CLASS_VARIANTS.items():
+            scores[name][labels == k] = SCORES[within](stats)
+    return scores
+
 
 # ----------------------------------------------------------------------------- baselines
 @register("loss")
