@@ -193,6 +193,7 @@ class StageCache:
 AFTER_INTERRUPT = {
     "train": "the same command resumes training from its last finished epoch",
     "replay": "the same command resumes the replay after its last finished snapshot",
+    "class_replay": "the same command resumes that class's replay after its last finished snapshot",
 }
 
 
@@ -219,6 +220,6 @@ class Stages:
                 log.error(f"interrupted during {name} after {time.perf_counter() - start:.0f} s; no results were written; "
                           f"{AFTER_INTERRUPT.get(name, 'run the same command again')}")
             raise
-        self.timings[name] = round(time.perf_counter() - start, 3)
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)  # a repeated name adds up
         if peak.peak_mib is not None:
-            self.memory[name] = round(peak.peak_mib, 1)
+            self.memory[name] = max(self.memory.get(name, 0.0), round(peak.peak_mib, 1))

@@ -191,15 +191,16 @@ def replay_stage(stages: Stages, cache: StageCache, replay_settings, training: T
     examples labelled k (the run's objective, not centred: J_k is one class's pull), scoring the examples labelled k
     (``registry.CLASS_VARIANTS``), each an entry of its own (under k)."""
     def replay(directory: Path, name: str, **sets) -> dict:
+        before = stages.timings.get(name, 0.0)  # the class replays add up under one name
         with stages.stage(name):
             module = replay_settings(net=training.net(), snapshot_dir=snapshot_dir, train_set=datamodule.train_set,
                                      progress_dir=directory, **sets)
             _fit_replay(module, training, directory)
-        return {"seconds": round(stages.timings[name] + module.resumed_seconds, 3)}  # the interrupted part too
+        return {"seconds": round(stages.timings[name] - before + module.resumed_seconds, 3)}  # the interrupted part too
 
     whole = functools.partial(replay, name="replay", objective=objective, pool=datamodule.scored,
                               downstream=datamodule.downstream)
-    labels, own = datamodule.scored.y, make_objective(objective.name, **objective.params)
+    labels, own = datamodule.scored.y, make_objective(objective.name, **objective.params) if by_class else None
     entries = {k: StageCache(stages.cache_dir, "replay", cache.config, by_class=k, class_objective=describe(own))
                for k in (sorted(set(labels.tolist())) if by_class else ())}
     done, dirs = cache.load_or_compute(whole, _missing_stats, resume=True, lead=stages.lead, agree=_agree), {None: cache.dir}
