@@ -102,7 +102,8 @@ def run(cfg: DictConfig) -> dict:
         if not stages.lead:
             return {}
         replay_dir = replay_dirs.pop(None)
-        _link(stages.out / "snapshots", train_dir / "snapshots"), _link(stages.out / "replay", replay_dir)
+        _link(stages.out / "snapshots", train_dir / "snapshots")
+        _link(stages.out / "replay", replay_dir)
         stats = ReplayStats.load(replay_dir / "stats.npz")
         final_probs = final_probabilities(final, datamodule, trained["test_accuracy"])
         scores, canaries = score_stage(stats, [n for n in names if n != "cleanlab"], datamodule, replay_dirs)
