@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
@@ -33,8 +33,11 @@ ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
 class ScoringConfig:
     scores: List[ScoreName] = field(default_factory=lambda: [ScoreName[n] for n in SCORES])
     rank_by: Optional[str] = None
-    canaries: int = 0  # downstream examples given a wrong label and held out of J (and as many controls): rank_by=auto
-    by_class: bool = False  # also score each example against its own label's class's costate (one replay per class)
+    # downstream examples given a wrong label and held out of J (and as many controls), for rank_by=auto; auto: 40 on
+    # a stacked network (models/check.py, scoring_defaults), else 0
+    canaries: Any = "auto"
+    # also score each example against its own label's class's costate (one replay per class); auto: with canaries
+    by_class: Any = "auto"
 
 
 def score_names(scoring) -> list[str]:

@@ -53,7 +53,7 @@ from pmp_lightning.scores.scorer import data_scorer, document_features
 from pmp_lightning.scores.select import selection, selection_stage
 from pmp_lightning.scores.text import corpus_baselines_stage
 from pmp_lightning.training import Training, predict_proba
-from pmp_lightning.models.check import check_model
+from pmp_lightning.models.check import check_model, scoring_defaults
 from pmp_lightning.trajectory import final_network, load_manifest
 from pmp_lightning.report.wandb_logging import keep_staging_in, log_results, run_identity
 
@@ -69,6 +69,7 @@ for message in (".*does not have many workers.*", ".*returned `None`, this fit w
 def run(cfg: DictConfig) -> dict:
     """Run one experiment; returns the contents of ``metrics.json`` (an empty dict on ranks other than zero)."""
     _check_strategy(cfg)
+    cfg = scoring_defaults(cfg)  # scoring.canaries and scoring.by_class=auto, by the network's build
     names, rank_by = check_settings(cfg)
     stages = Stages(Path(cfg.paths.output_dir), Path(cfg.paths.cache_dir), rank_zero_only.rank == 0)
     _require_writable(stages.out, "paths.output_dir (hydra.run.dir on the command line)")

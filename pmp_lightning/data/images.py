@@ -286,10 +286,14 @@ def read_known_errors(path: str | Path) -> tuple[np.ndarray, int]:
 # --------------------------------------------------------------------------- datasets
 def datamodule_from_config(cfg):
     """The run's data as its config describes it (``data``, ``noise``, ``scoring.canaries``), not yet set up: the one
-    place that builds it, so that the reports (``compare``, ``diagnose``) rebuild the very pool the run scored."""
+    place that builds it, so that the reports (``compare``, ``diagnose``) rebuild the very pool the run scored. A
+    config's ``scoring.canaries=auto`` is made concrete first (``models.check.scoring_defaults``)."""
     from hydra.utils import instantiate
 
-    return instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=cfg.scoring.get("canaries", 0))
+    canaries = cfg.scoring.get("canaries", 0)
+    if canaries == "auto":
+        raise TypeError("scoring.canaries=auto is resolved by models.check.scoring_defaults(cfg) before the data is built")
+    return instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=canaries)
 
 
 def language_model(datamodule) -> bool:

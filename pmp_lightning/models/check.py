@@ -11,18 +11,82 @@ import numpy as np
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from pmp_lightning.config import CORPUS_DATAMODULE
 from pmp_lightning.data.images import language_model
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, UnsupportedModelError
 from pmp_lightning.replay.costate import hessian_vector_product
 from pmp_lightning.statistics.per_example import per_example_stats
-from pmp_lightning.statistics.plan import make_plan
-from pmp_lightning.training import trainable
+from pmp_lightning.statistics.plan import make_plan, stacked_blocks
+from pmp_lightning.training import shaped, trainable
 
 log = logging.getLogger(__name__)
+
+# scoring.canaries=auto on a stacked network (two or more blocks of several layers): this many canaries and controls
+AUTO_CANARIES = 40
 
 # layers whose training-mode forward differs from their eval-mode one
 TRAIN_MODE_DIFFERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd,
                       torch.nn.modules.instancenorm._InstanceNorm)
+
+
+def scoring_defaults(cfg: DictConfig) -> DictConfig:
+    """The config with ``scoring.canaries=auto`` and ``scoring.by_class=auto`` (the defaults) made concrete by a rule
+    that sees the network, the data's sizes and where J comes from, never the pool's labels: a *stacked* network (two
+    or more blocks of several layers, ``statistics.plan.stacked_blocks``: a ResNet's residual blocks, a ViT's encoder
+    blocks) gets ``AUTO_CANARIES`` canaries, drawn beside J from the data, and the class replays, so the canaries choose
+    among the block family and the class variants (the score ``auto``); a network of single layers (the reported CNN,
+    an MLP) keeps the whole-gradient cosine, with neither. Data that cannot spare the canaries' examples, a trusted
+    downstream set of your own (never cut into) and a corpus (no labels) get neither. The one place that resolves them:
+    the run, and the reports that rebuild its data (``compare``, ``diagnose``), call it before
+    ``datamodule_from_config``."""
+    canaries, by_class = cfg.scoring.get("canaries", 0), cfg.scoring.get("by_class", False)
+    if "auto" not in (canaries, by_class):
+        return cfg
+    stacked, why = _stacked(cfg, AUTO_CANARIES if canaries == "auto" else canaries)
+    if canaries == "auto":
+        canaries = AUTO_CANARIES if stacked else 0
+    if by_class == "auto":
+        by_class = bool(stacked and canaries)
+    if rank_zero_only.rank == 0:
+        log.info(f"scoring.canaries={canaries}, scoring.by_class={str(by_class).lower()} (auto: {why})")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.scoring.canaries, cfg.scoring.by_class = canaries, by_class
+    return cfg
+
+
+def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
+    """The network's stacked blocks, none where canaries cannot be had, and why, in words. The data is set up once
+    with ``canaries`` to see that it can spare them (the run sets it up again: MNIST in well under a second) and the
+    network built on it as the run builds it; a model that cannot be built, or data that cannot be set up at all,
+    count as unstacked, and the run names their problem before any training (``check_model``, the data stage)."""
+    if cfg.data.get("_target_") == CORPUS_DATAMODULE:
+        return [], "a corpus has no labels"
+    if cfg.data.get("downstream") is not None:
+        return [], ("J is a trusted set of your own, which canaries would cut into; set scoring.canaries=40 and "
+                    "scoring.by_class=true to take 80 of its examples for them")
+    spare = ""
+    for k in dict.fromkeys((canaries, 0)):
+        datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=k)
+        try:
+            datamodule.setup()
+            break
+        except DataConfigError:
+            spare = f"; the data cannot spare the {2 * canaries} examples of scoring.canaries={canaries} beside J"
+    else:
+        return [], "the data cannot be set up"
+    try:
+        with torch.random.fork_rng(devices=[]):
+            net = shaped(instantiate(cfg.model, _partial_=True), datamodule.pool.x, datamodule.num_classes)()
+    except Exception:  # noqa: BLE001 — check_model names what is wrong with it, before any training
+        return [], "the model could not be built"
+    blocks, kind = stacked_blocks(net), type(net).__name__
+    if len(blocks) < 2:
+        return [], f"{kind} is not stacked: {len(blocks)} block(s) of several layers"
+    return ([] if spare else blocks), f"{kind} is stacked: {len(blocks)} blocks of several layers ({', '.join(blocks)}){spare}"
 
 
 def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str, curvature: str,

@@ -407,13 +407,14 @@ def suspect_grid(images, titles: list[str], red, title: str, path: Path) -> None
 def plot_suspects(merged, out: Path) -> None:
     """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
     from pmp_lightning.data.images import datamodule_from_config
+    from pmp_lightning.models.check import scoring_defaults
 
     setting, (scores, mask, index, job) = next(iter(merged.items()))
     with (job.path / "scores.csv").open() as f:
         header = f.readline().split(",")
     if "document" in header:
         return  # a corpus: no pictures; each run's suspects.csv shows the documents' first lines
-    cfg = OmegaConf.load(job.path / ".hydra" / "config.yaml")
+    cfg = scoring_defaults(OmegaConf.load(job.path / ".hydra" / "config.yaml"))
     datamodule = datamodule_from_config(cfg)
     datamodule.setup()
     if not np.array_equal(index, datamodule.pool_index):

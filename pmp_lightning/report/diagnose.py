@@ -28,6 +28,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from pmp_lightning.report.compare import _save
 from pmp_lightning.config import register_configs
 from pmp_lightning.data.images import datamodule_from_config
+from pmp_lightning.models.check import scoring_defaults
 from pmp_lightning.replay.store import ReplayStats
 from pmp_lightning.replay.costate import describe, downstream_gradient, objective
 from pmp_lightning.statistics.per_example import per_example_stats
@@ -42,7 +43,7 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     """Per objective variant (plain, centred): the mean pull's norm, the per-layer rows and the whole-vector metrics."""
     run_dir = Path(run_dir)
     register_configs()
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = scoring_defaults(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     datamodule = datamodule_from_config(cfg)
     datamodule.setup()
     mask = datamodule.is_mislabeled

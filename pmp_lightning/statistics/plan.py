@@ -320,3 +320,13 @@ def _merge(parts: list[Part]) -> list[Part]:
     return merged
 
 
+
+
+def stacked_blocks(net: nn.Module) -> list[str]:
+    """The network's blocks (``block_of``) that each hold the parameters of several modules: a ResNet's stem and
+    residual blocks, a ViT's encoder blocks; none in a network of single layers (the reported CNN, an MLP). Two or
+    more make the network *stacked*, for which ``scoring.canaries=auto`` holds out canaries (models/check.py)."""
+    owners: dict[str, set[str]] = {}
+    for name in trainable(net):
+        owners.setdefault(block_of(name, net), set()).add(name.rpartition(".")[0])
+    return [block for block, modules in owners.items() if len(modules) > 1]

@@ -1,0 +1,69 @@
+"""scoring.canaries=auto and scoring.by_class=auto (the defaults): made concrete by the network's build and where J
+comes from (models/check.py, scoring_defaults), never by the pool's labels. A stacked network (two or more blocks of
+several layers) gets 40 canaries and the class replays; a network of single layers keeps the plain cosine."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pmp_lightning.data.images import datamodule_from_config
+from pmp_lightning.models.check import AUTO_CANARIES, scoring_defaults
+from pmp_lightning.models.classifiers import ResNet, ViT, logistic_regression, mlp, reported_cnn
+from pmp_lightning.statistics.plan import stacked_blocks
+from tests.test_language_model import make_cfg as lm_cfg
+from tests.test_pipeline import make_cfg
+
+NOWHERE = Path("/nonexistent")
+
+
+def test_stacked_blocks_are_the_blocks_of_several_layers():
+    assert stacked_blocks(ResNet(num_classes=10, in_channels=1, width=4)) == ["stem", "layers.0", "layers.1", "layers.2"]
+    assert stacked_blocks(ViT(num_classes=10, image_size=28, in_channels=1, dim=8, depth=3, heads=2, mlp_dim=8)) == [
+        "blocks.0", "blocks.1", "blocks.2"]  # the class token and position embedding (the root) are one module's
+    for single in (reported_cnn(num_classes=10), mlp(num_classes=10, in_features=784), logistic_regression(10, 784)):
+        assert stacked_blocks(single) == []
+    # a network of your own written as conv–BatchNorm blocks is stacked too
+    vgg = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+                        nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), nn.Flatten(), nn.LazyLinear(10))
+    vgg(torch.zeros(1, 1, 28, 28))
+    assert stacked_blocks(vgg) == ["0", "1"]
+
+
+@pytest.mark.parametrize("model, canaries, by_class", [("mlp", 0, False), ("cnn", 0, False), ("logreg", 0, False),
+                                                       ("resnet", AUTO_CANARIES, True), ("vit", AUTO_CANARIES, True)])
+def test_auto_turns_canaries_and_class_replays_on_for_stacked_networks_only(model, canaries, by_class):
+    cfg = scoring_defaults(make_cfg(NOWHERE, f"model={model}"))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (canaries, by_class)
+
+
+def test_auto_leaves_what_was_set_and_never_cuts_a_trusted_set_or_labels_a_corpus():
+    cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "scoring.canaries=0"))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)  # no canaries: the class variants would idle
+    cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "scoring.by_class=false"))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (AUTO_CANARIES, False)
+    cfg = scoring_defaults(make_cfg(NOWHERE, "model=mlp", "scoring.canaries=10", "scoring.by_class=true"))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (10, True)
+    trusted = make_cfg(NOWHERE, "model=resnet", "downstream=file", "data.downstream.source.path=x.npz")
+    assert (scoring_defaults(trusted).scoring.canaries, scoring_defaults(trusted).scoring.by_class) == (0, False)
+    corpus = scoring_defaults(lm_cfg(NOWHERE))
+    assert (corpus.scoring.canaries, corpus.scoring.by_class) == (0, False)
+
+
+def test_the_data_is_never_built_from_an_unresolved_auto():
+    """The guard: datamodule_from_config refuses auto, so no caller (the run, the sweep report, diagnose) can build a
+    pool without the canaries the run drew."""
+    with pytest.raises(TypeError, match="scoring_defaults"):
+        datamodule_from_config(make_cfg(NOWHERE, "model=resnet"))
+    assert datamodule_from_config(scoring_defaults(make_cfg(NOWHERE, "model=resnet"))).canaries == AUTO_CANARIES
+
+
+def test_auto_draws_no_canaries_from_data_that_cannot_spare_them(caplog):
+    """5,000 images less J's 100, the test set's 300 and a pool of 4,580 leave 20: not the 80 that 40 canaries and
+    their controls need. auto then draws none (and says why), where an explicit scoring.canaries=40 is refused."""
+    tight = ("model=resnet", "data.pool_size=4580")
+    with caplog.at_level("INFO"):
+        cfg = scoring_defaults(make_cfg(NOWHERE, *tight))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
+    assert "cannot spare the 80 examples of scoring.canaries=40" in caplog.text
+    assert scoring_defaults(make_cfg(NOWHERE, *tight, "data.pool_size=4500")).scoring.canaries == AUTO_CANARIES
