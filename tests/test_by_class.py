@@ -14,7 +14,7 @@ from pmp_lightning.data.images import datamodule_from_config
 from pmp_lightning.errors import DataConfigError, SettingError
 from pmp_lightning.pipeline import run
 from pmp_lightning.replay.costate import objective as make_objective
-from pmp_lightning.scores.registry import SCORES, class_scores
+from pmp_lightning.scores.registry import CLASS_VARIANTS, SCORES, class_scores
 from pmp_lightning.training import shaped
 from tests.test_downstream import TENSORS, _digits_file
 from tests.test_language_model import make_cfg as lm_cfg
@@ -27,12 +27,15 @@ def test_class_scores_take_each_example_from_its_own_class_replay():
             self.values = np.asarray(values, dtype=float)
 
     saved = dict(SCORES)
-    SCORES["cosine"] = SCORES["late_cosine"] = lambda s: s.values
+    for within in CLASS_VARIANTS.values():
+        SCORES[within] = lambda s: s.values
     try:
         scores = class_scores({0: Stats([1.0, 2.0]), 1: Stats([3.0])}, np.array([0, 1, 0]))
     finally:
         SCORES.clear(), SCORES.update(saved)
-    assert scores["class_cosine"].tolist() == [1.0, 3.0, 2.0] == scores["class_late_cosine"].tolist()
+    assert set(scores) == set(CLASS_VARIANTS)
+    for name in CLASS_VARIANTS:
+        assert scores[name].tolist() == [1.0, 3.0, 2.0], name
 
 
 def test_by_class_is_refused_for_a_corpus_and_must_be_a_boolean():

@@ -160,9 +160,9 @@ AUTO_FAMILY = ("cosine", "block_cosine", "late_cosine", "late_fisher")
 # ``scoring.by_class``: each example scored against the costate of its own observed label's class, λ^{(y_n)}, the
 # costate of J restricted to the downstream examples labelled y_n (one replay per class, ``pipeline.replay_stage``),
 # after the class-based influence functions of Nguyen-Duc et al. (ACL 2023), who found influence between examples of
-# different classes unreliable in deep networks. Each is a variant above, taken within the class's replay; the
-# canaries choose among them too.
-CLASS_VARIANTS = {"class_cosine": "cosine", "class_late_cosine": "late_cosine"}
+# different classes unreliable in deep networks. Each is a variant above, taken within the class's replay (in
+# ``class_late_fisher`` the Fisher scale is the class's scored examples'); the canaries choose among them too.
+CLASS_VARIANTS = {"class_cosine": "cosine", "class_late_cosine": "late_cosine", "class_late_fisher": "late_fisher"}
 
 
 def class_scores(by_class: dict[int, ReplayStats], labels: np.ndarray) -> dict[str, np.ndarray]:
