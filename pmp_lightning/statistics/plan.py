@@ -327,6 +327,8 @@ def stacked_blocks(net: nn.Module) -> list[str]:
     residual blocks, a ViT's encoder blocks; none in a network of single layers (the reported CNN, an MLP). Two or
     more make the network *stacked*, for which ``scoring.canaries=auto`` holds out canaries (models/check.py)."""
     owners: dict[str, set[str]] = {}
-    for name in trainable(net):
-        owners.setdefault(block_of(name, net), set()).add(name.rpartition(".")[0])
+    for name, module in net.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]  # the parameters training moves
+        if own:
+            owners.setdefault(block_of(f"{name}.{own[0]}" if name else own[0], net), set()).add(name)
     return [block for block, modules in owners.items() if len(modules) > 1]
