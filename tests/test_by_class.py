@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from pmp_lightning.config import check_settings
 from pmp_lightning.data.images import datamodule_from_config
 from pmp_lightning.errors import DataConfigError, SettingError
+from pmp_lightning.models.check import scoring_defaults
 from pmp_lightning.pipeline import run
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.scores.registry import CLASS_VARIANTS, SCORES, class_scores
@@ -66,9 +67,9 @@ def test_each_example_is_scored_against_its_own_class_costate(tmp_path):
     other labels get another costate."""
     cfg = make_cfg(tmp_path, "scoring.by_class=true", "scoring.scores=[cosine,loss]", "trainer.max_epochs=3")
     metrics = run(cfg)
-    assert {"class_cosine", "class_late_cosine"} <= set(metrics["detection"]) and metrics["cost_s"]["class_replay"] > 0
+    assert set(CLASS_VARIANTS) <= set(metrics["detection"]) and metrics["cost_s"]["class_replay"] > 0
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
-    dm = datamodule_from_config(cfg)
+    dm = datamodule_from_config(scoring_defaults(cfg))
     dm.setup()
     observed = dm.scored.y.numpy()
     assert [int(r["observed_label"]) for r in rows] == observed.tolist()
