@@ -9,10 +9,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from pmp_lightning.config import CORPUS_DATAMODULE
 from pmp_lightning.data.images import language_model

@@ -103,6 +103,18 @@ def block_matrix(plan: "StatsPlan", net: nn.Module, groups: list[str] | None = N
     return [label[b] for b in kept], matrix
 
 
+def stacked_blocks(net: nn.Module) -> list[str]:
+    """The network's blocks (``block_of``) that each hold the parameters of several modules: a ResNet's stem and
+    residual blocks, a ViT's encoder blocks; none in a network of single layers (the reported CNN, an MLP). Two or
+    more make the network *stacked*, for which ``scoring.canaries=auto`` holds out canaries (models/check.py)."""
+    owners: dict[str, set[str]] = {}
+    for name, module in net.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]  # the parameters training moves
+        if own:
+            owners.setdefault(block_of(f"{name}.{own[0]}" if name else own[0], net), set()).add(name)
+    return [block for block, modules in owners.items() if len(modules) > 1]
+
+
 def plan_for(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StatsPlan:
     """The proven plan for ``net`` (made once per network object, from the examples ``x``, ``y``)."""
     if net not in _PLANS:
@@ -318,17 +330,3 @@ def _merge(parts: list[Part]) -> list[Part]:
         else:
             merged[twin] = replace(merged[twin], params=merged[twin].params + p.params)
     return merged
-
-
-
-
-def stacked_blocks(net: nn.Module) -> list[str]:
-    """The network's blocks (``block_of``) that each hold the parameters of several modules: a ResNet's stem and
-    residual blocks, a ViT's encoder blocks; none in a network of single layers (the reported CNN, an MLP). Two or
-    more make the network *stacked*, for which ``scoring.canaries=auto`` holds out canaries (models/check.py)."""
-    owners: dict[str, set[str]] = {}
-    for name, module in net.named_modules():
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]  # the parameters training moves
-        if own:
-            owners.setdefault(block_of(f"{name}.{own[0]}" if name else own[0], net), set()).add(name)
-    return [block for block, modules in owners.items() if len(modules) > 1]
