@@ -268,7 +268,11 @@ def test_a_text_model_on_token_ids_from_config(tmp_path):
 @pytest.mark.slow
 def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
     """A user's own nn.Module of the kinds people train (bare parameters, nn.MultiheadAttention, LayerNorm) runs end to
-    end through a _target_, its statistics proven before training."""
+    end through a _target_, its statistics proven before training. It is stacked (blocks of several layers), so the
+    default draws 40 canaries and their controls (80 examples) from what would have been the pool, and adds the class
+    replays' variants and the canaries' choice."""
+    from pmp_lightning.scores.registry import CLASS_VARIANTS
+
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -276,7 +280,8 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
     metrics = run(_byo_cfg(tmp_path, "+experiment=byo_digits", "model=tiny_transformer",
                            f"data.source.path={tmp_path / 'digits.npz'}", "data.test_size=100", "data.downstream_size=60",
                            "scoring.scores=[cosine,loss]"))
-    assert len(_rows(tmp_path / "scores.csv")) == 340 and set(metrics["detection"]) == {"cosine", "loss"}
+    assert len(_rows(tmp_path / "scores.csv")) == 340 - 80
+    assert set(metrics["detection"]) == {"cosine", "loss", "auto", *CLASS_VARIANTS}
     assert "net.attn.in_proj_weight" in json.loads((tmp_path / "snapshots" / "manifest.json").read_text())["param_shapes"]
 
 

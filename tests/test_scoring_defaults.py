@@ -67,3 +67,25 @@ def test_auto_draws_no_canaries_from_data_that_cannot_spare_them(caplog):
     assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
     assert "cannot spare the 80 examples of scoring.canaries=40" in caplog.text
     assert scoring_defaults(make_cfg(NOWHERE, *tight, "data.pool_size=4500")).scoring.canaries == AUTO_CANARIES
+
+
+def test_auto_is_off_where_the_run_computes_none_of_the_variants_the_canaries_choose_among(caplog):
+    """scoring.scores of your own without the block family (e.g. [raw, loss]): the canaries would have nothing to
+    choose, so auto draws none and leaves the pool whole."""
+    with caplog.at_level("INFO"):
+        cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "scoring.scores=[raw,loss]"))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
+    assert "holds none of the variants the canaries choose among" in caplog.text
+    assert scoring_defaults(make_cfg(NOWHERE, "model=resnet", "scoring.scores=[late_cosine]")).scoring.canaries == AUTO_CANARIES
+
+
+def test_auto_leaves_data_it_cannot_set_up_to_the_settings_check():
+    """A data setting that is wrong (a corpus's wide slice asked of images) is not auto's to report: it counts the
+    network as unstacked, and the settings check names the problem, as the run does, before any work."""
+    from pmp_lightning.config import check_settings
+    from pmp_lightning.errors import SettingError
+
+    cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "+data.wide_size=120"))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
+    with pytest.raises(SettingError, match="data.wide_size is the data scorer's wide slice of a corpus"):
+        check_settings(cfg)

@@ -13,10 +13,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from pmp_lightning.config import CORPUS_DATAMODULE
+from pmp_lightning.config import CORPUS_DATAMODULE, score_names
 from pmp_lightning.data.images import language_model
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, UnsupportedModelError
 from pmp_lightning.replay.costate import hessian_vector_product
+from pmp_lightning.scores.registry import AUTO_FAMILY
 from pmp_lightning.statistics.per_example import per_example_stats
 from pmp_lightning.statistics.plan import make_plan, stacked_blocks
 from pmp_lightning.training import shaped, trainable
@@ -64,17 +65,22 @@ def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
     count as unstacked, and the run names their problem before any training (``check_model``, the data stage)."""
     if cfg.data.get("_target_") == CORPUS_DATAMODULE:
         return [], "a corpus has no labels"
+    if not any(n in AUTO_FAMILY for n in score_names(cfg.scoring)):
+        return [], (f"scoring.scores holds none of the variants the canaries choose among "
+                    f"({', '.join(AUTO_FAMILY)})")
     if cfg.data.get("downstream") is not None:
         return [], ("J is a trusted set of your own, which canaries would cut into; set scoring.canaries=40 and "
                     "scoring.by_class=true to take 80 of its examples for them")
     spare = ""
     for k in dict.fromkeys((canaries, 0)):
-        datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=k)
         try:
+            datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=k)
             datamodule.setup()
             break
         except DataConfigError:
             spare = f"; the data cannot spare the {2 * canaries} examples of scoring.canaries={canaries} beside J"
+        except Exception:  # noqa: BLE001 — the settings check and the data stage name what is wrong, before training
+            return [], "the data cannot be set up"
     else:
         return [], "the data cannot be set up"
     try:
