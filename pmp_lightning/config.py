@@ -36,7 +36,8 @@ class ScoringConfig:
     # downstream examples given a wrong label and held out of J (and as many controls), for rank_by=auto; auto: 40 on
     # a stacked network (models/check.py, scoring_defaults), else 0
     canaries: Any = "auto"
-    # also score each example against its own label's class's costate (one replay per class); auto: with canaries
+    # also score each example against its own label's class's costate (one replay per class); auto: on a stacked
+    # network with canaries
     by_class: Any = "auto"
 
 
@@ -137,14 +138,16 @@ def check_settings(cfg) -> tuple[list[str], str]:
         raise ReplayConfigError(f"replay.growth_warning={growth!r}: it must be a number > 1 (a growth factor of ‖λ‖), e.g. 10")
     if cfg.baselines.cleanlab:
         check_folds(cfg.baselines.folds)
+    # scoring.canaries and scoring.by_class may still be auto here: the run checks every setting before
+    # models.check.scoring_defaults sets the data up to resolve them, and again after
     by_class = cfg.scoring.get("by_class", False)
     corpus = cfg.data.get("_target_") == CORPUS_DATAMODULE  # its language-model baselines come with every run
-    if not isinstance(by_class, bool) or (by_class and corpus):
+    if not (isinstance(by_class, bool) or by_class == "auto") or (by_class is True and corpus):
         raise SettingError(f"scoring.by_class={by_class!r}: true scores each example against the costate of its own "
-                           f"label's class, false (the default) does not" + ("; a corpus has no labels: leave it false"
-                                                                              if by_class is True else ""))
+                           f"label's class, false does not, auto (the default) does on a stacked network with canaries"
+                           + ("; a corpus has no labels: leave it auto or false" if by_class is True else ""))
     names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else []),
-             *(CLASS_VARIANTS if by_class else [])]
+             *(CLASS_VARIANTS if by_class is True else [])]
     _check_selection(cfg.select, cfg.data.get("pool_mode"), [*names, *(CORPUS_BASELINES if corpus else ())])
     if cfg.data.get("wide_size") and not corpus:
         raise SettingError("data.wide_size is the data scorer's wide slice of a corpus (data=code, +experiment=code_lm); "
@@ -153,10 +156,10 @@ def check_settings(cfg) -> tuple[list[str], str]:
         raise SettingError(f"data.wide_size: the data scorer learns the PMP score {SCORER_TARGET}, which this run does not "
                            f"compute; add it to scoring.scores (e.g. scoring=all)")
     canaries = cfg.scoring.get("canaries", 0)
-    if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 0:
+    if canaries != "auto" and (isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 0):
         raise SettingError(f"scoring.canaries={canaries!r}: give how many downstream examples to hold out as canaries "
-                           f"(an integer ≥ 0, e.g. 40; 0: none)")
-    if canaries and not any(n in (*AUTO_FAMILY, *CLASS_VARIANTS) for n in names):
+                           f"(an integer ≥ 0, e.g. 40; 0: none), or auto (the default: 40 on a stacked network)")
+    if canaries not in ("auto", 0) and not any(n in (*AUTO_FAMILY, *CLASS_VARIANTS) for n in names):
         raise SettingError(f"scoring.canaries chooses among the PMP variants {', '.join(AUTO_FAMILY)}, and this run "
                            f"computes none; add some to scoring.scores (e.g. scoring=all)")
     return names, _rank_by(cfg.scoring.get("rank_by"), names, canaries)

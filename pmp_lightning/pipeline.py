@@ -69,6 +69,7 @@ for message in (".*does not have many workers.*", ".*returned `None`, this fit w
 def run(cfg: DictConfig) -> dict:
     """Run one experiment; returns the contents of ``metrics.json`` (an empty dict on ranks other than zero)."""
     _check_strategy(cfg)
+    check_settings(cfg)  # every setting, before scoring_defaults sets the data up (noise=confusion trains its reference)
     cfg = scoring_defaults(cfg)  # scoring.canaries and scoring.by_class=auto, by the network's build
     names, rank_by = check_settings(cfg)
     stages = Stages(Path(cfg.paths.output_dir), Path(cfg.paths.cache_dir), rank_zero_only.rank == 0)
@@ -116,6 +117,7 @@ def run(cfg: DictConfig) -> dict:
         stats = stats.first(len(datamodule.pool))
         detection = detect_stage(stages, scores, stats, datamodule)
         extras = {"cleanlab": cleanlab, "canaries": canaries,
+                  "scoring": {"canaries": cfg.scoring.canaries, "by_class": cfg.scoring.by_class},  # as resolved
                   "selection": selection_stage(stages, fractions, list(cfg.select.scores), training, datamodule, scores,
                                                trained["test_accuracy"]),
                   "scorer": scorer_stage(stages, fractions, final, training, datamodule, scores)}

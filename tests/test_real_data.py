@@ -282,6 +282,7 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
                            "scoring.scores=[cosine,loss]"))
     assert len(_rows(tmp_path / "scores.csv")) == 340 - 80
     assert set(metrics["detection"]) == {"cosine", "loss", "auto", *CLASS_VARIANTS}
+    assert metrics["scoring"] == {"canaries": 40, "by_class": True}  # as resolved: what the reports rebuild from
     assert "net.attn.in_proj_weight" in json.loads((tmp_path / "snapshots" / "manifest.json").read_text())["param_shapes"]
 
 

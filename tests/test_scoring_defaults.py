@@ -1,6 +1,8 @@
 """scoring.canaries=auto and scoring.by_class=auto (the defaults): made concrete by the network's build and where J
 comes from (models/check.py, scoring_defaults), never by the pool's labels. A stacked network (two or more blocks of
 several layers) gets 40 canaries and the class replays; a network of single layers keeps the plain cosine."""
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 from torch import nn
 
 from pmp_lightning.data.images import datamodule_from_config
+from pmp_lightning.models import check
 from pmp_lightning.models.check import AUTO_CANARIES, scoring_defaults
 from pmp_lightning.models.classifiers import ResNet, ViT, logistic_regression, mlp, reported_cnn
 from pmp_lightning.statistics.plan import stacked_blocks
@@ -37,17 +40,62 @@ def test_auto_turns_canaries_and_class_replays_on_for_stacked_networks_only(mode
     assert (cfg.scoring.canaries, cfg.scoring.by_class) == (canaries, by_class)
 
 
-def test_auto_leaves_what_was_set_and_never_cuts_a_trusted_set_or_labels_a_corpus():
-    cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "scoring.canaries=0"))
-    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)  # no canaries: the class variants would idle
+def test_auto_leaves_what_was_set(monkeypatch):
     cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "scoring.by_class=false"))
     assert (cfg.scoring.canaries, cfg.scoring.by_class) == (AUTO_CANARIES, False)
     cfg = scoring_defaults(make_cfg(NOWHERE, "model=mlp", "scoring.canaries=10", "scoring.by_class=true"))
     assert (cfg.scoring.canaries, cfg.scoring.by_class) == (10, True)
-    trusted = make_cfg(NOWHERE, "model=resnet", "downstream=file", "data.downstream.source.path=x.npz")
-    assert (scoring_defaults(trusted).scoring.canaries, scoring_defaults(trusted).scoring.by_class) == (0, False)
-    corpus = scoring_defaults(lm_cfg(NOWHERE))
+    # no canaries: the class variants would idle, and the network is not even looked at
+    monkeypatch.setattr(check, "_stacked", lambda *a: pytest.fail("scoring.canaries=0 needs no look at the network"))
+    cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "scoring.canaries=0"))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (("downstream=file", "data.downstream.source.path=x.npz"), "J is a trusted set of your own"),
+    (("pool=test", "data.downstream_includes_pool=true"), "J holds the pool itself"),
+])
+def test_auto_never_cuts_into_a_j_of_your_own(overrides, why, caplog):
+    """Each case is told apart by its reason in the log: without its branch, the data setup would decide (and either
+    draw canaries or fail for another reason)."""
+    with caplog.at_level("INFO"):
+        cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", *overrides))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
+    assert why in caplog.text
+
+
+def test_auto_labels_no_corpus(caplog):
+    with caplog.at_level("INFO"):
+        corpus = scoring_defaults(lm_cfg(NOWHERE))
     assert (corpus.scoring.canaries, corpus.scoring.by_class) == (0, False)
+    assert "a corpus has no labels" in caplog.text
+
+
+@pytest.mark.parametrize("bad, message", [("scoring.by_class=maybe", "scoring.by_class='maybe'"),
+                                          ("scoring.canaries=abc", "scoring.canaries='abc'"),
+                                          ("seed=-1", "seed=-1")])
+def test_a_bad_setting_is_refused_before_auto_sets_the_data_up(bad, message, tmp_path, monkeypatch):
+    """auto sets the data up (with noise=confusion: trains its reference model); every setting is checked first."""
+    from pmp_lightning.errors import SettingError
+    from pmp_lightning.pipeline import run
+
+    monkeypatch.setattr(check, "_stacked", lambda *a: pytest.fail("the data was set up before the settings were checked"))
+    with pytest.raises(SettingError, match=re.escape(message)):
+        run(make_cfg(tmp_path, "model=resnet", bad))
+
+
+def test_reports_rebuild_a_run_with_what_the_run_resolved(tmp_path):
+    """compare and diagnose read scoring.canaries and by_class from the run's metrics.json, not from today's rule:
+    here the rule would give this MLP none, the run recorded 40 (as if resolved by an earlier rule)."""
+    from omegaconf import OmegaConf
+
+    from pmp_lightning.report.compare import run_config
+
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(make_cfg(NOWHERE, "model=mlp"), tmp_path / ".hydra" / "config.yaml")
+    assert (run_config(tmp_path).scoring.canaries, run_config(tmp_path).scoring.by_class) == (0, False)  # no record
+    (tmp_path / "metrics.json").write_text(json.dumps({"scoring": {"canaries": 40, "by_class": True}}))
+    assert (run_config(tmp_path).scoring.canaries, run_config(tmp_path).scoring.by_class) == (40, True)
 
 
 def test_the_data_is_never_built_from_an_unresolved_auto():

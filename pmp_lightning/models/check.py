@@ -38,14 +38,18 @@ def scoring_defaults(cfg: DictConfig) -> DictConfig:
     or more blocks of several layers, ``statistics.plan.stacked_blocks``: a ResNet's residual blocks, a ViT's encoder
     blocks) gets ``AUTO_CANARIES`` canaries, drawn beside J from the data, and the class replays, so the canaries choose
     among the block family and the class variants (the score ``auto``); a network of single layers (the reported CNN,
-    an MLP) keeps the whole-gradient cosine, with neither. Data that cannot spare the canaries' examples, a trusted
-    downstream set of your own (never cut into) and a corpus (no labels) get neither. The one place that resolves them:
-    the run, and the reports that rebuild its data (``compare``, ``diagnose``), call it before
-    ``datamodule_from_config``."""
+    an MLP) keeps the whole-gradient cosine, with neither. Data that cannot spare the canaries' examples, a J that
+    canaries would cut into (a trusted set of your own, a J holding the pool), a corpus (no labels) and scores that
+    hold none of the variants the canaries choose among get neither. The one place that resolves them: the run calls
+    it after checking every setting and before any training, and records what it resolved in metrics.json, which
+    the reports that rebuild its data read (``report.outputs.run_config``)."""
     canaries, by_class = cfg.scoring.get("canaries", 0), cfg.scoring.get("by_class", False)
     if "auto" not in (canaries, by_class):
         return cfg
-    stacked, why = _stacked(cfg, AUTO_CANARIES if canaries == "auto" else canaries)
+    if canaries == 0:  # nothing would choose a class variant: no need to look at the network
+        stacked, why = [], "scoring.canaries=0"
+    else:
+        stacked, why = _stacked(cfg, AUTO_CANARIES if canaries == "auto" else canaries)
     if canaries == "auto":
         canaries = AUTO_CANARIES if stacked else 0
     if by_class == "auto":
@@ -71,6 +75,8 @@ def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
     if cfg.data.get("downstream") is not None:
         return [], ("J is a trusted set of your own, which canaries would cut into; set scoring.canaries=40 and "
                     "scoring.by_class=true to take 80 of its examples for them")
+    if cfg.data.get("downstream_includes_pool"):
+        return [], "J holds the pool itself (data.downstream_includes_pool), and canaries would be cut from it"
     spare = ""
     for k in dict.fromkeys((canaries, 0)):
         try:

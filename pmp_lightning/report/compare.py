@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf, open_dict  # noqa: E402
 from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 from pmp_lightning.io import atomic_write, save_text  # noqa: E402
@@ -404,17 +404,33 @@ def suspect_grid(images, titles: list[str], red, title: str, path: Path) -> None
     _save(fig, path)
 
 
+def run_config(run_dir: Path):
+    """A finished run's config as it ran: ``scoring.canaries`` and ``scoring.by_class`` as the run resolved them
+    (metrics.json's ``scoring``), so a report rebuilds the very pool the run scored even where the rule that resolves
+    ``auto`` (``models.check.scoring_defaults``) would decide otherwise today; a run without that record is resolved
+    by today's rule."""
+    from pmp_lightning.models.check import scoring_defaults  # torch: only where a run's data is rebuilt
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    metrics = run_dir / "metrics.json"
+    resolved = json.loads(metrics.read_text()).get("scoring") if metrics.exists() else None
+    if resolved is None:
+        return scoring_defaults(cfg)
+    with open_dict(cfg):
+        cfg.scoring.canaries, cfg.scoring.by_class = resolved["canaries"], resolved["by_class"]
+    return cfg
+
+
 def plot_suspects(merged, out: Path) -> None:
     """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
     from pmp_lightning.data.images import datamodule_from_config
-    from pmp_lightning.models.check import scoring_defaults
 
     setting, (scores, mask, index, job) = next(iter(merged.items()))
     with (job.path / "scores.csv").open() as f:
         header = f.readline().split(",")
     if "document" in header:
         return  # a corpus: no pictures; each run's suspects.csv shows the documents' first lines
-    cfg = scoring_defaults(OmegaConf.load(job.path / ".hydra" / "config.yaml"))
+    cfg = run_config(job.path)
     datamodule = datamodule_from_config(cfg)
     datamodule.setup()
     if not np.array_equal(index, datamodule.pool_index):

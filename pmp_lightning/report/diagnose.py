@@ -22,13 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pmp_lightning.report.compare import _save
+from pmp_lightning.report.compare import _save, run_config
 from pmp_lightning.config import register_configs
 from pmp_lightning.data.images import datamodule_from_config
-from pmp_lightning.models.check import scoring_defaults
 from pmp_lightning.replay.store import ReplayStats
 from pmp_lightning.replay.costate import describe, downstream_gradient, objective
 from pmp_lightning.statistics.per_example import per_example_stats
@@ -43,7 +41,7 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     """Per objective variant (plain, centred): the mean pull's norm, the per-layer rows and the whole-vector metrics."""
     run_dir = Path(run_dir)
     register_configs()
-    cfg = scoring_defaults(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    cfg = run_config(run_dir)
     datamodule = datamodule_from_config(cfg)
     datamodule.setup()
     mask = datamodule.is_mislabeled
