@@ -97,16 +97,28 @@ class EncoderBlock(nn.Module):
 
 
 class ViT(nn.Module):
-    """A small vision transformer (Dosovitskiy et al. 2021), written as timm writes it: a patch convolution, a class
-    token and position embeddings held as bare ``nn.Parameter``s, pre-norm encoder blocks, and a linear head on the
-    class token."""
+    """A small vision transformer (Dosovitskiy et al. 2021), written as timm writes it: a class token and position
+    embeddings held as bare ``nn.Parameter``s, pre-norm encoder blocks and a linear head. ``stem='patch'``: a patch
+    convolution (``patch`` × ``patch`` patches); ``stem='conv'``: three stride-2 3 × 3 convolutions (16, 32, ``dim``
+    channels, ReLU between), the convolutional stem of Xiao et al. (2021, "Early convolutions help transformers see
+    better"), which trains better on small data. ``pool='cls'`` reads the class token, ``pool='mean'`` the mean of the
+    image tokens."""
 
     def __init__(self, num_classes: int = 10, image_size: int = 28, patch: int = 7, in_channels: int = 1, dim: int = 64,
-                 depth: int = 4, heads: int = 4, mlp_dim: int = 128):
+                 depth: int = 4, heads: int = 4, mlp_dim: int = 128, stem: str = "patch", pool: str = "cls"):
         super().__init__()
-        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        if stem not in ("patch", "conv") or pool not in ("cls", "mean"):
+            raise ValueError(f"ViT(stem={stem!r}, pool={pool!r}): stem is 'patch' or 'conv', pool is 'cls' or 'mean'")
+        if stem == "conv":
+            self.patch_embed = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1),
+                                             nn.ReLU(), nn.Conv2d(32, dim, 3, 2, 1))
+            side = -(-image_size // 8)  # each stride-2 convolution halves the side, rounding up
+        else:
+            self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+            side = image_size // patch
+        self.pool = pool
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, (image_size // patch) ** 2 + 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, side ** 2 + 1, dim))
         self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, mlp_dim) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -114,7 +126,8 @@ class ViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
-        return self.head(self.norm(self.blocks(x))[:, 0])
+        h = self.norm(self.blocks(x))
+        return self.head(h[:, 0] if self.pool == "cls" else h[:, 1:].mean(1))
 
 
 class TextClassifier(nn.Module):
