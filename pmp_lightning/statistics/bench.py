@@ -52,13 +52,13 @@ from pmp_lightning.training import shaped, training_loss
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
 # the shipped models (conf/model/*.yaml, as configured there), and the benchmark's own sizes: a shipped config with
-# settings changed (the ResNet and ViT at a million parameters, 1.09M and 1.02M; the language model at GPT-2 small's
-# shape, untied: 163M parameters, 124M if its head shared the token table) or its attention swapped for a hand-written
-# module
+# settings changed (the ResNet and ViT at a million parameters, 1.09M and 1.02M, the ViT with 7×7 patches, the stem
+# shipped until 2026-12-03; the language model at GPT-2 small's shape, untied: 163M parameters, 124M if its head shared
+# the token table) or its attention swapped for a hand-written module (in the patch ViT)
 SHIPPED = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
 RESIZED = {"resnet_1m": ("resnet", {"width": 40, "blocks": [2, 2, 2]}),
-           "vit_1m": ("vit", {"dim": 144, "depth": 6, "mlp_dim": 288}),
-           "vit_fallback": ("vit", {}),
+           "vit_1m": ("vit", {"dim": 144, "depth": 6, "mlp_dim": 288, "stem": "patch", "pool": "cls"}),
+           "vit_fallback": ("vit", {"stem": "patch", "pool": "cls"}),
            "gpt2_shape": ("gpt", {"vocab_size": 50257, "max_len": 1024, "dim": 768, "depth": 12, "heads": 12})}
 MODELS = [*SHIPPED, *RESIZED]
 # the language models' documents: random token ids, this many tokens (the default's data.length; 256 for GPT-2's shape)
