@@ -16,6 +16,7 @@ from tests.conftest import fit_replay
 @pytest.mark.parametrize(("net", "blocks"), [
     (ResNet(width=4), ["stem", "layers.0", "layers.1", "layers.2", "fc"]),
     (ViT(dim=8, depth=2, heads=2, mlp_dim=8), ["(root)", "patch_embed", "blocks.0", "blocks.1", "norm", "head"]),
+    (ViT(dim=8, depth=2, heads=2, mlp_dim=8, stem="conv"), ["(root)", "patch_embed", "blocks.0", "blocks.1", "norm", "head"]),
     (reported_cnn(), ["0", "2", "7", "10"]),
 ])
 def test_the_blocks_of_the_shipped_networks(net, blocks):

@@ -64,6 +64,12 @@ def test_a_model_takes_what_the_config_leaves_null_from_the_data():
     assert net[1].in_features == 3 * 32 * 32 and net[-1].out_features == 7
     vit = shaped(functools.partial(ViT, num_classes=None, image_size=None, in_channels=None), x, 10)()
     assert vit.patch_embed.in_channels == 3 and vit.pos_embed.shape[1] == (32 // 7) ** 2 + 1
+    stem = shaped(functools.partial(ViT, num_classes=None, image_size=None, in_channels=None, stem="conv", pool="mean"),
+                  x, 10)()
+    assert stem.patch_embed[0].in_channels == 3 and stem.pos_embed.shape[1] == 4 ** 2 + 1  # 32 → 16 → 8 → 4
+    assert stem(x).shape == (4, 10)
+    with pytest.raises(ValueError, match="stem is 'patch' or 'conv'"):
+        ViT(stem="convolution")
     kept = shaped(functools.partial(mlp, num_classes=10, in_features=None), x, 7)()
     assert kept[-1].out_features == 10  # written in the config: kept (a wrong value is named before training)
     from pmp_lightning.models.classifiers import small_cnn

@@ -24,6 +24,8 @@ def test_stacked_blocks_are_the_blocks_of_several_layers():
     assert stacked_blocks(ResNet(num_classes=10, in_channels=1, width=4)) == ["stem", "layers.0", "layers.1", "layers.2"]
     assert stacked_blocks(ViT(num_classes=10, image_size=28, in_channels=1, dim=8, depth=3, heads=2, mlp_dim=8)) == [
         "blocks.0", "blocks.1", "blocks.2"]  # the class token and position embedding (the root) are one module's
+    assert stacked_blocks(ViT(num_classes=10, dim=8, depth=2, heads=2, mlp_dim=8, stem="conv")) == [
+        "patch_embed", "blocks.0", "blocks.1"]  # the shipped ViT's convolutional stem is a block of three
     for single in (reported_cnn(num_classes=10), mlp(num_classes=10, in_features=784), logistic_regression(10, 784)):
         assert stacked_blocks(single) == []
     # a network of your own written as conv–BatchNorm blocks is stacked too

@@ -318,9 +318,9 @@ def odd_conv_net():
     )
 
 
-@pytest.mark.parametrize("make", [reported_cnn, small_cnn, mlp, odd_conv_net, ResNet, ViT, TextClassifier,
-                                  lambda: TextClassifier(depth=2)],
-                         ids=["cnn", "small_cnn", "mlp", "odd_conv", "resnet", "vit", "text", "text_encoder"])
+@pytest.mark.parametrize("make", [reported_cnn, small_cnn, mlp, odd_conv_net, ResNet, ViT,
+                                  lambda: ViT(stem="conv", pool="mean"), TextClassifier, lambda: TextClassifier(depth=2)],
+                         ids=["cnn", "small_cnn", "mlp", "odd_conv", "resnet", "vit", "vit_stem", "text", "text_encoder"])
 def test_whole_models_match_vmap_grad(make):
     torch.manual_seed(0)
     net = make()
