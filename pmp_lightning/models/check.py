@@ -42,7 +42,7 @@ def scoring_defaults(cfg: DictConfig) -> DictConfig:
     canaries would cut into (a trusted set of your own, a J holding the pool), a corpus (no labels) and scores that
     hold none of the variants the canaries choose among get neither. The one place that resolves them: the run calls
     it after checking every setting and before any training, and records what it resolved in metrics.json, which
-    the reports that rebuild its data read (``report.outputs.run_config``)."""
+    the reports that rebuild its data read (``report.compare.run_config``)."""
     canaries, by_class = cfg.scoring.get("canaries", 0), cfg.scoring.get("by_class", False)
     if "auto" not in (canaries, by_class):
         return cfg
