@@ -41,14 +41,15 @@ from pmp_lightning.cache import Stages, StageCache, code_digest, train_key_confi
 from pmp_lightning.config import check_folds, check_settings
 from pmp_lightning.data.images import IndexedDataset, datamodule_from_config, language_model
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError
-from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, canary_choice, contribution_auroc,
+from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, auto_choice, contribution_auroc,
                                            detection_metrics, small_sample_caveat)
 from pmp_lightning.io import save_npz
 from pmp_lightning.report.outputs import assemble_metrics, write_outputs
 from pmp_lightning.replay.store import ReplayStats, replay_key_config
 from pmp_lightning.replay.costate import describe
 from pmp_lightning.replay.costate import objective as make_objective
-from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS, SCORER_TARGET, class_scores, compute_scores
+from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, SCORER_TARGET, class_scores, compute_scores,
+                                           hedge)
 from pmp_lightning.scores.scorer import data_scorer, document_features
 from pmp_lightning.scores.select import selection, selection_stage
 from pmp_lightning.scores.text import corpus_baselines_stage
@@ -270,11 +271,13 @@ def score_stage(stats: ReplayStats, names: list[str], datamodule,
     n = len(datamodule.pool)
     # the family in its order, the cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
     candidates = {name: scores[name][n:] for name in (*AUTO_FAMILY, *CLASS_VARIANTS) if name in scores}
-    choice = canary_choice(candidates, datamodule.canary_mask)
+    choice = auto_choice(candidates, datamodule.canary_mask)
+    chosen = [choice["chosen"], choice["hedged_with"]] if "hedged_with" in choice else [choice["chosen"]]
     scores = {name: s[:n] for name, s in scores.items()}
-    scores["auto"] = scores[choice["chosen"]]
+    scores["auto"] = hedge(*(scores[name] for name in chosen)) if len(chosen) > 1 else scores[chosen[0]]
+    said = " hedged with ".join(chosen) + (" (the mean of their ranks)" if len(chosen) > 1 else "")
     first = next(iter(candidates))
-    log.info(f"canaries: {choice['chosen']} is the score auto (AP on the {choice['canaries']} canaries among as many "
+    log.info(f"canaries: {said} is the score auto (AP on the {choice['canaries']} canaries among as many "
              f"controls: " + ", ".join(f"{name} {ap:.3f}" for name, ap in choice["ap"].items())
              + f"; another than {first} only where it does better in ≥ {CANARY_CONFIDENCE:.0%} of resamples)")
     return scores, choice

@@ -133,3 +133,29 @@ def test_the_sweep_report_rebuilds_the_pool_a_run_with_canaries_scored(tmp_path)
     assert len(rebuilt.scored) == len(rebuilt.pool) + 20
     compare(tmp_path / "sweep")
     assert (tmp_path / "sweep" / "suspects_cosine.png").stat().st_size > 0
+
+
+def test_the_hedge_is_the_mean_of_the_ranks():
+    """An example is a suspect of the hedge as far as both scores find it one: the lowest under both stays lowest, one
+    lowest under only one of them falls in between; any increasing map of either score leaves it as it is."""
+    from pmp_lightning.scores.registry import hedge
+
+    a, b = np.array([0.0, 1.0, 2.0, 3.0]), np.array([-5.0, 9.0, -1.0, 7.0])
+    assert hedge(a, b).tolist() == [0.25, 0.75, 0.625, 0.875]
+    assert np.array_equal(hedge(np.exp(a), b**3), hedge(a, b)) and np.array_equal(hedge(a), (np.arange(4) + 1) / 4)
+
+
+def test_a_class_variant_the_canaries_choose_is_hedged_with_the_best_whole_j_variant():
+    """Where the canaries choose a class variant, the whole-J variant they choose among the family alone goes with it
+    (``hedged_with``); where they choose a whole-J variant, nothing does."""
+    from pmp_lightning.report.evaluate import auto_choice
+
+    rng = np.random.default_rng(0)
+    is_canary = np.arange(80) < 40
+    signal = np.where(is_canary, -1.0, 1.0)
+    weak, fair, sharp = (signal + rng.normal(0, s, 80) for s in (3.0, 1.0, 0.2))
+    whole = {"cosine": weak, "block_cosine": weak.copy(), "late_cosine": fair, "late_fisher": weak[::-1].copy()}
+    choice = auto_choice({**whole, "class_cosine": weak.copy(), "class_late_fisher": sharp}, is_canary)
+    assert choice["chosen"] == "class_late_fisher" and choice["hedged_with"] == "late_cosine"
+    choice = auto_choice({**whole, "class_cosine": weak.copy(), "class_late_fisher": weak.copy()}, is_canary)
+    assert choice["chosen"] == "late_cosine" and "hedged_with" not in choice

@@ -271,7 +271,7 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
     end through a _target_, its statistics proven before training. It is stacked (blocks of several layers), so the
     default draws 40 canaries and their controls (80 examples) from what would have been the pool, and adds the class
     replays' variants and the canaries' choice."""
-    from pmp_lightning.scores.registry import CLASS_VARIANTS
+    from pmp_lightning.scores.registry import CLASS_VARIANTS, hedge
 
     from sklearn.datasets import load_digits
 
@@ -283,6 +283,10 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
     assert len(_rows(tmp_path / "scores.csv")) == 340 - 80
     assert set(metrics["detection"]) == {"cosine", "loss", "auto", *CLASS_VARIANTS}
     assert metrics["scoring"] == {"canaries": 40, "by_class": True}  # as resolved: what the reports rebuild from
+    rows, choice = _rows(tmp_path / "scores.csv"), metrics["canaries"]
+    column = lambda name: np.array([float(r[name]) for r in rows])  # noqa: E731
+    ranked = [choice["chosen"], *([choice["hedged_with"]] if "hedged_with" in choice else [])]
+    assert np.allclose(column("auto"), hedge(*map(column, ranked)) if len(ranked) > 1 else column(ranked[0]))
     assert "net.attn.in_proj_weight" in json.loads((tmp_path / "snapshots" / "manifest.json").read_text())["param_shapes"]
 
 

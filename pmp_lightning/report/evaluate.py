@@ -6,6 +6,8 @@ import math
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS
+
 METRICS = ("auroc", "ap", "precision_at_k", "recall_at_10pct", "hits_in_lowest_1pct")
 MIN_PER_CLASS = 10  # fewer mislabeled (or clean) examples than this make AUROC and AP noise
 
@@ -79,6 +81,20 @@ def canary_choice(scores: dict[str, np.ndarray], is_canary: np.ndarray, confiden
     passed = [name for name in others if beats[name] >= confidence]
     return {"canaries": int(is_canary.sum()), "controls": int((~is_canary).sum()), "ap": ap,
             f"beats_{first}": beats, "chosen": max(passed, key=lambda name: ap[name]) if passed else first}
+
+
+def auto_choice(candidates: dict[str, np.ndarray], is_canary: np.ndarray) -> dict:
+    """The canaries' choice (``canary_choice``) over ``candidates``, the family ``AUTO_FAMILY`` and the class variants,
+    in that order. Where it is a class variant, also ``hedged_with``: the whole-J variant the canaries choose among
+    those alone, which the score ``auto`` ranks together with it (``registry.hedge``). Random wrong labels are the
+    class variants' easiest case (a random image far from its label's class) and need not be the pool's errors: a
+    wrong label the model learned as a systematic confusion sits close to its label's class, where only the costate
+    of every class sees the harm it does to the class it came from (docs/design-notes.md, "The hedge")."""
+    choice = canary_choice(candidates, is_canary)
+    if choice["chosen"] in CLASS_VARIANTS:
+        whole = {name: s for name, s in candidates.items() if name in AUTO_FAMILY}
+        choice["hedged_with"] = canary_choice(whole, is_canary)["chosen"]
+    return choice
 
 
 def contribution_auroc(contribution: np.ndarray, is_mislabeled: np.ndarray) -> list[float]:
