@@ -1,6 +1,7 @@
 """Canaries: downstream examples given a wrong label on purpose, held out of J and scored beside the pool, choose the
 PMP variant without the pool's labels (scoring.canaries, rank_by=auto)."""
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,26 @@ def test_a_class_variant_the_canaries_choose_is_hedged_with_the_best_whole_j_var
     assert choice["chosen"] == "class_late_fisher" and choice["hedged_with"] == "late_cosine"
     choice = auto_choice({**whole, "class_cosine": weak.copy(), "class_late_fisher": weak.copy()}, is_canary)
     assert choice["chosen"] == "late_cosine" and "hedged_with" not in choice
+
+
+def test_the_run_ranks_the_pool_by_the_hedge_where_the_canaries_choose_a_class_variant(monkeypatch):
+    """score_stage: ``auto`` on the pool is the hedge of the chosen class variant and ``hedged_with``, ranked over the
+    pool alone, and every score comes back without the canaries' rows."""
+    from types import SimpleNamespace
+
+    import pmp_lightning.pipeline as pipeline
+    from pmp_lightning.scores.registry import CLASS_VARIANTS, hedge
+
+    rng = np.random.default_rng(0)
+    n, is_canary = 30, np.arange(80) < 40
+    spread = {"late_cosine": 1.0, "class_late_fisher": 0.2}  # the rest: weak on the canaries
+    full = {name: np.r_[rng.random(n), np.where(is_canary, -1.0, 1.0) + rng.normal(0, spread.get(name, 3.0), 80)]
+            for name in (*AUTO_FAMILY, *CLASS_VARIANTS)}
+    monkeypatch.setattr(pipeline, "compute_scores", lambda names, stats: {k: full[k] for k in AUTO_FAMILY})
+    monkeypatch.setattr(pipeline, "class_scores", lambda by_class, labels: {k: full[k] for k in CLASS_VARIANTS})
+    monkeypatch.setattr(pipeline.ReplayStats, "load", staticmethod(lambda path: None))
+    datamodule = SimpleNamespace(pool=range(n), canary_mask=is_canary, scored=SimpleNamespace(y=torch.zeros(n + 80)))
+    scores, choice = pipeline.score_stage(None, [*AUTO_FAMILY, *CLASS_VARIANTS], datamodule, {0: Path("unused")})
+    assert (choice["chosen"], choice["hedged_with"]) == ("class_late_fisher", "late_cosine")
+    assert np.array_equal(scores["auto"], hedge(full["class_late_fisher"][:n], full["late_cosine"][:n]))
+    assert all(len(s) == n for s in scores.values())
