@@ -272,10 +272,11 @@ def score_stage(stats: ReplayStats, names: list[str], datamodule,
     # the family in its order, the cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
     candidates = {name: scores[name][n:] for name in (*AUTO_FAMILY, *CLASS_VARIANTS) if name in scores}
     choice = auto_choice(candidates, datamodule.canary_mask)
-    chosen = [choice["chosen"], choice["hedged_with"]] if "hedged_with" in choice else [choice["chosen"]]
     scores = {name: s[:n] for name, s in scores.items()}
-    scores["auto"] = hedge(*(scores[name] for name in chosen)) if len(chosen) > 1 else scores[chosen[0]]
-    said = " hedged with ".join(chosen) + (" (the mean of their ranks)" if len(chosen) > 1 else "")
+    scores["auto"], said = scores[choice["chosen"]], choice["chosen"]
+    if "hedged_with" in choice:
+        scores["auto"] = hedge(scores["auto"], scores[choice["hedged_with"]])
+        said += f" hedged with {choice['hedged_with']} (the mean of their ranks)"
     first = next(iter(candidates))
     log.info(f"canaries: {said} is the score auto (AP on the {choice['canaries']} canaries among as many "
              f"controls: " + ", ".join(f"{name} {ap:.3f}" for name, ap in choice["ap"].items())

@@ -160,6 +160,8 @@ def test_a_class_variant_the_canaries_choose_is_hedged_with_the_best_whole_j_var
     assert choice["chosen"] == "class_late_fisher" and choice["hedged_with"] == "late_cosine"
     choice = auto_choice({**whole, "class_cosine": weak.copy(), "class_late_fisher": weak.copy()}, is_canary)
     assert choice["chosen"] == "late_cosine" and "hedged_with" not in choice
+    choice = auto_choice({"class_cosine": weak.copy(), "class_late_fisher": sharp}, is_canary)  # no whole-J variant
+    assert choice["chosen"] == "class_late_fisher" and "hedged_with" not in choice
 
 
 def test_the_run_ranks_the_pool_by_the_hedge_where_the_canaries_choose_a_class_variant(monkeypatch):

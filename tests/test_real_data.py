@@ -285,8 +285,10 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
     assert metrics["scoring"] == {"canaries": 40, "by_class": True}  # as resolved: what the reports rebuild from
     rows, choice = _rows(tmp_path / "scores.csv"), metrics["canaries"]
     column = lambda name: np.array([float(r[name]) for r in rows])  # noqa: E731
-    ranked = [choice["chosen"], *([choice["hedged_with"]] if "hedged_with" in choice else [])]
-    assert np.allclose(column("auto"), hedge(*map(column, ranked)) if len(ranked) > 1 else column(ranked[0]))
+    expected = column(choice["chosen"])
+    if "hedged_with" in choice:
+        expected = hedge(expected, column(choice["hedged_with"]))
+    assert np.allclose(column("auto"), expected)
     assert "net.attn.in_proj_weight" in json.loads((tmp_path / "snapshots" / "manifest.json").read_text())["param_shapes"]
 
 

@@ -78,9 +78,15 @@ def canary_choice(scores: dict[str, np.ndarray], is_canary: np.ndarray, confiden
         for name in others:
             wins[name] += average_precision_score(is_canary[idx], -scores[name][idx]) > base
     beats = {name: wins[name] / resamples for name in others}
-    passed = [name for name in others if beats[name] >= confidence]
     return {"canaries": int(is_canary.sum()), "controls": int((~is_canary).sum()), "ap": ap,
-            f"beats_{first}": beats, "chosen": max(passed, key=lambda name: ap[name]) if passed else first}
+            f"beats_{first}": beats, "chosen": _pick(others, first, ap, beats, confidence)}
+
+
+def _pick(names, first: str, ap: dict[str, float], beats: dict[str, float], confidence: float) -> str:
+    """Of ``names``, those that beat ``first`` in at least ``confidence`` of the resamples; the best AP of them wins
+    (the earlier on a tie), else ``first``."""
+    passed = [name for name in names if beats[name] >= confidence]
+    return max(passed, key=lambda name: ap[name]) if passed else first
 
 
 def auto_choice(candidates: dict[str, np.ndarray], is_canary: np.ndarray) -> dict:
@@ -91,9 +97,10 @@ def auto_choice(candidates: dict[str, np.ndarray], is_canary: np.ndarray) -> dic
     wrong label the model learned as a systematic confusion sits close to its label's class, where only the costate
     of every class sees the harm it does to the class it came from (docs/design-notes.md, "The hedge")."""
     choice = canary_choice(candidates, is_canary)
-    if choice["chosen"] in CLASS_VARIANTS:
-        whole = {name: s for name, s in candidates.items() if name in AUTO_FAMILY}
-        choice["hedged_with"] = canary_choice(whole, is_canary)["chosen"]
+    first, *others = candidates  # the whole-J variants come first: among them alone, the same resamples decide
+    whole = [name for name in others if name in AUTO_FAMILY]
+    if choice["chosen"] in CLASS_VARIANTS and first in AUTO_FAMILY:
+        choice["hedged_with"] = _pick(whole, first, choice["ap"], choice[f"beats_{first}"], CANARY_CONFIDENCE)
     return choice
 
 
