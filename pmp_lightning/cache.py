@@ -10,8 +10,10 @@ entry, so parallel sweep jobs compute it once.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -52,23 +54,136 @@ def content_digest(*tensors: torch.Tensor) -> str:
 
 
 def code_digest(net: torch.nn.Module, target: str | None = None) -> str:
-    """A hash of the source that defines ``net``: every module (Python file) that a class in it comes from, and the
-    one ``target`` (its ``_target_``) names, outside torch, whose code ``torch.__version__`` stands for. Editing the
-    model's code (its ``forward``, a block it uses, a builder function) then retrains instead of hitting a trajectory
-    that the old code produced."""
+    """A hash of the source that the model runs, so that editing it (its ``forward``, a block it uses, a builder
+    function, a helper function in another file) retrains instead of hitting a trajectory the old code produced.
+
+    The rule (``model_modules``): the *roots* are every module (Python file) that a class in ``net`` comes from and
+    the one ``target`` (its ``_target_``) names, torch's excepted (``torch.__version__`` stands for them). From the
+    roots the import statements are followed, recursively: every ``import``/``from … import`` anywhere in a module's
+    source (inside functions too; relative imports resolved against its package), each resolved to its file without
+    importing anything. A module so found is kept, and walked in turn, when its file lies outside the standard
+    library and outside every site-packages/dist-packages folder (``sysconfig``'s paths): the user's code and this
+    project's own. Installed packages are neither read nor walked, and code reached only through ``importlib`` or
+    ``exec`` is not seen. The walk is breadth-first in name order, visits each module once (cycles end there) and
+    stops at ``MAX_CODE_MODULES``."""
     names = {type(m).__module__ for m in net.modules()}
     if target:
         from hydra.utils import get_object
 
         names.add(getattr(get_object(target), "__module__", None) or target.rsplit(".", 1)[0])
     h = hashlib.sha256(f"torch {torch.__version__};".encode())
-    for name in sorted(n for n in names if n.split(".")[0] != "torch"):
-        module = sys.modules.get(name)
-        path = getattr(module, "__file__", None)
+    for name, path in sorted(model_modules([n for n in names if n and n.split(".")[0] != "torch"]).items()):
         source = Path(path).read_bytes() if path and Path(path).is_file() else b"<no source>"
         h.update(f"{name}:{len(source)};".encode())
         h.update(source)
     return h.hexdigest()[:16]
+
+
+# the most modules the code key walks: far beyond a model's own code; a bound on a walk that went wide
+MAX_CODE_MODULES = 2000
+
+
+def model_modules(roots: list[str]) -> dict[str, str | None]:
+    """``roots`` (module names) and every module their imports reach that is not installed code (``code_digest``'s
+    rule), by name, with the path of its file (None: no file)."""
+    found: dict[str, str | None] = {}
+    queue, queued = sorted(set(roots)), set(roots)
+    while queue and len(found) < MAX_CODE_MODULES:
+        name = queue.pop(0)
+        path, package = _locate(name)
+        if name not in roots and (path is None or not _user_file(path)):
+            continue
+        found[name] = path
+        following = sorted(n for n in _imports(name, path, package) if n not in queued)
+        queued.update(following)
+        queue += following
+    if queue:
+        log.warning(f"the model's code key covers the first {MAX_CODE_MODULES} modules its imports reach, of more; "
+                    f"code beyond them is not in the train cache key")
+    return found
+
+
+def _locate(name: str) -> tuple[str | None, bool]:
+    """The file of module ``name`` (None where it has none or none is found) and whether it is a package, from
+    ``sys.modules`` or its import spec, without importing it or its parents."""
+    module = sys.modules.get(name)
+    if module is not None:
+        path = getattr(module, "__file__", None)
+        return (path if isinstance(path, str) else None), hasattr(module, "__path__")
+    spec = _spec(name)
+    if spec is None:
+        return None, False
+    return (spec.origin if spec.has_location else None), spec.submodule_search_locations is not None
+
+
+def _spec(name: str):
+    """Module ``name``'s spec; a submodule's is looked for in its parent's folders, so no parent is imported."""
+    import importlib.machinery
+    import importlib.util
+
+    parent, _, _ = name.rpartition(".")
+    try:
+        if not parent:
+            return importlib.util.find_spec(name)  # a top-level name: the finders only look
+        module = sys.modules.get(parent)
+        if module is not None:
+            locations = getattr(module, "__path__", None)  # None: the parent is a plain module, `name` an attribute
+        else:
+            spec = _spec(parent)
+            locations = spec.submodule_search_locations if spec is not None else None
+        return importlib.machinery.PathFinder.find_spec(name, list(locations)) if locations is not None else None
+    except (ImportError, ValueError, AttributeError, TypeError, OSError):  # a broken or odd finder: no file
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_roots() -> tuple[Path, ...]:
+    """The folders of installed code: the standard library and every site-packages (``sysconfig``, ``site``)."""
+    import site
+    import sysconfig
+
+    paths = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths.update({sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix}).get(k)
+                  for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    with contextlib.suppress(AttributeError):  # site.getsitepackages is missing in some embedded interpreters
+        paths.update(site.getsitepackages())
+    paths.add(site.getusersitepackages())
+    return tuple(sorted({Path(p).resolve() for p in paths if p}))
+
+
+def _user_file(path: str) -> bool:
+    """Whether ``path`` is code of one's own: outside the standard library and every installed-packages folder."""
+    resolved = Path(path).resolve()
+    if {"site-packages", "dist-packages"} & set(resolved.parts):
+        return False
+    return not any(resolved.is_relative_to(root) for root in _installed_roots())
+
+
+def _imports(name: str, path: str | None, package: bool) -> set[str]:
+    """The modules that the import statements in ``path`` (module ``name``'s source) name: ``import a.b`` gives
+    ``a.b``; ``from a import b`` gives ``a`` and ``a.b`` (b may be a submodule); relative ones resolved."""
+    if path is None or not path.endswith(".py") or not Path(path).is_file():
+        return set()
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=path)
+    except (SyntaxError, ValueError):  # not parseable here: its bytes are in the key all the same
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = (name if package else name.rpartition(".")[0]).split(".")
+                if node.level - 1 >= len(parts) or not parts[0]:
+                    continue  # beyond the top-level package: Python would refuse it too
+                anchor = ".".join(parts[: len(parts) - (node.level - 1)])
+                base = f"{anchor}.{base}" if base else anchor
+            if base:
+                names.add(base)
+                names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return names
 
 
 class CacheError(PMPError, RuntimeError):

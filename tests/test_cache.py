@@ -162,6 +162,111 @@ def test_the_code_key_covers_the_model_source_and_its_builder(tmp_path):
     assert builder != code_digest(mlp(in_features=4), None)  # the builder's file counts
 
 
+HELPED_MODEL = '''
+import json  # the standard library: never walked
+import torch
+from torch import nn
+
+from {prefix}_helpers import activation
+from {prefix}_vendored import identity  # a site-packages module: never walked
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10, in_features=64):
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x):
+        return identity(activation(self.fc(x.flatten(1))))
+'''
+
+HELPERS = '''
+import torch
+
+
+def activation(z):
+    from {prefix}_deep import squash  # an import inside a function counts too
+
+    return squash(z){edit}
+'''
+
+DEEP = '''
+from .inner import scale  # a package's relative import
+
+
+def squash(z):
+    return torch.relu(z) * scale()
+
+
+import torch
+'''
+
+
+def _helped_model(tmp_path, monkeypatch, prefix: str):
+    """mymods → helpers → deep package (`from .inner import`) → inner, with a vendored module in a site-packages folder."""
+    (tmp_path / f"{prefix}_mymods.py").write_text(HELPED_MODEL.format(prefix=prefix))
+    (tmp_path / f"{prefix}_helpers.py").write_text(HELPERS.format(prefix=prefix, edit=""))
+    (tmp_path / f"{prefix}_deep").mkdir()
+    (tmp_path / f"{prefix}_deep" / "__init__.py").write_text(DEEP)
+    (tmp_path / f"{prefix}_deep" / "inner.py").write_text("def scale():\n    return 1.0\n")
+    site = tmp_path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    (site / f"{prefix}_vendored.py").write_text("def identity(z):\n    return z\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n.startswith(prefix)]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_the_code_key_covers_the_helpers_the_model_imports(tmp_path, monkeypatch):
+    """A model whose forward calls a function from another file of one's own: editing that file (a second-level
+    helper), or a third- or fourth-level one (reached through an import inside a function, then a package's relative
+    import), changes the code key; the standard library and site-packages are not walked, so a change there does not
+    (torch's version stands for torch). Guard: the old key read the model's own file only."""
+    from pmp_lightning.cache import code_digest, model_modules
+
+    prefix = "ck37"
+    _helped_model(tmp_path, monkeypatch, prefix)
+
+    def digest():
+        for name in [n for n in sys.modules if n.startswith(prefix)]:
+            del sys.modules[name]  # as a new process would: the files as they are now
+        return code_digest(_import_fresh(tmp_path, f"{prefix}_mymods").Net(), f"{prefix}_mymods.Net")
+
+    first = digest()
+    assert digest() == first  # the same code, the same key
+    walked = model_modules([f"{prefix}_mymods"])
+    assert sorted(walked) == [f"{prefix}_deep", f"{prefix}_deep.inner", f"{prefix}_helpers", f"{prefix}_mymods"]
+    assert "json" not in walked and f"{prefix}_vendored" not in walked and not any(n.startswith("torch") for n in walked)
+
+    (tmp_path / f"{prefix}_helpers.py").write_text(HELPERS.format(prefix=prefix, edit=" * 5"))  # the helper's body
+    second = digest()
+    assert second != first
+    (tmp_path / f"{prefix}_deep" / "__init__.py").write_text(DEEP.replace("torch.relu(z)", "torch.sigmoid(z)"))
+    third = digest()
+    assert third != second
+    (tmp_path / f"{prefix}_deep" / "inner.py").write_text("def scale():\n    return 2.0\n")
+    fourth = digest()
+    assert fourth != third
+    vendored = tmp_path / "lib" / "site-packages" / f"{prefix}_vendored.py"
+    vendored.write_text("def identity(z):\n    return z * 3\n")  # installed code: outside the key
+    assert digest() == fourth
+
+
+def test_the_code_walk_survives_cycles_and_unparseable_files(tmp_path, monkeypatch):
+    """Two modules importing each other are each read once; a helper that does not parse is still in the key (its
+    bytes), and an import of a name that is nowhere is passed over."""
+    from pmp_lightning.cache import model_modules
+
+    (tmp_path / "cy37_a.py").write_text("import cy37_b\nimport no_such_module_anywhere\nfrom cy37_b import f, g\n")
+    (tmp_path / "cy37_b.py").write_text("import cy37_a\nimport cy37_bad\ndef f(): pass\n")
+    (tmp_path / "cy37_bad.py").write_text("def broken(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    walked = model_modules(["cy37_a"])
+    assert sorted(walked) == ["cy37_a", "cy37_b", "cy37_bad"]
+    assert walked["cy37_bad"] == str(tmp_path / "cy37_bad.py")
+
+
 @pytest.mark.slow
 def test_editing_the_model_code_retrains(tmp_path, monkeypatch):
     """A model of one's own whose forward changed between two runs is trained afresh, not taken from the cache."""
@@ -182,3 +287,33 @@ def test_editing_the_model_code_retrains(tmp_path, monkeypatch):
     _import_fresh(tmp_path, "edited_net")
     third = run(make_cfg(tmp_path / "c", *args, cache=tmp_path / "cache"))
     assert third["cache"]["computed"] == ["train", "replay"] and third["cache"]["train"] != first["cache"]["train"]
+
+
+@pytest.mark.slow
+def test_editing_a_helper_the_model_imports_retrains(tmp_path, monkeypatch):
+    """End to end: a model whose forward calls a helper in another file trains afresh when that helper's body changes
+    (the old key hit the cache: "train cache hit … replay cache hit", the same scores), and hits the cache when only
+    a module in a site-packages folder changed."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "digits.npz", x=digits.images[:200].reshape(200, 1, 8, 8) / 16.0, y=digits.target[:200])
+    prefix = "e2e37"
+    _helped_model(tmp_path, monkeypatch, prefix)
+    args = ("data=tensors", f"data.source.path={tmp_path / 'digits.npz'}", "~model", f"+model._target_={prefix}_mymods.Net",
+            "data.pool_size=null", "data.test_size=40", "data.downstream_size=40", "trainer.max_epochs=1",
+            "scoring.scores=[loss]", "scoring.canaries=0")
+
+    def fresh_run(name: str) -> dict:
+        for module in [n for n in sys.modules if n.startswith(prefix)]:
+            del sys.modules[module]  # as a new process would import them
+        return run(make_cfg(tmp_path / name, *args, cache=tmp_path / "cache"))
+
+    first = fresh_run("a")
+    assert fresh_run("b")["cache"]["computed"] == []
+    (tmp_path / f"{prefix}_helpers.py").write_text(HELPERS.format(prefix=prefix, edit=" * 5"))
+    edited = fresh_run("c")
+    assert edited["cache"]["computed"] == ["train", "replay"] and edited["cache"]["train"] != first["cache"]["train"]
+    (tmp_path / "lib" / "site-packages" / f"{prefix}_vendored.py").write_text("def identity(z):\n    return z\n\n# edited\n")
+    assert fresh_run("d")["cache"]["computed"] == []
