@@ -262,6 +262,19 @@ def test_8_bit_images_say_how_to_scale_them(tmp_path):
     assert dm.pool.x.dtype == torch.float32 and float(dm.pool.x.max()) <= 1.0
 
 
+def test_the_0_to_255_warning_is_said_once_per_run(tmp_path, recwarn):
+    """The data is set up twice before training (scoring.canaries=auto looks at the network on it, then the data
+    stage): its warnings were said twice. Stopped by the model check, after both setups."""
+    import numpy as np
+
+    x, y = _digits()
+    pixels = (x * 255).round().astype(np.float32)
+    with pytest.raises(DataConfigError, match="cannot take the data's inputs"):
+        run(_tensors_cfg(tmp_path, pixels, y, "model=mlp", "model.in_features=65", "scoring.scores=[cosine,loss]"))
+    said = [w for w in recwarn if "whole numbers from 0 to 255 stored as floats" in str(w.message)]
+    assert len(said) == 1, [str(w.message)[:80] for w in said]
+
+
 def test_images_without_a_channel_axis_for_a_conv_model(tmp_path):
     x, y = _digits()
     with pytest.raises(DataConfigError, match=r"first layer '0' is a Conv2d, which takes \(channels, H, W\) per example, "
@@ -443,6 +456,49 @@ def test_a_model_without_hessian_vector_products_is_named_before_training(tmp_pa
     metrics = run(_tensors_cfg(tmp_path / "none", x, y, "~model", "+model._target_=tests.test_bad_input.LSTMNet",
                                "replay.curvature=none", "scoring.scores=[loss,cosine]"))
     assert np.isfinite([row["ap"] for row in metrics["detection"].values()]).all()  # its float32 pass is finite
+
+
+class _OldStyleRelu(torch.autograd.Function):
+    """A custom autograd.Function written the old way (forward takes ctx, no setup_context): autograd runs it,
+    torch.func cannot."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return z.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad * (z > 0).to(grad.dtype)
+
+
+class OldStyleFunctionNet(torch.nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(64, 16), torch.nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc2(_OldStyleRelu.apply(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.parametrize("curvature", ["none", "expm"])
+def test_a_custom_autograd_function_torch_func_cannot_run_is_named_before_training(tmp_path, curvature):
+    """The replay takes ∇J through torch.func.grad under every curvature: a custom autograd.Function without
+    setup_context passed the check under replay.curvature=none, trained, and died in the replay with functorch's
+    traceback; under expm it was refused with advice to use curvature=none, which fails too. Now both are refused
+    before training, with the Function's fix."""
+    from pmp_lightning.errors import UnsupportedModelError
+
+    x, y = _digits()
+    with pytest.raises(UnsupportedModelError) as refused:
+        run(_tensors_cfg(tmp_path, x, y, "~model", "+model._target_=tests.test_bad_input.OldStyleFunctionNet",
+                         f"replay.curvature={curvature}"))
+    message = str(refused.value)
+    assert "\n" not in message and "takes ∇J through torch.func.grad (under every replay.curvature)" in message
+    assert "setup_context staticmethod" in message and "generate_vmap_rule = True" in message
+    assert "replay.curvature=none" not in message  # not the fix: it fails there too
+    assert _nothing_trained(tmp_path)
 
 
 class Overflowing(torch.nn.Module):

@@ -193,8 +193,19 @@ def test_a_torchvision_style_dataset_from_config(tmp_path):
                    "+data.source.train.transform._target_=torchvision.transforms.ToTensor",
                    "data.test_size=50", "data.downstream_size=50", "scoring.scores=[cosine,loss]")
     metrics = run(cfg)
-    assert len(_rows(tmp_path / "scores.csv")) == 200 and set(metrics["detection"]) == {"cosine", "loss"}
+    rows = _rows(tmp_path / "scores.csv")
+    assert len(rows) == 200 and set(metrics["detection"]) == {"cosine", "loss"}
     assert (tmp_path / "suspects.png").is_file()
+    # the run read the dataset the config built: each scored example's true label is FakeData's at its index, and
+    # the model was built for its 1 × 28 × 28 images
+    from torchvision.datasets import FakeData
+
+    fake = FakeData(size=300, image_size=(1, 28, 28), num_classes=10)
+    assert [int(r["true_label"]) for r in rows] == [int(fake[int(r["index"])][1]) for r in rows]
+    assert len({int(r["index"]) for r in rows}) == 200 and len({int(r["true_label"]) for r in rows}) > 5
+    manifest = json.loads((tmp_path / "snapshots" / "manifest.json").read_text())
+    first_linear = next(shape for shape in manifest["param_shapes"].values() if len(shape) == 2)
+    assert first_linear[1] == 28 * 28
 
 
 def test_dataset_source_reads_pil_images_and_counts_classes():
@@ -225,6 +236,24 @@ def test_bad_tensors_files_say_what_is_wrong(tmp_path, content, message):
         TensorSource(str(tmp_path / "mine.pt")).load()
     with pytest.raises(DataConfigError, match=r"data.source.path='.*nothing.pt' is not a file"):
         TensorSource(str(tmp_path / "nothing.pt")).load()
+
+
+
+def test_a_pickled_or_damaged_tensors_file_is_one_line_without_torchs_paragraph(tmp_path):
+    """A data file that torch.load(weights_only=True) refuses: the message carried torch's paragraph about
+    weights_only (several lines, advice to load it unsafely). Now one line naming what the file holds, and the fix."""
+    from pathlib import PurePosixPath
+
+    torch.save({"x": torch.zeros(3, 4), "y": torch.zeros(3, dtype=torch.long), "meta": PurePosixPath("a")},
+               tmp_path / "pickled.pt")
+    (tmp_path / "damaged.pt").write_bytes(b"not a torch file")
+    for name, says in (("pickled", "holds Python objects (a pathlib.PurePosixPath), and only tensors and numpy arrays"),
+                       ("damaged", "it is damaged, or not a file of tensors and arrays (torch: ")):
+        with pytest.raises(DataConfigError) as refused:
+            TensorSource(str(tmp_path / f"{name}.pt")).load()
+        message = str(refused.value)
+        assert "\n" not in message and says in message and "torch.save({'x': x, 'y': y}, path)" in message
+        assert "weights_only" not in message and "safe_globals" not in message and "\x1b" not in message
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -348,6 +377,47 @@ def test_cifar10_runs_a_resnet_with_no_shape_setting(tmp_path, monkeypatch):
     assert state["stem.0.weight"].shape[1] == 3 and state["fc.weight"].shape[0] == 10  # built for the data
 
 
+def test_a_root_without_the_data_set_says_so_and_is_not_suggested_again(tmp_path, monkeypatch):
+    """data=cifar10 offline with data.source.root given (a folder holding MNIST, not CIFAR-10): the message said to
+    point data.source.root at ../shared/data, the folder given. Now it says that folder lacks CIFAR-10, names what
+    torchvision looked for, and suggests a folder only where that one holds the data set. No network: download=false,
+    and the download's failure is a stand-in."""
+    import urllib.error
+
+    import torchvision
+
+    from pmp_lightning.data.images import TorchvisionSource
+
+    shared = tmp_path / "shared"
+    (shared / "MNIST" / "raw").mkdir(parents=True)  # the layout, without the files: torchvision finds no MNIST
+    monkeypatch.setattr(TorchvisionSource, "OFFLINE_ROOTS", (str(shared),))
+    with pytest.raises(DataConfigError) as given:
+        TorchvisionSource("CIFAR10", str(shared), download=False).load()
+    message = str(given.value)
+    assert f"that folder holds no CIFAR10 (torchvision looked for {shared / 'cifar-10-batches-py'}" in message
+    assert "e.g." not in message and "../shared/data" not in message and "\n" not in message
+    assert message.endswith("or go online with data.source.download=true")
+    with pytest.raises(DataConfigError) as same:  # the suggested folder itself, lacking the files: not suggested
+        TorchvisionSource("MNIST", str(shared), download=False).load()
+    assert "that folder holds no MNIST" in str(same.value) and "e.g." not in str(same.value)
+    with pytest.raises(DataConfigError) as absent:  # guard: a folder that is not there, and one that holds it
+        monkeypatch.setattr(TorchvisionSource, "OFFLINE_ROOTS", (str(tmp_path / "other"),))
+        (tmp_path / "other" / "cifar-10-batches-py").mkdir(parents=True)
+        TorchvisionSource("CIFAR10", str(tmp_path / "nowhere"), download=False).load()
+    assert "no such folder. Point data.source.root at a folder that holds cifar-10-batches-py/ " in str(absent.value)
+    assert f"(e.g. data.source.root={tmp_path / 'other'})" in str(absent.value)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataConfigError) as download:
+        TorchvisionSource("CIFAR10", str(tmp_path / "empty"), download=True).load()
+    assert "that folder holds no CIFAR10" in str(download.value)
+    assert "downloading it failed (<urlopen error [Errno -2] Name or service not known>)" in str(download.value)
+
+
 def _labelled_tensors(tmp_path, n=120, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 4, (n,), generator=gen)
@@ -418,3 +488,40 @@ def test_a_labels_file_that_cannot_work_is_named_before_training(tmp_path, case,
     with pytest.raises(DataConfigError, match=match):
         _datamodule(tmp_path, "test" if case == "pool=test" else "train",
                     LabelNoise("symmetric", 0.2) if case == "noise" else None, **kw).setup()
+
+
+def test_a_labels_file_without_a_key_suggests_the_noisy_labels_not_the_clean_ones(tmp_path):
+    """A labels file of named arrays and no data.labels_key: the message suggested the first name, clean_label, whose
+    labels are the source's own and leave no errors to find. Now it suggests an array that differs from the source's,
+    and says how many labels each changes and which one equals the source's."""
+    y = _labelled_tensors(tmp_path)
+    worse = y.clone()
+    worse[:30] = (worse[:30] + 1) % 4
+    torch.save({"clean_label": y.numpy(), "worse_label": worse.numpy()}, tmp_path / "labels.pt")
+    with pytest.raises(DataConfigError) as refused:
+        _datamodule(tmp_path, labels_file=str(tmp_path / "labels.pt")).setup()
+    message = str(refused.value)
+    assert "data.labels_key=worse_label (of the source's 120 labels, worse_label 30 differ; clean_label equals them, " \
+           "so it would leave no errors to find)" in message
+    assert "data.labels_key=clean_label" not in message
+    torch.save({"gt": y.numpy(), "given": y.numpy()}, tmp_path / "same.pt")  # nothing to find in either
+    with pytest.raises(DataConfigError, match=r"each of them equals the source's own labels, so there would be no errors"):
+        _datamodule(tmp_path, labels_file=str(tmp_path / "same.pt"), labels_key="worst").setup()
+    torch.save({"clean_label": y[:5].numpy(), "noisy": y[:5].numpy()}, tmp_path / "short.pt")  # by the names alone
+    with pytest.raises(DataConfigError, match=r"e.g. data.labels_key=noisy \(none of them is one label per training"):
+        _datamodule(tmp_path, labels_file=str(tmp_path / "short.pt")).setup()
+
+
+def test_a_pickled_labels_file_is_one_line_without_torchs_paragraph(tmp_path):
+    """A .pt labels file that is a pickle of other objects: the refusal carried torch's whole weights_only paragraph
+    (several lines, advice to load it unsafely). Now one line: what it holds and how to save labels instead."""
+    from pathlib import PurePosixPath
+
+    _labelled_tensors(tmp_path)
+    torch.save({"worse_label": PurePosixPath("x")}, tmp_path / "labels.pt")
+    with pytest.raises(DataConfigError) as refused:
+        _datamodule(tmp_path, labels_file=str(tmp_path / "labels.pt"), labels_key="worse_label").setup()
+    message = str(refused.value)
+    assert "\n" not in message and len(message) < 400
+    assert "holds Python objects (a pathlib.PurePosixPath)" in message and "torch.save({'worse_label': labels}, path)" in message
+    assert "weights_only" not in message and "safe_globals" not in message and "Weights only load failed" not in message

@@ -12,6 +12,8 @@ pool's positions to the source split's own indices (the ``index`` column of ``sc
 from __future__ import annotations
 
 import functools
+import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +91,9 @@ class TorchvisionSource:
     when ``download`` and online; images as floats in [0, 1], (N, C, H, W)."""
 
     NAMES = {"MNIST": "MNIST/raw/", "FashionMNIST": "FashionMNIST/raw/", "CIFAR10": "cifar-10-batches-py/"}
+    # a folder that may hold them offline (beside this project's checkout, ../shared/data holds MNIST and
+    # Fashion-MNIST): suggested in a message only where it holds the one asked for, and is not the folder given
+    OFFLINE_ROOTS = ("../shared/data",)
 
     setting = "data.source"  # where its settings live in the config, for messages (a trusted set moves it)
     num_classes = NUM_CLASSES
@@ -107,12 +112,7 @@ class TorchvisionSource:
             train = cls(self.root, train=True, download=self.download)
             test = cls(self.root, train=False, download=self.download)
         except (RuntimeError, OSError) as err:  # torchvision raises these when files are missing
-            raise DataConfigError(
-                f"could not load {self.name} from {self.setting}.root={self.root!r} "
-                f"(resolved to {Path(self.root).resolve()}): {err}. Point {self.setting}.root at a folder "
-                f"that holds {self.NAMES[self.name]} (e.g. {self.setting}.root=../shared/data), or go online "
-                f"with {self.setting}.download=true."
-            ) from err
+            raise DataConfigError(self._not_there(err)) from err
 
         def as_images(ds) -> Images:
             x = torch.as_tensor(ds.data)  # uint8: (N, H, W) grayscale, (N, H, W, 3) colour
@@ -120,6 +120,25 @@ class TorchvisionSource:
             return Images(x.float() / 255.0, torch.as_tensor(ds.targets).long())
 
         return as_images(train), as_images(test)
+
+    def _not_there(self, err: Exception) -> str:
+        """Why the data set could not be loaded, and what to do: a folder given that lacks it is named as such, and
+        never suggested again."""
+        root = Path(self.root).expanduser().resolve()
+        wanted = self.NAMES[self.name]
+        where = f"could not load {self.name} from {self.setting}.root={self.root!r} (resolved to {root})"
+        others = [r for r in self.OFFLINE_ROOTS if (Path(r) / wanted).is_dir() and Path(r).resolve() != root]
+        example = f" (e.g. {self.setting}.root={others[0]})" if others else ""
+        failed = ""
+        if self.download:
+            failed = f"; downloading it failed ({(str(err).strip().splitlines() or [type(err).__name__])[0]})"
+        online = "or go online" if self.download else f"or go online with {self.setting}.download=true"
+        if root.is_dir():
+            return (f"{where}: that folder holds no {self.name} (torchvision looked for {root / wanted}: missing or "
+                    f"incomplete){failed}. Put {self.name}'s {wanted} there, point {self.setting}.root at another folder "
+                    f"that holds {wanted}{example}, {online}")
+        return (f"{where}: no such folder{failed}. Point {self.setting}.root at a folder that holds {wanted}{example}, "
+                f"{online}")
 
 
 class TensorSource:
@@ -149,8 +168,9 @@ class TensorSource:
         try:
             content = load_arrays(self.path)
         except Exception as err:  # a damaged or foreign file raises various errors inside torch or numpy
-            raise DataConfigError(f"{self.setting}.path={str(self.path)!r} cannot be read ({type(err).__name__}: {err}); "
-                                  f"it must be a .pt file from torch.save or an .npz file from numpy.savez") from err
+            raise DataConfigError(f"{self.setting}.path={str(self.path)!r} cannot be read ({why_unreadable(err)}); save "
+                                  f"tensors or numpy arrays: torch.save({{'x': x, 'y': y}}, path) (.pt) or "
+                                  f"numpy.savez(path, x=x, y=y) (.npz)") from err
         if not isinstance(content, dict) or not {"x", "y"} <= set(content):
             keys = sorted(content) if isinstance(content, dict) else type(content).__name__
             raise DataConfigError(f"{self.path} holds {keys}; it needs the keys 'x' (inputs) and 'y' (labels), "
@@ -203,6 +223,22 @@ class DatasetSource:
     def load(self) -> tuple[Images, Images | None]:
         main = self._as_images(self.train, f"{self.setting}.train")
         return main, self._as_images(self.test, f"{self.setting}.test") if self.test is not None else None
+
+
+def why_unreadable(err: Exception) -> str:
+    """Why torch or numpy could not load an array file, in one line: a pickle holding other objects than tensors and
+    arrays (which ``load_arrays`` refuses to rebuild, for safety) names the first of them, not torch's paragraph about
+    ``weights_only``; any other error gives its first line."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds Python objects (a {found.group(1)}), and only tensors and numpy arrays are loaded from a "
+                f"file, for safety")
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in text:
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        return (f"it is damaged, or not a file of tensors and arrays"
+                f"{f' (torch: {detail.group(1).strip()})' if detail else ''}")
+    return f"{type(err).__name__}: {(text.strip().splitlines() or [''])[0]}"
 
 
 def check_source(main: Images, test: Images | None, declared_classes: int | None, setting: str = "data") -> int:

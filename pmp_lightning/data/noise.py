@@ -6,8 +6,9 @@ confuses the image with: instance-dependent noise, which looks like human error.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,7 @@ def read_labels_file(path: str | Path, key: str | None, originals: torch.Tensor,
         if key is None or key not in content:
             named = " is not set" if key is None else f"={key!r} is not among them"
             raise DataConfigError(f"{setting}: {path} holds the arrays {sorted(content)}; data.labels_key{named}: name the "
-                                  f"labels to use, e.g. data.labels_key={sorted(content)[0]}")
+                                  f"labels to use, {_which_key(content, originals, num_classes)}")
         clean = content.get("clean_label")
         labels = content[key]
     else:
@@ -186,17 +187,43 @@ def read_labels_file(path: str | Path, key: str | None, originals: torch.Tensor,
     return labels
 
 
+# array names that say "the true labels" (CIFAR-10N's clean_label): never the one to suggest as the observed labels
+CLEAN_NAMES = re.compile(r"clean|true|gt|ground|orig", re.IGNORECASE)
+
+
+def _which_key(content: dict, originals: torch.Tensor, num_classes: int) -> str:
+    """A suggestion for ``data.labels_key`` among a labels file's arrays: one whose labels differ from the source's
+    (observed labels with errors to find), never one equal to them (CIFAR-10N's clean_label: no errors at all), with
+    how many labels each array changes; by the names where no array fits the data."""
+    changes = {}
+    for name in sorted(content):
+        with contextlib.suppress(DataConfigError):  # not one label per example of this data: no count
+            changes[name] = int((_label_array(content[name], name, len(originals), num_classes) != originals).sum())
+    noisy = sorted((name for name, count in changes.items() if count), key=lambda name: (bool(CLEAN_NAMES.search(name)), name))
+    if noisy:
+        counted = ", ".join(f"{name} {changes[name]}" for name in noisy)
+        same = [name for name, count in changes.items() if not count]
+        return (f"e.g. data.labels_key={noisy[0]} (of the source's {len(originals)} labels, {counted} differ"
+                + (f"; {', '.join(same)} equal{'s' if len(same) == 1 else ''} them, so it would leave no errors to find"
+                   if same else "") + ")")
+    if changes:
+        return (f"but {'each of them equals' if len(changes) > 1 else 'it equals'} the source's own labels, so there "
+                f"would be no errors to find; give a file of the observed (noisy) labels")
+    names = sorted(content, key=lambda name: (bool(CLEAN_NAMES.search(name)), name))
+    return f"e.g. data.labels_key={names[0]} (none of them is one label per training example of this data yet)"
+
+
 def _read_labels(path: Path, setting: str):
     try:
         if path.suffix in (".npz", ".npy", ".pt"):
             return load_arrays(path)
         return np.array([int(line) for line in path.read_text().split()])
-    except pickle.UnpicklingError as err:
-        raise DataConfigError(f"{setting}: {path} holds Python objects, not label arrays ({err}); save the labels as "
-                              f"tensors or numpy arrays") from err
     except Exception as err:  # a damaged or foreign file raises various errors inside torch or numpy
-        raise DataConfigError(f"{setting}={str(path)!r} cannot be read ({type(err).__name__}: {err}); give a .pt, .npz or "
-                              f".npy file of labels, or a text file with one label per line") from err
+        from pmp_lightning.data.images import why_unreadable  # images imports this module
+
+        raise DataConfigError(f"{setting}={str(path)!r} cannot be read ({why_unreadable(err)}); save the labels as a "
+                              f"tensor, a numpy array or a dict of them (torch.save({{'worse_label': labels}}, path), "
+                              f"numpy.save or numpy.savez), or as text with one label per line") from err
 
 
 def _label_array(values, what: str, size: int, num_classes: int) -> torch.Tensor:

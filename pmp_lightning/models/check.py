@@ -1,10 +1,11 @@
 """The model checked against the data before any training: a model that cannot take the data's inputs, gives
-outputs of the wrong shape, or whose per-example statistics or Hessian-vector products cannot be computed is refused
+outputs of the wrong shape, or whose ∇J, per-example statistics or Hessian-vector products cannot be computed is refused
 here, in a second or so, in one line naming the fix (``check_model``), never inside torch halfway through training.
 The statistics pass's plan is proven here on a few pool examples (``statistics/proof.py``) and logged."""
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -16,7 +17,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from pmp_lightning.config import CORPUS_DATAMODULE, score_names
 from pmp_lightning.data.images import language_model
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, UnsupportedModelError
-from pmp_lightning.replay.costate import hessian_vector_product
+from pmp_lightning.replay.costate import downstream_gradient, hessian_vector_product, objective
 from pmp_lightning.scores.registry import AUTO_FAMILY
 from pmp_lightning.statistics.per_example import per_example_stats
 from pmp_lightning.statistics.plan import make_plan, stacked_blocks
@@ -66,7 +67,8 @@ def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
     """The network's stacked blocks, none where canaries cannot be had, and why, in words. The data is set up once
     with ``canaries`` to see that it can spare them (the run sets it up again: MNIST in well under a second) and the
     network built on it as the run builds it; a model that cannot be built, or data that cannot be set up at all,
-    count as unstacked, and the run names their problem before any training (``check_model``, the data stage)."""
+    count as unstacked, and the run names their problem before any training (``check_model``, the data stage). The
+    data's warnings are held back here: the data stage's setup gives the same ones, so a run says each once."""
     if cfg.data.get("_target_") == CORPUS_DATAMODULE:
         return [], "a corpus has no labels"
     if not any(n in AUTO_FAMILY for n in score_names(cfg.scoring)):
@@ -80,8 +82,10 @@ def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
     spare = ""
     for k in dict.fromkeys((canaries, 0)):
         try:
-            datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=k)
-            datamodule.setup()
+            with warnings.catch_warnings():  # the data stage sets the data up again and says them: once a run
+                warnings.simplefilter("ignore")
+                datamodule = instantiate(cfg.data, noise=instantiate(cfg.noise), canaries=k)
+                datamodule.setup()
             break
         except DataConfigError:
             spare = f"; the data cannot spare the {2 * canaries} examples of scoring.canaries={canaries} beside J"
@@ -102,9 +106,9 @@ def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
 
 def check_model(make_net: Callable[[], torch.nn.Module], datamodule, target: str, curvature: str,
                 precision: str = "32-true") -> torch.nn.Module:
-    """A model that cannot take the data's inputs, has fewer outputs than the data has classes, or whose per-example
-    statistics or Hessian-vector products cannot be computed fails here, in a second or so, in one line naming the
-    fix: not inside torch halfway through training, and never after it. The statistics pass's plan (which layers by
+    """A model that cannot take the data's inputs, has fewer outputs than the data has classes, or whose ∇J (through
+    torch.func), per-example statistics or Hessian-vector products cannot be computed fails here, in a second or so,
+    in one line naming the fix: not inside torch halfway through training, and never after it. The statistics pass's plan (which layers by
     rule, which by the fallback) is proven here on a few pool examples and logged. Returns the probe network (for the
     cache's code key)."""
     _check_same_inputs(datamodule)
@@ -174,11 +178,19 @@ def _check_outputs(net: torch.nn.Module, x: torch.Tensor, datamodule, target: st
 
 
 def _check_replay_maths(net: torch.nn.Module, plan, x: torch.Tensor, y: torch.Tensor, curvature: str, target: str) -> None:
-    """What the plan's float64 proof does not try: the statistics pass in the network's own precision must give finite
-    values, and the curvature modes need Hessian-vector products (forward-mode derivatives, which some layers, e.g.
-    torch's fused LSTM on the CPU, do not have)."""
+    """What the plan's float64 proof does not try, on the probe examples, with the replay's own functions: ∇J through
+    ``torch.func.grad`` (``downstream_gradient``, which every ``replay.curvature`` uses, and which a custom
+    ``torch.autograd.Function`` without ``setup_context`` fails), Hessian-vector products for the curvature modes
+    (forward-mode derivatives, which some layers, e.g. torch's fused LSTM on the CPU, do not have), and the statistics
+    pass in the network's own precision, which must give finite values."""
     params = {k: p.detach() for k, p in trainable(net).items()}
     direction = {k: torch.ones_like(p) for k, p in params.items()}
+    try:
+        downstream_gradient(net, params, objective("ce"), lambda: [(x[:2], y[:2])], 2)
+    except Exception as err:  # functorch's refusals surface as several types deep inside torch
+        raise UnsupportedModelError(f"model ({target}): the replay takes ∇J through torch.func.grad (under every "
+                                    f"replay.curvature), which fails for it: {_first_line(err)}. "
+                                    f"{_func_advice(err)}") from err
     if curvature != "none":
         try:
             hessian_vector_product(net, params, direction, lambda: [(x[:2], y[:2])])
@@ -195,6 +207,21 @@ def _check_replay_maths(net: torch.nn.Module, plan, x: torch.Tensor, y: torch.Te
         raise UnsupportedModelError(f"model ({target}): the per-example statistics of {', '.join(bad)} are not finite in "
                                     f"{dtype} for some examples (they are in float64, where the plan was proven); train "
                                     f"in float64 (trainer.precision=64-true) or replace that layer")
+
+
+def _first_line(err: Exception, limit: int = 240) -> str:
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _func_advice(err: Exception) -> str:
+    """The fix for a network that torch.func cannot differentiate: a custom autograd.Function's, or any other's."""
+    if "autograd.Function" in str(err) or "setup_context" in str(err):
+        return ("Give each custom torch.autograd.Function a setup_context staticmethod (forward without ctx) and "
+                "generate_vmap_rule = True (or a vmap staticmethod; see torch's 'Extending torch.func with "
+                "autograd.Function'), or replace it with standard layers")
+    return ("Make its forward work under torch.func (no .item(), .numpy() or in-place changes of tensors it was given), "
+            "or replace that part with standard layers")
 
 
 def _say_what_eval_mode_changes(net: torch.nn.Module) -> None:

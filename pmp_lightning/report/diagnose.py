@@ -8,7 +8,8 @@ norm of the downstream set's mean logit pull w̄ and, per layer with parameters:
 of the dot product alone (low = suspect); then the whole vector's AUROC and the AP of the cosine.
 A layer that carries most of the dot product at an AUROC near 0.5 drowns the others: that is what a
 mean logit pull does through the output layer's bias and uncentred features (README, "The answer to
-the report"). The ground truth (synthetic noise or ``data.known_errors``) is needed for the AUROCs.
+the report"). The ground truth (synthetic noise or ``data.known_errors``; a corpus's corrupted documents) is needed
+for the AUROCs. A language model is rebuilt with the run's tokenizer's vocabulary, as the run built it.
 
 It also draws ``diagnose.png`` in the run directory from the statistics the replay kept (no recomputation): per block
 of the network, its share of Σ|⟨ψ_{t+1}, ∇l_n(θ_t)⟩| over all snapshots, and how well the block's cosine alone
@@ -47,7 +48,8 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     mask = datamodule.is_mislabeled
     if not mask.any() or mask.all():
         raise SystemExit(f"diagnose: {run_dir} has no ground truth to measure against (noise=none and no data.known_errors)")
-    net = shaped(instantiate(cfg.model, _partial_=True), datamodule.pool.x, datamodule.num_classes)()
+    net = shaped(instantiate(cfg.model, _partial_=True), datamodule.pool.x, datamodule.num_classes,
+                 getattr(datamodule, "vocab_size", None))()  # a corpus's tokenizer gives a language model its vocabulary
     manifest = load_manifest(run_dir / "snapshots")
     entry = manifest["snapshots"][snapshot]
     net.load_state_dict(network_state(run_dir / "snapshots", entry))
@@ -112,10 +114,11 @@ def format_report(report: dict) -> str:
     for name, r in report.items():
         if name == "snapshot":
             continue
+        width = max([16, *(len(row["layer"]) for row in r["layers"])])  # a language model's layer names run long
         lines += ["", f"J = {name} at θ_{report['snapshot']}: mean logit pull ‖w̄‖ = {r['mean_pull_norm']:.3g}, "
                       + ("removed" if r["centred"] else "left in"),
-                  f"  {'layer':<16} {'share of |dot|':>15} {'‖∇J‖ there':>11} {'AUROC alone':>12}"]
-        lines += [f"  {row['layer']:<16} {row['share']:>15.2f} {row['grad_J_norm']:>11.3g} {row['auroc']:>12.3f}"
+                  f"  {'layer':<{width}} {'share of |dot|':>15} {'‖∇J‖ there':>11} {'AUROC alone':>12}"]
+        lines += [f"  {row['layer']:<{width}} {row['share']:>15.2f} {row['grad_J_norm']:>11.3g} {row['auroc']:>12.3f}"
                   for row in r["layers"]]
         lines += [f"  whole vector: AUROC {r['auroc']:.3f}, cosine AP {r['cosine_ap']:.3f}"]
     return "\n".join(lines[1:])
@@ -139,7 +142,8 @@ def main(argv=None) -> None:
     print(format_report(diagnose(args.run_dir, args.snapshot)))
     rows, path = block_picture(args.run_dir)
     print("\nper block, over every snapshot the replay kept:")
-    print("\n".join(f"  {r['block']:<16} share of |dot| {r['share']:5.2f}   AUROC alone {r['auroc']:.3f}" for r in rows))
+    width = max([16, *(len(r["block"]) for r in rows)])
+    print("\n".join(f"  {r['block']:<{width}} share of |dot| {r['share']:5.2f}   AUROC alone {r['auroc']:.3f}" for r in rows))
     print(f"picture: {path}")
 
 
