@@ -261,6 +261,7 @@ def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
     assert retrains == [(60, 16), *[(48, 16)] * 4]  # whole pool, oracle, loss, dsir (a corpus baseline), random
     sel = metrics["selection"]
     assert sel["measure"] == "test loss" and set(sel["0.2"]) == {"loss", "dsir", "random"}
+    assert sel["measured_on"].startswith("16 documents of the Python") and "beside the target set's" in sel["measured_on"]
     assert all(0 < v < 10 for v in [sel["full"], sel["oracle"], *sel["0.2"].values()])
     assert metrics["ground_truth"] == "corrupted documents"
     assert set(metrics["detection"]) == set(SCORES) | set(CORPUS_BASELINES)
@@ -284,16 +285,33 @@ def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_code_lm_runs_with_a_bpe_and_a_centred_j(tmp_path):
     """The tiny run with a BPE of 300 tokens trained on the corpus: the language model's vocabulary is the BPE's
-    (model.vocab_size null), and a centred J (objective.centred=true) runs for a language model."""
+    (model.vocab_size null), and a centred J (objective.centred=true) is the J the replay runs for a language model:
+    against the plain J on the same trajectory (a train cache hit), the replay is another (its own cache entry), the
+    costates differ from the first interval on and so do the scores. Guard: a centring that is ignored gives the plain
+    J's replay, costates and scores exactly."""
+    import csv as csv_module
+
     from pmp_lightning.pipeline import run
     from pmp_lightning.trajectory import load_manifest, network_state
 
-    metrics = run(make_cfg(tmp_path, "data.tokenizer._target_=pmp_lightning.data.corpus.BPETokenizer",
-                           "+data.tokenizer.vocab_size=300", "objective.centred=true", "scoring.scores=[cosine,loss]"))
+    bpe = ["data.tokenizer._target_=pmp_lightning.data.corpus.BPETokenizer", "+data.tokenizer.vocab_size=300",
+           "scoring.scores=[cosine,loss]"]
+    metrics = run(make_cfg(tmp_path, *bpe, "objective.centred=true"))
     assert set(metrics["detection"]) >= {"cosine", "loss"} and 0.0 < metrics["test_accuracy"] < 1.0
     snapshots = tmp_path / "snapshots"
     state = network_state(snapshots, load_manifest(snapshots)["snapshots"][0])
     assert state["tokens.weight"].shape[0] == state["head.weight"].shape[0] == 300
+    plain = run(make_cfg(tmp_path / "plain", *bpe, "objective.centred=false", f"paths.cache_dir={tmp_path / 'cache'}"))
+    assert metrics["costate"]["objective"] == "ce, centred" and plain["costate"]["objective"] == "ce"
+    assert plain["cache"]["train"] == metrics["cache"]["train"] and plain["cache"]["replay"] != metrics["cache"]["replay"]
+    assert "train" not in plain["cache"]["computed"]  # the same trajectory, replayed with the other J
+    assert all(a != pytest.approx(b, rel=1e-6) for a, b in zip(metrics["costate"]["lambda_norms"],
+                                                                plain["costate"]["lambda_norms"]))
+    cosine = [[float(r["cosine"]) for r in csv_module.DictReader((out / "scores.csv").open())]
+              for out in (tmp_path, tmp_path / "plain")]
+    assert not np.allclose(*cosine, rtol=1e-6)
+    loss = [[r["loss"] for r in csv_module.DictReader((out / "scores.csv").open())] for out in (tmp_path, tmp_path / "plain")]
+    assert loss[0] == loss[1]  # θ_T's own scores do not read J
 
 
 @pytest.mark.slow
@@ -428,20 +446,38 @@ def test_the_data_scorer_learns_what_the_features_hold_and_reads_real_positions_
 @pytest.mark.slow
 def test_code_lm_with_a_wide_slice_scores_and_selects_it(tmp_path, monkeypatch):
     """The tiny run with a wide slice of 120 documents: the scorer learns the pool's γ, scores the slice beside the
-    proxy's loss, DSIR and random, and each retrain on the slice has the slice's token budget (2 epochs of 120
-    documents in batches of 8: 30 steps)."""
+    proxy's loss, DSIR and random, writes each document's scores to wide_scores.csv (named as scores.csv names the
+    pool's, the scores metrics.json measured), and each retrain on the slice has the slice's token budget (2 epochs
+    of 120 documents in batches of 8: 30 steps)."""
+    import csv as csv_module
+    import re
+
     from pmp_lightning.pipeline import run
     from tests.test_pipeline import make_cfg as image_cfg
 
     retrains = spy_on_retrains(monkeypatch)
-    metrics = run(make_cfg(tmp_path, "data.wide_size=120", "select.fractions=[0.2]", "select.scores=[loss]"))
+    metrics = run(make_cfg(tmp_path, "data.wide_size=120", "data.max_per_file=null",  # two packages' every window
+                           "select.fractions=[0.2]", "select.scores=[loss]"))
     scorer = metrics["scorer"]
     assert scorer["target"] == "raw" and -1 <= scorer["pool"]["spearman_out_of_fold"] <= 1
     assert scorer["wide"]["size"] == 120 and set(scorer["wide"]["detection"]) == {"scorer", "loss", "dsir", "random"}
     assert retrains[:4] == [(60, 16), (48, 16), (48, 16), (48, 16)]  # the pool's selection first: whole, oracle, loss, random
     assert retrains[4:] == [(120, 30), (96, 30), *[(96, 30)] * 4]  # the slice: whole, oracle, scorer, loss, dsir, random
     assert set(scorer["selection"]["0.2"]) == {"scorer", "loss", "dsir", "random"}
+    wide = list(csv_module.DictReader((tmp_path / "wide_scores.csv").open()))  # each document's scores, as scores.csv
+    pool = list(csv_module.DictReader((tmp_path / "scores.csv").open()))
+    assert scorer["wide"]["file"] == "wide_scores.csv" and len(wide) == 120
+    assert list(wide[0]) == ["index", "document", "corruption", "is_mislabeled", "scorer", "loss", "dsir", "random"]
+    assert [int(r["index"]) for r in wide] == list(range(120)) and list(pool[0])[:2] == ["index", "document"]
+    assert all(re.fullmatch(r"(json|csv)\S*\.py@\d+", r["document"]) for r in wide + pool)
+    assert not {r["document"] for r in wide} & {r["document"] for r in pool}  # the slice: documents the proxy never saw
+    mask = np.array([r["is_mislabeled"] == "1" for r in wide])
+    assert mask.sum() == round(0.2 * 120) and all((r["corruption"] != "") == m for r, m in zip(wide, mask))
+    from pmp_lightning.report.evaluate import detection_metrics
+    ap = detection_metrics(np.array([float(r["scorer"]) for r in wide]), mask)["ap"]
+    assert ap == pytest.approx(scorer["wide"]["detection"]["scorer"]["ap"])  # the scores metrics.json measured
     with pytest.raises(SettingError, match="learns the PMP score raw, which this run does not compute"):
         run(make_cfg(tmp_path / "no_raw", "data.wide_size=120", "scoring.scores=[cosine,loss]"))
-    with pytest.raises(SettingError, match="data.wide_size is the data scorer's wide slice of a corpus"):
+    with pytest.raises(SettingError, match="data.wide_size is (the data scorer's wide slice of a corpus|not a setting of "
+                                           "pmp_lightning.data.images.PoolDataModule)"):  # the latter: config.check_keys
         run(image_cfg(tmp_path / "images", "+data.wide_size=120"))

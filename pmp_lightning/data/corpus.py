@@ -8,16 +8,21 @@ token b, a vocabulary of 256 with no download and no training), or a byte-level 
 and the last ``length`` as targets; a shorter one (``unit="file"``, or a window whose text tokenizes shorter after
 corruption) is padded, its padded targets ``IGNORE`` (left out of the loss).
 
-Every failure of the input is named here, before anything is trained: an empty folder, a JSONL line without ``text``,
-binary files, documents shorter than one window.
+Every failure of the input is named here, before anything is trained: an empty folder, a JSONL line without ``text``
+or not UTF-8 (by its line), binary files, documents shorter than one window, a target or test set sharing documents
+with the pool (by name); and what is not a failure is said: where every file or line went, what was dropped and why,
+and texts that occur more than once.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import sys
 import sysconfig
 import warnings
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,8 @@ from pmp_lightning.errors import DataConfigError
 from pmp_lightning.training import IGNORE
 
 VOCAB_SIZE = 256  # the byte-level tokenizer: byte b is token b
+EXAMPLES = 3  # names given in a message that lists some of many
+log = logging.getLogger(__name__)
 
 
 class ByteTokenizer:
@@ -138,6 +145,8 @@ class StdlibSource:
     corpus of many authors' code, tests and docstrings on every machine. It differs between Python versions, so the
     results name the version (``describe``). ``packages``: keep only these top-level packages or modules."""
 
+    item = "file"  # what one (name, text) pair of load() is, in messages
+
     def __init__(self, packages: list[str] | None = None):
         self.packages = list(packages) if packages else None
         self.root = Path(sysconfig.get_paths()["stdlib"])
@@ -165,6 +174,8 @@ def top_level(name: str) -> str:
 class FolderSource:
     """Your own corpus: every file under ``path`` whose name ends in one of ``suffixes`` (all files when empty)."""
 
+    item = "file"
+
     def __init__(self, path: str, suffixes: list[str] | None = None):
         self.path, self.suffixes = Path(path), list(suffixes or [])
 
@@ -173,19 +184,22 @@ class FolderSource:
 
     def load(self) -> list[tuple[str, bytes]]:
         if not self.path.is_dir():
-            raise DataConfigError(f"data.source.path={str(self.path)!r} is not a folder; give a folder of text files "
-                                  f"(or a .jsonl file with data=corpus_jsonl)")
+            raise DataConfigError(f"{str(self.path)!r} is not a folder; give a folder of text files (or a .jsonl file "
+                                  f"with data=jsonl)")
         files = sorted(p for p in self.path.rglob("*")
                        if p.is_file() and (not self.suffixes or p.name.endswith(tuple(self.suffixes))))
         if not files:
             which = f" ending in {', '.join(self.suffixes)}" if self.suffixes else ""
-            raise DataConfigError(f"data.source.path={str(self.path)!r} holds no files{which}: the corpus is empty; "
-                                  f"point it at a folder of text files (data.source.suffixes chooses which)")
-        return _read_files(self.path, files, f"data.source.path={str(self.path)!r}")
+            raise DataConfigError(f"{str(self.path)!r} holds no files{which}: the corpus is empty; point data.path at a "
+                                  f"folder of text files (data.source.suffixes chooses which)")
+        return _read_files(self.path, files, self.describe())
 
 
 class JsonlSource:
-    """Your own corpus as a JSONL file: one JSON object per line, its text under ``field``."""
+    """Your own corpus as a JSONL file: one JSON object per line, its text under ``field``. Documents are named by
+    their line (``line 12``), counted from 1 in the file as an editor shows it (only a newline ends a line)."""
+
+    item = "line"
 
     def __init__(self, path: str, field: str = "text"):
         self.path, self.field = Path(path), field
@@ -195,14 +209,20 @@ class JsonlSource:
 
     def load(self) -> list[tuple[str, bytes]]:
         if not self.path.is_file():
-            raise DataConfigError(f"data.source.path={str(self.path)!r}: no such file; give a JSONL file, one "
+            raise DataConfigError(f"{str(self.path)!r}: no such file; give a JSONL file, one "
                                   f"{{\"{self.field}\": ...}} object per line")
+        raw = self.path.read_bytes()
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataConfigError(f"{self.path} is not UTF-8 text (byte {e.start}); a JSONL corpus is UTF-8") from None
+            line = raw.count(b"\n", 0, e.start) + 1
+            column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+            raise DataConfigError(f"{self.path}, line {line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                                  f"{column}, byte {e.start} of the file); a JSONL corpus is UTF-8: re-encode the file "
+                                  f"(e.g. iconv -f latin1 -t utf-8) or fix that line") from None
         texts = []
-        for number, line in enumerate(lines, start=1):
+        for number, line in enumerate(raw.split(b"\n"), start=1):  # str.splitlines would also split at U+2028 & co.
+            line = line.rstrip(b"\r").decode("utf-8")
             if not line.strip():
                 continue
             try:
@@ -221,6 +241,39 @@ class JsonlSource:
         if not texts:
             raise DataConfigError(f"{self.path} holds no documents (no non-empty line); the corpus is empty")
         return texts
+
+
+def source_at(where, setting: str, like=None):
+    """The source a setting names: a source object as it is (a node with ``_target_``), or a path a user gives
+    (``data.downstream=/my/target.jsonl``, ``data.test=/my/test``): a folder is read as a ``FolderSource``, a file as
+    a ``JsonlSource``, each with the pool's own source's settings (``suffixes``, ``field``) when it is of that kind, so
+    the target and test sets are read as the pool is."""
+    if hasattr(where, "load"):
+        return where
+    if not isinstance(where, (str, Path)):
+        raise DataConfigError(f"{setting}={where!r}: give the path of a JSONL file or of a folder of text files")
+    path = Path(where)
+    if path.is_dir():
+        return FolderSource(str(path), like.suffixes if isinstance(like, FolderSource) else None)
+    if path.is_file():
+        return JsonlSource(str(path), like.field if isinstance(like, JsonlSource) else "text")
+    raise DataConfigError(f"{setting}={str(where)!r}: no such file or folder (resolved to {path.resolve()}); give a JSONL "
+                          f"file (one {{\"text\": ...}} object per line) or a folder of text files")
+
+
+def pool_source(source, path):
+    """The pool's source: ``source`` itself (``data=code``), or for ``data=jsonl`` and ``data=folder``, whose configs
+    give a partial source, that source reading ``path`` (``data.path``, the one setting a user must give)."""
+    if isinstance(source, functools.partial):
+        example = "/my/texts" if source.func is FolderSource else "/my/corpus.jsonl"
+        if path is None and "path" not in source.keywords:
+            raise DataConfigError(f"data.path is not set: it is your corpus ({source.func.__name__}), e.g. "
+                                  f"data.path={example}")
+        return source(**({} if path is None else {"path": str(path)}))
+    if path is not None:
+        raise DataConfigError(f"data.path={str(path)!r}: this data's source ({type(source).__name__}) does not read a "
+                              f"path; for a corpus of your own use data=jsonl or data=folder with data.path")
+    return source
 
 
 def documents(texts: list[tuple[str, bytes]], unit: str = "window", length: int = 128,
@@ -271,23 +324,138 @@ def tokenize(docs: list[Document], length: int, tokenizer=None) -> tuple[torch.T
     return x, y
 
 
+TEST, TARGET, POOL, TRAIN, WIDE = "test set", "target set", "pool", "training set", "wide slice"
+SIZE_SETTING = {TEST: "data.test_size", TARGET: "data.downstream_size", POOL: "data.pool_size",
+                TRAIN: "data.train_size", WIDE: "data.wide_size"}
+
+
+@dataclass
+class Account:
+    """Where every text (file, or line of a JSONL file) of one source went: the split it was dealt to, or why none;
+    and the documents of dealt texts that no split took. The run logs it in one line (``line``) and writes each text's
+    fate into ``ground_truth.npz`` (``fates``), so that nothing of a user's corpus is lost without a word."""
+
+    source: object
+    names: list[str]  # every text of the source, in its order
+    use: dict[str, str]  # text -> the split it was dealt to
+    short: list[str]  # texts without one document: shorter than one window
+    repeated: list[str]  # texts whose every document an earlier split already holds
+    undealt: list[str]  # texts left when every split was full
+    documents: dict[str, int]  # split -> its documents
+    capped: int = 0  # documents of dealt texts beyond data.max_per_file
+    surplus: int = 0  # documents of the text that filled a split, beyond the split's size
+    repeats: int = 0  # documents not dealt again: an earlier split holds their text
+    copies: list[list[str]] = field(default_factory=list)  # texts that occur more than once among the dealt ones
+
+    def fates(self) -> list[str]:
+        """Each text's fate, in the source's order: its split, or why it is in none."""
+        why = {**{n: "dropped: shorter than one window" for n in self.short},
+               **{n: "dropped: an earlier split holds its text" for n in self.repeated},
+               **{n: "not dealt: the splits were full" for n in self.undealt}}
+        return [self.use.get(n) or why[n] for n in self.names]
+
+    def line(self, unit_note: str, full: str) -> str:
+        """One clause of the split's log line: this source's texts, each split's share, and what was dropped."""
+        item, per = getattr(self.source, "item", "file"), {split: 0 for split in self.documents}
+        for split in self.use.values():
+            per[split] += 1
+        shares = ", ".join(f"{split} {_n(n, 'document')} from {_n(per[split], item)}"
+                           for split, n in self.documents.items())
+        dropped = [f"{_n(len(self.short), item)} shorter than {unit_note} ({_some(self.short)})" if self.short else "",
+                   f"{_n(len(self.repeated), item)} whose text an earlier split holds ({_some(self.repeated)})"
+                   if self.repeated else "",
+                   f"{_n(self.repeats, 'document')} whose text an earlier split holds" if self.repeats else "",
+                   f"{_n(self.capped, 'document')} beyond data.max_per_file of their {item}" if self.capped else "",
+                   f"{_n(self.surplus, 'document')} of the {item}s that filled a split, beyond its size"
+                   if self.surplus else "",
+                   f"{_n(len(self.undealt), item)} not dealt ({full})" if self.undealt else ""]
+        dropped = [d for d in dropped if d]
+        return (f"{self.source.describe()}, {_n(len(self.names), item)}: {shares}; "
+                + (f"dropped {'; '.join(dropped)}" if dropped else "nothing dropped"))
+
+
+def _n(count: int, word: str) -> str:
+    """``1 line``, ``2 lines``."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _some(names: list[str]) -> str:
+    """A few of many names, for a message."""
+    return ", ".join(names[:EXAMPLES]) + (", …" if len(names) > EXAMPLES else "")
+
+
+def _drawn(docs: list[Document], keep: int, gen: torch.Generator) -> list[Document]:
+    """``keep`` of the documents, drawn at random, in their order (all of them when ``keep`` is their number)."""
+    if keep == len(docs):
+        return docs
+    return [docs[i] for i in torch.randperm(len(docs), generator=gen)[:keep].sort().values.tolist()]
+
+
+def _copies(texts: list[tuple[str, bytes]]) -> list[list[str]]:
+    """The names of the texts that occur more than once, one list per repeated text, in the source's order."""
+    names = defaultdict(list)
+    for name, text in texts:
+        names[text].append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _copies_warning(account: Account) -> str:
+    """A source's texts that occur more than once, a few of them by name, and what the splits do with them."""
+    copies, item = account.copies, getattr(account.source, "item", "file")
+    named = "; ".join(" = ".join(c[:EXAMPLES]) + (" = …" if len(c) > EXAMPLES else "") for c in copies[:EXAMPLES])
+    return (f"{account.source.describe()}: {sum(len(c) - 1 for c in copies)} {item}s repeat another's text exactly "
+            f"({len(copies)} texts occur more than once: {named}{' …' if len(copies) > EXAMPLES else ''}); copies dealt "
+            f"to one split count once each, a copy in a later split is dropped; remove the copies if each text should "
+            f"count once")
+
+
+def _refuse_shared(docs: list[Document], others: list[Document], what: str, where: str, fix: str) -> None:
+    """Refuse ``docs`` sharing a document with ``others``, naming a few of them on both sides."""
+    theirs = {doc.text: doc.name for doc in others}
+    shared = [f"{doc.name} = {where}'s {theirs[doc.text]}" for doc in docs if doc.text in theirs]
+    if shared:
+        raise DataConfigError(f"{what} shares {len(shared)} documents with {where} ({_some(shared)}); {fix}")
+
+
+def _corruption(noise):
+    """What corrupts a corpus's pool: a ``Corruption`` (noise=corrupt: the ground truth detection is measured
+    against), or None for ``noise=none`` (a ``LabelNoise`` of kind none: the corpus as it is, real-data mode). Label
+    noise flips class labels, which a corpus does not have."""
+    from pmp_lightning.data.corruption import Corruption  # it imports Document from here
+
+    if noise is None or isinstance(noise, Corruption):
+        return noise
+    if getattr(noise, "kind", None) == "none":
+        return None
+    raise DataConfigError(f"noise={getattr(noise, 'kind', type(noise).__name__)} changes class labels, and a corpus has "
+                          f"none: use noise=corrupt (documents corrupted on purpose, the ground truth detection is "
+                          f"measured against) or noise=none (your corpus as it is)")
+
+
 class CorpusDataModule(pl.LightningDataModule):
-    """A corpus as the pool, the target set defining J, a test set and the training set, split by file so that no
-    file's windows fall into two of them: files in a random order (``split_seed``) are dealt out to the test set, the
-    target set, the pool and (``pool_mode="holdout"``) the clean training set, each drawing its documents at random
-    from the files it was dealt. A ``noise`` (``Corruption``) corrupts a fraction of the pool, the ground truth that
-    detection is measured against; the target and test sets stay clean.
+    """A corpus as the pool, the target set defining J, a test set and the training set, split by file (by line of a
+    JSONL file) so that no file's documents fall into two of them: files in a random order (``split_seed``) are dealt
+    out in turn to the test set, the target set, the pool, (``pool_mode="holdout"``) the clean training set and the
+    data scorer's wide slice, each split exactly what it uses: files until it has its size (a size None: every file
+    left), a file giving at most ``max_per_file`` of its documents, drawn at random (None: all of them), the file that
+    fills a split only the ones it needs. A ``noise`` (``Corruption``) corrupts a fraction of the pool, the ground truth
+    that detection is measured against; the target and test sets stay clean. ``noise=none`` (a ``LabelNoise`` of kind
+    none) leaves the corpus as it is: no ground truth, the pool ranked (real-data mode).
 
     ``pool_mode="train"``: the language model trains on the pool, corrupted documents included, and scores it;
     ``"holdout"``: it trains on ``train_size`` clean documents (None: as many as the pool holds) and scores a pool it
-    never saw. ``downstream``: a source
-    of your own for the target set (a ``FolderSource`` or ``JsonlSource``), which must share no document with the pool.
+    never saw. ``path``: the corpus of ``data=jsonl`` and ``data=folder``, whose ``source`` is a partial that reads it
+    (``pool_source``). ``downstream``: a target set of your own (a path or a source, ``source_at``), which must share no
+    document with the pool; the test set is then held out of it (``test_size`` of its documents, the rest define J),
+    so that the models are tested on, and selection measured on, the target's distribution. ``test``: a test set of
+    your own instead (a path or a source, all of it), which must share no document with the training set.
     """
 
     def __init__(self, source, noise, unit: str = "window", length: int = 128, pool_mode: str = "train",
-                 pool_size: int = 2000, train_size: int | None = None, downstream_size: int = 200, test_size: int = 200,
-                 downstream=None, batch_size: int = 32, split_seed: int = 0, num_workers: int = 0, canaries: int = 0,
-                 downstream_includes_pool: bool = False, tokenizer=None, wide_size: int | None = None):
+                 pool_size: int | None = 2000, train_size: int | None = None, downstream_size: int = 200,
+                 test_size: int = 200, downstream=None, batch_size: int = 32, split_seed: int = 0, num_workers: int = 0,
+                 canaries: int = 0, downstream_includes_pool: bool = False, tokenizer=None, wide_size: int | None = None,
+                 path: str | None = None, test=None, max_per_file: int | None = None):
         super().__init__()
         if pool_mode not in ("train", "holdout") or downstream_includes_pool:
             raise DataConfigError(f"pool={pool_mode} does not apply to a corpus; use pool=train or pool=holdout")
@@ -296,18 +464,26 @@ class CorpusDataModule(pl.LightningDataModule):
         if canaries:
             raise DataConfigError("scoring.canaries holds out labelled examples with a wrong label; a corpus has no labels: "
                                   "set scoring.canaries=0")
-        self.source, self.noise, self.unit, self.length = source, noise, unit, length
+        for setting, value in (("data.wide_size", wide_size), ("data.max_per_file", max_per_file)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataConfigError(f"{setting}={value!r}: give a positive number of documents, or null for "
+                                      + ("none" if setting == "data.wide_size" else "no limit"))
+        self.source, self.noise, self.unit, self.length = pool_source(source, path), _corruption(noise), unit, length
         self.pool_mode, self.pool_size, self.train_size = pool_mode, pool_size, train_size
-        self.downstream_size, self.test_size, self.trusted = downstream_size, test_size, downstream
+        self.downstream_size, self.test_size, self.max_per_file = downstream_size, test_size, max_per_file
+        self.trusted = None if downstream is None else source_at(downstream, "data.downstream", self.source)
+        self.test_source = None if test is None else source_at(test, "data.test", self.source)
         self.batch_size, self.split_seed, self.num_workers = batch_size, split_seed, num_workers
-        if wide_size is not None and (isinstance(wide_size, bool) or not isinstance(wide_size, int) or wide_size < 1):
-            raise DataConfigError(f"data.wide_size={wide_size!r}: give the number of documents of the wide slice the "
-                                  f"data scorer scores (e.g. 6000), or null for none")
         self.wide_size, self.wide = wide_size, None
         self.tokenizer = tokenizer or ByteTokenizer()
         self.num_classes = self.vocab_size = VOCAB_SIZE  # the tokenizer's vocabulary, once it is trained (setup)
         self.canary_mask, self.known_errors, self.known_error_counts = None, None, None
         self._ready = False
+
+    @property
+    def test_from(self) -> str:
+        """Where the test set comes from: a file of its own, held out of the target set, or dealt from the corpus."""
+        return "file" if self.test_source is not None else "target" if self.trusted is not None else "corpus"
 
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
@@ -315,61 +491,169 @@ class CorpusDataModule(pl.LightningDataModule):
         texts = self.source.load()
         self.num_classes = self.vocab_size = self.tokenizer.fit([text for _, text in texts]).vocab_size
         documents([max(texts, key=lambda t: len(t[1]))], self.unit, self.length, self.tokenizer)  # a window fits at all
-        files = [texts[i] for i in torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.split_seed))]
-        gen = torch.Generator().manual_seed(self.split_seed + 1)
-        wanted = [("test set (data.test_size)", self.test_size),
-                  *([] if self.trusted is not None else [("target set (data.downstream_size)", self.downstream_size)]),
-                  ("pool (data.pool_size)", self.pool_size),
-                  *([("clean training set (data.train_size)", self.train_size or self.pool_size)]
-                    if self.pool_mode == "holdout" else []),
-                  *([("wide slice (data.wide_size)", self.wide_size)] if self.wide_size else [])]
-        dealt = dict(zip((what for what, _ in wanted), self._deal(files, wanted, gen)))
-        test, pool = dealt["test set (data.test_size)"], dealt["pool (data.pool_size)"]
-        target = (dealt["target set (data.downstream_size)"] if self.trusted is None
-                  else documents(self.trusted.load(), self.unit, self.length, self.tokenizer))
-        corrupted, self.corrupted_mask, self.corruption_kind = self.noise(pool)
-        self.pool_documents, self.target_documents = corrupted, target
+        dealt, accounts = self._deal_all(texts)
+        pool, target, test = dealt[POOL], dealt[TARGET], dealt[TEST]
+        train = pool if self.pool_mode == "train" else dealt[TRAIN]
+        _refuse_shared(target, pool, "the target set (data.downstream)", "the pool",
+                       "J must not contain documents it scores: remove them from the target set")
+        if self.test_from != "corpus":
+            _refuse_shared(test, train, "the test set (" + ("data.test)" if self.test_from == "file" else
+                                                            "held out of data.downstream)"), "the training set",
+                           "the model would be tested on documents it trained on: remove them from that file")
+        corrupted, self.corrupted_mask, self.corruption_kind = self._corrupt(pool)
+        self.pool_documents, self.target_documents, self.test_documents = corrupted, target, test
         self.pool_index = np.arange(len(pool))
         tokens = lambda docs: IndexedDataset(*tokenize(docs, self.length, self.tokenizer))  # noqa: E731
         self.pool = tokens(corrupted)
         self.scored = self.pool
         self.downstream = tokens(target)
         self.test_set = tokens(test)
-        self.train_set = self.pool if self.pool_mode == "train" else tokens(dealt["clean training set (data.train_size)"])
+        self.train_set = self.pool if self.pool_mode == "train" else tokens(train)
         if self.wide_size:  # documents the proxy never saw, corrupted as the pool is: the data scorer's (scores/scorer.py)
-            self.wide_documents, self.wide_mask, _ = self.noise(dealt["wide slice (data.wide_size)"])
+            self.wide_documents, self.wide_mask, self.wide_kinds = self._corrupt(dealt[WIDE])
             self.wide = tokens(self.wide_documents)
-        shared = len({d.text for d in target} & {d.text for d in pool})
-        if shared:
-            raise DataConfigError(f"the target set (data.downstream) shares {shared} documents with the pool: J must not "
-                                  f"contain documents it scores; remove them from the target set")
-        self.downstream_note = {"source": self.trusted.describe() if self.trusted is not None else
-                                f"files of {self.source.describe()} beside the pool's", "size": len(target)}
+        self.accounts = accounts
+        self._describe(target, test)
         self._ready = True
 
-    def _deal(self, files, wanted, gen) -> list[list[Document]]:
-        """Each split's documents: files dealt in turn until the split has four times the documents it needs (all
-        that remain for a split of size None), then that many drawn from them at random, in corpus order. A document
-        whose text an earlier split already holds (a licence header, a copied module) is not dealt again, so no text
-        is in two splits (J never holds a document it scores, the test set none the model trained on)."""
-        out, at, taken = [], 0, set()
+    def _deal_all(self, texts) -> tuple[dict[str, list[Document]], list[Account]]:
+        """Every split's documents, and each source's account: the pool's source deals the test set (unless it comes
+        from a file or the target set), the target set (unless it is your own), the pool, the clean training set and
+        the wide slice; a target set of your own gives the test set (unless it is a file of its own) and J the rest."""
+        wanted = [*([(TEST, self.test_size)] if self.test_from == "corpus" else []),
+                  *([(TARGET, self.downstream_size)] if self.trusted is None else []),
+                  (POOL, self.pool_size),
+                  *([(TRAIN, self.train_size or self.pool_size)] if self.pool_mode == "holdout" else []),
+                  *([(WIDE, self.wide_size)] if self.wide_size else [])]
+        dealt, account = self._deal(texts, wanted, self.source)
+        accounts = [account]
+        if self.trusted is not None:
+            held = [(TEST, self.test_size)] if self.test_from == "target" else []
+            own, account = self._deal(self.trusted.load(), [*held, (TARGET, None)], self.trusted, "data.downstream")
+            dealt.update(own)
+            accounts.append(account)
+        if self.test_source is not None:
+            own, account = self._deal(self.test_source.load(), [(TEST, None)], self.test_source, "data.test")
+            dealt.update(own)
+            accounts.append(account)
+        return dealt, accounts
+
+    def _deal(self, texts, wanted, source, setting: str | None = None) -> tuple[dict[str, list[Document]], Account]:
+        """Each wanted split's documents, in the source's order, and the source's account. The texts, shuffled by
+        ``split_seed``, are dealt in turn to each split until it has its size (a size None: every text left); a text
+        of the corpus gives the split at most ``max_per_file`` of its documents (a target or test set of your own
+        gives all), and the text that fills the split only the ones it needs, drawn at random (the rest are counted
+        as dropped). A document whose text an earlier split already
+        holds (a licence header, a copied module) is not dealt again, so no text is in two splits (J never holds a
+        document it scores, the test set none the model trained on)."""
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        gen = torch.Generator().manual_seed(self.split_seed + 1)
+        account = Account(source=source, names=[name for name, _ in texts], use={}, short=[], repeated=[], undealt=[],
+                          documents={})
+        out, at, taken = {}, 0, set()
+        cap = self.max_per_file if source is self.source else None
         for what, size in wanted:
-            candidates = []
-            while at < len(files) and (size is None or len(candidates) < 4 * size):
-                name, text = files[at]
-                dealt = (_windows(name, text, self.length + 1, self.tokenizer) if self.unit == "window"
-                         else documents([files[at]], "file", self.length) if len(text) > 1 else [])
-                candidates += [doc for doc in dealt if doc.text not in taken]
-                at += 1
-            size = len(candidates) if size is None else size
-            if size < 1 or len(candidates) < size:
-                raise DataConfigError(f"the {what} needs {size} documents but the corpus ({self.source.describe()}) has only "
-                                      f"{len(candidates)} left after the earlier splits; lower the sizes or give a larger "
-                                      f"corpus")
-            keep = torch.randperm(len(candidates), generator=gen)[:size].sort().values
-            out.append([candidates[i] for i in keep.tolist()])
-            taken.update(doc.text for doc in out[-1])
-        return out
+            out[what], at = self._fill(what, size, texts, order, at, taken, account, gen, cap)
+            if not out[what] or (size is not None and len(out[what]) < size):
+                raise DataConfigError(self._short_of(what, size, len(out[what]), source, setting, wanted))
+            account.documents[what] = len(out[what])
+            taken.update(doc.text for doc in out[what])
+        place = {name: i for i, (name, _) in enumerate(texts)}
+        account.undealt = [texts[i][0] for i in sorted(order[at:])]
+        account.short.sort(key=place.get)
+        account.repeated.sort(key=place.get)
+        dealt = set(account.use) | set(account.repeated)
+        account.copies = _copies([(name, text) for name, text in texts if name in dealt])
+        return out, account
+
+    def _fill(self, what: str, size, texts, order: list[int], at: int, taken: set, account: Account,
+              gen: torch.Generator, cap: int | None) -> tuple[list[Document], int]:
+        """One split's documents in the source's order, dealt from ``order[at:]`` until it has ``size`` (None: every
+        text left), and where the next split starts; what each text gave, or why nothing, goes into ``account``."""
+        chunks, got = [], 0  # (the text's place in the source, the documents it gave)
+        while at < len(order) and (size is None or got < size):
+            name, text = texts[order[at]]
+            at += 1
+            cut = self._cut(name, text)
+            fresh = [doc for doc in cut if doc.text not in taken]
+            if not fresh:
+                (account.repeated if cut else account.short).append(name)
+                continue
+            allowed = min(len(fresh), cap or len(fresh))
+            kept = _drawn(fresh, min(allowed, len(fresh) if size is None else size - got), gen)
+            account.repeats += len(cut) - len(fresh)
+            account.capped += len(fresh) - allowed
+            account.surplus += allowed - len(kept)
+            account.use[name] = what
+            chunks.append((order[at - 1], kept))
+            got += len(kept)
+        return [doc for _, docs in sorted(chunks, key=lambda c: c[0]) for doc in docs], at
+
+    def _cut(self, name: str, text: bytes) -> list[Document]:
+        """A text's documents: its windows (``unit="window"``), or the text itself cut to size (``unit="file"``)."""
+        if self.unit == "window":
+            return _windows(name, text, self.length + 1, self.tokenizer)
+        return documents([(name, text)], "file", self.length) if len(text) > 1 else []
+
+    def _short_of(self, what: str, size, got: int, source, setting, wanted) -> str:
+        """Why a split could not have its size, and what to change."""
+        earlier = [w for w, _ in wanted[:[w for w, _ in wanted].index(what)]]
+        where = f"{source.describe()}{f' ({setting})' if setting else ''}"
+        if setting == "data.downstream" and what == TEST:
+            return (f"the test set ({SIZE_SETTING[TEST]}={size}) is held out of the target set, {where}, which holds only "
+                    f"{got} documents; lower {SIZE_SETTING[TEST]} (J keeps the rest) or give a test set of your own "
+                    f"(data.test=...)")
+        if size is None:
+            if not earlier:
+                return (f"the {what} from {where} holds no document of one window ({self.length + 1} tokens: data.length "
+                        f"+ 1); give a larger set or lower data.length")
+            return (f"the {what} from {where} has no document left after the {' and '.join(earlier)}; lower "
+                    f"{' and '.join(SIZE_SETTING[w] for w in earlier)}"
+                    + (" or give a test set of your own (data.test=...)" if TEST in earlier else " or give a larger set"))
+        took_all = [w for w, s in wanted if s is None and w in earlier]
+        fix = (f"; {SIZE_SETTING[took_all[0]]}=null deals every document left to the {took_all[0]}: give it a number"
+               if took_all else "; lower the sizes or give a larger corpus")
+        return (f"the {what} ({SIZE_SETTING[what]}) needs {size} documents but {where} has only {got} left after the "
+                f"earlier splits ({', '.join(earlier) or 'none'}){fix}")
+
+    def _corrupt(self, docs: list[Document]) -> tuple[list[Document], np.ndarray, list[str]]:
+        """The documents corrupted by the noise, the mask of those and each one's kind; as they are under noise=none."""
+        if self.noise is None:
+            return list(docs), np.zeros(len(docs), dtype=bool), [""] * len(docs)
+        return self.noise(docs)
+
+    def _describe(self, target: list[Document], test: list[Document]) -> None:
+        """Where J's and the test set's documents come from (``downstream_note``, ``test_note``: metrics.json; in
+        real-data mode without a target set of your own, a warning that J is as unchecked as the pool), what went
+        where (one log line, ``split_note``) and texts that occur more than once (a warning)."""
+        self.test_note = {"size": len(test), "source": self._test_source()}
+        note = {"source": self.trusted.describe() if self.trusted is not None else
+                f"files of {self.source.describe()} beside the pool's", "size": len(target)}
+        if self.test_from == "target":
+            note["held_out_for_test"] = len(test)
+        if self.trusted is None and self.noise is None:
+            note["warning"] = (f"J comes from {len(target)} documents of {self.source.describe()}, the same unchecked "
+                               f"corpus as the pool: whatever junk it holds is in J too. Give a target set you trust as "
+                               f"data.downstream=<a JSONL file or a folder>")
+            warnings.warn(note["warning"], stacklevel=3)
+        self.downstream_note = note
+        unit = f"one window ({self.length + 1} tokens: data.length + 1)" if self.unit == "window" else "2 bytes"
+        full = next((f"the splits were full; {SIZE_SETTING[w]}=null deals every one left" for w in (POOL, TRAIN, WIDE)
+                     if w in self.accounts[0].documents), "the splits were full")
+        training = "the pool is the training set" if self.pool_mode == "train" else "the training set is held out"
+        self.split_note = {"line": "; ".join([*(a.line(unit, full) for a in self.accounts), training])}
+        log.info(f"corpus splits: {self.split_note['line']}")
+        for account in self.accounts:
+            if account.copies:
+                warnings.warn(_copies_warning(account), stacklevel=3)
+
+    def _test_source(self) -> str:
+        """The test documents' origin, after their number: what selection's measure is taken on (``measured_on``)."""
+        if self.test_from == "file":
+            return f"documents of the test set of your own, {self.test_source.describe()} (data.test)"
+        if self.test_from == "target":
+            return f"documents held out of J from the target set, {self.trusted.describe()} (data.test_size)"
+        return f"documents of {self.source.describe()} dealt beside the target set's (data.test_size)"
 
     @property
     def is_mislabeled(self) -> np.ndarray:
@@ -377,13 +661,23 @@ class CorpusDataModule(pl.LightningDataModule):
         return self.corrupted_mask
 
     def ground_truth(self) -> dict[str, np.ndarray]:
+        """What ``ground_truth.npz`` holds: each pool document's corruption, and where every text (file or line) of
+        the corpus went (``corpus_text``, ``corpus_fate``: its split, or why it is in none)."""
+        corpus = self.accounts[0]
         return {"index": self.pool_index, "is_mislabeled": self.corrupted_mask,
-                "corruption": np.array(self.corruption_kind, dtype=str)}
+                "corruption": np.array(self.corruption_kind, dtype=str),
+                "corpus_text": np.array(corpus.names, dtype=str), "corpus_fate": np.array(corpus.fates(), dtype=str)}
 
     def pool_columns(self) -> dict[str, list]:
         """What scores.csv says of each pool document before its scores."""
         return {"index": self.pool_index.tolist(), "document": [d.name for d in self.pool_documents],
                 "corruption": self.corruption_kind, "is_mislabeled": self.corrupted_mask.astype(int).tolist()}
+
+    def wide_columns(self) -> dict[str, list]:
+        """What wide_scores.csv says of each document of the wide slice before its scores, as scores.csv does of the
+        pool's (``index``: its place in the slice; ``document``: its file or line and offset)."""
+        return {"index": list(range(len(self.wide_documents))), "document": [d.name for d in self.wide_documents],
+                "corruption": self.wide_kinds, "is_mislabeled": self.wide_mask.astype(int).tolist()}
 
     def suspect_columns(self, predicted=None) -> dict[str, list]:
         """What suspects.csv says of each pool document: where it comes from and its first line."""

@@ -2,10 +2,12 @@
 
 For each fraction f and each chosen score, retrain from scratch (same seed, same config) on the pool minus its
 lowest-scored ⌈f·N⌉ examples and measure what the retrained model reaches: a classifier's clean test accuracy; a
-language model's loss on the clean test documents, trained with the whole pool's token budget (its number of steps:
-fewer documents, more passes over them), the paper's headline measure. References: removing a random ⌈f·N⌉ examples,
-and removing exactly the mislabeled (corrupted) examples (the oracle). The settings are checked before any work
-(``config.check_settings``).
+language model's loss on the test documents, trained with the whole pool's token budget (its number of steps:
+fewer documents, more passes over them), the paper's headline measure: the loss on the target's distribution. With a
+target set of your own (``data.downstream``) the test documents are held out of it (never J's own, which chose the
+PMP scores), or come from a test file of your own (``data.test``); metrics.json names them (``measured_on``).
+References: removing a random ⌈f·N⌉ examples, and removing exactly the mislabeled (corrupted) examples (the oracle).
+The settings are checked before any work (``config.check_settings``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pmp_lightning.scores.text import token_loss
 from pmp_lightning.training import Training
 
 log = logging.getLogger(__name__)
-REPORT_KEYS = ("measure", "full", "oracle")  # a selection report's entries that are not removed fractions
+REPORT_KEYS = ("measure", "measured_on", "full", "oracle")  # a selection report's entries that are not removed fractions
 
 
 def train_without(training: Training, datamodule, keep: np.ndarray, test: bool = True, steps: int | None = None,
@@ -49,8 +51,10 @@ def selection(training: Training, datamodule, scores: dict[str, np.ndarray], fra
               wide: bool = False) -> dict:
     """``{"measure": ..., "full": value, "oracle": value, "<fraction>": {score: value, ..., "random": value}}``; the
     measure is the test accuracy, or for a language model the test loss after the run's epochs' worth of steps over
-    the whole set (the full run retrained the same way); the random removals are drawn with the run's seed. ``wide``: select from a corpus's wide slice
-    (``data.wide_size``, documents the proxy never saw) instead of the pool."""
+    the whole set (the full run retrained the same way), on the documents ``measured_on`` names (the datamodule's
+    ``test_note``); the random removals are drawn with the run's seed. ``wide``: select from a corpus's wide slice
+    (``data.wide_size``, documents the proxy never saw) instead of the pool. A corpus without ground truth
+    (``noise=none``) has no oracle to retrain: removing no document is the full run."""
     pool, mask = (datamodule.wide, datamodule.wide_mask) if wide else (datamodule.pool, datamodule.is_mislabeled)
     n = len(pool)
     lm = language_model(datamodule)
@@ -59,7 +63,9 @@ def selection(training: Training, datamodule, scores: dict[str, np.ndarray], fra
     measure = "test loss" if lm else "test accuracy"
     retrain = lambda keep: _retrained(training, datamodule, keep, budget, source)  # noqa: E731
     full = retrain(np.ones(n, dtype=bool)) if lm else full_accuracy
-    report: dict = {"measure": measure, "full": full, "oracle": retrain(~mask)}
+    report: dict = {"measure": measure, "full": full, "oracle": full if lm and not mask.any() else retrain(~mask)}
+    if lm:
+        report["measured_on"] = f"{datamodule.test_note['size']} {datamodule.test_note['source']}"
     rng = np.random.default_rng(training.seed)
     for fraction in fractions:
         k = math.ceil(fraction * n)
