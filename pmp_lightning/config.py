@@ -133,6 +133,9 @@ def check_settings(cfg) -> tuple[list[str], str]:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             allowed = f"an integer ≥ {least}" + (" or null" if nullable else "")
             raise ReplayConfigError(f"{key}={value!r}: it must be {allowed}, e.g. {key}={example}")
+    from pmp_lightning.replay.module import check_replay_settings  # torch: only once the config is composed
+
+    check_replay_settings(cfg.replay.get("curvature"), cfg.replay.get("horizon"))
     growth = cfg.replay.get("growth_warning")
     if isinstance(growth, bool) or not isinstance(growth, (int, float)) or growth <= 1:
         raise ReplayConfigError(f"replay.growth_warning={growth!r}: it must be a number > 1 (a growth factor of ‖λ‖), e.g. 10")
@@ -162,7 +165,48 @@ def check_settings(cfg) -> tuple[list[str], str]:
     if canaries not in ("auto", 0) and not any(n in (*AUTO_FAMILY, *CLASS_VARIANTS) for n in names):
         raise SettingError(f"scoring.canaries chooses among the PMP variants {', '.join(AUTO_FAMILY)}, and this run "
                            f"computes none; add some to scoring.scores (e.g. scoring=all)")
+    check_keys(cfg)  # after the checks above, whose messages say more about the settings they know
     return names, _rank_by(cfg.scoring.get("rank_by"), names, canaries)
+
+
+HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
+
+
+def check_keys(node, where: str = "") -> None:
+    """Every key of a node that Hydra builds from a ``_target_`` must be one of the target's arguments: a typo
+    (``+data.pool_sise=300``) is named with the nearest setting and the valid ones, not left to Hydra's TypeError from
+    inside the build. Targets that take ``**kwargs``, or that cannot be imported (the build names those), are left
+    alone, as are the null shape settings a model of your own need not take (``training.shaped`` drops them). Nested
+    nodes are checked on their own."""
+    import difflib
+    import inspect
+
+    from hydra.utils import get_object
+    from omegaconf import DictConfig
+
+    from pmp_lightning.training import SHAPE_SETTINGS
+
+    if not isinstance(node, DictConfig):
+        return
+    target = node.get("_target_") if "_target_" in node else None
+    if isinstance(target, str):
+        try:
+            obj = get_object(target)
+            params = inspect.signature(obj).parameters
+        except Exception:  # noqa: BLE001 — an unknown target or a builtin without a signature: the build names it
+            params = None
+        if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            for key in node:
+                if key in HYDRA_KEYS or key in params or (key in SHAPE_SETTINGS and node.get(key) is None):
+                    continue
+                settings = [k for k in params if k not in ("self", "args")]
+                near = difflib.get_close_matches(str(key), settings, n=1)
+                hint = f" (did you mean {where}{near[0]}?)" if near else ""
+                raise SettingError(f"{where}{key} is not a setting of {target}{hint}; its settings: "
+                                   f"{', '.join(settings)}")
+    for key in node:
+        if key not in HYDRA_KEYS:
+            check_keys(node._get_node(key), f"{where}{key}.")
 
 
 def check_folds(folds, pool_size: int | None = None) -> None:

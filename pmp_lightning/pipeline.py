@@ -44,9 +44,9 @@ from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError
 from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, auto_choice, contribution_auroc,
                                            detection_metrics, small_sample_caveat)
 from pmp_lightning.io import save_npz
-from pmp_lightning.report.outputs import assemble_metrics, write_outputs
-from pmp_lightning.replay.store import ReplayStats, replay_key_config
-from pmp_lightning.replay.costate import describe
+from pmp_lightning.report.outputs import assemble_metrics, write_outputs, write_wide_scores
+from pmp_lightning.replay.store import ReplayStats, concentration, replay_key_config
+from pmp_lightning.replay.costate import describe, modelled_dynamics
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, SCORER_TARGET, class_scores, compute_scores,
                                            hedge)
@@ -97,6 +97,9 @@ def run(cfg: DictConfig) -> dict:
         trained, train_dir = train_stage(stages, StageCache(stages.cache_dir, "train", train_key), training, snapshots,
                                          datamodule, logger)
         final = final_network(training.net, train_dir / "snapshots")  # θ_T
+        dynamics = modelled_dynamics(load_manifest(train_dir / "snapshots"), cfg.replay.curvature)[1]
+        if stages.lead:
+            log.info(f"replay: models {dynamics}")
         replay_cache = StageCache(stages.cache_dir, "replay", replay_key, train_entry=trained["entry_id"],
                                   downstream_content=datamodule.downstream_key())
         crossval = StageCache(stages.cache_dir, "crossval", train_key, folds=folds) if folds else None
@@ -108,6 +111,9 @@ def run(cfg: DictConfig) -> dict:
         _link(stages.out / "snapshots", train_dir / "snapshots")
         _link(stages.out / "replay", replay_dir)
         stats = ReplayStats.load(replay_dir / "stats.npz")
+        replayed = {**replayed, "dynamics": dynamics, "concentration": concentration(stats)}
+        if replayed["concentration"]:
+            log.warning(replayed["concentration"]["warning"])
         final_probs = final_probabilities(final, datamodule, trained["test_accuracy"])
         scores, canaries = score_stage(stats, [n for n in names if n != "cleanlab"], datamodule, replay_dirs)
         if language_model(datamodule):
@@ -209,13 +215,30 @@ def replay_stage(stages: Stages, cache: StageCache, replay_settings, training: T
     entries = {k: StageCache(stages.cache_dir, "replay", cache.config, by_class=k, class_objective=describe(own))
                for k in (sorted(set(labels.tolist())) if by_class else ())}
     done, dirs = cache.load_or_compute(whole, _missing_stats, resume=True, lead=stages.lead, agree=_agree), {None: cache.dir}
-    for k, entry in entries.items():
+    if entries and stages.lead:
+        _say_class_cost(len(entries), done["seconds"])
+    for number, (k, entry) in enumerate(entries.items(), start=1):
         sets = dict(objective=own, pool=datamodule.scored.where(labels == k),
                     downstream=datamodule.downstream.where(datamodule.downstream.y == k))
         spent = entry.load_or_compute(functools.partial(replay, name="class_replay", **sets), _missing_stats, resume=True,
                                       lead=stages.lead, agree=_agree)["seconds"]
         done, dirs[k] = {**done, "class_seconds": round(done.get("class_seconds", 0.0) + spent, 3)}, entry.dir
+        if number == 1 and len(entries) > 1 and stages.lead:
+            log.info(f"class replays: the first took {spent:.0f} s; the other {len(entries) - 1} about "
+                     f"{spent * (len(entries) - 1):.0f} s more")
     return done, dirs
+
+
+def _say_class_cost(count: int, whole_seconds: float) -> None:
+    """What the class replays (``scoring.by_class``) will cost, before they run: each passes over its own class's
+    examples only, but repeats every snapshot's Hessian-vector products, ∇J and its own set-up, so together they cost
+    about one whole replay where the pool pass dominates (large pools) and one per class, or more, where that fixed
+    work does (small pools). The first one's time then gives the estimate for the rest."""
+    log.info(f"class replays: {count} class costates, one replay each over the snapshots (J_k on the downstream examples "
+             f"labelled k, scoring the pool examples labelled k); the whole replay took {whole_seconds:.0f} s, and they "
+             f"take from about that on a large pool to {count}× it ({count * whole_seconds:.0f} s) or more on a small "
+             f"one, where each replay's fixed work (Hessian-vector products over replay.hvp_samples examples, ∇J, "
+             f"set-up) dominates")
 
 
 def _fit_replay(replay, training: Training, directory: Path) -> None:
@@ -288,13 +311,15 @@ def score_stage(stats: ReplayStats, names: list[str], datamodule,
 def scorer_stage(stages: Stages, fractions: list[float], net: torch.nn.Module, training: Training, datamodule,
                  scores: dict[str, np.ndarray]) -> dict | None:
     """With a corpus's wide slice (``data.wide_size``): the data scorer learns the pool's γ and scores the slice
-    (``scores/scorer.py``); with ``select.fractions``, fresh models trained on the slice without each score's lowest
-    documents, the slice's own token budget."""
+    (``scores/scorer.py``), each document's scores written to ``wide_scores.csv``; with ``select.fractions``, fresh
+    models trained on the slice without each score's lowest documents, the slice's own token budget."""
     if getattr(datamodule, "wide", None) is None:
         return None
     with stages.stage("scorer"):
         gamma = scores[SCORER_TARGET]
         report, oof, wide = data_scorer(net, datamodule, gamma, training.seed)
+        write_wide_scores(stages.out / "wide_scores.csv", datamodule, wide)
+        report["wide"]["file"] = "wide_scores.csv"
         if datamodule.is_mislabeled.any():
             report["pool"].update(ap_exact=detection_metrics(gamma, datamodule.is_mislabeled)["ap"],
                                   ap_out_of_fold=detection_metrics(oof, datamodule.is_mislabeled)["ap"])

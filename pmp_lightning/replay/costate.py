@@ -368,6 +368,20 @@ class Dynamics:
         momentum, decay = float(optimizer.get("momentum", 0.0)), float(optimizer.get("weight_decay", 0.0))
         return cls(momentum, decay, heavy_ball=momentum > 0 and one_step_per_snapshot and curvature in ("exact", "coarse"))
 
+    def describe(self, optimizer: dict) -> str:
+        """The dynamics the replay models, in one line for the log and metrics.json (``costate.dynamics``)."""
+        name = optimizer.get("name", "no optimizer")
+        decay = f"weight decay {self.weight_decay:g}" if self.weight_decay else "no weight decay"
+        if self.preconditioned:
+            return (f"{name}: preconditioner 1/(√v̂+ε) held over each interval between snapshots, first moment at its "
+                    f"steady state, {'decoupled ' if self.decoupled and self.weight_decay else ''}{decay}")
+        if self.heavy_ball:
+            return f"{name}: heavy-ball momentum {self.momentum:g} replayed exactly, step by step, {decay}"
+        if self.momentum:
+            return (f"{name}: momentum {self.momentum:g} at its steady state within each interval (step η/(1−β)), "
+                    f"{decay}")
+        return f"{name}: gradient descent with the recorded learning rates, {decay}"
+
     def step_sizes(self, lr_sums: np.ndarray) -> np.ndarray:
         """η_t of each interval as the scores use it: the summed learning rate, over (1 − β) at the steady state."""
         return lr_sums if self.heavy_ball else lr_sums / (1.0 - self.momentum)
@@ -398,3 +412,16 @@ class Dynamics:
         if not self.heavy_ball or previous is None:
             return lam
         return lam + (self.momentum * eta / eta_before) * previous
+
+
+def modelled_dynamics(manifest: dict, curvature: str) -> tuple[Dynamics | None, str]:
+    """The dynamics the replay models for the trajectory a snapshot ``manifest`` describes (None: an optimizer it does
+    not model, replayed as plain gradient descent), and the line that names them (the log's and metrics.json's)."""
+    snaps, optimizer = manifest["snapshots"], manifest["optimizer"]
+    dynamics = Dynamics.of(optimizer, all(len(s["lrs"]) == 1 for s in snaps[1:]), curvature)
+    if dynamics is None:
+        settings = ", ".join(f"{k} {v}" for k, v in optimizer.items() if k != "name")
+        return None, (f"{optimizer.get('name')} ({settings}) is not modelled: replayed as plain gradient descent with "
+                      f"the recorded learning rates")
+    return dynamics, dynamics.describe(optimizer)
+

@@ -42,10 +42,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from pmp_lightning.replay.costate import PROPAGATORS, Dynamics, ObjectiveFn, describe, downstream_gradient, hessian_vector_product
+from pmp_lightning.replay.costate import (PROPAGATORS, Dynamics, ObjectiveFn, describe, downstream_gradient,
+                                         hessian_vector_product, modelled_dynamics)
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
-from pmp_lightning.replay.store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps
+from pmp_lightning.replay.store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps, top_share
 from pmp_lightning.statistics.per_example import STAT_NAMES, STEP_STATS, default_chunk, output_stats, per_example_stats
 from pmp_lightning.statistics.plan import block_matrix, plan_for
 from pmp_lightning.training import trainable
@@ -54,6 +55,17 @@ from pmp_lightning.trajectory import load_manifest, load_preconditioner, network
 CURVATURES = tuple(PROPAGATORS)
 BLOCK_STATS = ("block_dot", "block_sq")  # per example and block: its share of dot and of grad_norm² (T × N × B)
 HORIZONS = ("area", "terminal")
+
+
+def check_replay_settings(curvature: str, horizon: str) -> None:
+    """The replay's named settings, checked with every other setting before any work (``config.check_settings``) and
+    again by a ReplayModule built directly; its numbers are checked with the other numbers (``config._NUMBERS``)."""
+    if curvature not in CURVATURES:
+        raise ReplayConfigError(f"unknown replay.curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
+    if horizon not in HORIZONS:
+        raise ReplayConfigError(f"unknown replay.horizon {horizon!r}; choose one of {', '.join(HORIZONS)}")
+
+
 class _Shard(DistributedSampler):
     """Rank r's examples r, r+W, r+2W, …: every example exactly once over the ranks (no padding)."""
 
@@ -84,10 +96,7 @@ class ReplayModule(pl.LightningModule):
         blocks: list[str] | None = None,
     ):
         super().__init__()
-        if curvature not in CURVATURES:
-            raise ReplayConfigError(f"unknown replay.curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
-        if horizon not in HORIZONS:
-            raise ReplayConfigError(f"unknown replay.horizon {horizon!r}; choose one of {', '.join(HORIZONS)}")
+        check_replay_settings(curvature, horizon)
         if len(pool) == 0:
             raise ReplayConfigError("the pool to score is empty; give data.pool_size a positive value")
         self.manifest = load_manifest(snapshot_dir)
@@ -100,8 +109,6 @@ class ReplayModule(pl.LightningModule):
         self.curvature, self.horizon = curvature, horizon
         self.objective = make_objective("ce") if objective is None else objective  # None: the paper's J (the pipeline always passes one)
         self.batch_size, self.lanczos_steps, self.growth_warning = batch_size, lanczos_steps, growth_warning
-        if batch_size is not None and batch_size < 1:
-            raise ReplayConfigError(f"replay.batch_size={batch_size}; give a positive chunk size, or null for the device's default")
 
         self.T = len(self.manifest["snapshots"]) - 1
         self.dynamics, self.eta = self._read_dynamics(curvature, hvp_samples)
@@ -132,19 +139,18 @@ class ReplayModule(pl.LightningModule):
         self.direction_norm = np.full(self.T, np.nan)  # index t-1: ‖ψ_t‖, the direction step t-1's dots are taken along
         self.block_direction_norm = np.full((self.T, len(self.blocks)), np.nan)  # the same, block by block
         self.participation = np.full(self.T, np.nan)  # index t-1: at θ_t, t = 1..T
+        self.top_share = np.full(self.T, np.nan)  # index t-1: the share of ‖ψ_t‖² in its largest entries (store.top_share)
+        self.top_param = np.full(self.T, "", dtype="U256")  # index t-1: the parameter holding most of them
 
     def _read_dynamics(self, curvature: str, hvp_samples: int | None) -> tuple[Dynamics, np.ndarray]:
         """The optimizer that ran, as the replay models it (``costate.Dynamics``; plain descent, with a warning, for
         one it does not model), and η_t of every interval as the scores use it."""
         snaps = self.manifest["snapshots"]
-        dynamics = Dynamics.of(self.manifest["optimizer"], all(len(s["lrs"]) == 1 for s in snaps[1:]), curvature)
+        dynamics, said = modelled_dynamics(self.manifest, curvature)
         if curvature == "exact":
             self._check_exact(hvp_samples, dynamics)
         elif dynamics is None:
-            warnings.warn(
-                f"the trajectory was trained with {self.manifest['optimizer']}; the replay treats it as plain "
-                f"gradient descent with the recorded learning rates"
-            )
+            warnings.warn(f"the trajectory was trained with {said}")
         dynamics = dynamics or Dynamics()
         lr_sums = np.array([s["lr_sum"] for s in snaps[1:]], dtype=np.float64)
         if dynamics.heavy_ball and not (lr_sums > 0).all():
@@ -233,6 +239,7 @@ class ReplayModule(pl.LightningModule):
         self.done = state["done"]
         self.lambda_norm, self.participation = state["lambda_norm"], state["participation"]
         self.direction_norm, self.block_direction_norm = state["direction_norm"], state["block_direction_norm"]
+        self.top_share, self.top_param = state["top_share"], state["top_param"]
         self.lam, self.direction = torch.from_numpy(state["costate"]), torch.from_numpy(state["direction"])
         self.seconds = state.get("seconds", self.seconds)
 
@@ -304,7 +311,8 @@ class ReplayModule(pl.LightningModule):
             self.progress.save(t, {k: self.arrays[k][t] for k in self._row_stats(t)}, costate=self.lam.detach().cpu().numpy(),
                                direction=self.direction.detach().cpu().numpy(), done=self.done, lambda_norm=self.lambda_norm,
                                direction_norm=self.direction_norm, block_direction_norm=self.block_direction_norm,
-                               participation=self.participation, seconds=self.seconds)
+                               participation=self.participation, seconds=self.seconds, top_share=self.top_share,
+                               top_param=self.top_param)
 
     def on_train_end(self) -> None:
         if self.progress is not None and self.trainer.is_global_zero and self.done.all():
@@ -351,13 +359,17 @@ class ReplayModule(pl.LightningModule):
         by_block = torch.zeros(len(self.blocks), dtype=torch.float64, device=self.direction.device)
         by_block.index_add_(0, self._param_blocks.to(self.direction.device), self._flat_sq(self.direction))
         self.block_direction_norm[t - 1] = by_block.sqrt().cpu().numpy()
+        self.top_share[t - 1], self.top_param[t - 1] = top_share(self.direction,
+                                                                 {k: tuple(p.shape) for k, p in self._params.items()})
         self.participation[t - 1] = share
         if t in growth_steps(self.lambda_norm, self.growth_warning):
             prev = self.lambda_norm[t]
-            warnings.warn(
-                f"costate norm grew {norm / prev:.3g}x at snapshot {t} (‖λ_{t}‖ = {norm:.3g}, η = {self.eta[t]:.3g}, "
-                f"curvature={self.curvature}); scores from an exploding recursion are unreliable: try replay.curvature=expm"
-            )
+            fix = ("expm cannot grow λ through the curvature, so the growth comes from ∇J(θ_t) (the data's scale, the "
+                   "objective) or Adam's preconditioner: check the inputs' scale (8-bit images: data.source.scale=255)"
+                   if self.curvature == "expm" else "try replay.curvature=expm (stable)")
+            warnings.warn(f"costate norm grew {norm / prev:.3g}x at snapshot {t} (‖λ_{t}‖ = {norm:.3g}, η = "
+                          f"{self.eta[t]:.3g}, curvature={self.curvature}); scores from an exploding recursion are "
+                          f"unreliable: {fix}")
         self.log("replay/lambda_norm", norm, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ θ_t, ∇J, Hessian-vector products
@@ -412,5 +424,6 @@ class ReplayModule(pl.LightningModule):
             raise RuntimeError("the replay did not finish: some snapshots or pool examples have no statistics")
         return ReplayStats(**self.arrays, eta=self.eta, lambda_norm=self.lambda_norm.copy(),
                            direction_norm=self.direction_norm.copy(), participation=self.participation.copy(),
-                           block_direction_norm=self.block_direction_norm.copy(), blocks=np.array(self.blocks))
+                           block_direction_norm=self.block_direction_norm.copy(), blocks=np.array(self.blocks),
+                           direction_top_share=self.top_share.copy(), direction_top_param=self.top_param.copy())
 

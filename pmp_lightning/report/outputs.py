@@ -39,6 +39,7 @@ def assemble_metrics(stages: Stages, detected: dict, trained: dict, replayed: di
         "test_accuracy": trained["test_accuracy"],
         "ground_truth": "corrupted documents" if language_model(datamodule) else "mislabeled examples",
         "costate": {"mode": replay["curvature"], "horizon": replay["horizon"], "objective": describe(objective),
+                    "dynamics": replayed.get("dynamics"),
                     "lambda_norms": stats.lambda_norm.tolist(), "participation": stats.participation.tolist(),
                     "contribution_auroc": detected["per_snapshot"],
                     "growth_warnings": growth_steps(stats.lambda_norm, replay["growth_warning"])},
@@ -48,11 +49,15 @@ def assemble_metrics(stages: Stages, detected: dict, trained: dict, replayed: di
         "cache": {"train": str(train_dir), "replay": str(replay_dir),
                   "computed": [stage for stage in ("train", "replay") if stage in stages.timings]},
     }
+    if replayed.get("concentration"):
+        metrics["costate"]["concentration"] = replayed["concentration"]
     if detected["caveat"]:
         metrics["detection_caveat"] = detected["caveat"]
     if detected.get("by_kind"):
         metrics["auroc_by_corruption"] = detected["by_kind"]
     metrics["downstream"] = datamodule.downstream_note
+    if getattr(datamodule, "split_note", None):  # a corpus: where its lines went, and what was dropped and why
+        metrics["corpus_splits"] = datamodule.split_note["line"]
     if datamodule.known_error_counts is not None:
         metrics["known_errors"] = {"file": str(datamodule.known_errors), **datamodule.known_error_counts}
     metrics.update({name: value for name, value in extras.items() if value is not None})  # cleanlab, selection, canaries
@@ -90,6 +95,19 @@ def write_scores(path: Path, datamodule, scores: dict[str, np.ndarray]) -> None:
     columns = datamodule.pool_columns()
     writer.writerow([*columns, *scores])
     for i in range(len(datamodule.pool_index)):
+        writer.writerow([column[i] for column in columns.values()] + [repr(float(s[i])) for s in scores.values()])
+    save_text(path, buf.getvalue())
+
+
+def write_wide_scores(path: Path, datamodule, scores: dict[str, np.ndarray]) -> None:
+    """``wide_scores.csv``: each document of a corpus's wide slice (``data.wide_size``), named as scores.csv names the
+    pool's (``index`` its place in the slice, ``document`` its file or line and offset), with the data scorer's
+    predicted score and the other scores computed there; choosing from the slice is what the scorer is for."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    columns = datamodule.wide_columns()
+    writer.writerow([*columns, *scores])
+    for i in range(len(datamodule.wide_documents)):
         writer.writerow([column[i] for column in columns.values()] + [repr(float(s[i])) for s in scores.values()])
     save_text(path, buf.getvalue())
 
