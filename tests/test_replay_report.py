@@ -89,6 +89,13 @@ def test_the_top_share_survives_the_stats_file(tmp_path):
     assert loaded.direction_top_param.tolist() == ["a", "emb.weight rows [3, 7]"]
 
 
+def test_a_growing_costate_is_never_told_to_use_the_curvature_it_uses():
+    from pmp_lightning.replay.module import CURVATURES, growth_advice
+
+    assert "replay.curvature=expm" not in growth_advice("expm") and "data.source.scale=255" in growth_advice("expm")
+    assert all("replay.curvature=expm" in growth_advice(c) for c in CURVATURES if c != "expm")
+
+
 # ------------------------------------------------------------------ settings refused before any work
 def _compose(*overrides):
     from hydra import compose, initialize_config_dir

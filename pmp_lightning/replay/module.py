@@ -66,6 +66,15 @@ def check_replay_settings(curvature: str, horizon: str) -> None:
         raise ReplayConfigError(f"unknown replay.horizon {horizon!r}; choose one of {', '.join(HORIZONS)}")
 
 
+def growth_advice(curvature: str) -> str:
+    """What to do about a costate that grew between snapshots: expm for the curvature modes that can explode; under
+    expm, which cannot, the growth comes from ∇J itself or Adam's preconditioner."""
+    if curvature == "expm":
+        return ("expm cannot grow λ through the curvature, so the growth comes from ∇J(θ_t) (the data's scale, the "
+                "objective) or Adam's preconditioner: check the inputs' scale (8-bit images: data.source.scale=255)")
+    return "try replay.curvature=expm (stable)"
+
+
 class _Shard(DistributedSampler):
     """Rank r's examples r, r+W, r+2W, …: every example exactly once over the ranks (no padding)."""
 
@@ -364,12 +373,9 @@ class ReplayModule(pl.LightningModule):
         self.participation[t - 1] = share
         if t in growth_steps(self.lambda_norm, self.growth_warning):
             prev = self.lambda_norm[t]
-            fix = ("expm cannot grow λ through the curvature, so the growth comes from ∇J(θ_t) (the data's scale, the "
-                   "objective) or Adam's preconditioner: check the inputs' scale (8-bit images: data.source.scale=255)"
-                   if self.curvature == "expm" else "try replay.curvature=expm (stable)")
             warnings.warn(f"costate norm grew {norm / prev:.3g}x at snapshot {t} (‖λ_{t}‖ = {norm:.3g}, η = "
                           f"{self.eta[t]:.3g}, curvature={self.curvature}); scores from an exploding recursion are "
-                          f"unreliable: {fix}")
+                          f"unreliable: {growth_advice(self.curvature)}")
         self.log("replay/lambda_norm", norm, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ θ_t, ∇J, Hessian-vector products

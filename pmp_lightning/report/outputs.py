@@ -90,24 +90,22 @@ def write_suspects(out: Path, datamodule, score: np.ndarray, name: str, predicte
 
 
 def write_scores(path: Path, datamodule, scores: dict[str, np.ndarray]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    columns = datamodule.pool_columns()
-    writer.writerow([*columns, *scores])
-    for i in range(len(datamodule.pool_index)):
-        writer.writerow([column[i] for column in columns.values()] + [repr(float(s[i])) for s in scores.values()])
-    save_text(path, buf.getvalue())
+    _write_columns(path, datamodule.pool_columns(), scores)
 
 
 def write_wide_scores(path: Path, datamodule, scores: dict[str, np.ndarray]) -> None:
     """``wide_scores.csv``: each document of a corpus's wide slice (``data.wide_size``), named as scores.csv names the
     pool's (``index`` its place in the slice, ``document`` its file or line and offset), with the data scorer's
     predicted score and the other scores computed there; choosing from the slice is what the scorer is for."""
+    _write_columns(path, datamodule.wide_columns(), scores)
+
+
+def _write_columns(path: Path, columns: dict[str, list], scores: dict[str, np.ndarray]) -> None:
+    """A CSV of what the data says of each example (``columns``), then each score, written atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    columns = datamodule.wide_columns()
     writer.writerow([*columns, *scores])
-    for i in range(len(datamodule.wide_documents)):
+    for i in range(len(next(iter(columns.values())))):
         writer.writerow([column[i] for column in columns.values()] + [repr(float(s[i])) for s in scores.values()])
     save_text(path, buf.getvalue())
 
