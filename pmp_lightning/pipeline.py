@@ -46,7 +46,8 @@ from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, aut
 from pmp_lightning.io import save_npz
 from pmp_lightning.report.outputs import assemble_metrics, write_outputs, write_wide_scores
 from pmp_lightning.replay.store import ReplayStats, concentration, replay_key_config
-from pmp_lightning.replay.costate import describe, modelled_dynamics
+from pmp_lightning.replay.costate import describe
+from pmp_lightning.replay.dynamics import modelled_dynamics
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, SCORER_TARGET, class_scores, compute_scores,
                                            hedge)

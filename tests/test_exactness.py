@@ -4,6 +4,8 @@ float64, a tiny MLP, full-batch gradient descent with a changing learning rate, 
 every step; every registered downstream objective, both horizons. Training runs through Lightning
 with the ThetaSnapshot callback and the replay through its own Trainer, exactly as the pipeline runs them.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -24,6 +26,7 @@ from pmp_lightning.scores.registry import compute_scores
 from tests.conftest import RandomSource, fit_replay
 
 N_POOL, STEPS = 24, 6
+ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"tempered_ce": {"temperature": 3.0}}  # settings for the objectives that take one
 
 
@@ -65,7 +68,7 @@ class Attention(torch.nn.Module):
 MODELS = {"mlp": lambda: mlp(num_classes=10, in_features=4, hidden=6), "normed": Normed, "attention": Attention}
 
 
-def _train(tmp_path, model="mlp", momentum=0.0, weight_decay=0.0, optimizer=None):
+def _train(tmp_path, model="mlp", momentum=0.0, weight_decay=0.0, optimizer=None, nesterov=False):
     pl.seed_everything(0)
     dm = PoolDataModule(
         RandomSource(n=N_POOL + 9, dtype=torch.float64), LabelNoise("symmetric", 0.25, seed=1),
@@ -76,7 +79,7 @@ def _train(tmp_path, model="mlp", momentum=0.0, weight_decay=0.0, optimizer=None
     classifier = Classifier(
         net,
         optimizer=optimizer or (lambda params: torch.optim.SGD(params, lr=0.8 * (1 - momentum), momentum=momentum,
-                                                               weight_decay=weight_decay)),
+                                                               weight_decay=weight_decay, nesterov=nesterov)),
         lr_schedule=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
     )
     trainer = pl.Trainer(
@@ -87,15 +90,16 @@ def _train(tmp_path, model="mlp", momentum=0.0, weight_decay=0.0, optimizer=None
     return dm, net
 
 
-def _autograd_reference(dm, net, snapshot_dir, horizon, j_fn, momentum=0.0, weight_decay=0.0):
+def _autograd_reference(dm, net, snapshot_dir, horizon, j_fn, momentum=0.0, weight_decay=0.0, nesterov=False):
     """−N ∂J_total/∂γ_n, J_total built from the downstream mean of ``j_fn`` written out independently of the replay
     (second derivatives through attention need the math attention kernel)."""
     with sdpa_kernel(SDPBackend.MATH):
-        return _unrolled(dm, net, snapshot_dir, horizon, j_fn, momentum, weight_decay)
+        return _unrolled(dm, net, snapshot_dir, horizon, j_fn, momentum, weight_decay, nesterov)
 
 
-def _unrolled(dm, net, snapshot_dir, horizon, j_fn, momentum, weight_decay):
-    """Training unrolled as torch.optim.SGD runs it: g = ∇L(θ; γ) + wθ, v ← βv + g (v = g at the first step), θ ← θ − ηv."""
+def _unrolled(dm, net, snapshot_dir, horizon, j_fn, momentum, weight_decay, nesterov=False):
+    """Training unrolled as torch.optim.SGD runs it: g = ∇L(θ; γ) + wθ, v ← βv + g (v = g at the first step), θ ← θ − ηv,
+    or with Nesterov momentum θ ← θ − η (g + βv)."""
     manifest = load_manifest(snapshot_dir)
     states = [load_snapshot(snapshot_dir, s) for s in manifest["snapshots"]]
     etas = [s["lr_sum"] for s in manifest["snapshots"][1:]]
@@ -113,8 +117,10 @@ def _unrolled(dm, net, snapshot_dir, horizon, j_fn, momentum, weight_decay):
     for t, eta in enumerate(etas):
         train_loss = (gamma * loss(theta, x, y, reduction="none")).mean()
         grads = torch.autograd.grad(train_loss, list(theta.values()), create_graph=True)
-        buffer = {k: momentum * buffer[k] + g + weight_decay * theta[k] for k, g in zip(theta, grads)}
-        theta = {k: p - eta * buffer[k] for k, p in theta.items()}
+        decayed = {k: g + weight_decay * theta[k] for k, g in zip(theta, grads)}
+        buffer = {k: momentum * buffer[k] + decayed[k] for k in theta}
+        moved = {k: decayed[k] + momentum * buffer[k] for k in theta} if nesterov else buffer
+        theta = {k: p - eta * moved[k] for k, p in theta.items()}
         # the callback recorded the trajectory that was actually trained
         for k, v in strip(states[t + 1]).items():
             torch.testing.assert_close(theta[k].detach(), v, rtol=1e-12, atol=1e-12)
@@ -207,10 +213,10 @@ def test_the_identity_holds_for_normalisation_and_attention_models(tmp_path, mod
 MOMENTUM, DECAY = 0.9, 0.05
 
 
-def _momentum_error(tmp_path, dynamics=None):
-    """The replay's raw score on a heavy-ball trajectory with weight decay, against −N ∂J_total/∂γ_n; ``dynamics``
-    replaces what the replay read from the snapshots (the guards)."""
-    dm, net = _train(tmp_path, momentum=MOMENTUM, weight_decay=DECAY)
+def _momentum_error(tmp_path, dynamics=None, nesterov=False):
+    """The replay's raw score on a heavy-ball (or Nesterov) trajectory with weight decay, against −N ∂J_total/∂γ_n;
+    ``dynamics`` replaces what the replay read from the snapshots (the guards)."""
+    dm, net = _train(tmp_path, momentum=MOMENTUM, weight_decay=DECAY, nesterov=nesterov)
     replay = ReplayModule(mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "snapshots", dm.pool, dm.downstream,
                           dm.train_set, curvature="exact", objective=_objective("unit_ce", True), hvp_samples=None, batch_size=7)
     assert replay.dynamics.heavy_ball and (replay.dynamics.momentum, replay.dynamics.weight_decay) == (MOMENTUM, DECAY)
@@ -220,7 +226,7 @@ def _momentum_error(tmp_path, dynamics=None):
     fit_replay(replay, tmp_path)
     s = compute_scores(["raw"], replay.results())["raw"]
     reference = _autograd_reference(dm, net, tmp_path / "snapshots", "area", centred_reference(REFERENCE_J["unit_ce"]),
-                                    MOMENTUM, DECAY)
+                                    MOMENTUM, DECAY, nesterov)
     assert np.abs(reference).max() > 1e-3
     rel = np.abs(s - reference).max() / np.abs(reference).max()
     print(f"momentum {MOMENTUM}, weight decay {DECAY}: max relative error {rel:.2e}")
@@ -237,11 +243,37 @@ def test_the_identity_holds_under_momentum_and_weight_decay(tmp_path):
 def test_leaving_out_momentum_or_weight_decay_breaks_the_identity(tmp_path, wrong):
     """Guards the test above: the same trajectory replayed as if it had no momentum, no weight decay, or with the
     steady-state approximation instead of the exact adjoint, misses the reference."""
-    from pmp_lightning.replay.costate import Dynamics
+    from pmp_lightning.replay.dynamics import SGD
 
-    dynamics = {"no_momentum": Dynamics(0.0, DECAY), "no_weight_decay": Dynamics(MOMENTUM, 0.0, heavy_ball=True),
-                "steady_state": Dynamics(MOMENTUM, DECAY, heavy_ball=False)}[wrong]
+    dynamics = {"no_momentum": SGD(DECAY, 0.0), "no_weight_decay": SGD(0.0, MOMENTUM, exact_momentum=True),
+                "steady_state": SGD(DECAY, MOMENTUM, exact_momentum=False)}[wrong]
     assert _momentum_error(tmp_path, dynamics) > 1e-3
+
+
+def test_the_identity_holds_under_nesterov_momentum(tmp_path):
+    """SGD with Nesterov momentum and weight decay, the optimizer added as one class (``replay.dynamics.NesterovSGD``)
+    and one yaml (conf/optimizer/nesterov.yaml): its adjoint of (θ, v) gives the exact −N ∂J_total/∂γ_n."""
+    from pmp_lightning.replay.dynamics import NesterovSGD
+
+    dm, _ = _train(tmp_path / "probe", momentum=MOMENTUM, weight_decay=DECAY, nesterov=True)
+    replay = ReplayModule(mlp(num_classes=10, in_features=4, hidden=6), tmp_path / "probe" / "snapshots", dm.pool,
+                          dm.downstream, dm.train_set, curvature="exact", hvp_samples=None)
+    assert isinstance(replay.dynamics, NesterovSGD) and replay.dynamics.heavy_ball
+    assert _momentum_error(tmp_path / "run", nesterov=True) < 1e-9
+
+
+def test_a_nesterov_trajectory_replayed_as_heavy_ball_misses_the_identity(tmp_path):
+    """Guards the test above: the same trajectory replayed with the heavy ball's direction misses the reference."""
+    from pmp_lightning.replay.dynamics import SGD
+
+    assert _momentum_error(tmp_path, SGD(DECAY, MOMENTUM, exact_momentum=True), nesterov=True) > 1e-3
+
+
+def test_the_nesterov_config_is_the_optimizer_the_test_checks():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "conf" / "optimizer" / "nesterov.yaml")
+    assert cfg._target_ == "torch.optim.SGD" and cfg.nesterov is True and cfg.momentum > 0 and not cfg.get("dampening")
 
 
 @pytest.mark.parametrize("kind", ["AdamW", "Adam"])
@@ -310,7 +342,7 @@ def test_adam_replays_the_preconditioned_recursion(tmp_path, kind):
 
 def test_leaving_out_the_preconditioner_changes_the_dots(tmp_path):
     """Guards the test above: an Adam trajectory replayed as plain gradient descent gives other dots."""
-    from pmp_lightning.replay.costate import Dynamics
+    from pmp_lightning.replay.dynamics import Dynamics
 
     dm, _ = _train(tmp_path, optimizer=lambda params: torch.optim.AdamW(params, lr=0.05))
     replays = []

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pmp_lightning.errors import ReplayConfigError, SettingError
-from pmp_lightning.replay.costate import modelled_dynamics
+from pmp_lightning.replay.dynamics import modelled_dynamics
 from pmp_lightning.replay.store import (COSINE_COLLAPSE, TOP_FRACTION, TOP_SHARE_WARNING, ReplayStats, concentration,
                                        top_share)
 
@@ -36,9 +36,15 @@ def manifest(optimizer: dict, steps_per_snapshot: int = 1) -> dict:
     ({"name": "Adam", "weight_decay": 0.0}, 5, "expm",
      "Adam: preconditioner 1/(√v̂+ε) held over each interval between snapshots, first moment at its steady state, "
      "no weight decay"),
-    ({"name": "SGD", "momentum": 0.9, "nesterov": True}, 5, "expm",
-     "SGD (momentum 0.9, nesterov True) is not modelled: replayed as plain gradient descent with the recorded learning "
+    ({"name": "SGD", "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}, 5, "expm",
+     "SGD: Nesterov momentum 0.9 at its steady state within each interval (step η/(1−β)), no weight decay"),
+    ({"name": "SGD", "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}, 1, "coarse",
+     "SGD: Nesterov momentum 0.9 replayed exactly, step by step, no weight decay"),
+    ({"name": "SGD", "momentum": 0.9, "dampening": 0.5}, 5, "expm",
+     "SGD (momentum 0.9, dampening 0.5) is not modelled: replayed as plain gradient descent with the recorded learning "
      "rates"),
+    ({"name": "RMSprop", "alpha": 0.99}, 5, "expm",
+     "RMSprop (alpha 0.99) is not modelled: replayed as plain gradient descent with the recorded learning rates"),
 ])
 def test_the_replay_names_the_dynamics_it_models(optimizer, steps, curvature, said):
     assert modelled_dynamics(manifest(optimizer, steps), curvature)[1] == said

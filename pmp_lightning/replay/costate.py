@@ -44,10 +44,8 @@ exact identity holds for J_c like for any J (``tests/test_exactness.py``).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -321,107 +319,3 @@ def lanczos_expm(hvp: Hvp, v: torch.Tensor, eta: float, steps: int) -> torch.Ten
 PROPAGATORS: dict[str, Callable[[Hvp, torch.Tensor, float, int], torch.Tensor]] = {
     "exact": step, "coarse": step, "none": identity, "expm": lanczos_expm,
 }
-
-
-# ----------------------------------------------------------------------------- the optimizer that ran
-@dataclass(frozen=True)
-class Dynamics:
-    """The optimizer that ran, as the replay models it: PyTorch's SGD with heavy-ball momentum β (dampening 0, not
-    Nesterov) and coupled weight decay w, whose update is v ← βv + ∇L + wθ, θ ← θ − η v.
-
-    Weight decay adds w to the curvature: every propagator sees H̃ = ∇²L + wI. Momentum is modelled two ways:
-
-    - ``heavy_ball`` (a snapshot per step, curvature exact or coarse): the exact adjoint of the pair (θ, v). With the
-      momentum costate μ folded into the direction ψ_{t+1} = λ_{t+1} − μ_{t+1}/η_t that scores step t,
-      c_{t,n} = η_t ⟨ψ_{t+1}, ∇l_n(θ_t)⟩, and the recursion runs as
-      λ_t = a_t ∇J(θ_t) + λ_{t+1} − η_t H̃_t ψ_{t+1},   ψ_t = λ_t + β (η_t / η_{t−1}) ψ_{t+1},   ψ_T = λ_T.
-    - otherwise (several steps per snapshot, or curvature expm / none): the buffer is taken at its steady state within
-      each interval, so the interval acts as gradient descent with the effective step η_t / (1 − β) and ψ = λ.
-
-    With β = 0 both are the plain recursion (ψ = λ).
-
-    Adam and AdamW (``preconditioned``): the update is −η P m̂ with P = diag(1/(√v̂ + ε)). P is held fixed over each
-    interval (the one the optimizer's state shows at the interval's end; its dependence on θ is dropped, an
-    approximation) and the first moment m̂ at its steady state (≈ the gradient, with no 1/(1 − β₁) factor: Adam's m is
-    an average, not a sum). So the interval acts as preconditioned gradient descent: the control of example n is
-    P ∇l_n, c_{t,n} = η_t ⟨P_t λ_{t+1}, ∇l_n(θ_t)⟩ (ψ = P λ), and the propagator is built from H P, symmetrised as
-    P^{−1/2} f(P^{1/2} H̃ P^{1/2} + w_d I) P^{1/2}; ``step`` is λ − η (H̃ P λ + w_d λ). Adam's weight decay is in the
-    gradient (H̃ = H + wI); AdamW's is decoupled, θ ← (1 − ηw) θ each step, so it joins as w_d = w outside P.
-
-    Anything else (Nesterov, dampening, another optimizer) is not modelled: ``of`` returns None and the replay says so.
-    """
-
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    heavy_ball: bool = False
-    preconditioned: bool = False
-    decoupled: bool = False
-
-    @classmethod
-    def of(cls, optimizer: dict, one_step_per_snapshot: bool, curvature: str) -> "Dynamics | None":
-        """The dynamics a snapshot manifest's ``optimizer`` entry describes (None: not one the replay models)."""
-        if optimizer.get("name") in ("Adam", "AdamW"):
-            return cls(weight_decay=float(optimizer.get("weight_decay", 0.0)), preconditioned=True,
-                       decoupled=optimizer["name"] == "AdamW" or bool(optimizer.get("decoupled_weight_decay")))
-        if optimizer.get("name") != "SGD" or optimizer.get("nesterov") or optimizer.get("dampening", 0):
-            return None
-        momentum, decay = float(optimizer.get("momentum", 0.0)), float(optimizer.get("weight_decay", 0.0))
-        return cls(momentum, decay, heavy_ball=momentum > 0 and one_step_per_snapshot and curvature in ("exact", "coarse"))
-
-    def describe(self, optimizer: dict) -> str:
-        """The dynamics the replay models, in one line for the log and metrics.json (``costate.dynamics``)."""
-        name = optimizer.get("name", "no optimizer")
-        decay = f"weight decay {self.weight_decay:g}" if self.weight_decay else "no weight decay"
-        if self.preconditioned:
-            return (f"{name}: preconditioner 1/(√v̂+ε) held over each interval between snapshots, first moment at its "
-                    f"steady state, {'decoupled ' if self.decoupled and self.weight_decay else ''}{decay}")
-        if self.heavy_ball:
-            return f"{name}: heavy-ball momentum {self.momentum:g} replayed exactly, step by step, {decay}"
-        if self.momentum:
-            return (f"{name}: momentum {self.momentum:g} at its steady state within each interval (step η/(1−β)), "
-                    f"{decay}")
-        return f"{name}: gradient descent with the recorded learning rates, {decay}"
-
-    def step_sizes(self, lr_sums: np.ndarray) -> np.ndarray:
-        """η_t of each interval as the scores use it: the summed learning rate, over (1 − β) at the steady state."""
-        return lr_sums if self.heavy_ball else lr_sums / (1.0 - self.momentum)
-
-    def propagate(self, propagator, hvp: Hvp, lam: torch.Tensor, direction: torch.Tensor, eta: float, steps: int,
-                  precond: torch.Tensor | None = None) -> torch.Tensor:
-        """λ_{t+1} carried back over interval t (before a_t ∇J(θ_t) is added), through H̃ = ∇²L + wI (coupled decay)
-        and, for Adam, the interval's preconditioner ``precond`` (flat, like λ)."""
-        coupled = self.weight_decay and not self.decoupled
-        curvature = hvp if not coupled else (lambda v: hvp(v) + self.weight_decay * v)
-        if self.heavy_ball:
-            return lam - eta * curvature(direction)
-        if precond is None:
-            return propagator(curvature, lam, eta, steps)
-        decoupled = self.weight_decay if self.decoupled else 0.0
-        if propagator is step:  # directly: no square root, exact where P is 0 (a parameter that never moved)
-            return lam - eta * (curvature(precond * lam) + decoupled * lam)
-        floor = precond[precond > 0].min() if (precond > 0).any() else precond.new_tensor(1.0)
-        root = precond.clamp_min(floor).sqrt()  # a parameter that never moved: the smallest step any other made
-        return propagator(lambda v: root * curvature(root * v) + decoupled * v, root * lam, eta, steps) / root
-
-    def direction(self, lam: torch.Tensor, previous: torch.Tensor | None, eta: float, eta_before: float,
-                  precond: torch.Tensor | None = None) -> torch.Tensor:
-        """ψ_t, the vector the statistics pass dots the per-example gradients of step t − 1 with: P_{t−1} λ_t for
-        Adam, λ_t + β (η_t / η_{t−1}) ψ_{t+1} for the exact heavy ball, λ_t otherwise."""
-        if precond is not None:
-            return precond * lam
-        if not self.heavy_ball or previous is None:
-            return lam
-        return lam + (self.momentum * eta / eta_before) * previous
-
-
-def modelled_dynamics(manifest: dict, curvature: str) -> tuple[Dynamics | None, str]:
-    """The dynamics the replay models for the trajectory a snapshot ``manifest`` describes (None: an optimizer it does
-    not model, replayed as plain gradient descent), and the line that names them (the log's and metrics.json's)."""
-    snaps, optimizer = manifest["snapshots"], manifest["optimizer"]
-    dynamics = Dynamics.of(optimizer, all(len(s["lrs"]) == 1 for s in snaps[1:]), curvature)
-    if dynamics is None:
-        settings = ", ".join(f"{k} {v}" for k, v in optimizer.items() if k != "name")
-        return None, (f"{optimizer.get('name')} ({settings}) is not modelled: replayed as plain gradient descent with "
-                      f"the recorded learning rates")
-    return dynamics, dynamics.describe(optimizer)
-

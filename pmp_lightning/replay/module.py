@@ -42,8 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from pmp_lightning.replay.costate import (PROPAGATORS, Dynamics, ObjectiveFn, describe, downstream_gradient,
-                                         hessian_vector_product, modelled_dynamics)
+from pmp_lightning.replay.costate import PROPAGATORS, ObjectiveFn, describe, downstream_gradient, hessian_vector_product
+from pmp_lightning.replay.dynamics import Dynamics, modelled_dynamics
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
 from pmp_lightning.replay.store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps, top_share
@@ -152,7 +152,7 @@ class ReplayModule(pl.LightningModule):
         self.top_param = np.full(self.T, "", dtype="U256")  # index t-1: the parameter holding most of them
 
     def _read_dynamics(self, curvature: str, hvp_samples: int | None) -> tuple[Dynamics, np.ndarray]:
-        """The optimizer that ran, as the replay models it (``costate.Dynamics``; plain descent, with a warning, for
+        """The optimizer that ran, as the replay models it (``replay.dynamics``; plain descent, with a warning, for
         one it does not model), and η_t of every interval as the scores use it."""
         snaps = self.manifest["snapshots"]
         dynamics, said = modelled_dynamics(self.manifest, curvature)
@@ -307,12 +307,13 @@ class ReplayModule(pl.LightningModule):
             self.direction = self.dynamics.direction(self.lam, None, 0.0, 0.0, self._precond.get(t))
             self._record_norm(t, share)
         elif t > 0:  # λ_0 enters no score
-            lam = self.dynamics.propagate(PROPAGATORS[self.curvature], self._hvp, self.lam, self.direction,
+            later = self.lam  # λ_{t+1}
+            lam = self.dynamics.propagate(PROPAGATORS[self.curvature], self._hvp, later, self.direction,
                                           float(self.eta[t]), self.lanczos_steps, self._precond.get(t + 1))
             grad_J, share = self._downstream(need_grad=self.horizon == "area")
             self.lam = lam + grad_J if self.horizon == "area" else lam
             self.direction = self.dynamics.direction(self.lam, self.direction, float(self.eta[t]), float(self.eta[t - 1]),
-                                                     self._precond.get(t))
+                                                     self._precond.get(t), later)
             self._record_norm(t, share)
         self.done[t] = True
         self.seconds[t] = time.perf_counter() - self._epoch_start

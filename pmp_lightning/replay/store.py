@@ -37,7 +37,7 @@ class ReplayStats:
     verdict use the trained snapshots θ_1..θ_T (``trained``), so the final model counts and the initialisation
     does not.
     ``lambda_norm[t] = ‖λ_{t+1}‖`` and ``direction_norm[t] = ‖ψ_{t+1}‖``, the vector ``dot`` is taken along (λ itself
-    unless momentum is replayed exactly: ``costate.Dynamics``). Per block of the network (``blocks``, names;
+    unless momentum is replayed exactly: ``replay.dynamics``). Per block of the network (``blocks``, names;
     ``stats.block_of``): ``block_dot[t, n, b]`` and ``block_sq[t, n, b]``, block b's share of ``dot`` and of
     ``grad_norm²`` (they add up to the whole), and ``block_direction_norm[t, b]``, ψ_{t+1}'s norm there.
     ``participation[t]`` is the fraction of downstream examples carrying
