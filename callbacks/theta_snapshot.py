@@ -11,7 +11,8 @@ from pytorch_lightning.callbacks import Callback
 
 from pmp_lightning.errors import SnapshotError
 from pmp_lightning.io import save_torch
-from pmp_lightning.trajectory import adam_preconditioner, preconditioner_file, snapshot_file, write_manifest, write_snapshot
+from pmp_lightning.trajectory import (adam_moments, adam_preconditioner, moments_file, preconditioner_file, snapshot_file,
+                                      write_manifest, write_snapshot)
 
 
 class ThetaSnapshot(Callback):
@@ -77,10 +78,16 @@ class ThetaSnapshot(Callback):
         precond = adam_preconditioner(pl_module, trainer.optimizers[0]) if t and trainer.optimizers else None
         if precond is not None:
             entry["preconditioner"] = preconditioner_file(t)
+        # a snapshot after every step: Adam's moments too, for the exact adjoint of (θ, m, v)
+        moments = adam_moments(pl_module, trainer.optimizers[0]) if self.every_n_steps == 1 and trainer.optimizers else None
+        if moments is not None:
+            entry["moments"] = moments_file(t)
         if trainer.is_global_zero:
             write_snapshot(self.dirpath, t, {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()})
             if precond is not None:
                 save_torch(self.dirpath / entry["preconditioner"], precond)
+            if moments is not None:
+                save_torch(self.dirpath / entry["moments"], moments)
         self._snapshots.append(entry)
         self._lrs = []
         if trainer.is_global_zero:

@@ -6,6 +6,8 @@ Layout of a snapshot directory::
     theta_0000.pt ... theta_T.pt    the training module's state_dict at each snapshot
     precond_0001.pt ...             Adam / AdamW only: the preconditioner P = 1/(√v̂ + ε) that the optimizer's last
                                     step before snapshot t used, per trainable parameter (entry "preconditioner")
+    moments_0000.pt ...             Adam / AdamW with a snapshot after every step only: m and v and the step count
+                                    at snapshot t (entry "moments"), what the exact adjoint of (θ, m, v) replays
     manifest.json                   one entry per snapshot (t, file, step, epoch, lr_sum, lrs) plus the
                                     parameter shapes, dtype, optimizer and batches per epoch; "complete"
                                     turns true when training ends
@@ -58,6 +60,46 @@ def adam_preconditioner(module: torch.nn.Module, optimizer: torch.optim.Optimize
         v_hat = v.detach().double() / (1 - group["betas"][1] ** step)
         out[name] = (1.0 / (v_hat.sqrt() + group["eps"])).to(p.dtype).cpu()
     return out
+
+
+def moments_file(t: int) -> str:
+    return f"moments_{t:04d}.pt"
+
+
+def adam_moments(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor] | None:
+    """Adam's (and AdamW's) first and second moments m and v after its latest step, keyed ``m.<name>`` and ``v.<name>``
+    like ``module.state_dict()`` (zeros before a parameter's first step), and ``step``, the optimizer's step count: what
+    the exact adjoint of (θ, m, v) replays (``replay.dynamics.ExactAdam``). None for other optimizers and for amsgrad,
+    whose running maximum the adjoint does not model."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return None
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    if any(g.get("amsgrad") for g in optimizer.param_groups):
+        return None
+    out, steps = {}, {0.0}
+    for name, p in module.named_parameters():
+        if not p.requires_grad or id(p) not in groups:
+            continue
+        state = optimizer.state.get(p, {})
+        for key, moment in (("m", "exp_avg"), ("v", "exp_avg_sq")):
+            out[f"{key}.{name}"] = (state[moment].detach().clone() if moment in state else torch.zeros_like(p)).cpu()
+        steps.add(float(state.get("step", 0.0)))
+    out["step"] = torch.tensor(max(steps), dtype=torch.float64)
+    return out
+
+
+def load_moments(dirpath: str | Path, entry: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """Adam's m and v kept with the snapshot ``entry``, by parameter name without the training module's prefix, and the
+    optimizer's step count there."""
+    path = Path(dirpath) / entry["moments"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # missing, truncated or corrupted: torch.load raises various errors
+        raise SnapshotError(f"Adam's moments {path} listed in the manifest cannot be read ({type(err).__name__}); "
+                            f"retrain") from err
+    moments = {key: {k[len(key) + 1 + len(PREFIX):]: v for k, v in state.items() if k.startswith(f"{key}.")}
+               for key in ("m", "v")}
+    return moments["m"], moments["v"], int(state["step"])
 
 
 def load_preconditioner(dirpath: str | Path, entry: dict[str, Any]) -> dict[str, torch.Tensor] | None:

@@ -43,13 +43,16 @@ class Dynamics:
     weight_decay: float = 0.0
     preconditioned: ClassVar[bool] = False  # whether the replay reads a preconditioner kept with each snapshot
     heavy_ball: ClassVar[bool] = False  # whether the direction carries the momentum costate (a snapshot per step)
+    needs_moments: ClassVar[bool] = False  # whether the replay reads Adam's m and v kept with each snapshot
 
     @classmethod
     def accepts(cls, optimizer: dict) -> bool:
         return True
 
     @classmethod
-    def build(cls, optimizer: dict, one_step_per_snapshot: bool, curvature: str) -> "Dynamics":
+    def build(cls, optimizer: dict, one_step_per_snapshot: bool, curvature: str, recorded: set[str]) -> "Dynamics":
+        """The dynamics for an optimizer ``accepts`` took; ``recorded``: what every snapshot after θ_0 keeps besides
+        θ (e.g. ``preconditioner``, ``moments``)."""
         return cls(weight_decay=float(optimizer.get("weight_decay", 0.0)))
 
     def describe(self, optimizer: dict) -> str:
@@ -72,8 +75,11 @@ class Dynamics:
         return propagator(self.curvature(hvp), lam, eta, steps)
 
     def direction(self, lam: torch.Tensor, previous: torch.Tensor | None, eta: float, eta_before: float,
-                  precond: torch.Tensor | None = None, later: torch.Tensor | None = None) -> torch.Tensor:
-        """ψ_t from λ_t (``lam``), ψ_{t+1} (``previous``, None at θ_T) and λ_{t+1} (``later``)."""
+                  precond: torch.Tensor | None = None, later: torch.Tensor | None = None, moments=None,
+                  carry: dict | None = None) -> torch.Tensor:
+        """ψ_t from λ_t (``lam``), ψ_{t+1} (``previous``, None at θ_T), λ_{t+1} (``later``), η_t (``eta``) and
+        η_{t−1} (``eta_before``); Adam's exact adjoint also reads the moments around snapshot t and keeps the costates
+        of m and v in ``carry`` (the replay saves it with λ and ψ)."""
         return lam
 
 
@@ -104,7 +110,7 @@ class SGD(Dynamics):
         return not optimizer.get("nesterov") and not optimizer.get("dampening", 0)
 
     @classmethod
-    def build(cls, optimizer: dict, one_step_per_snapshot: bool, curvature: str) -> "SGD":
+    def build(cls, optimizer: dict, one_step_per_snapshot: bool, curvature: str, recorded: set[str]) -> "SGD":
         momentum = float(optimizer.get("momentum", 0.0))
         return cls(float(optimizer.get("weight_decay", 0.0)), momentum,
                    momentum > 0 and one_step_per_snapshot and curvature in ("exact", "coarse"))
@@ -127,7 +133,7 @@ class SGD(Dynamics):
             return lam - eta * self.curvature(hvp)(direction)
         return super().propagate(propagator, hvp, lam, direction, eta, steps)
 
-    def direction(self, lam, previous, eta, eta_before, precond=None, later=None):
+    def direction(self, lam, previous, eta, eta_before, precond=None, later=None, moments=None, carry=None):
         if not self.heavy_ball or previous is None:
             return lam
         return lam + (self.momentum * eta / eta_before) * previous
@@ -157,7 +163,7 @@ class NesterovSGD(SGD):
         return (f"{name}: Nesterov momentum {self.momentum:g} at its steady state within each interval (step η/(1−β)), "
                 f"{self._decay()}")
 
-    def direction(self, lam, previous, eta, eta_before, precond=None, later=None):
+    def direction(self, lam, previous, eta, eta_before, precond=None, later=None, moments=None, carry=None):
         if not self.heavy_ball:
             return lam
         if previous is None:
@@ -180,9 +186,13 @@ class Adam(Dynamics):
     preconditioned: ClassVar[bool] = True
 
     @classmethod
-    def build(cls, optimizer: dict, one_step_per_snapshot: bool, curvature: str) -> "Adam":
-        return cls(float(optimizer.get("weight_decay", 0.0)),
-                   optimizer["name"] == "AdamW" or bool(optimizer.get("decoupled_weight_decay")))
+    def build(cls, optimizer: dict, one_step_per_snapshot: bool, curvature: str, recorded: set[str]) -> "Adam":
+        decay, decoupled = float(optimizer.get("weight_decay", 0.0)), (optimizer["name"] == "AdamW"
+                                                                        or bool(optimizer.get("decoupled_weight_decay")))
+        if one_step_per_snapshot and curvature in ("exact", "coarse") and "moments" in recorded:
+            beta1, beta2 = optimizer["betas"]
+            return ExactAdam(decay, decoupled, float(beta1), float(beta2), float(optimizer["eps"]))
+        return cls(decay, decoupled)
 
     def describe(self, optimizer: dict) -> str:
         return (f"{optimizer.get('name', 'Adam')}: preconditioner 1/(√v̂+ε) held over each interval between snapshots, "
@@ -200,9 +210,57 @@ class Adam(Dynamics):
         root = precond.clamp_min(floor).sqrt()  # a parameter that never moved: the smallest step any other made
         return propagator(lambda v: root * curvature(root * v) + decoupled * v, root * lam, eta, steps) / root
 
-    def direction(self, lam, previous, eta, eta_before, precond=None, later=None):
+    def direction(self, lam, previous, eta, eta_before, precond=None, later=None, moments=None, carry=None):
         """P_{t−1} λ_t."""
         return precond * lam
+
+
+@dataclass(frozen=True)
+class ExactAdam(Adam):
+    """Adam and AdamW with a snapshot after every step: the exact adjoint of the whole state (θ, m, v), bias
+    correction, ε and weight decay included (docs/design-notes.md, "PMP through Adam, exactly"). With λ', a', b' the
+    costates of θ_{t+1}, m_{t+1}, v_{t+1} and step k's u = c1 m'/D, D = √(c2 v') + ε:
+    ū = −η λ', m̄ = a' + ū c1/D, v̄ = b' + ū ∂u/∂v', ḡ = (1−β1) m̄ + 2(1−β2) g ⊙ v̄; then a = β1 m̄, b = β2 v̄,
+    λ_t = a_t ∇J(θ_t) + (1 − η w_d) λ' + (H + w_c I) ḡ, and the direction that scores step t is ψ_{t+1} = −ḡ_t/η_t.
+    g_t is read off the moments kept with the snapshots, (m_{t+1} − β1 m_t)/(1 − β1). A row that has not yet received
+    a gradient (v' = 0, m' = 0) has ∂u/∂v' = 0: its response is bounded, unlike the frozen P's 1/ε."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    preconditioned: ClassVar[bool] = False
+    needs_moments: ClassVar[bool] = True
+
+    @property
+    def heavy_ball(self) -> bool:  # type: ignore[override]
+        return True  # the direction carries the costates of m and v; the rates must be positive
+
+    def describe(self, optimizer: dict) -> str:
+        return (f"{optimizer.get('name', 'Adam')}: the exact adjoint of (θ, m, v), step by step (β1 {self.beta1:g}, "
+                f"β2 {self.beta2:g}, ε {self.eps:g}), {self._decay(self.decoupled)}")
+
+    def propagate(self, propagator, hvp, lam, direction, eta, steps, precond=None):
+        """(1 − η w_d) λ' + (H + w_c I) ḡ with ḡ = −η ψ."""
+        shrink = 1.0 - eta * (self.weight_decay if self.decoupled else 0.0)
+        return shrink * lam - eta * self.curvature(hvp)(direction)
+
+    def direction(self, lam, previous, eta, eta_before, precond=None, later=None, moments=None, carry=None):
+        """ψ_t = −ḡ_{t−1}/η_{t−1} from λ_t and the costates of m_t, v_t (``carry``, zero at θ_T), which it moves
+        back to m_{t−1}, v_{t−1}; ``moments``: (m_{t−1}, m_t, v_t, k), k the step count at snapshot t."""
+        m_before, m, v, k = moments
+        a, b = carry.get("a", torch.zeros_like(lam)), carry.get("b", torch.zeros_like(lam))
+        c1, c2 = 1.0 / (1.0 - self.beta1 ** k), 1.0 / (1.0 - self.beta2 ** k)
+        root = (c2 * v).sqrt()
+        denom = root + self.eps
+        u_bar = -eta_before * lam
+        m_bar = a + u_bar * c1 / denom
+        du_dv = torch.where(v > 0, -c1 * c2 * m / (2 * denom**2 * root.clamp_min(torch.finfo(v.dtype).tiny)),
+                            torch.zeros_like(v))
+        v_bar = b + u_bar * du_dv
+        g = (m - self.beta1 * m_before) / (1.0 - self.beta1)
+        g_bar = (1.0 - self.beta1) * m_bar + 2.0 * (1.0 - self.beta2) * g * v_bar
+        carry["a"], carry["b"] = self.beta1 * m_bar, self.beta2 * v_bar
+        return -g_bar / eta_before
 
 
 def modelled_dynamics(manifest: dict, curvature: str) -> tuple[Dynamics | None, str]:
@@ -215,5 +273,6 @@ def modelled_dynamics(manifest: dict, curvature: str) -> tuple[Dynamics | None, 
         settings = ", ".join(f"{k} {v}" for k, v in optimizer.items() if k != "name")
         return None, (f"{optimizer.get('name')} ({settings}) is not modelled: replayed as plain gradient descent with "
                       f"the recorded learning rates")
-    dynamics = model.build(optimizer, one_step, curvature)
+    recorded = set.intersection(*(set(s) for s in snaps[1:])) if len(snaps) > 1 else set()
+    dynamics = model.build(optimizer, one_step, curvature, recorded)
     return dynamics, dynamics.describe(optimizer)

@@ -50,7 +50,7 @@ from pmp_lightning.replay.store import STATS_FORMAT, ReplayProgress, ReplayStats
 from pmp_lightning.statistics.per_example import STAT_NAMES, STEP_STATS, default_chunk, output_stats, per_example_stats
 from pmp_lightning.statistics.plan import block_matrix, plan_for
 from pmp_lightning.training import trainable
-from pmp_lightning.trajectory import load_manifest, load_preconditioner, network_shapes, network_state
+from pmp_lightning.trajectory import load_manifest, load_moments, load_preconditioner, network_shapes, network_state
 
 CURVATURES = tuple(PROPAGATORS)
 BLOCK_STATS = ("block_dot", "block_sq")  # per example and block: its share of dot and of grad_norm² (T × N × B)
@@ -129,6 +129,7 @@ class ReplayModule(pl.LightningModule):
         self._empty_statistics(len(self.pool))
         self.lam: torch.Tensor | None = None
         self.direction: torch.Tensor | None = None  # ψ_{t+1}: λ_{t+1} itself unless momentum is replayed exactly
+        self.carry: dict[str, torch.Tensor] = {}  # the dynamics' other costates (Adam's exact adjoint: of m and v)
         self.done = np.zeros(self.T + 1, dtype=bool)  # per snapshot θ_0..θ_T
         self.seconds = np.zeros(self.T + 1)  # each finished snapshot's wall time, kept across interruptions
         self.automatic_optimization = False
@@ -223,8 +224,9 @@ class ReplayModule(pl.LightningModule):
         if hvp_samples is not None and hvp_samples < len(self.train_set):
             problems.append("Hessian-vector products on the whole training set (replay.hvp_samples=null)")
         if dynamics is None or dynamics.preconditioned:
-            problems.append("SGD (with or without momentum and weight decay; not Nesterov, no dampening; Adam's replay "
-                            "holds its preconditioner fixed, an approximation)")
+            problems.append("SGD (with or without momentum or Nesterov momentum, and weight decay; no dampening), or Adam "
+                            "with its moments kept at every snapshot (snapshot=every_step; otherwise its replay holds "
+                            "the preconditioner fixed, an approximation)")
         if problems:
             raise ReplayConfigError("replay.curvature=exact needs " + "; ".join(problems) + ". Use replay.curvature=coarse or expm otherwise.")
 
@@ -251,6 +253,7 @@ class ReplayModule(pl.LightningModule):
         self.top_share, self.top_param = state["top_share"], state["top_param"]
         self.lam, self.direction = torch.from_numpy(state["costate"]), torch.from_numpy(state["direction"])
         self.seconds = state.get("seconds", self.seconds)
+        self.carry = {k[len("carry_"):]: torch.from_numpy(v) for k, v in state.items() if k.startswith("carry_")}
 
     # ------------------------------------------------------------------ lightning plumbing
     def configure_optimizers(self):
@@ -272,6 +275,7 @@ class ReplayModule(pl.LightningModule):
         if self.lam is not None:  # resumed: λ and ψ of the last finished snapshot
             self.lam = self.lam.to(self.device, self.dtype)
             self.direction = self.direction.to(self.device, self.dtype)
+            self.carry = {k: v.to(self.device, self.dtype) for k, v in self.carry.items()}
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
@@ -281,6 +285,8 @@ class ReplayModule(pl.LightningModule):
         # Adam: P_t of interval t (θ_t → θ_{t+1}), kept with snapshot t+1, carries λ_{t+1} back; P_{t−1}, kept with
         # snapshot t, turns λ_t into the direction ψ_t = P_{t−1} λ_t of interval t − 1
         self._precond = {k: self._preconditioner(k) for k in (t + 1, t)} if self.dynamics.preconditioned else {}
+        # Adam's exact adjoint: m_{t−1}, m_t, v_t and the step count at t turn λ_t into ψ_t (no moments before θ_1)
+        self._moments = self._read_moments(t) if self.dynamics.needs_moments and t > 0 else None
 
     def _row_stats(self, t: int) -> list[str]:
         """The statistics snapshot t has: all of them, but at θ_T only the model's outputs (a forward pass)."""
@@ -304,7 +310,8 @@ class ReplayModule(pl.LightningModule):
         self._gather_row(t)
         if t == self.T:  # λ_T = ψ_T = ∇J(θ_T)
             self.lam, share = self._downstream()
-            self.direction = self.dynamics.direction(self.lam, None, 0.0, 0.0, self._precond.get(t))
+            self.direction = self.dynamics.direction(self.lam, None, 0.0, float(self.eta[t - 1]), self._precond.get(t),
+                                                     moments=self._moments, carry=self.carry)
             self._record_norm(t, share)
         elif t > 0:  # λ_0 enters no score
             later = self.lam  # λ_{t+1}
@@ -313,7 +320,7 @@ class ReplayModule(pl.LightningModule):
             grad_J, share = self._downstream(need_grad=self.horizon == "area")
             self.lam = lam + grad_J if self.horizon == "area" else lam
             self.direction = self.dynamics.direction(self.lam, self.direction, float(self.eta[t]), float(self.eta[t - 1]),
-                                                     self._precond.get(t), later)
+                                                     self._precond.get(t), later, self._moments, self.carry)
             self._record_norm(t, share)
         self.done[t] = True
         self.seconds[t] = time.perf_counter() - self._epoch_start
@@ -322,7 +329,8 @@ class ReplayModule(pl.LightningModule):
                                direction=self.direction.detach().cpu().numpy(), done=self.done, lambda_norm=self.lambda_norm,
                                direction_norm=self.direction_norm, block_direction_norm=self.block_direction_norm,
                                participation=self.participation, seconds=self.seconds, top_share=self.top_share,
-                               top_param=self.top_param)
+                               top_param=self.top_param,
+                               **{f"carry_{k}": v.detach().cpu().numpy() for k, v in self.carry.items()})
 
     def on_train_end(self) -> None:
         if self.progress is not None and self.trainer.is_global_zero and self.done.all():
@@ -388,6 +396,13 @@ class ReplayModule(pl.LightningModule):
         self.net.load_state_dict(net_state)
         self.net.eval()  # the replay differentiates the deterministic network: dropout off
         self._params = {k: p.detach() for k, p in trainable(self.net).items()}
+
+    def _read_moments(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Adam's m_{t−1}, m_t and v_t, flat like λ, on the device, and its step count at snapshot t."""
+        m_before, _, _ = load_moments(self.snapshot_dir, self.manifest["snapshots"][t - 1])
+        m, v, k = load_moments(self.snapshot_dir, self.manifest["snapshots"][t])
+        flat = lambda d: self._flatten(d).to(self.device, self.dtype)  # noqa: E731
+        return flat(m_before), flat(m), flat(v), k
 
     def _preconditioner(self, t: int) -> torch.Tensor | None:
         """The flat preconditioner kept with snapshot t (the optimizer's last step before it), on the device."""
