@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pmp_lightning.config import register_configs
+from pmp_lightning.config import check_settings, register_configs
 from pmp_lightning.errors import PMPError
 
 register_configs()  # light: torch and Lightning are imported only once Hydra has composed the config
@@ -20,10 +20,11 @@ def user_error(err: BaseException | None) -> PMPError | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pmp_lightning.pipeline import run  # after composition, so a config typo is reported in about a second
-
     logging.captureWarnings(True)  # a run's warnings reach run.log as well as the terminal
     try:
+        check_settings(cfg)  # before torch and Lightning are loaded: a bad setting is named in about a second
+        from pmp_lightning.pipeline import run
+
         run(cfg)
     except Exception as err:
         cause = user_error(err)

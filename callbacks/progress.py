@@ -1,9 +1,10 @@
 """Progress for people: live bars on a terminal, one line per epoch or snapshot in a file (CI, SLURM, nohup).
 
-``progress_callbacks(enabled, replay)`` picks: when stdout and stderr are terminals, Lightning's
-TQDM bar (for the replay labelled with the snapshot θ_t it is scoring); otherwise ``LineProgress``,
-which prints one line when an epoch (training) or a snapshot (replay) is done: elapsed time, rate,
-and the training loss or the costate norm ‖λ_{t+1}‖ the snapshot was scored with.
+``progress(enabled)`` picks, for each fit: when stdout and stderr are terminals, ``Bars`` (Lightning's TQDM bar,
+for the replay labelled with the snapshot θ_t it is scoring, with log records printed above it); otherwise
+``LineProgress``, which prints one line when an epoch (training) or a snapshot (replay) is done: elapsed time,
+rate, and the training loss or the costate norm ‖λ_{t+1}‖ the snapshot was scored with. It is one of the callbacks
+every fit gets from ``conf/callbacks``.
 """
 from __future__ import annotations
 
@@ -11,18 +12,42 @@ import logging
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 
 
-class ReplayProgressBar(TQDMProgressBar):
-    """A bar per snapshot, labelled θ_t, newest first."""
+class Bars(TQDMProgressBar):
+    """Lightning's bars, the replay's labelled with the snapshot θ_t it is scoring; while they are drawn, log records and
+    warnings are printed on their own lines above them (``_log_above_bars``), from the fit's set-up to its end."""
+
+    def __init__(self):
+        super().__init__()
+        self._logging_above = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._logging_above is None:
+            self._logging_above = _log_above_bars()
+            self._logging_above.__enter__()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._stop_logging_above()
+        super().teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stop_logging_above()
+
+    def _stop_logging_above(self) -> None:
+        if self._logging_above is not None:
+            self._logging_above.__exit__(None, None, None)
+            self._logging_above = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        t = pl_module.snapshot_of_epoch(trainer.current_epoch)
-        self.train_progress_bar.set_description(f"replay θ_{t} ({trainer.current_epoch + 1}/{trainer.max_epochs})")
+        if hasattr(pl_module, "snapshot_of_epoch"):  # the replay: an epoch scores one snapshot, newest first
+            t = pl_module.snapshot_of_epoch(trainer.current_epoch)
+            self.train_progress_bar.set_description(f"replay θ_{t} ({trainer.current_epoch + 1}/{trainer.max_epochs})")
 
 
 class LineProgress(ProgressBar):
@@ -86,13 +111,12 @@ def on_a_terminal() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def progress_callbacks(enabled: bool, replay: bool = False) -> list:
-    """The progress callback for a fit: none when disabled, bars on a terminal, lines otherwise."""
+def progress(enabled: bool = True):
+    """The progress callback for one fit (``conf/callbacks``, built afresh for each fit): none when disabled
+    (``trainer.enable_progress_bar=false``), bars on a terminal, lines otherwise."""
     if not enabled:
-        return []
-    if on_a_terminal():
-        return [ReplayProgressBar()] if replay else [TQDMProgressBar()]
-    return [LineProgress()]
+        return None
+    return Bars() if on_a_terminal() else LineProgress()
 
 
 @contextmanager
@@ -106,8 +130,3 @@ def _log_above_bars():
             yield
     finally:
         logging.captureWarnings(captured)
-
-
-def log_above_bars(enabled: bool):
-    """While bars are drawn on a terminal, print log records and warnings on their own lines above the bar."""
-    return _log_above_bars() if enabled and on_a_terminal() else nullcontext()

@@ -205,8 +205,8 @@ def train_key_config(cfg: DictConfig) -> dict[str, Any]:
     config = {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}}
     for key in NOT_TRAIN_KEYS:
         config["data"].pop(key, None)
-    config["noise"].pop("cache_dir", None)  # where noise=confusion keeps its reference, not what it is
     if "reference" in config["noise"]:
+        config["noise"]["reference"].pop("cache_dir", None)  # where noise=confusion keeps its reference, not what it is
         trainer = config["noise"]["reference"]["trainer"]
         config["noise"]["reference"]["trainer"] = {k: v for k, v in trainer.items() if k not in COSMETIC_TRAINER_KEYS}
     return config

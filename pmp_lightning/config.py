@@ -8,23 +8,19 @@ the score that orders ``suspects.csv`` (default: ``cosine`` when computed, else 
 """
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
+from pmp_lightning.replay.settings import check_replay_settings
 from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, CORPUS_BASELINES, PMP_VARIANTS,
                                            SCORER_TARGET, SCORES)
-
-CORPUS_DATAMODULE = "pmp_lightning.data.corpus.CorpusDataModule"
 
 ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
 
@@ -34,7 +30,7 @@ class ScoringConfig:
     scores: List[ScoreName] = field(default_factory=lambda: [ScoreName[n] for n in SCORES])
     rank_by: Optional[str] = None
     # downstream examples given a wrong label and held out of J (and as many controls), for rank_by=auto; auto: 40 on
-    # a stacked network (models/check.py, scoring_defaults), else 0
+    # a stacked network (policy.resolve), else 0
     canaries: Any = "auto"
     # also score each example against its own label's class's costate (one replay per class); auto: on a stacked
     # network with canaries
@@ -82,29 +78,6 @@ def register_configs() -> None:
         store.store(group="scoring", name=name, node=ScoringConfig(scores=[ScoreName[name]]))
 
 
-class WritableOutputs(Callback):
-    """Hydra makes the run's (or the sweep's) directory before the task function starts, so an unwritable
-    ``hydra.run.dir`` would end in Hydra's traceback, never reaching the run's own check: this names it first, in one
-    line. It looks at the nearest directory that exists and creates nothing (the name holds the time, which Hydra
-    reads again)."""
-
-    def on_run_start(self, config, **kwargs) -> None:
-        _require_writable_parent(config.hydra.run.dir, "hydra.run.dir")
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        _require_writable_parent(config.hydra.sweep.dir, "hydra.sweep.dir")
-
-
-def _require_writable_parent(directory: str, setting: str) -> None:
-    path = Path(directory).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        why = "not a directory" if not existing.is_dir() else "not writable"
-        logging.getLogger("run").error(f"OutputError: cannot write to {path} ({existing} is {why}); point {setting} at a "
-                                       f"writable directory")
-        sys.exit(1)
-
-
 # settings checked before any work: (key, smallest allowed, may be null, example)
 _NUMBERS = (
     ("replay.lanczos_steps", 1, False, "8"),
@@ -118,10 +91,22 @@ _NUMBERS = (
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit
 
 
-def check_settings(cfg) -> tuple[list[str], str]:
+def data_kind(data):
+    """The kind of task (``task.CLASSIFICATION``, ``task.LANGUAGE_MODEL``) that a ``data`` config builds, read from its
+    class without building it; None where the class cannot be had (the build names that)."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(data.get("_target_")).kind
+    except Exception:  # noqa: BLE001 — an unknown target, or a class without a kind: the data stage names it
+        return None
+
+
+def check_settings(cfg) -> None:
     """Refuse a setting that cannot work before anything is loaded or trained, naming it and the fix: numbers, the
-    seed, the selection settings and ``scoring.rank_by``. Returns the names of the scores the run computes (cleanlab
-    included when asked for) and the score that orders suspects.csv."""
+    seed, the replay's settings (before torch is loaded: ``run.py`` calls this first), the selection settings and
+    every key of every node built from a ``_target_``. ``scoring.canaries`` and ``scoring.by_class`` may still be
+    ``auto`` here (``policy.resolve`` makes them concrete afterwards)."""
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise SettingError(f"seed={seed!r}: it must be an integer from 0 to {MAX_SEED}, e.g. seed=0")
@@ -133,24 +118,20 @@ def check_settings(cfg) -> tuple[list[str], str]:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             allowed = f"an integer ≥ {least}" + (" or null" if nullable else "")
             raise ReplayConfigError(f"{key}={value!r}: it must be {allowed}, e.g. {key}={example}")
-    from pmp_lightning.replay.module import check_replay_settings  # torch: only once the config is composed
-
     check_replay_settings(cfg.replay.get("curvature"), cfg.replay.get("horizon"))
     growth = cfg.replay.get("growth_warning")
     if isinstance(growth, bool) or not isinstance(growth, (int, float)) or growth <= 1:
         raise ReplayConfigError(f"replay.growth_warning={growth!r}: it must be a number > 1 (a growth factor of ‖λ‖), e.g. 10")
     if cfg.baselines.cleanlab:
         check_folds(cfg.baselines.folds)
-    # scoring.canaries and scoring.by_class may still be auto here: the run checks every setting before
-    # models.check.scoring_defaults sets the data up to resolve them, and again after
     by_class = cfg.scoring.get("by_class", False)
-    corpus = cfg.data.get("_target_") == CORPUS_DATAMODULE  # its language-model baselines come with every run
+    kind = data_kind(cfg.data)
+    corpus = kind is not None and not kind.labelled  # a corpus: its language-model baselines come with every run
     if not (isinstance(by_class, bool) or by_class == "auto") or (by_class is True and corpus):
         raise SettingError(f"scoring.by_class={by_class!r}: true scores each example against the costate of its own "
                            f"label's class, false does not, auto (the default) does on a stacked network with canaries"
                            + ("; a corpus has no labels: leave it auto or false" if by_class is True else ""))
-    names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else []),
-             *(CLASS_VARIANTS if by_class is True else [])]
+    names = _computed(cfg)
     _check_selection(cfg.select, cfg.data.get("pool_mode"), [*names, *(CORPUS_BASELINES if corpus else ())])
     if cfg.data.get("wide_size") and not corpus:
         raise SettingError("data.wide_size is the data scorer's wide slice of a corpus (data=code, +experiment=code_lm); "
@@ -165,8 +146,21 @@ def check_settings(cfg) -> tuple[list[str], str]:
     if canaries not in ("auto", 0) and not any(n in (*AUTO_FAMILY, *CLASS_VARIANTS) for n in names):
         raise SettingError(f"scoring.canaries chooses among the PMP variants {', '.join(AUTO_FAMILY)}, and this run "
                            f"computes none; add some to scoring.scores (e.g. scoring=all)")
+    run_scores(cfg)  # scoring.rank_by among them
     check_keys(cfg)  # after the checks above, whose messages say more about the settings they know
-    return names, _rank_by(cfg.scoring.get("rank_by"), names, canaries)
+
+
+def run_scores(cfg) -> tuple[list[str], str]:
+    """The names of the scores the run computes (cleanlab included when asked for, the class variants with
+    ``scoring.by_class``) and the score that orders suspects.csv, once ``policy.resolve`` has made the scoring
+    settings concrete."""
+    names = _computed(cfg)
+    return names, _rank_by(cfg.scoring.get("rank_by"), names, cfg.scoring.get("canaries", 0))
+
+
+def _computed(cfg) -> list[str]:
+    return [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else []),
+            *(CLASS_VARIANTS if cfg.scoring.get("by_class", False) is True else [])]
 
 
 HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
@@ -231,9 +225,9 @@ def _check_selection(select, pool_mode: str | None, names: list[str]) -> None:
                               f"(cleanlab: baselines.cleanlab=true) or pick from {sorted(names)}")
 
 
-def _rank_by(wanted: str | None, names: list[str], canaries: int) -> str:
+def _rank_by(wanted: str | None, names: list[str], canaries) -> str:
     """The score that orders suspects.csv: ``scoring.rank_by``; by default the variant the canaries choose (``auto``)
-    when there are canaries, else the cosine when computed."""
+    when there are canaries (``auto`` before ``policy.resolve`` counts as some), else the cosine when computed."""
     if wanted == "auto" and not canaries:
         raise SettingError("scoring.rank_by=auto ranks by the variant the canaries choose; set scoring.canaries (e.g. 40)")
     if wanted is None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,3 +76,19 @@ def load_arrays(path: Path):
         return np.load(path)
     with torch.serialization.safe_globals(NUMPY_ARRAYS):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def why_unreadable(err: Exception) -> str:
+    """Why torch or numpy could not load an array file, in one line: a pickle holding other objects than tensors and
+    arrays (which ``load_arrays`` refuses to rebuild, for safety) names the first of them, not torch's paragraph about
+    ``weights_only``; any other error gives its first line."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds Python objects (a {found.group(1)}), and only tensors and numpy arrays are loaded from a "
+                f"file, for safety")
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in text:
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        return (f"it is damaged, or not a file of tensors and arrays"
+                f"{f' (torch: {detail.group(1).strip()})' if detail else ''}")
+    return f"{type(err).__name__}: {(text.strip().splitlines() or [''])[0]}"

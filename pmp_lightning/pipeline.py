@@ -1,10 +1,12 @@
 """The task function: train with snapshots, replay backward, score, evaluate, report, as a short sequence of stages.
 
-``run(cfg)`` checks every setting first (``config.check_settings``), builds each object from the config once, and
-passes the objects on: the data (``PoolDataModule``), the training (``training.Training``), the objective J, the
-replay's settings, the cache keys. It reads as the list of stages: data (the model checked against it before any
-training, ``models/check.py``), train, replay, scores, the extra baselines and selection (whose stage functions live
-beside what they compute, in ``scores/``), detection, metrics and outputs (``report/outputs.py``). Every cached stage
+``run(cfg)`` checks every setting first (``config.check_settings``), lets the policy make the ``auto`` settings
+concrete (``policy.resolve``), builds each object from the config once, and passes the objects on: the task's data
+(``data/base.py``'s ``TaskDataModule``, which says its kind), the training (``training.Training``), the objective J,
+the replay's settings, the cache keys. It reads as the list of stages: data (the model checked against it before any
+training, ``models/check.py``, and the replay's maths on it, ``replay/probe.py``), train, replay, scores (the score
+``auto`` chosen by ``policy.choose``), the extra baselines and selection (whose stage functions live beside what
+they compute, in ``scores/``), detection, metrics and outputs (``report/outputs.py``). Every cached stage
 goes through ``StageCache.load_or_compute``. Everything a run reports is written under ``cfg.paths.output_dir`` (the Hydra run directory):
 ``ground_truth.npz``, ``scores.csv``, ``suspects.csv``/``.png``, ``metrics.json``, and the links ``snapshots/`` and
 ``replay/`` to the train and replay cache entries it used (``cfg.paths.cache_dir``), so that runs that differ only in
@@ -34,30 +36,29 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from callbacks.process_group import ReleaseSpawnedProcessGroup
-from callbacks.progress import log_above_bars, progress_callbacks
 from pmp_lightning.scores.cleanlab_score import cleanlab_stage
 from pmp_lightning.cache import Stages, StageCache, code_digest, train_key_config
-from pmp_lightning.config import check_folds, check_settings
-from pmp_lightning.data.images import IndexedDataset, datamodule_from_config, language_model
+from pmp_lightning import policy
+from pmp_lightning.config import check_folds, check_settings, run_scores
+from pmp_lightning.data.base import IndexedDataset, datamodule_from_config
 from pmp_lightning.errors import DataConfigError, OutputError, ReplayConfigError, SnapshotError
-from pmp_lightning.report.evaluate import (CANARY_CONFIDENCE, auroc_by_kind, auto_choice, contribution_auroc,
-                                           detection_metrics, small_sample_caveat)
+from pmp_lightning.report.evaluate import auroc_by_kind, contribution_auroc, detection_metrics, small_sample_caveat
 from pmp_lightning.io import save_npz
 from pmp_lightning.report.outputs import assemble_metrics, write_outputs, write_wide_scores
 from pmp_lightning.replay.store import ReplayStats, concentration, replay_key_config
 from pmp_lightning.replay.costate import describe
 from pmp_lightning.replay.dynamics import modelled_dynamics
 from pmp_lightning.replay.costate import objective as make_objective
-from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, SCORER_TARGET, class_scores, compute_scores,
-                                           hedge)
+from pmp_lightning.scores.registry import CLASS_VARIANTS, SCORER_TARGET, class_scores, compute_scores
 from pmp_lightning.scores.scorer import data_scorer, document_features
 from pmp_lightning.scores.select import selection, selection_stage
 from pmp_lightning.scores.text import corpus_baselines_stage
 from pmp_lightning.training import Training, predict_proba
-from pmp_lightning.models.check import check_model, scoring_defaults
+from pmp_lightning.models.check import check_model
+from pmp_lightning.replay.probe import check_replay_maths
 from pmp_lightning.trajectory import final_network, load_manifest
 from pmp_lightning.report.wandb_logging import keep_staging_in, log_results, run_identity
+from pmp_lightning.task import LANGUAGE_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ for message in (".*does not have many workers.*", ".*returned `None`, this fit w
 def run(cfg: DictConfig) -> dict:
     """Run one experiment; returns the contents of ``metrics.json`` (an empty dict on ranks other than zero)."""
     _check_strategy(cfg)
-    check_settings(cfg)  # every setting, before scoring_defaults sets the data up (noise=confusion trains its reference)
-    cfg = scoring_defaults(cfg)  # scoring.canaries and scoring.by_class=auto, by the network's build
-    names, rank_by = check_settings(cfg)
+    check_settings(cfg)  # every setting, before the policy sets the data up (noise=confusion trains its reference)
+    cfg = policy.resolve(cfg)  # scoring.canaries and scoring.by_class=auto, by the network's build
+    names, rank_by = run_scores(cfg)
     stages = Stages(Path(cfg.paths.output_dir), Path(cfg.paths.cache_dir), rank_zero_only.rank == 0)
     _require_writable(stages.out, "paths.output_dir (hydra.run.dir on the command line)")
     _require_writable(stages.cache_dir, "paths.cache_dir")
@@ -117,7 +118,7 @@ def run(cfg: DictConfig) -> dict:
             log.warning(replayed["concentration"]["warning"])
         final_probs = final_probabilities(final, datamodule, trained["test_accuracy"])
         scores, canaries = score_stage(stats, [n for n in names if n != "cleanlab"], datamodule, replay_dirs)
-        if language_model(datamodule):
+        if datamodule.kind is LANGUAGE_MODEL:  # its documents' baselines: DSIR, the loss filter, RHO-LOSS
             scores.update(corpus_baselines_stage(stages, final, training, objective, datamodule))
         cleanlab = None
         if crossval is not None:
@@ -157,7 +158,7 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
     with stages.stage("data"):
         datamodule = datamodule_from_config(cfg)
         datamodule.setup()
-    if cfg.baselines.cleanlab and language_model(datamodule):
+    if cfg.baselines.cleanlab and not datamodule.kind.labelled:
         raise DataConfigError("baselines.cleanlab scores labels from class probabilities; a corpus has no labels: set "
                               "baselines.cleanlab=false")
     if cfg.baselines.cleanlab and datamodule.pool_mode == "train":
@@ -167,17 +168,17 @@ def data_stage(stages: Stages, cfg: DictConfig, training: Training) -> tuple:
         raise DataConfigError(f"scoring.by_class: the downstream set (data.downstream) has no example of class(es) "
                               f"{missing}, which pool examples are labelled with, so those have no class costate; give a "
                               f"downstream set with every class, or leave scoring.by_class=false")
-    training = training.for_data(datamodule.pool.x, datamodule.num_classes, getattr(datamodule, "vocab_size", None))
+    training = training.for_data(datamodule.pool.x, datamodule.num_classes, datamodule.vocab_size)
     target = cfg.model.get("_target_")
-    probe = check_model(training.net, datamodule, target or "the model", cfg.replay.curvature,
-                        str(cfg.trainer.get("precision", "32-true")))
-    if getattr(datamodule, "wide", None) is not None:
-        document_features(probe, IndexedDataset(datamodule.wide.x[:2], datamodule.wide.y[:2]))  # named before training
-    model_code = code_digest(probe, target)
+    probe = check_model(training.net, datamodule, target or "the model", str(cfg.trainer.get("precision", "32-true")))
+    check_replay_maths(probe, cfg.replay.curvature, target or "the model")
+    if datamodule.wide is not None:
+        document_features(probe.net, IndexedDataset(datamodule.wide.x[:2], datamodule.wide.y[:2]))  # named before training
+    model_code = code_digest(probe.net, target)
     if stages.lead:  # the ground truth, written before training starts
         save_npz(stages.out / "ground_truth.npz", **datamodule.ground_truth())
-        wrong = "corrupted" if language_model(datamodule) else "mislabeled"
-        log.info(f"pool: {len(datamodule.pool)} examples, {int(datamodule.is_mislabeled.sum())} {wrong}; training set: "
+        log.info(f"pool: {len(datamodule.pool)} {datamodule.kind.unit}s, {int(datamodule.is_mislabeled.sum())} "
+                 f"{datamodule.kind.wrong}; training set: "
                  f"{len(datamodule.train_set)}")
     return datamodule, training, model_code
 
@@ -188,7 +189,7 @@ def train_stage(stages: Stages, cache: StageCache, training: Training, snapshots
     def train(directory: Path) -> dict:
         with stages.stage("train"):
             _, accuracy = training.fit(datamodule, datamodule, logger=logger, root_dir=directory,
-                                       callbacks=[snapshots(dirpath=directory / "snapshots"), ReleaseSpawnedProcessGroup()],
+                                       callbacks=[snapshots(dirpath=directory / "snapshots")],
                                        checkpoints=directory / "checkpoints")
         return {"test_accuracy": accuracy, "seconds": stages.timings["train"]}
 
@@ -252,12 +253,10 @@ def _fit_replay(replay, training: Training, directory: Path) -> None:
         if rank_zero_only.rank == 0:
             replay.save_stats()
         return
-    callbacks = [ReleaseSpawnedProcessGroup(), *progress_callbacks(training.progress, replay=True)]
-    trainer = training.trainer(max_epochs=replay.remaining, callbacks=callbacks, logger=False, default_root_dir=directory,
-                               enable_checkpointing=False)
+    trainer = training.trainer(max_epochs=replay.remaining, callbacks=training.fit_callbacks(), logger=False,
+                               default_root_dir=directory, enable_checkpointing=False)
     log.info(f"replay: {replay.remaining} snapshots, {len(replay.pool)} pool examples, {trainer.world_size} process(es)")
-    with log_above_bars(training.progress):
-        trainer.fit(replay)
+    trainer.fit(replay)
 
 
 def final_probabilities(net: torch.nn.Module, datamodule, test_accuracy: float | None) -> np.ndarray | None:
@@ -265,7 +264,7 @@ def final_probabilities(net: torch.nn.Module, datamodule, test_accuracy: float |
     way, how often θ_T agrees with the downstream set's labels goes into ``datamodule.downstream_note``
     (``model_agreement``), with a warning when it is far below the test accuracy: J's labels then disagree with what
     the model learned (wrong labels, another labelling convention, another data set)."""
-    if language_model(datamodule):
+    if not datamodule.kind.labelled:  # no class probabilities
         return None
     agreement = float((predict_proba(net, datamodule.downstream.x).argmax(1) == datamodule.downstream.y.numpy()).mean())
     note = datamodule.downstream_note
@@ -284,28 +283,13 @@ def final_probabilities(net: torch.nn.Module, datamodule, test_accuracy: float |
 def score_stage(stats: ReplayStats, names: list[str], datamodule,
                 class_dirs: dict[int, Path]) -> tuple[dict[str, np.ndarray], dict | None]:
     """The pool's scores, the class variants from the replays of ``class_dirs`` among them (``scoring.by_class``);
-    with canaries (``scoring.canaries``), also the PMP variant that ranks them lowest, as the score ``auto`` (and what
-    every variant reached on them, for metrics.json)."""
+    with canaries (``scoring.canaries``), also the score ``auto`` the policy chooses on them (``policy.choose``) and
+    its record, for metrics.json."""
     scores = compute_scores([n for n in names if n not in CLASS_VARIANTS], stats)
     if class_dirs:
         by_class = {k: ReplayStats.load(d / "stats.npz") for k, d in class_dirs.items()}
         scores.update(class_scores(by_class, datamodule.scored.y.numpy()))
-    if datamodule.canary_mask is None:
-        return scores, None
-    n = len(datamodule.pool)
-    # the family in its order, the cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
-    candidates = {name: scores[name][n:] for name in (*AUTO_FAMILY, *CLASS_VARIANTS) if name in scores}
-    choice = auto_choice(candidates, datamodule.canary_mask)
-    scores = {name: s[:n] for name, s in scores.items()}
-    scores["auto"], said = scores[choice["chosen"]], choice["chosen"]
-    if "hedged_with" in choice:
-        scores["auto"] = hedge(scores["auto"], scores[choice["hedged_with"]])
-        said += f" hedged with {choice['hedged_with']} (the mean of their ranks)"
-    first = next(iter(candidates))
-    log.info(f"canaries: {said} is the score auto (AP on the {choice['canaries']} canaries among as many "
-             f"controls: " + ", ".join(f"{name} {ap:.3f}" for name, ap in choice["ap"].items())
-             + f"; another than {first} only where it does better in ≥ {CANARY_CONFIDENCE:.0%} of resamples)")
-    return scores, choice
+    return policy.choose(scores, datamodule.canary_mask, len(datamodule.pool))
 
 
 
@@ -314,7 +298,7 @@ def scorer_stage(stages: Stages, fractions: list[float], net: torch.nn.Module, t
     """With a corpus's wide slice (``data.wide_size``): the data scorer learns the pool's γ and scores the slice
     (``scores/scorer.py``), each document's scores written to ``wide_scores.csv``; with ``select.fractions``, fresh
     models trained on the slice without each score's lowest documents, the slice's own token budget."""
-    if getattr(datamodule, "wide", None) is None:
+    if datamodule.wide is None:
         return None
     with stages.stage("scorer"):
         gamma = scores[SCORER_TARGET]
@@ -349,7 +333,7 @@ def detect_stage(stages: Stages, scores: dict[str, np.ndarray], stats: ReplaySta
             log.warning(caveat)
         return {"detection": {name: detection_metrics(s, mask) for name, s in scores.items()},
                 "per_snapshot": contribution_auroc(stats.contribution, mask), "caveat": caveat,
-                "by_kind": auroc_by_kind(scores, datamodule.corruption_kind) if language_model(datamodule) else None}
+                "by_kind": auroc_by_kind(scores, datamodule.corruption_kind) if datamodule.corruption_kind else None}
 
 
 # ----------------------------------------------------------------------------- checks and plumbing

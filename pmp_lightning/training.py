@@ -15,34 +15,24 @@ from typing import Callable
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader
 
-from callbacks.progress import log_above_bars, progress_callbacks
-from callbacks.resume import LastEpochCheckpoint, RandomState
+from pmp_lightning.cache import COSMETIC_TRAINER_KEYS, StageCache, code_digest, content_digest
+from pmp_lightning.data.base import IndexedDataset
+from pmp_lightning.errors import DataConfigError
+from pmp_lightning.io import save_npz
+from pmp_lightning.resume import LastEpochCheckpoint, RandomState
+from pmp_lightning.task import kind_of, training_loss
 
 log = logging.getLogger(__name__)
-
-
-IGNORE = -100  # a target left out of a document's loss (F.cross_entropy's ignore_index): the padding of a short file
 
 
 def trainable(net: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters training moves (``requires_grad``), by name: what λ, ∇J and the statistics cover."""
     return {k: p for k, p in net.named_parameters() if p.requires_grad}
-
-
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The loss training descends: the one definition that training, the replay's Hessian-vector products and the
-    statistics pass all use. A classifier's l_n is the cross-entropy of example n with its observed label (logits
-    (N, K), labels (N,)). A language model's document n has next-token logits (N, T, V) and targets (N, T): l_n is
-    the mean cross-entropy over its targets, those equal to ``IGNORE`` (padding) left out."""
-    if logits.dim() == 3 and labels.dim() == 2:
-        per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-        losses = per_token.sum(1) / (labels != IGNORE).sum(1).clamp_min(1)
-        return {"none": losses, "sum": losses.sum(), "mean": losses.mean()}[reduction]
-    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 @torch.no_grad()
@@ -115,13 +105,8 @@ class Classifier(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         x, y, _ = batch
         logits = self.net(x)
-        if logits.dim() == 3 and y.dim() == 2:  # a language model: its next-token accuracy over the targets
-            kept = y != IGNORE
-            acc = (logits.argmax(2) == y)[kept].float().mean()
-            self.log("test/accuracy", acc, on_step=False, on_epoch=True, batch_size=int(kept.sum()), sync_dist=True)
-            return
-        acc = (logits.argmax(1) == y).float().mean()
-        self.log("test/accuracy", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        acc, count = kind_of(logits, y).accuracy(logits, y)  # a language model's: next-token accuracy over its targets
+        self.log("test/accuracy", acc, on_step=False, on_epoch=True, batch_size=count, sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())
@@ -158,14 +143,15 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
 @dataclass
 class Training:
     """How a run trains a classifier, built once from its config: the network and the optimizer and learning-rate
-    schedule (factories), the Trainer's settings, the seed and whether progress is shown."""
+    schedule (factories), the Trainer's settings, the seed and the callbacks every fit gets (``conf/callbacks``:
+    factories, each called afresh for each fit, that may give None)."""
 
     net: Callable[[], nn.Module]
     optimizer: Callable[..., torch.optim.Optimizer]
     lr_schedule: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None
     trainer: Callable[..., pl.Trainer]
     seed: int
-    progress: bool = True
+    callbacks: tuple[Callable[[], pl.Callback | None], ...] = ()
 
     @property
     def epochs(self) -> int:
@@ -182,7 +168,11 @@ class Training:
         return cls(net=instantiate(cfg.model, _partial_=True), optimizer=instantiate(cfg.optimizer),
                    lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
                    trainer=instantiate(cfg.trainer, _partial_=True), seed=cfg.seed,
-                   progress=cfg.trainer.get("enable_progress_bar", True))
+                   callbacks=tuple(instantiate(c) for c in cfg.get("callbacks", {}).values()))
+
+    def fit_callbacks(self) -> list[pl.Callback]:
+        """Fresh instances of the callbacks every fit gets."""
+        return [c for c in (make() for make in self.callbacks) if c is not None]
 
     def fit(self, train, test=None, callbacks=(), logger=False, root_dir=None, one_process: bool = False,
             checkpoints: Path | None = None, max_steps: int | None = None) -> tuple[Classifier, float | None]:
@@ -209,10 +199,9 @@ class Training:
             if last.is_file():
                 log.info(f"training: resuming from its last finished epoch ({last})")
                 resume = {"ckpt_path": str(last)}
-        trainer = self.trainer(callbacks=[*callbacks, *progress_callbacks(self.progress)], logger=logger,
-                               default_root_dir=root_dir, **single)
-        with log_above_bars(self.progress):
-            trainer.fit(classifier, **_data("train_dataloaders", train), **resume)
+        trainer = self.trainer(callbacks=[*callbacks, *self.fit_callbacks()], logger=logger, default_root_dir=root_dir,
+                               **single)
+        trainer.fit(classifier, **_data("train_dataloaders", train), **resume)
         if checkpoints is not None and trainer.is_global_zero:
             shutil.rmtree(checkpoints, ignore_errors=True)
         if test is None:
@@ -222,3 +211,44 @@ class Training:
 
 def _data(loader_key: str, data) -> dict:
     return {"datamodule": data} if isinstance(data, pl.LightningDataModule) else {loader_key: data}
+
+
+class ReferenceClassifier:
+    """``noise=confusion``'s reference (``data.noise.ConfusionNoise``): a classifier of the run's model, optimizer and
+    trainer settings, trained from scratch with clean labels on a set disjoint from the pool (the run's test set)
+    through ``Training.fit``, then read on the pool's images. Its probabilities are cached (``cache_dir``) by the
+    settings, the seed, and the content of its training data, of the pool and of the model's code."""
+
+    def __init__(self, model, optimizer, trainer, batch_size: int = 32, seed: int = 0, cache_dir: str | None = None):
+        if cache_dir is None:
+            raise DataConfigError("noise.reference.cache_dir is not set; start from conf/noise/confusion.yaml")
+        self.settings = OmegaConf.create({"model": model, "optimizer": optimizer, "trainer": trainer,
+                                          "batch_size": batch_size})
+        self.seed, self.cache_dir = int(seed), Path(cache_dir)
+
+    def __call__(self, images: torch.Tensor, reference, num_classes: int) -> np.ndarray:
+        """The class probabilities for ``images`` (N, K) of the classifier trained on ``reference`` (x, y: clean,
+        disjoint from the pool), or read from the cache."""
+        config = OmegaConf.to_container(self.settings, resolve=True)
+        keyed = {**config, "trainer": {k: v for k, v in config["trainer"].items() if k not in COSMETIC_TRAINER_KEYS}}
+        training = Training.from_config(OmegaConf.create({**config, "seed": self.seed})).for_data(images, num_classes)
+        cache = StageCache(self.cache_dir, "noise", {"reference": keyed, "seed": self.seed,
+                                                      "trained_on": content_digest(reference.x, reference.y),
+                                                      "pool": content_digest(images),
+                                                      "model_code": code_digest(training.net(), config["model"].get("_target_"))})
+
+        def train_reference(directory: Path) -> dict:
+            log.info(f"noise=confusion: training the reference classifier on {len(reference.y)} clean examples")
+            data = IndexedDataset(reference.x, reference.y)
+            classifier, _ = training.fit(DataLoader(data, batch_size=int(config.get("batch_size", 32)), shuffle=True),
+                                         one_process=True)
+            save_npz(directory / "probs.npz", probs=predict_proba(classifier.net, images))
+            return {}
+
+        cache.load_or_compute(train_reference, lambda d: [] if (d / "probs.npz").is_file() else ["probs.npz"])
+        with np.load(cache.dir / "probs.npz") as z:
+            probs = z["probs"]
+        if probs.shape[1] < num_classes:
+            raise DataConfigError(f"noise=confusion: the reference model gives {probs.shape[1]} classes, the data has "
+                                  f"{num_classes}; set model.num_classes={num_classes}")
+        return probs[:, :num_classes]

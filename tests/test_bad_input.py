@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pmp_lightning.data.images import PoolDataModule
+from pmp_lightning.data.labelled import PoolDataModule
 from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.errors import (CostateDivergedError, DataConfigError, OutputError, ReplayConfigError, SnapshotError,
                                   UnknownScoreError)
@@ -314,7 +314,7 @@ def test_a_seed_out_of_range_is_one_line_before_any_work(tmp_path, seed):
 
 
 def test_duplicate_known_errors_are_counted_and_named(tmp_path):
-    from pmp_lightning.data.images import read_known_errors
+    from pmp_lightning.data.labelled import read_known_errors
 
     path = tmp_path / "known.txt"
     path.write_text("5\n7\n5\n9\n7\n5\n")

@@ -9,7 +9,8 @@ from pmp_lightning.replay.module import ReplayModule
 from pmp_lightning.scores.registry import compute_scores
 from pmp_lightning.statistics.per_example import per_example_stats
 from pmp_lightning.statistics.plan import block_matrix, block_of, plan_for
-from pmp_lightning.training import trainable, training_loss
+from pmp_lightning.task import training_loss
+from pmp_lightning.training import trainable
 from tests.conftest import fit_replay
 
 

@@ -10,9 +10,9 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 
 from pmp_lightning.config import check_settings
-from pmp_lightning.data.images import datamodule_from_config
+from pmp_lightning.data.base import datamodule_from_config
 from pmp_lightning.errors import DataConfigError, SettingError
-from pmp_lightning.models.check import scoring_defaults
+from pmp_lightning.policy import resolve as scoring_defaults
 from pmp_lightning.pipeline import run
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.scores.registry import CLASS_VARIANTS, SCORES, class_scores

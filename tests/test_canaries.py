@@ -8,9 +8,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from pmp_lightning.data.images import PoolDataModule, TrustedSet
+from pmp_lightning.data.labelled import PoolDataModule, TrustedSet
 from pmp_lightning.errors import DataConfigError, SettingError
-from pmp_lightning.report.evaluate import canary_choice
+from pmp_lightning.policy import canary_choice
 from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.pipeline import run
 from pmp_lightning.scores.registry import AUTO_FAMILY
@@ -119,7 +119,7 @@ def test_the_sweep_report_rebuilds_the_pool_a_run_with_canaries_scored(tmp_path)
     so find the pool the run scored (they rebuilt it without them, and the report stopped on a mismatch)."""
     from omegaconf import OmegaConf
 
-    from pmp_lightning.data.images import datamodule_from_config
+    from pmp_lightning.data.base import datamodule_from_config
     from pmp_lightning.report.compare import compare
 
     job = tmp_path / "sweep" / "0"
@@ -139,7 +139,7 @@ def test_the_sweep_report_rebuilds_the_pool_a_run_with_canaries_scored(tmp_path)
 def test_the_hedge_is_the_mean_of_the_ranks():
     """An example is a suspect of the hedge as far as both scores find it one: the lowest under both stays lowest, one
     lowest under only one of them falls in between; any increasing map of either score leaves it as it is."""
-    from pmp_lightning.scores.registry import hedge
+    from pmp_lightning.policy import hedge
 
     a, b = np.array([0.0, 1.0, 2.0, 3.0]), np.array([-5.0, 9.0, -1.0, 7.0])
     assert hedge(a, b).tolist() == [0.25, 0.75, 0.625, 0.875]
@@ -149,7 +149,7 @@ def test_the_hedge_is_the_mean_of_the_ranks():
 def test_a_class_variant_the_canaries_choose_is_hedged_with_the_best_whole_j_variant():
     """Where the canaries choose a class variant, the whole-J variant they choose among the family alone goes with it
     (``hedged_with``); where they choose a whole-J variant, nothing does."""
-    from pmp_lightning.report.evaluate import auto_choice
+    from pmp_lightning.policy import auto_choice
 
     rng = np.random.default_rng(0)
     is_canary = np.arange(80) < 40
@@ -170,7 +170,8 @@ def test_the_run_ranks_the_pool_by_the_hedge_where_the_canaries_choose_a_class_v
     from types import SimpleNamespace
 
     import pmp_lightning.pipeline as pipeline
-    from pmp_lightning.scores.registry import CLASS_VARIANTS, hedge
+    from pmp_lightning.policy import hedge
+    from pmp_lightning.scores.registry import CLASS_VARIANTS
 
     rng = np.random.default_rng(0)
     n, is_canary = 30, np.arange(80) < 40

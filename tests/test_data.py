@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmp_lightning.data.images import MlxtendMNIST, PoolDataModule, TorchvisionSource
+from pmp_lightning.data.labelled import PoolDataModule
+from pmp_lightning.data.sources import MlxtendMNIST, TorchvisionSource
 from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.errors import DataConfigError
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pmp_lightning.data.images import DatasetSource, PoolDataModule, TrustedSet
+from pmp_lightning.data.labelled import PoolDataModule, TrustedSet
+from pmp_lightning.data.sources import DatasetSource
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.data.noise import ConfusionNoise, LabelNoise
+from pmp_lightning.training import ReferenceClassifier
 from pmp_lightning.pipeline import run
 from tests.conftest import RandomSource
 from tests.test_pipeline import make_cfg
@@ -87,7 +89,7 @@ def test_a_trusted_set_lacking_classes_is_named_before_training():
             self.labels = torch.tensor(labels)
 
         def load(self):
-            from pmp_lightning.data.images import Images
+            from pmp_lightning.data.sources import Images
             gen = torch.Generator().manual_seed(123)  # not the pool's seed: the set must share no image with it
             return Images(torch.randn(len(self.labels), 1, 2, 2, generator=gen), self.labels), None
 
@@ -152,7 +154,7 @@ def _confusion(rate, seed, tmp_path):
                  "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.2},
                  "trainer": {"_target_": "pytorch_lightning.Trainer", "max_epochs": 15, "enable_progress_bar": False,
                              "enable_model_summary": False, "accelerator": "cpu"}, "batch_size": 16}
-    return ConfusionNoise(rate, seed, OmegaConf.create(reference), str(tmp_path / "cache"))
+    return ConfusionNoise(rate, seed, ReferenceClassifier(**reference, seed=seed, cache_dir=str(tmp_path / "cache")))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from callbacks.theta_snapshot import ThetaSnapshot
 from pmp_lightning.trajectory import load_manifest, load_snapshot
 from pmp_lightning.replay.costate import OBJECTIVES, objective
-from pmp_lightning.data.images import PoolDataModule
+from pmp_lightning.data.labelled import PoolDataModule
 from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.models.classifiers import mlp
 from pmp_lightning.training import Classifier

@@ -14,7 +14,7 @@ from pmp_lightning.errors import DataConfigError, SettingError
 from pmp_lightning.models.gpt import GPT
 from pmp_lightning.statistics.per_example import per_example_stats
 from pmp_lightning.statistics.plan import make_plan
-from pmp_lightning.training import IGNORE, training_loss
+from pmp_lightning.task import IGNORE, training_loss
 from tests.test_stats import check, reference
 
 TEXT = b"def f(x):\n    return x + 1\n\n\nclass A:\n    '''A docstring.'''\n    value = f(2)\n"
@@ -372,7 +372,7 @@ def test_influence_is_the_gradient_dot_product_at_the_final_model():
     from types import SimpleNamespace
 
     from pmp_lightning.replay.costate import objective
-    from pmp_lightning.data.images import IndexedDataset
+    from pmp_lightning.data.base import IndexedDataset
     from pmp_lightning.scores.text import influence
 
     x, y = _corpus_batch(n=6)
@@ -418,9 +418,9 @@ def test_auroc_by_kind_compares_each_kind_with_the_clean_documents():
 def test_the_data_scorer_learns_what_the_features_hold_and_reads_real_positions_only():
     """The ridge head recovers a γ linear in the features (out of fold) and not one of pure noise; a document's
     features are the mean hidden state over its targets, padding left out."""
-    from pmp_lightning.data.images import IndexedDataset
+    from pmp_lightning.data.base import IndexedDataset
     from pmp_lightning.scores.scorer import document_features, fit_scorer
-    from pmp_lightning.training import IGNORE
+    from pmp_lightning.task import IGNORE
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(200, 12))
@@ -479,5 +479,5 @@ def test_code_lm_with_a_wide_slice_scores_and_selects_it(tmp_path, monkeypatch):
     with pytest.raises(SettingError, match="learns the PMP score raw, which this run does not compute"):
         run(make_cfg(tmp_path / "no_raw", "data.wide_size=120", "scoring.scores=[cosine,loss]"))
     with pytest.raises(SettingError, match="data.wide_size is (the data scorer's wide slice of a corpus|not a setting of "
-                                           "pmp_lightning.data.images.PoolDataModule)"):  # the latter: config.check_keys
+                                           "pmp_lightning.data.labelled.PoolDataModule)"):  # the latter: config.check_keys
         run(image_cfg(tmp_path / "images", "+data.wide_size=120"))

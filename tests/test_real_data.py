@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from pmp_lightning.trajectory import load_manifest, network_state
 from pmp_lightning.scores.cleanlab_score import cleanlab_baseline
 from pmp_lightning.config import register_configs
-from pmp_lightning.data.images import DatasetSource, PoolDataModule, TensorSource, read_known_errors
+from pmp_lightning.data.labelled import PoolDataModule, read_known_errors
+from pmp_lightning.data.sources import DatasetSource, TensorSource
 from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.errors import DataConfigError, UnknownScoreError
 from pmp_lightning.pipeline import run
@@ -300,7 +301,8 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
     end through a _target_, its statistics proven before training. It is stacked (blocks of several layers), so the
     default draws 40 canaries and their controls (80 examples) from what would have been the pool, and adds the class
     replays' variants and the canaries' choice."""
-    from pmp_lightning.scores.registry import CLASS_VARIANTS, hedge
+    from pmp_lightning.policy import hedge
+    from pmp_lightning.scores.registry import CLASS_VARIANTS
 
     from sklearn.datasets import load_digits
 
@@ -386,7 +388,7 @@ def test_a_root_without_the_data_set_says_so_and_is_not_suggested_again(tmp_path
 
     import torchvision
 
-    from pmp_lightning.data.images import TorchvisionSource
+    from pmp_lightning.data.sources import TorchvisionSource
 
     shared = tmp_path / "shared"
     (shared / "MNIST" / "raw").mkdir(parents=True)  # the layout, without the files: torchvision finds no MNIST

@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 
 from callbacks.theta_snapshot import ThetaSnapshot
-from pmp_lightning.data.images import PoolDataModule
+from pmp_lightning.data.labelled import PoolDataModule
 from pmp_lightning.models.classifiers import mlp
 from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.trajectory import load_manifest

@@ -96,7 +96,10 @@ def test_the_top_share_survives_the_stats_file(tmp_path):
 
 
 def test_a_growing_costate_is_never_told_to_use_the_curvature_it_uses():
-    from pmp_lightning.replay.module import CURVATURES, growth_advice
+    from pmp_lightning.replay.costate import PROPAGATORS
+    from pmp_lightning.replay.settings import CURVATURES, growth_advice
+
+    assert set(CURVATURES) == set(PROPAGATORS)  # the light list the settings check reads is the replay's own
 
     assert "replay.curvature=expm" not in growth_advice("expm") and "data.source.scale=255" in growth_advice("expm")
     assert all("replay.curvature=expm" in growth_advice(c) for c in CURVATURES if c != "expm")
@@ -114,12 +117,12 @@ def _compose(*overrides):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("+data.pool_sise=300", r"data.pool_sise is not a setting of pmp_lightning.data.images.PoolDataModule \(did you mean "
+    ("+data.pool_sise=300", r"data.pool_sise is not a setting of pmp_lightning.data.labelled.PoolDataModule \(did you mean "
                             r"data.pool_size\?\); its settings: source, noise, pool_mode, pool_size"),
     ("+model.hiden=32", r"model.hiden is not a setting of pmp_lightning.models.classifiers.mlp \(did you mean model.hidden\?\)"),
     ("+trainer.max_epoch=3", r"trainer.max_epoch is not a setting of pytorch_lightning.Trainer \(did you mean "
                              r"trainer.max_epochs\?\)"),
-    ("+data.downstream.sise=3", r"data.downstream.sise is not a setting of pmp_lightning.data.images.TrustedSet"),
+    ("+data.downstream.sise=3", r"data.downstream.sise is not a setting of pmp_lightning.data.labelled.TrustedSet"),
 ])
 def test_a_key_the_target_does_not_take_is_named_with_the_nearest_one(override, message):
     from pmp_lightning.config import check_settings

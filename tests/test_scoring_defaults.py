@@ -1,5 +1,5 @@
 """scoring.canaries=auto and scoring.by_class=auto (the defaults): made concrete by the network's build and where J
-comes from (models/check.py, scoring_defaults), never by the pool's labels. A stacked network (two or more blocks of
+comes from (policy.py, resolve), never by the pool's labels. A stacked network (two or more blocks of
 several layers) gets 40 canaries and the class replays; a network of single layers keeps the plain cosine."""
 import json
 import re
@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from pmp_lightning.data.images import datamodule_from_config
-from pmp_lightning.models import check
-from pmp_lightning.models.check import AUTO_CANARIES, scoring_defaults
+from pmp_lightning.data.base import datamodule_from_config
+from pmp_lightning import policy as check
+from pmp_lightning.policy import AUTO_CANARIES
+from pmp_lightning.policy import resolve as scoring_defaults
 from pmp_lightning.models.classifiers import ResNet, ViT, logistic_regression, mlp, reported_cnn
 from pmp_lightning.statistics.plan import stacked_blocks
 from tests.test_language_model import make_cfg as lm_cfg
@@ -70,7 +71,7 @@ def test_auto_labels_no_corpus(caplog):
     with caplog.at_level("INFO"):
         corpus = scoring_defaults(lm_cfg(NOWHERE))
     assert (corpus.scoring.canaries, corpus.scoring.by_class) == (0, False)
-    assert "a corpus has no labels" in caplog.text
+    assert "a language model's documents have no labels" in caplog.text
 
 
 @pytest.mark.parametrize("bad, message", [("scoring.by_class=maybe", "scoring.by_class='maybe'"),
@@ -103,7 +104,7 @@ def test_reports_rebuild_a_run_with_what_the_run_resolved(tmp_path):
 def test_the_data_is_never_built_from_an_unresolved_auto():
     """The guard: datamodule_from_config refuses auto, so no caller (the run, the sweep report, diagnose) can build a
     pool without the canaries the run drew."""
-    with pytest.raises(TypeError, match="scoring_defaults"):
+    with pytest.raises(TypeError, match="policy.resolve"):
         datamodule_from_config(make_cfg(NOWHERE, "model=resnet"))
     assert datamodule_from_config(scoring_defaults(make_cfg(NOWHERE, "model=resnet"))).canaries == AUTO_CANARIES
 

@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, vmap
 
 from pmp_lightning.statistics import layer_rules
 from pmp_lightning.models.classifiers import ResNet, TextClassifier, ViT, mlp, reported_cnn, small_cnn
-from pmp_lightning.training import training_loss
+from pmp_lightning.task import training_loss
 from pmp_lightning.errors import UnsupportedModelError
 from pmp_lightning.statistics.per_example import per_example_stats
 from pmp_lightning.statistics.plan import make_plan

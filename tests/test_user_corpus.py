@@ -277,8 +277,8 @@ def compose_data(tmp_path, *overrides, cache=None):
 def build(cfg):
     """The run's data, set up as the run's data stage does (no training), or the project's own error behind Hydra's."""
     from pmp_lightning.config import check_settings
-    from pmp_lightning.data.images import datamodule_from_config
-    from pmp_lightning.models.check import scoring_defaults
+    from pmp_lightning.data.base import datamodule_from_config
+    from pmp_lightning.policy import resolve as scoring_defaults
 
     check_settings(cfg)
     try:

@@ -27,7 +27,7 @@ from sklearn.metrics import average_precision_score
 from torch.func import functional_call, grad, vmap
 
 from pmp_lightning.config import register_configs
-from pmp_lightning.data.images import IndexedDataset, datamodule_from_config
+from pmp_lightning.data.base import IndexedDataset, datamodule_from_config
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.replay.store import ReplayStats
 from pmp_lightning.scores.registry import AUTO_FAMILY, SCORES

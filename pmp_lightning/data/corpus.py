@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 
-from pmp_lightning.data.images import IndexedDataset, PoolDataModule
+from pmp_lightning.data.base import IndexedDataset, TaskDataModule
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.training import IGNORE
+from pmp_lightning.task import IGNORE, LANGUAGE_MODEL
 
 VOCAB_SIZE = 256  # the byte-level tokenizer: byte b is token b
 EXAMPLES = 3  # names given in a message that lists some of many
@@ -432,7 +431,7 @@ def _corruption(noise):
                           f"measured against) or noise=none (your corpus as it is)")
 
 
-class CorpusDataModule(pl.LightningDataModule):
+class CorpusDataModule(TaskDataModule):
     """A corpus as the pool, the target set defining J, a test set and the training set, split by file (by line of a
     JSONL file) so that no file's documents fall into two of them: files in a random order (``split_seed``) are dealt
     out in turn to the test set, the target set, the pool, (``pool_mode="holdout"``) the clean training set and the
@@ -450,6 +449,8 @@ class CorpusDataModule(pl.LightningDataModule):
     so that the models are tested on, and selection measured on, the target's distribution. ``test``: a test set of
     your own instead (a path or a source, all of it), which must share no document with the training set.
     """
+
+    kind = LANGUAGE_MODEL
 
     def __init__(self, source, noise, unit: str = "window", length: int = 128, pool_mode: str = "train",
                  pool_size: int | None = 2000, train_size: int | None = None, downstream_size: int = 200,
@@ -684,13 +685,6 @@ class CorpusDataModule(pl.LightningDataModule):
         return {"index": self.pool_index.tolist(), "document": [d.name for d in self.pool_documents],
                 "first_line": [first_line(d.text) for d in self.pool_documents]}
 
-    # the cache keys by content and the loaders, as the image pools have them (they read the same attributes)
-    content_key = PoolDataModule.content_key
-    downstream_key = PoolDataModule.downstream_key
-    _loader = PoolDataModule._loader
-    train_dataloader = PoolDataModule.train_dataloader
-    test_dataloader = PoolDataModule.test_dataloader
-
 
 def first_line(text: bytes, width: int = 60) -> str:
     """The document's first non-blank line, at most ``width`` characters: what suspects.csv shows of it."""
@@ -715,7 +709,7 @@ class PackageSource:
         self.num_classes = len(self.packages)
 
     def load(self):
-        from pmp_lightning.data.images import Images
+        from pmp_lightning.data.sources import Images
 
         texts = StdlibSource(self.packages).load()
         gen = torch.Generator().manual_seed(self.seed)

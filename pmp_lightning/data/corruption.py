@@ -11,12 +11,12 @@ each with a kind drawn from ``kinds``.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable
 
 import numpy as np
 
-from pmp_lightning.data.corpus import Document
 from pmp_lightning.errors import DataConfigError
 
 CorruptionFn = Callable[[bytes, np.random.Generator], bytes]
@@ -86,8 +86,9 @@ class Corruption:
             raise DataConfigError(f"noise.kinds: unknown corruption(s) {unknown}; choose from {', '.join(CORRUPTIONS)}")
         self.rate, self.seed = float(rate), seed
 
-    def __call__(self, docs: list[Document]) -> tuple[list[Document], np.ndarray, list[str]]:
-        """The documents with ``rate`` of them corrupted, the mask of those, and each one's kind ('' when clean)."""
+    def __call__(self, docs: list) -> tuple[list, np.ndarray, list[str]]:
+        """The documents (``corpus.Document``) with ``rate`` of them corrupted, the mask of those, and each one's kind
+        ('' when clean)."""
         rng = np.random.default_rng(self.seed)
         chosen = rng.choice(len(docs), int(round(self.rate * len(docs))), replace=False)
         out, kinds = list(docs), [""] * len(docs)
@@ -97,6 +98,6 @@ class Corruption:
             for kind in rng.permutation(self.kinds):
                 changed = CORRUPTIONS[kind](text, rng)
                 if changed != text:
-                    out[n], kinds[n], mask[n] = Document(docs[n].name, changed), str(kind), True
+                    out[n], kinds[n], mask[n] = dataclasses.replace(docs[n], text=changed), str(kind), True
                     break
         return out, mask, kinds

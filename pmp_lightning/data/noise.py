@@ -13,14 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
 
-from pmp_lightning.cache import COSMETIC_TRAINER_KEYS, StageCache, code_digest, content_digest
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.io import load_arrays, save_npz
+from pmp_lightning.data.sources import NUM_CLASSES
+from pmp_lightning.io import load_arrays, why_unreadable
 
-NUM_CLASSES = 10
 log = logging.getLogger(__name__)
 
 
@@ -86,18 +83,19 @@ class ConfusionNoise:
     proportional to how strongly the reference believes a wrong class (its largest wrong-class probability), and each
     gets that class: the one the image is confused with. Chen et al. corrupt the r% most confusing images outright;
     drawing in proportion keeps the rate exact while hard images are corrupted more often, not always. Seeded and
-    deterministic. The reference is the run's model, optimizer and trainer settings (``reference``), trained through
-    the run's own training loop; its probabilities are cached by the content of its training data and of the pool.
+    deterministic. ``reference`` gives the reference's class probabilities for the pool's images
+    (``training.ReferenceClassifier``: the run's model, optimizer and trainer settings, trained through the run's own
+    training loop, its probabilities cached by the content of its training data and of the pool).
     """
 
     kind = "confusion"
 
-    def __init__(self, rate: float = 0.2, seed: int = 0, reference=None, cache_dir: str | None = None):
+    def __init__(self, rate: float = 0.2, seed: int = 0, reference=None):
         self.rate, self.seed = _rate(rate), int(seed)
-        if reference is None or cache_dir is None:
-            raise DataConfigError("noise=confusion needs noise.reference (model, optimizer, trainer) and noise.cache_dir; "
-                                  "start from conf/noise/confusion.yaml")
-        self.reference, self.cache_dir = OmegaConf.create(reference), Path(cache_dir)
+        if not callable(reference):
+            raise DataConfigError("noise=confusion needs noise.reference, the reference classifier (model, optimizer, "
+                                  "trainer); start from conf/noise/confusion.yaml")
+        self.reference_probabilities = reference
 
     def __call__(self, labels: torch.Tensor, num_classes: int = NUM_CLASSES, classes: torch.Tensor | None = None,
                  images: torch.Tensor | None = None, reference=None) -> torch.Tensor:
@@ -120,34 +118,6 @@ class ConfusionNoise:
         observed = labels.clone()
         observed[flip] = target[flip]
         return observed
-
-    def reference_probabilities(self, images: torch.Tensor, reference, num_classes: int) -> np.ndarray:
-        """The reference classifier's class probabilities for ``images`` (N, K): trained on ``reference`` (x, y, clean,
-        disjoint from the pool) through ``Training.fit``, or read from the cache."""
-        from pmp_lightning.training import Training, predict_proba  # the training stack, only when noise=confusion
-
-        config = OmegaConf.to_container(self.reference, resolve=True)
-        keyed = {**config, "trainer": {k: v for k, v in config["trainer"].items() if k not in COSMETIC_TRAINER_KEYS}}
-        training = Training.from_config(OmegaConf.create({**config, "seed": self.seed})).for_data(images, num_classes)
-        cache = StageCache(self.cache_dir, "noise", {"reference": keyed, "seed": self.seed,
-                                                      "trained_on": content_digest(reference.x, reference.y),
-                                                      "pool": content_digest(images),
-                                                      "model_code": code_digest(training.net(), config["model"].get("_target_"))})
-        def train_reference(directory: Path) -> dict:
-            log.info(f"noise=confusion: training the reference classifier on {len(reference.y)} clean examples")
-            data = TensorDataset(reference.x, reference.y, torch.arange(len(reference.y)))
-            classifier, _ = training.fit(DataLoader(data, batch_size=int(config.get("batch_size", 32)), shuffle=True),
-                                         one_process=True)
-            save_npz(directory / "probs.npz", probs=predict_proba(classifier.net, images))
-            return {}
-
-        cache.load_or_compute(train_reference, lambda d: [] if (d / "probs.npz").is_file() else ["probs.npz"])
-        with np.load(cache.dir / "probs.npz") as z:
-            probs = z["probs"]
-        if probs.shape[1] < num_classes:
-            raise DataConfigError(f"noise=confusion: the reference model gives {probs.shape[1]} classes, the data has "
-                                  f"{num_classes}; set model.num_classes={num_classes}")
-        return probs[:, :num_classes]
 
 
 def read_labels_file(path: str | Path, key: str | None, originals: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -219,7 +189,6 @@ def _read_labels(path: Path, setting: str):
             return load_arrays(path)
         return np.array([int(line) for line in path.read_text().split()])
     except Exception as err:  # a damaged or foreign file raises various errors inside torch or numpy
-        from pmp_lightning.data.images import why_unreadable  # images imports this module
 
         raise DataConfigError(f"{setting}={str(path)!r} cannot be read ({why_unreadable(err)}); save the labels as a "
                               f"tensor, a numpy array or a dict of them (torch.save({{'worse_label': labels}}, path), "

@@ -43,6 +43,7 @@ exact identity holds for J_c like for any J (``tests/test_exactness.py``).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Iterable
 
@@ -53,7 +54,7 @@ from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pmp_lightning.errors import ReplayConfigError
-from pmp_lightning.training import IGNORE, training_loss
+from pmp_lightning.task import kind_of, training_loss
 
 ObjectiveFn = Callable[..., torch.Tensor]
 OBJECTIVES: dict[str, ObjectiveFn] = {}
@@ -120,11 +121,8 @@ class Objective:
         self.name, self.params, self.centred = name, dict(sorted((params or {}).items())), centred
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if z.dim() == 3 and y.dim() == 2:  # a language model's documents: the objective per target, averaged in each
-            kept = y != IGNORE
-            per_token = OBJECTIVES[self.name](z[kept], y[kept], **self.params)
-            return z.new_zeros(y.shape).masked_scatter(kept, per_token).sum(1) / kept.sum(1).clamp_min(1)
-        return OBJECTIVES[self.name](z, y, **self.params)
+        # a language model's documents: the objective per target, averaged in each (task.LanguageModel.per_example)
+        return kind_of(z, y).per_example(functools.partial(OBJECTIVES[self.name], **self.params), z, y)
 
     def __repr__(self) -> str:
         return f"Objective({describe(self)})"
@@ -171,14 +169,6 @@ def pull_sum(pulls: torch.Tensor) -> torch.Tensor:
     return pulls.flatten(0, -2).sum(0)
 
 
-def _spread(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """How a document's loss weighs each position (B, T): 1/T_m at its targets, 0 at padding; a classifier's 1."""
-    if z.dim() == 3 and y.dim() == 2:
-        kept = (y != IGNORE).to(z.dtype)
-        return kept / kept.sum(1, keepdim=True).clamp_min(1)
-    return z.new_ones(y.shape)
-
-
 def centred_values(fn: ObjectiveFn, z: torch.Tensor, y: torch.Tensor, mean_pull: torch.Tensor | None) -> torch.Tensor:
     """l_m − w̄ᵀ z_m per example (w̄ held constant), or l_m itself when ``mean_pull`` is None. A language model's
     document: l_m − (1/T_m) Σ_t w̄ᵀ z_{m,t} over its targets, so a shift of every logit at every position by the same
@@ -186,8 +176,7 @@ def centred_values(fn: ObjectiveFn, z: torch.Tensor, y: torch.Tensor, mean_pull:
     values = fn(z, y)
     if mean_pull is None:
         return values
-    shift = z @ mean_pull
-    return values - (shift * _spread(z, y)).sum(1) if shift.dim() == 2 else values - shift
+    return values - kind_of(z, y).average(z @ mean_pull, z, y)
 
 
 def logit_weights(fn: ObjectiveFn, logits: torch.Tensor, labels: torch.Tensor,
@@ -195,7 +184,7 @@ def logit_weights(fn: ObjectiveFn, logits: torch.Tensor, labels: torch.Tensor,
     """‖∂l_m/∂z_m‖ per downstream example (‖w_m − w̄‖ for a centred J): how much example m pulls on ∇J."""
     pulls = logit_pulls(fn, logits, labels)
     if mean_pull is not None:
-        pulls = pulls - (_spread(logits, labels)[:, :, None] * mean_pull if pulls.dim() == 3 else mean_pull)
+        pulls = pulls - kind_of(logits, labels).weights(logits, labels)[..., None] * mean_pull
     return pulls.flatten(1).norm(dim=1)
 
 

@@ -46,33 +46,14 @@ from pmp_lightning.replay.costate import PROPAGATORS, ObjectiveFn, describe, dow
 from pmp_lightning.replay.dynamics import Dynamics, modelled_dynamics
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
+from pmp_lightning.replay.settings import check_replay_settings, growth_advice
 from pmp_lightning.replay.store import STATS_FORMAT, ReplayProgress, ReplayStats, growth_steps, top_share
 from pmp_lightning.statistics.per_example import STAT_NAMES, STEP_STATS, default_chunk, output_stats, per_example_stats
 from pmp_lightning.statistics.plan import block_matrix, plan_for
 from pmp_lightning.training import trainable
 from pmp_lightning.trajectory import load_manifest, load_moments, load_preconditioner, network_shapes, network_state
 
-CURVATURES = tuple(PROPAGATORS)
 BLOCK_STATS = ("block_dot", "block_sq")  # per example and block: its share of dot and of grad_norm² (T × N × B)
-HORIZONS = ("area", "terminal")
-
-
-def check_replay_settings(curvature: str, horizon: str) -> None:
-    """The replay's named settings, checked with every other setting before any work (``config.check_settings``) and
-    again by a ReplayModule built directly; its numbers are checked with the other numbers (``config._NUMBERS``)."""
-    if curvature not in CURVATURES:
-        raise ReplayConfigError(f"unknown replay.curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
-    if horizon not in HORIZONS:
-        raise ReplayConfigError(f"unknown replay.horizon {horizon!r}; choose one of {', '.join(HORIZONS)}")
-
-
-def growth_advice(curvature: str) -> str:
-    """What to do about a costate that grew between snapshots: expm for the curvature modes that can explode; under
-    expm, which cannot, the growth comes from ∇J itself or Adam's preconditioner."""
-    if curvature == "expm":
-        return ("expm cannot grow λ through the curvature, so the growth comes from ∇J(θ_t) (the data's scale, the "
-                "objective) or Adam's preconditioner: check the inputs' scale (8-bit images: data.source.scale=255)")
-    return "try replay.curvature=expm (stable)"
 
 
 class _Shard(DistributedSampler):

@@ -2,7 +2,7 @@
 
     python -m pmp_lightning.report.compare outputs/multiruns/<date_time>
 
-Also runs by itself at the end of every multirun (``CompareCallback`` in ``conf/hydra/default.yaml``).
+Also runs by itself at the end of every multirun (``hydra_callbacks.CompareAtSweepEnd`` in ``conf/hydra/default.yaml``).
 A *setting* is a job's overrides minus ``scoring`` and ``seed``; seeds are averaged. Writes into the
 sweep directory:
 
@@ -34,13 +34,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 from pmp_lightning.io import atomic_write, save_text  # noqa: E402
 from pmp_lightning.scores.registry import PMP_VARIANTS  # noqa: E402
-from pmp_lightning.scores.select import REPORT_KEYS  # noqa: E402
 
 log = logging.getLogger(__name__)
 AVERAGED = ("scoring", "seed")  # override keys that do not define a setting
@@ -159,6 +157,8 @@ def selection_runs(jobs: list[Job]) -> dict[str, tuple[list[dict], list[str], li
     for job in jobs:
         if "selection" in job.metrics:
             by_setting[job.setting].setdefault(job.seed, job.metrics["selection"])
+    from pmp_lightning.scores.select import REPORT_KEYS  # torch: not when Hydra loads this module's callback
+
     found = {}
     for setting, by_seed in sorted(by_setting.items()):
         runs = list(by_seed.values())
@@ -407,15 +407,15 @@ def suspect_grid(images, titles: list[str], red, title: str, path: Path) -> None
 def run_config(run_dir: Path):
     """A finished run's config as it ran: ``scoring.canaries`` and ``scoring.by_class`` as the run resolved them
     (metrics.json's ``scoring``), so a report rebuilds the very pool the run scored even where the rule that resolves
-    ``auto`` (``models.check.scoring_defaults``) would decide otherwise today; a run without that record is resolved
+    ``auto`` (``policy.resolve``) would decide otherwise today; a run without that record is resolved
     by today's rule."""
-    from pmp_lightning.models.check import scoring_defaults  # torch: only where a run's data is rebuilt
+    from pmp_lightning.policy import resolve  # torch: only where a run's data is rebuilt
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     metrics = run_dir / "metrics.json"
     resolved = json.loads(metrics.read_text()).get("scoring") if metrics.exists() else None
     if resolved is None:
-        return scoring_defaults(cfg)
+        return resolve(cfg)
     with open_dict(cfg):
         cfg.scoring.canaries, cfg.scoring.by_class = resolved["canaries"], resolved["by_class"]
     return cfg
@@ -423,7 +423,7 @@ def run_config(run_dir: Path):
 
 def plot_suspects(merged, out: Path) -> None:
     """The lowest-scored examples of each score (first setting, first seed), observed and true labels."""
-    from pmp_lightning.data.images import datamodule_from_config
+    from pmp_lightning.data.base import datamodule_from_config
 
     setting, (scores, mask, index, job) = next(iter(merged.items()))
     with (job.path / "scores.csv").open() as f:
@@ -465,16 +465,6 @@ def compare(sweep_dir: str | Path) -> list[dict]:
     plot_suspects(merged, sweep_dir)
     log.info(f"comparison of {len(jobs)} jobs written to {sweep_dir}/comparison.md")
     return rows
-
-
-class CompareCallback(Callback):
-    """Hydra callback: write the comparison report into the sweep directory when a multirun ends."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        try:
-            compare(config.hydra.sweep.dir)
-        except FileNotFoundError as err:  # every job failed: nothing to compare
-            log.warning(str(err))
 
 
 def main(argv=None) -> None:

@@ -27,7 +27,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pmp_lightning.report.compare import _save, run_config
 from pmp_lightning.config import register_configs
-from pmp_lightning.data.images import datamodule_from_config
+from pmp_lightning.data.base import datamodule_from_config
 from pmp_lightning.replay.store import ReplayStats
 from pmp_lightning.replay.costate import describe, downstream_gradient, objective
 from pmp_lightning.statistics.per_example import per_example_stats
@@ -49,7 +49,7 @@ def diagnose(run_dir: str | Path, snapshot: int = -1) -> dict[str, dict]:
     if not mask.any() or mask.all():
         raise SystemExit(f"diagnose: {run_dir} has no ground truth to measure against (noise=none and no data.known_errors)")
     net = shaped(instantiate(cfg.model, _partial_=True), datamodule.pool.x, datamodule.num_classes,
-                 getattr(datamodule, "vocab_size", None))()  # a corpus's tokenizer gives a language model its vocabulary
+                 datamodule.vocab_size)()  # a corpus's tokenizer gives a language model its vocabulary
     manifest = load_manifest(run_dir / "snapshots")
     entry = manifest["snapshots"][snapshot]
     net.load_state_dict(network_state(run_dir / "snapshots", entry))

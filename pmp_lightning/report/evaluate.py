@@ -6,7 +6,6 @@ import math
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS
 
 METRICS = ("auroc", "ap", "precision_at_k", "recall_at_10pct", "hits_in_lowest_1pct")
 MIN_PER_CLASS = 10  # fewer mislabeled (or clean) examples than this make AUROC and AP noise
@@ -51,57 +50,6 @@ def auroc_by_kind(scores: dict[str, np.ndarray], kinds: list[str]) -> dict[str, 
         keep = clean | (kinds == kind)
         out[kind] = {name: float(roc_auc_score(kinds[keep] == kind, -s[keep])) for name, s in scores.items()}
     return out
-
-
-# an alternative replaces the recommended variant only if it ranks the canaries better in this share of resamples
-CANARY_CONFIDENCE = 0.95
-CANARY_RESAMPLES = 1000
-
-
-def canary_choice(scores: dict[str, np.ndarray], is_canary: np.ndarray, confidence: float = CANARY_CONFIDENCE,
-                  resamples: int = CANARY_RESAMPLES) -> dict:
-    """The variant that ranks the canaries (examples given a wrong label on purpose) lowest among them and the
-    controls (as many with their own label), by average precision; only the run's downstream set decides, the pool's
-    labels play no part. The first of ``scores`` (the recommended cosine) stays unless another beats its AP in at least
-    ``confidence`` of the bootstrap resamples of canaries and controls (each resampled with replacement, the same
-    resample for every variant): a difference that 2k examples cannot tell from chance does not move the choice. Of
-    those that pass, the best AP on the whole set wins (the earlier on a tie)."""
-    is_canary = np.asarray(is_canary, dtype=bool)
-    ap = {name: float(average_precision_score(is_canary, -s)) for name, s in scores.items()}
-    first, *others = scores
-    rng = np.random.default_rng(0)
-    canaries, controls = np.flatnonzero(is_canary), np.flatnonzero(~is_canary)
-    wins = dict.fromkeys(others, 0)
-    for _ in range(resamples if others else 0):
-        idx = np.concatenate([rng.choice(canaries, len(canaries)), rng.choice(controls, len(controls))])
-        base = average_precision_score(is_canary[idx], -scores[first][idx])
-        for name in others:
-            wins[name] += average_precision_score(is_canary[idx], -scores[name][idx]) > base
-    beats = {name: wins[name] / resamples for name in others}
-    return {"canaries": int(is_canary.sum()), "controls": int((~is_canary).sum()), "ap": ap,
-            f"beats_{first}": beats, "chosen": _pick(others, first, ap, beats, confidence)}
-
-
-def _pick(names, first: str, ap: dict[str, float], beats: dict[str, float], confidence: float) -> str:
-    """Of ``names``, those that beat ``first`` in at least ``confidence`` of the resamples; the best AP of them wins
-    (the earlier on a tie), else ``first``."""
-    passed = [name for name in names if beats[name] >= confidence]
-    return max(passed, key=lambda name: ap[name]) if passed else first
-
-
-def auto_choice(candidates: dict[str, np.ndarray], is_canary: np.ndarray) -> dict:
-    """The canaries' choice (``canary_choice``) over ``candidates``, the family ``AUTO_FAMILY`` and the class variants,
-    in that order. Where it is a class variant, also ``hedged_with``: the whole-J variant the canaries choose among
-    those alone, which the score ``auto`` ranks together with it (``registry.hedge``). Random wrong labels are the
-    class variants' easiest case (a random image far from its label's class) and need not be the pool's errors: a
-    wrong label the model learned as a systematic confusion sits close to its label's class, where only the costate
-    of every class sees the harm it does to the class it came from (docs/design-notes.md, "The hedge")."""
-    choice = canary_choice(candidates, is_canary)
-    first, *others = candidates  # the whole-J variants come first: among them alone, the same resamples decide
-    whole = [name for name in others if name in AUTO_FAMILY]
-    if choice["chosen"] in CLASS_VARIANTS and first in AUTO_FAMILY:
-        choice["hedged_with"] = _pick(whole, first, choice["ap"], choice[f"beats_{first}"], CANARY_CONFIDENCE)
-    return choice
 
 
 def contribution_auroc(contribution: np.ndarray, is_mislabeled: np.ndarray) -> list[float]:

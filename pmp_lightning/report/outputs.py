@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from pmp_lightning.cache import Stages
-from pmp_lightning.data.images import language_model
 from pmp_lightning.io import save_json, save_text
 from pmp_lightning.replay.costate import describe
 from pmp_lightning.replay.store import ReplayStats, growth_steps
@@ -37,7 +36,7 @@ def assemble_metrics(stages: Stages, detected: dict, trained: dict, replayed: di
     metrics = {
         "detection": detected["detection"],
         "test_accuracy": trained["test_accuracy"],
-        "ground_truth": "corrupted documents" if language_model(datamodule) else "mislabeled examples",
+        "ground_truth": f"{datamodule.kind.wrong} {datamodule.kind.unit}s",
         "costate": {"mode": replay["curvature"], "horizon": replay["horizon"], "objective": describe(objective),
                     "dynamics": replayed.get("dynamics"),
                     "lambda_norms": stats.lambda_norm.tolist(), "participation": stats.participation.tolist(),
@@ -56,7 +55,7 @@ def assemble_metrics(stages: Stages, detected: dict, trained: dict, replayed: di
     if detected.get("by_kind"):
         metrics["auroc_by_corruption"] = detected["by_kind"]
     metrics["downstream"] = datamodule.downstream_note
-    if getattr(datamodule, "split_note", None):  # a corpus: where its lines went, and what was dropped and why
+    if datamodule.split_note:  # a corpus: where its lines went, and what was dropped and why
         metrics["corpus_splits"] = datamodule.split_note["line"]
     if datamodule.known_error_counts is not None:
         metrics["known_errors"] = {"file": str(datamodule.known_errors), **datamodule.known_error_counts}

@@ -10,7 +10,8 @@ from hydra.types import RunMode
 from sklearn.metrics import precision_recall_curve
 
 from pmp_lightning.report.compare import N_SUSPECTS
-from pmp_lightning.data.images import language_model
+from pmp_lightning.task import LANGUAGE_MODEL
+
 
 PR_POINTS = 200  # points per precision-recall curve, enough to draw it
 
@@ -63,11 +64,11 @@ def log_results(experiment, metrics: dict, scores: dict[str, np.ndarray], datamo
         plots[f"histogram/{name}/mislabeled"] = wandb.Histogram(s[mask])
         for rank, i in enumerate(np.argsort(s, kind="stable")[:N_SUSPECTS]):
             picture = wandb.Image(x[i].permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()) if pictures else None
-            said = ([datamodule.pool_documents[i].name, datamodule.corruption_kind[i]] if language_model(datamodule) else
+            said = ([datamodule.pool_documents[i].name, datamodule.corruption_kind[i]] if datamodule.kind is LANGUAGE_MODEL else
                     [int(datamodule.observed_labels[i]), int(datamodule.true_labels[i])])
             suspects.append([name, rank, picture, int(datamodule.pool_index[i]), *said, bool(mask[i])])
     pr_table = wandb.Table(columns=["score", "recall", "precision"], data=pr_rows)
     plots["pr_curves"] = wandb.plot.line(pr_table, "recall", "precision", stroke="score", title="Precision-recall (low score = suspect)")
-    said = ["document", "corruption"] if language_model(datamodule) else ["observed", "true"]
+    said = ["document", "corruption"] if datamodule.kind is LANGUAGE_MODEL else ["observed", "true"]
     plots["top_suspects"] = wandb.Table(columns=["score", "rank", "image", "index", *said, "mislabeled"], data=suspects)
     experiment.log(plots)

@@ -165,15 +165,6 @@ AUTO_FAMILY = ("cosine", "block_cosine", "late_cosine", "late_fisher")
 CLASS_VARIANTS = {"class_cosine": "cosine", "class_late_cosine": "late_cosine", "class_late_fisher": "late_fisher"}
 
 
-def hedge(*scores: np.ndarray) -> np.ndarray:
-    """The mean of the scores' ranks over the same examples (each scaled to (0, 1], ties averaged): an example is a
-    suspect as far as every one of them finds it one. The canaries' choice hedges a class variant with a whole-J
-    variant (``pipeline.score_stage``)."""
-    from scipy.stats import rankdata
-
-    return np.mean([rankdata(s) / len(s) for s in scores], axis=0)
-
-
 def class_scores(by_class: dict[int, ReplayStats], labels: np.ndarray) -> dict[str, np.ndarray]:
     """The class variants of every scored example (``labels``: the observed ones), from the replay of its class
     (``by_class[k]`` scored exactly the examples labelled k, in their order)."""

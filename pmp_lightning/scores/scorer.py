@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from pmp_lightning.errors import SettingError
 from pmp_lightning.scores.registry import SCORER_TARGET
 from pmp_lightning.scores.text import document_losses, dsir
-from pmp_lightning.training import IGNORE
+from pmp_lightning.task import IGNORE
 
 FOLDS = 5
 ALPHAS = np.logspace(-3, 4, 15)

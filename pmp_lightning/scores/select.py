@@ -18,7 +18,6 @@ import numpy as np
 from torch.utils.data import DataLoader, Subset
 
 from pmp_lightning.cache import Stages
-from pmp_lightning.data.images import language_model
 from pmp_lightning.scores.text import token_loss
 from pmp_lightning.training import Training
 
@@ -57,10 +56,10 @@ def selection(training: Training, datamodule, scores: dict[str, np.ndarray], fra
     (``noise=none``) has no oracle to retrain: removing no document is the full run."""
     pool, mask = (datamodule.wide, datamodule.wide_mask) if wide else (datamodule.pool, datamodule.is_mislabeled)
     n = len(pool)
-    lm = language_model(datamodule)
+    lm = not datamodule.kind.labelled  # a language model: retrained at the pool's token budget, measured by test loss
     source = pool if wide else datamodule.train_set
     budget = training.epochs * math.ceil(len(source) / datamodule.batch_size) if lm else None
-    measure = "test loss" if lm else "test accuracy"
+    measure = datamodule.kind.measure
     retrain = lambda keep: _retrained(training, datamodule, keep, budget, source)  # noqa: E731
     full = retrain(np.ones(n, dtype=bool)) if lm else full_accuracy
     report: dict = {"measure": measure, "full": full, "oracle": full if lm and not mask.any() else retrain(~mask)}

@@ -24,7 +24,8 @@ from pmp_lightning.cache import Stages
 from pmp_lightning.data.corpus import Document
 from pmp_lightning.replay.costate import downstream_gradient
 from pmp_lightning.statistics.per_example import output_stats, per_example_stats
-from pmp_lightning.training import IGNORE, Training, trainable
+from pmp_lightning.task import IGNORE
+from pmp_lightning.training import Training, trainable
 
 DSIR_BUCKETS = 10_000  # DSIR's hashed feature space
 

@@ -48,7 +48,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pmp_lightning.statistics.per_example import default_chunk, per_example_stats
 from pmp_lightning.statistics.plan import block_matrix, plan_for
 from pmp_lightning.data.corpus import VOCAB_SIZE
-from pmp_lightning.training import shaped, training_loss
+from pmp_lightning.task import training_loss
+from pmp_lightning.training import shaped
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
 # the shipped models (conf/model/*.yaml, as configured there), and the benchmark's own sizes: a shipped config with

@@ -84,7 +84,7 @@ def linear_map(a: torch.Tensor, delta: torch.Tensor, v: Direction):
     """The per-example dot and squared norm of a linear map's ``weight`` and ``bias`` (whichever ``v`` names), from its
     input ``a`` (batch, ..., in) and output gradient ``delta`` (batch, ..., out)."""
     dot = sq = None
-    if a.dim() == 2:  # one position per example: ‖δ aᵀ‖² = ‖δ‖²‖a‖²
+    if a.ndim == 2:  # one position per example: ‖δ aᵀ‖² = ‖δ‖²‖a‖²
         if "weight" in v:
             vw = v["weight"]
             dot = ((delta @ vw) * a).sum(1) if vw is not None else None

@@ -24,7 +24,7 @@ from torch import nn
 from pmp_lightning.errors import UnsupportedModelError
 from pmp_lightning.statistics.plan import StatsPlan, plan_for
 from pmp_lightning.statistics.ways import forward_backward
-from pmp_lightning.training import IGNORE, training_loss
+from pmp_lightning.task import kind_of, training_loss
 
 STAT_NAMES = ("dot", "grad_norm", "loss", "margin", "correct", "el2n")
 STEP_STATS = ("dot", "grad_norm")  # need a backward (and a direction); the rest are the model's outputs
@@ -73,18 +73,16 @@ def _outputs(logits: torch.Tensor, y: torch.Tensor, losses: torch.Tensor) -> dic
     """Per example: its loss, margin (its label's logit minus the largest other), whether it is predicted right, and
     EL2N (‖softmax − one-hot‖). A language model's document: each of these averaged over its targets (padding left
     out), so ``correct`` is its next-token accuracy."""
-    if logits.dim() == 3 and y.dim() == 2:
-        kept = y != IGNORE
-        tokens = _outputs(logits[kept], y[kept], losses.new_zeros(int(kept.sum())))
-        counts = kept.sum(1).clamp_min(1).to(logits.dtype)
-        per_doc = {k: logits.new_zeros(y.shape).masked_scatter(kept, v).sum(1) / counts for k, v in tokens.items() if k != "loss"}
-        return {"loss": losses, **per_doc}
+    return {"loss": losses, **kind_of(logits, y).per_example(_verdict, logits, y)}
+
+
+def _verdict(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model's verdict on each row of (rows, K) logits with its label: margin, correct and EL2N."""
     label_logit = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf"))
     probs = logits.softmax(1)
     onehot = torch.nn.functional.one_hot(y, logits.shape[1]).to(probs.dtype)
     return {
-        "loss": losses,
         "margin": label_logit - others.max(1).values,
         "correct": (logits.argmax(1) == y).to(logits.dtype),
         "el2n": (probs - onehot).norm(dim=1),

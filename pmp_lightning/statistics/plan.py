@@ -21,7 +21,8 @@ from pmp_lightning.errors import UnsupportedModelError
 from pmp_lightning.statistics.layer_rules import decomposed_for, rule_for
 from pmp_lightning.statistics.proof import direction, failing, oracle
 from pmp_lightning.statistics.ways import DECOMPOSE, EXPAND, FALLBACK, LOOP, RULE, Part
-from pmp_lightning.training import trainable, training_loss
+from pmp_lightning.task import training_loss
+from pmp_lightning.training import trainable
 
 EXPAND_FLOATS = 2**24  # a bare parameter is broadcast along the batch only while batch × its size stays below this
 PROBE_SIZES = (5, 7)  # two batch sizes (rarely a length a network has): an axis that follows them is the batch axis
@@ -106,7 +107,7 @@ def block_matrix(plan: "StatsPlan", net: nn.Module, groups: list[str] | None = N
 def stacked_blocks(net: nn.Module) -> list[str]:
     """The network's blocks (``block_of``) that each hold the parameters of several modules: a ResNet's stem and
     residual blocks, a ViT's encoder blocks; none in a network of single layers (the reported CNN, an MLP). Two or
-    more make the network *stacked*, for which ``scoring.canaries=auto`` holds out canaries (models/check.py)."""
+    more make the network *stacked*, for which ``scoring.canaries=auto`` holds out canaries (policy.py)."""
     owners: dict[str, set[str]] = {}
     for name, module in net.named_modules():
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]  # the parameters training moves
@@ -200,7 +201,7 @@ class _Probe:
         try:
             with Uses():
                 logits = self.model(x)
-            targets = logits.shape[:2] if logits.dim() == 3 and x.dim() == 2 else (len(x),)  # a language model's: (N, T)
+            targets = logits.shape[:-1]  # one target per output: an example's, or a document's at each position (N, T)
             training_loss(logits, torch.zeros(targets, dtype=torch.long, device=x.device)).backward()
         finally:
             for h in handles:

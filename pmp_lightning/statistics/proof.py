@@ -11,7 +11,8 @@ from torch import nn
 
 from pmp_lightning.errors import UnsupportedModelError
 from pmp_lightning.statistics.ways import Part, forward_backward, instrumented_pass
-from pmp_lightning.training import trainable, training_loss
+from pmp_lightning.task import training_loss
+from pmp_lightning.training import trainable
 
 VERIFY_RTOL = 1e-9  # float64, against explicit per-example gradients
 

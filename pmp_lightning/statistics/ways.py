@@ -32,7 +32,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pmp_lightning.statistics.layer_rules import accumulate, decomposed_for, linear_map, rule_for
-from pmp_lightning.training import trainable, training_loss
+from pmp_lightning.task import training_loss
+from pmp_lightning.training import trainable
 
 FALLBACK_FLOATS = 2**24  # per-example gradients a fallback holds at once (64 MiB in float32): sets its sub-batch
 
