@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # scoring.canaries=auto on a stacked network (two or more blocks of several layers): this many canaries and controls
 AUTO_CANARIES = 40
+# a trusted J of your own (data.downstream) gives its first 2k examples for k canaries and controls when it holds at
+# least this many times 2k, so that J keeps 90% of it or more
+TRUSTED_SHARE = 10
 
 
 def resolve(cfg: DictConfig) -> DictConfig:
@@ -42,9 +45,10 @@ def resolve(cfg: DictConfig) -> DictConfig:
     or more blocks of several layers, ``statistics.plan.stacked_blocks``: a ResNet's residual blocks, a ViT's encoder
     blocks) gets ``AUTO_CANARIES`` canaries, drawn beside J from the data, and the class replays, so the canaries choose
     among the block family and the class variants (the score ``auto``); a network of single layers (the reported CNN,
-    an MLP) keeps the whole-gradient cosine, with neither. Data that cannot spare the canaries' examples, a J that
-    canaries would cut into (a trusted set of your own, a J holding the pool), a corpus (no labels) and scores that
-    hold none of the variants the canaries choose among get neither. The one place that resolves them: the run calls
+    an MLP) keeps the whole-gradient cosine, with neither. A trusted J of your own (``data.downstream``) gives its
+    first 2k examples for them when it holds ``TRUSTED_SHARE`` × 2k or more. Data that cannot spare the canaries'
+    examples, a J holding the pool, a corpus (no labels) and scores that hold none of the variants the canaries
+    choose among get neither. The one place that resolves them: the run calls
     it after checking every setting and before any training, and records what it resolved in metrics.json, which
     the reports that rebuild its data read (``report.compare.run_config``)."""
     canaries, by_class = cfg.scoring.get("canaries", 0), cfg.scoring.get("by_class", False)
@@ -57,7 +61,8 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if canaries == "auto":
         canaries = AUTO_CANARIES if stacked else 0
     if by_class == "auto":
-        by_class = bool(stacked and canaries)
+        kind = data_kind(cfg.data)
+        by_class = bool(stacked and canaries) and (kind is None or kind.labelled)  # a corpus's documents have no class
     if rank_zero_only.rank == 0:
         log.info(f"scoring.canaries={canaries}, scoring.by_class={str(by_class).lower()} (auto: {why})")
     cfg = cfg.copy()
@@ -72,15 +77,9 @@ def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
     network built on it as the run builds it; a model that cannot be built, or data that cannot be set up at all,
     count as unstacked, and the run names their problem before any training (``check_model``, the data stage). The
     data's warnings are held back here: the data stage's setup gives the same ones, so a run says each once."""
-    kind = data_kind(cfg.data)
-    if kind is not None and not kind.labelled:
-        return [], f"a {kind.name.replace('_', ' ')}'s {kind.unit}s have no labels"
     if not any(n in AUTO_FAMILY for n in score_names(cfg.scoring)):
         return [], (f"scoring.scores holds none of the variants the canaries choose among "
                     f"({', '.join(AUTO_FAMILY)})")
-    if cfg.data.get("downstream") is not None:
-        return [], ("J is a trusted set of your own, which canaries would cut into; set scoring.canaries=40 and "
-                    "scoring.by_class=true to take 80 of its examples for them")
     if cfg.data.get("downstream_includes_pool"):
         return [], "J holds the pool itself (data.downstream_includes_pool), and canaries would be cut from it"
     spare = ""
@@ -97,9 +96,16 @@ def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
             return [], "the data cannot be set up"
     else:
         return [], "the data cannot be set up"
+    trusted = cfg.data.get("downstream") is not None
+    taken = canaries * (2 if datamodule.kind.labelled else 1)  # a corpus's controls are its canaries' clean twins
+    if trusted and not spare and len(datamodule.downstream) + taken < TRUSTED_SHARE * taken:
+        spare = (f"; J is a trusted set of {len(datamodule.downstream) + taken} {datamodule.kind.unit}s, and it gives "
+                 f"the {taken} of scoring.canaries={canaries} only from {TRUSTED_SHARE * taken} up (J keeps at least "
+                 f"{1 - 1 / TRUSTED_SHARE:.0%} of it); set scoring.canaries lower to take fewer")
     try:
         with torch.random.fork_rng(devices=[]):
-            net = shaped(instantiate(cfg.model, _partial_=True), datamodule.pool.x, datamodule.num_classes)()
+            net = shaped(instantiate(cfg.model, _partial_=True), datamodule.pool.x, datamodule.num_classes,
+                         datamodule.vocab_size)()
     except Exception:  # noqa: BLE001 — check_model names what is wrong with it, before any training
         return [], "the model could not be built"
     blocks, kind = stacked_blocks(net), type(net).__name__

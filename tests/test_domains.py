@@ -5,6 +5,7 @@ packages' own files."""
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pmp_lightning.data.corpus import CorpusDataModule, StdlibSource, top_level
@@ -157,4 +158,7 @@ def test_the_experiments_data_module_sets_up(tmp_path):
     assert not files(dm.target_documents) & files(dm.test_documents)
     pool = {d.text for d in dm.pool_documents}
     assert not pool & {d.text for d in [*dm.target_documents, *dm.test_documents]}
-    assert not dm.is_mislabeled.any() and "warning" not in dm.downstream_note
+    # noise=none: the source's own junk is the ground truth, exactly the documents named junk/<kind>/...
+    junk = np.array([d.name.startswith("junk/") for d in dm.pool_documents])
+    assert junk.any() and np.array_equal(dm.is_mislabeled, junk) and "warning" not in dm.downstream_note
+    assert {k for k in dm.corruption_kind if k} <= set(JUNK_KINDS)

@@ -322,7 +322,7 @@ def test_a_corpus_refuses_what_needs_labels_before_training(tmp_path):
     from pmp_lightning.pipeline import run
 
     for extra, message in ((["baselines.cleanlab=true"], "a corpus has no labels"),
-                           (["scoring.canaries=4"], "a corpus has no labels"),
+                           (["scoring.by_class=true"], "a corpus has no labels"),
                            (["data.length=64"], "raise model.max_len"),
                            (["pool=test"], "does not apply to a corpus")):
         with pytest.raises((PMPError, ValueError, InstantiationException), match=message):

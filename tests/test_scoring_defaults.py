@@ -54,24 +54,54 @@ def test_auto_leaves_what_was_set(monkeypatch):
     assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
 
 
-@pytest.mark.parametrize("overrides, why", [
-    (("downstream=file", "data.downstream.source.path=x.npz"), "J is a trusted set of your own"),
-    (("pool=test", "data.downstream_includes_pool=true"), "J holds the pool itself"),
-])
-def test_auto_never_cuts_into_a_j_of_your_own(overrides, why, caplog):
-    """Each case is told apart by its reason in the log: without its branch, the data setup would decide (and either
-    draw canaries or fail for another reason)."""
+def test_auto_never_cuts_into_a_j_holding_the_pool(caplog):
+    """Told apart by its reason in the log: without its branch, the data setup would decide (and either draw canaries
+    or fail for another reason)."""
     with caplog.at_level("INFO"):
-        cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", *overrides))
+        cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "pool=test", "data.downstream_includes_pool=true"))
     assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
-    assert why in caplog.text
+    assert "J holds the pool itself" in caplog.text
 
 
-def test_auto_labels_no_corpus(caplog):
+@pytest.mark.parametrize("size, canaries", [(20 * AUTO_CANARIES, AUTO_CANARIES), (20 * AUTO_CANARIES - 1, 0)])
+def test_a_trusted_j_gives_canaries_when_it_can_spare_a_tenth(size, canaries, tmp_path, caplog):
+    """A trusted set of your own (the reporter's set-up) gives its first 2k examples for the canaries and controls
+    when it holds at least 10 × 2k (J keeps 90% of it); a smaller one keeps them, and the log says why in one line."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "j.npz"
+    np.savez(path, x=rng.random((size, 1, 28, 28), dtype=np.float32), y=np.arange(size) % 10)
     with caplog.at_level("INFO"):
-        corpus = scoring_defaults(lm_cfg(NOWHERE))
-    assert (corpus.scoring.canaries, corpus.scoring.by_class) == (0, False)
-    assert "a language model's documents have no labels" in caplog.text
+        cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "downstream=file", f"data.downstream.source.path={path}"))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (canaries, bool(canaries))
+    if not canaries:
+        assert f"J is a trusted set of {size} examples" in caplog.text and "only from 800 up" in caplog.text
+    else:  # J keeps the rest of the set
+        dm = datamodule_from_config(cfg)
+        dm.setup()
+        assert len(dm.downstream) == size - 2 * canaries and int(dm.canary_mask.sum()) == canaries
+
+
+def test_a_corpus_gets_canary_documents_and_no_class_replays(caplog):
+    """A corpus is a path that chooses too: on a stacked language model it holds out canary documents beside J (each
+    corrupted, the kinds in turn, scored beside its clean twin); its documents have no class, so no class replays.
+    A one-block model keeps the cosine, as a network of single layers does."""
+    from pmp_lightning.data.corruption import CORRUPTIONS
+
+    with caplog.at_level("INFO"):
+        flat = scoring_defaults(lm_cfg(NOWHERE))
+        corpus = scoring_defaults(lm_cfg(NOWHERE, "model.depth=2"))
+    assert (flat.scoring.canaries, flat.scoring.by_class) == (0, False)
+    assert (corpus.scoring.canaries, corpus.scoring.by_class) == (AUTO_CANARIES, False)
+    dm = datamodule_from_config(corpus)
+    dm.setup()
+    k = int(dm.canary_mask.sum())
+    assert len(dm.downstream) == 16 and len(dm.scored) == len(dm.pool) + 2 * k and k >= AUTO_CANARIES - 2
+    assert set(dm.canary_kinds) == set(CORRUPTIONS)  # no one kind decides
+    canaries, twins = dm.scored.x[len(dm.pool):][:k], dm.scored.x[len(dm.pool):][k:]
+    assert all(not torch.equal(a, b) for a, b in zip(canaries, twins))  # each canary differs from its twin
+    assert dm.train_set is dm.scored  # pool=train: they train with the pool, as labelled canaries do
 
 
 @pytest.mark.parametrize("bad, message", [("scoring.by_class=maybe", "scoring.by_class='maybe'"),
@@ -140,3 +170,20 @@ def test_auto_leaves_data_it_cannot_set_up_to_the_settings_check():
     assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
     with pytest.raises(SettingError, match="data.wide_size is the data scorer's wide slice of a corpus"):
         check_settings(cfg)
+
+
+@pytest.mark.slow
+def test_a_corpus_run_chooses_its_score_on_canary_documents(tmp_path):
+    """End to end: the canary documents are scored with the pool, choose the score auto among the PMP family, and are
+    left out of every pool output (scores.csv holds the pool's documents only)."""
+    import csv
+
+    from pmp_lightning.pipeline import run
+    from pmp_lightning.scores.registry import AUTO_FAMILY
+
+    metrics = run(lm_cfg(tmp_path, "model.depth=2", "trainer.max_epochs=1"))
+    assert metrics["scoring"] == {"canaries": AUTO_CANARIES, "by_class": False}
+    assert metrics["canaries"]["chosen"] in AUTO_FAMILY and set(metrics["canaries"]["ap"]) <= set(AUTO_FAMILY)
+    with open(tmp_path / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 60 and "auto" in rows[0]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pmp_lightning.data.base import IndexedDataset, TaskDataModule
+from pmp_lightning.data.corruption import Corruption, corrupted_twins
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.task import IGNORE, LANGUAGE_MODEL
 
@@ -323,9 +324,10 @@ def tokenize(docs: list[Document], length: int, tokenizer=None) -> tuple[torch.T
     return x, y
 
 
-TEST, TARGET, POOL, TRAIN, WIDE = "test set", "target set", "pool", "training set", "wide slice"
-SIZE_SETTING = {TEST: "data.test_size", TARGET: "data.downstream_size", POOL: "data.pool_size",
-                TRAIN: "data.train_size", WIDE: "data.wide_size"}
+TEST, TARGET, CANARY, POOL, TRAIN, WIDE = ("test set", "target set", "canaries", "pool", "training set",
+                                          "wide slice")
+SIZE_SETTING = {TEST: "data.test_size", TARGET: "data.downstream_size", CANARY: "scoring.canaries",
+                POOL: "data.pool_size", TRAIN: "data.train_size", WIDE: "data.wide_size"}
 
 
 @dataclass
@@ -420,8 +422,6 @@ def _corruption(noise):
     """What corrupts a corpus's pool: a ``Corruption`` (noise=corrupt: the ground truth detection is measured
     against), or None for ``noise=none`` (a ``LabelNoise`` of kind none: the corpus as it is, real-data mode). Label
     noise flips class labels, which a corpus does not have."""
-    from pmp_lightning.data.corruption import Corruption  # it imports Document from here
-
     if noise is None or isinstance(noise, Corruption):
         return noise
     if getattr(noise, "kind", None) == "none":
@@ -462,9 +462,9 @@ class CorpusDataModule(TaskDataModule):
             raise DataConfigError(f"pool={pool_mode} does not apply to a corpus; use pool=train or pool=holdout")
         if pool_mode == "train" and train_size is not None:
             raise DataConfigError("data.train_size does not apply to pool=train, where the pool is the training set")
-        if canaries:
-            raise DataConfigError("scoring.canaries holds out labelled examples with a wrong label; a corpus has no labels: "
-                                  "set scoring.canaries=0")
+        if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 0:
+            raise DataConfigError(f"scoring.canaries={canaries!r}: give how many target documents to hold out of J as "
+                                  f"canaries (an integer ≥ 0)")
         for setting, value in (("data.wide_size", wide_size), ("data.max_per_file", max_per_file)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise DataConfigError(f"{setting}={value!r}: give a positive number of documents, or null for "
@@ -478,6 +478,7 @@ class CorpusDataModule(TaskDataModule):
         self.wide_size, self.wide = wide_size, None
         self.tokenizer = tokenizer or ByteTokenizer()
         self.num_classes = self.vocab_size = VOCAB_SIZE  # the tokenizer's vocabulary, once it is trained (setup)
+        self.canaries = canaries
         self.canary_mask, self.known_errors, self.known_error_counts = None, None, None
         self._ready = False
 
@@ -506,10 +507,10 @@ class CorpusDataModule(TaskDataModule):
         self.pool_index = np.arange(len(pool))
         tokens = lambda docs: IndexedDataset(*tokenize(docs, self.length, self.tokenizer))  # noqa: E731
         self.pool = tokens(corrupted)
-        self.scored = self.pool
+        target = self._hold_out_canaries(target, dealt.get(CANARY), tokens)
         self.downstream = tokens(target)
         self.test_set = tokens(test)
-        self.train_set = self.pool if self.pool_mode == "train" else tokens(train)
+        self.train_set = self.scored if self.pool_mode == "train" else tokens(train)
         if self.wide_size:  # documents the proxy never saw, corrupted as the pool is: the data scorer's (scores/scorer.py)
             self.wide_documents, self.wide_mask, self.wide_kinds = self._corrupt(dealt[WIDE])
             self.wide = tokens(self.wide_documents)
@@ -517,12 +518,36 @@ class CorpusDataModule(TaskDataModule):
         self._describe(target, test)
         self._ready = True
 
+    def _hold_out_canaries(self, target: list[Document], dealt: list[Document] | None, tokens) -> list[Document]:
+        """``canaries`` documents of J's kind, each corrupted (the kinds in turn: ``corruption.corrupted_twins``) and
+        scored beside the pool with its clean twin, the original: a variant that ranks the corrupted ones below their
+        twins finds junk, and the run's target documents, not the pool's ground truth, say so (``policy.choose``).
+        With J dealt from the corpus they are dealt beside it (``dealt``: files of their own; J keeps its size); a
+        target set of your own gives its first ones for them. With pool=train they join the training set, as the
+        pool's own documents do. ``scored`` is the pool, then the canaries, then their twins (``canary_mask`` marks
+        the canaries among the last two). Returns J's documents."""
+        self.scored, self.canary_mask, self.canary_kinds = self.pool, None, []
+        k = int(self.canaries)
+        if not k:
+            return target
+        if dealt is None:
+            if k > len(target) - 20:
+                raise DataConfigError(f"scoring.canaries={k}: that many documents are held out of the target set "
+                                      f"({len(target)} documents), and J keeps at least 20; lower it, or give a larger "
+                                      f"target set")
+            dealt, target = target[:k], target[k:]
+        corrupted, twins, self.canary_kinds = corrupted_twins(dealt, self.split_seed + 7919)
+        self.canary_mask = np.arange(2 * len(corrupted)) < len(corrupted)
+        self.scored = tokens([*self.pool_documents, *corrupted, *twins])
+        return target
+
     def _deal_all(self, texts) -> tuple[dict[str, list[Document]], list[Account]]:
         """Every split's documents, and each source's account: the pool's source deals the test set (unless it comes
         from a file or the target set), the target set (unless it is your own), the pool, the clean training set and
         the wide slice; a target set of your own gives the test set (unless it is a file of its own) and J the rest."""
         wanted = [*([(TEST, self.test_size)] if self.test_from == "corpus" else []),
                   *([(TARGET, self.downstream_size)] if self.trusted is None else []),
+                  *([(CANARY, self.canaries)] if self.trusted is None and self.canaries else []),
                   (POOL, self.pool_size),
                   *([(TRAIN, self.train_size or self.pool_size)] if self.pool_mode == "holdout" else []),
                   *([(WIDE, self.wide_size)] if self.wide_size else [])]
@@ -618,9 +643,12 @@ class CorpusDataModule(TaskDataModule):
                 f"earlier splits ({', '.join(earlier) or 'none'}){fix}")
 
     def _corrupt(self, docs: list[Document]) -> tuple[list[Document], np.ndarray, list[str]]:
-        """The documents corrupted by the noise, the mask of those and each one's kind; as they are under noise=none."""
+        """The documents corrupted by the noise, the mask of those and each one's kind; as they are under noise=none,
+        where a source that knows its own junk (``known_junk(name)``: ``DomainSource``'s) gives the ground truth."""
         if self.noise is None:
-            return list(docs), np.zeros(len(docs), dtype=bool), [""] * len(docs)
+            known = getattr(self.source, "known_junk", lambda name: "")
+            kinds = [known(d.name) for d in docs]
+            return list(docs), np.array([bool(k) for k in kinds], dtype=bool), kinds
         return self.noise(docs)
 
     def _describe(self, target: list[Document], test: list[Document]) -> None:

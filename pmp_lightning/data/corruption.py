@@ -101,3 +101,23 @@ class Corruption:
                     out[n], kinds[n], mask[n] = dataclasses.replace(docs[n], text=changed), str(kind), True
                     break
         return out, mask, kinds
+
+
+def corrupted_twins(docs: list, seed: int, kinds: list[str] | None = None) -> tuple[list, list, list[str]]:
+    """Canary documents: each of ``docs`` corrupted, the kinds (all registered kinds by default) taken in turn so that
+    no one kind decides, and their clean twins (the originals); a kind that leaves a document unchanged passes it to
+    the next, and a document no kind changes is left out with its twin. Returns the corrupted ones, their twins and
+    each one's kind."""
+    rng = np.random.default_rng(seed)
+    kinds = list(kinds or CORRUPTIONS)
+    corrupted, twins, said = [], [], []
+    for n, doc in enumerate(docs):
+        turn = n % len(kinds)
+        for kind in kinds[turn:] + kinds[:turn]:
+            changed = CORRUPTIONS[kind](doc.text, rng)
+            if changed != doc.text:
+                corrupted.append(dataclasses.replace(doc, text=changed))
+                twins.append(doc)
+                said.append(kind)
+                break
+    return corrupted, twins, said

@@ -221,6 +221,11 @@ class DomainSource:
         self.counts: dict[str, int] | None = None  # files per domain, once loaded
         self.skipped: dict[str, int] = {}  # drawn files skipped, by why: not UTF-8 text, a copy
 
+    def known_junk(self, name: str) -> str:
+        """The junk kind of a document of this source (``''``: not junk): the corpus's ground truth under noise=none
+        (``CorpusDataModule._corrupt``), the kinds written down here before any run."""
+        return junk_kind_of(name) or ""
+
     def describe(self) -> str:
         held = (", ".join(f"{d} {self.counts[d]}" for d in DOMAINS) + " files" if self.counts is not None else
                 ", ".join(f"{d} ≤{n}" for d, n in self.per_domain.items()) + f", junk {self.junk} files")
