@@ -308,7 +308,7 @@ class StageCache:
 AFTER_INTERRUPT = {
     "train": "the same command resumes training from its last finished epoch",
     "replay": "the same command resumes the replay after its last finished snapshot",
-    "class_replay": "the same command resumes that class's replay after its last finished snapshot",
+    "class_replay": "the same command resumes the class costates' replay after its last finished snapshot",
 }
 
 

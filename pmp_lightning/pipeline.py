@@ -200,47 +200,44 @@ def replay_stage(stages: Stages, cache: StageCache, replay_settings, training: T
                  snapshot_dir: Path, by_class: bool = False) -> tuple[dict, dict]:
     """The replay's statistics (``stats.npz``), from the cache or computed backward over the snapshots, continuing a
     replay that was cut short: the replay's result and its entry's directory (under ``None``). With ``by_class``
-    (``scoring.by_class``), also one replay per class k of the scored examples' labels, J restricted to the downstream
-    examples labelled k (the run's objective, not centred: J_k is one class's pull), scoring the examples labelled k
-    (``registry.CLASS_VARIANTS``), each an entry of its own (under k)."""
-    def replay(directory: Path, name: str, **sets) -> dict:
-        before = stages.timings.get(name, 0.0)  # the class replays add up under one name
+    (``scoring.by_class``), also the class costates of every class k of the scored examples' labels, J_k restricted to
+    the downstream examples labelled k (the run's objective, not centred: J_k is one class's pull), each example scored
+    along its own label's costate (``registry.CLASS_VARIANTS``): all of them in one replay
+    (``replay.module.ClassReplayModule``: λ a stack of K costates, the Hessian-vector products batched over the
+    classes), one cache entry holding one ``stats.npz`` per class, whose directories it returns under k."""
+    def replay(directory: Path, name: str, module=None, **sets) -> dict:
+        before = stages.timings.get(name, 0.0)
         with stages.stage(name):
-            module = replay_settings(net=training.net(), snapshot_dir=snapshot_dir, train_set=datamodule.train_set,
-                                     progress_dir=directory, **sets)
-            _fit_replay(module, training, directory)
-        return {"seconds": round(stages.timings[name] - before + module.resumed_seconds, 3)}  # the interrupted part too
+            build = replay_settings if module is None else functools.partial(module, *replay_settings.args,
+                                                                              **replay_settings.keywords)
+            replayer = build(net=training.net(), snapshot_dir=snapshot_dir, train_set=datamodule.train_set,
+                             progress_dir=directory, **sets)
+            _fit_replay(replayer, training, directory)
+        return {"seconds": round(stages.timings[name] - before + replayer.resumed_seconds, 3)}  # the interrupted part too
 
     whole = functools.partial(replay, name="replay", objective=objective, pool=datamodule.scored,
                               downstream=datamodule.downstream)
-    labels, own = datamodule.scored.y, make_objective(objective.name, **objective.params) if by_class else None
-    entries = {k: StageCache(stages.cache_dir, "replay", cache.config, by_class=k, class_objective=describe(own))
-               for k in (sorted(set(labels.tolist())) if by_class else ())}
     done, dirs = cache.load_or_compute(whole, _missing_stats, resume=True, lead=stages.lead, agree=_agree), {None: cache.dir}
-    if entries and stages.lead:
-        _say_class_cost(len(entries), done["seconds"])
-    for number, (k, entry) in enumerate(entries.items(), start=1):
-        sets = dict(objective=own, pool=datamodule.scored.where(labels == k),
-                    downstream=datamodule.downstream.where(datamodule.downstream.y == k))
-        spent = entry.load_or_compute(functools.partial(replay, name="class_replay", **sets), _missing_stats, resume=True,
-                                      lead=stages.lead, agree=_agree)["seconds"]
-        done, dirs[k] = {**done, "class_seconds": round(done.get("class_seconds", 0.0) + spent, 3)}, entry.dir
-        if number == 1 and len(entries) > 1 and stages.lead:
-            log.info(f"class replays: the first took {spent:.0f} s; the other {len(entries) - 1} about "
-                     f"{spent * (len(entries) - 1):.0f} s more")
-    return done, dirs
+    if not by_class:
+        return done, dirs
+    from pmp_lightning.replay.module import ClassReplayModule
+    from pmp_lightning.replay.store import class_stats_path
 
-
-def _say_class_cost(count: int, whole_seconds: float) -> None:
-    """What the class replays (``scoring.by_class``) will cost, before they run: each passes over its own class's
-    examples only, but repeats every snapshot's Hessian-vector products, ∇J and its own set-up, so together they cost
-    about one whole replay where the pool pass dominates (large pools) and one per class, or more, where that fixed
-    work does (small pools). The first one's time then gives the estimate for the rest."""
-    log.info(f"class replays: {count} class costates, one replay each over the snapshots (J_k on the downstream examples "
-             f"labelled k, scoring the pool examples labelled k); the whole replay took {whole_seconds:.0f} s, and they "
-             f"take from about that on a large pool to {count}× it ({count * whole_seconds:.0f} s) or more on a small "
-             f"one, where each replay's fixed work (Hessian-vector products over replay.hvp_samples examples, ∇J, "
-             f"set-up) dominates")
+    classes = sorted(set(datamodule.scored.y.tolist()))
+    own = make_objective(objective.name, **objective.params)
+    entry = StageCache(stages.cache_dir, "replay", cache.config, by_class=classes, class_objective=describe(own),
+                       class_replay="batched")
+    if stages.lead:
+        log.info(f"class replays: {len(classes)} class costates in one replay over the snapshots (J_k on the "
+                 f"downstream examples labelled k, each pool example scored along its own label's costate); the whole "
+                 f"replay took {done['seconds']:.0f} s")
+    spent = entry.load_or_compute(
+        functools.partial(replay, name="class_replay", module=ClassReplayModule, objective=own, classes=classes,
+                          pool=datamodule.scored, downstream=datamodule.downstream),
+        lambda d: [str(class_stats_path(d, k).relative_to(d)) for k in classes if not class_stats_path(d, k).is_file()],
+        resume=True, lead=stages.lead, agree=_agree)["seconds"]
+    dirs.update({k: class_stats_path(entry.dir, k).parent for k in classes})
+    return {**done, "class_seconds": spent}, dirs
 
 
 def _fit_replay(replay, training: Training, directory: Path) -> None:

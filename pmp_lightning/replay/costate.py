@@ -50,7 +50,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pmp_lightning.errors import ReplayConfigError
@@ -235,6 +235,8 @@ def downstream_gradient(net: nn.Module, params: Params, fn: ObjectiveFn, batches
         w = logit_weights(fn, logits, y, centre).double()
         part = torch.stack([w.sum(), w.pow(2).sum()])
         sums = part if sums is None else sums + part
+    if sums is None:  # no example here (a rank's share of a small class's downstream examples): it adds nothing
+        sums = torch.zeros(2, dtype=torch.float64, device=next(iter(params.values())).device)
     sums = reduce(sums)
     share = participation(float(sums[0]), float(sums[1]), count)
     return grads, mean_pull, share
@@ -251,6 +253,33 @@ def hessian_vector_product(net: nn.Module, params: Params, v: Params, batches: B
     with sdpa_kernel(SDPBackend.MATH):
         for x, y in batches():
             hv = jvp(lambda p: grad(summed_loss)(p, x, y), (params,), (v,))[1]  # noqa: B023
+            for k in total:
+                total[k] += hv[k]
+    return total
+
+
+def hessian_vector_products(net: nn.Module, params: Params, vs: Params, batches: Batches, vectorised: bool = True) -> Params:
+    """``hessian_vector_product`` for K directions at once: ``vs`` holds each parameter's K directions stacked on a
+    leading axis (K × its shape), and so does the result. ``vectorised``: the K tangents of one forward-over-reverse
+    pass (``torch.func.vmap`` over the ``jvp``: the primal forward and backward run once per batch, only the tangents
+    carry the K axis); otherwise one ``jvp`` per direction, the primal recomputed each time (for layers vmap cannot
+    batch)."""
+    total = {k: torch.zeros_like(v) for k, v in vs.items()}
+
+    def summed_loss(p, x, y):
+        return training_loss(functional_call(net, p, (x,)), y, reduction="sum")
+
+    count = next(iter(vs.values())).shape[0]
+    with sdpa_kernel(SDPBackend.MATH):
+        for x, y in batches():
+            def along(v):
+                return jvp(lambda p: grad(summed_loss)(p, x, y), (params,), (v,))[1]  # noqa: B023
+
+            if vectorised:
+                hv = vmap(along)(vs)
+            else:
+                each = [along({k: v[r] for k, v in vs.items()}) for r in range(count)]
+                hv = {k: torch.stack([h[k] for h in each]) for k in total}
             for k in total:
                 total[k] += hv[k]
     return total
@@ -305,6 +334,70 @@ def lanczos_expm(hvp: Hvp, v: torch.Tensor, eta: float, steps: int) -> torch.Ten
     return beta0 * sum(c * q for c, q in zip(coeff, basis))
 
 
+def lanczos_expm_stack(hvp: Hvp, v: torch.Tensor, eta: float, steps: int) -> torch.Tensor:
+    """``lanczos_expm`` of each row of ``v`` (K × P: K costates), the K Krylov iterations run in lockstep so that each
+    Hessian-vector product is one call on the rows still iterating (``hvp`` maps R × P to R × P). Row by row it is the
+    same algorithm: its own basis, its own early stop when its Krylov space is invariant, its own exp(−η H⁺) of its
+    tridiagonal matrix; the reorthogonalisation against a row's basis is done twice, as there, but as two batched
+    block projections (classical Gram–Schmidt twice) rather than vector by vector, which differs only in rounding.
+    A 1-D ``v`` is ``lanczos_expm`` itself."""
+    if v.dim() == 1:
+        return lanczos_expm(hvp, v, eta, steps)
+    K = len(v)
+    beta0 = v.norm(dim=1)
+    out = v.clone()
+    active = [r for r, b in enumerate(beta0.tolist()) if b != 0]  # a zero row stays zero, as lanczos_expm returns it
+    if not active or steps < 1:
+        return out
+    basis = v.new_zeros((K, steps, v.shape[1]))  # row r's basis vectors q_0..q_j at basis[r, :j+1]
+    basis[:, 0] = v / torch.where(beta0 > 0, beta0, torch.ones_like(beta0))[:, None]
+    alphas: dict[int, list[float]] = {r: [] for r in active}
+    betas: dict[int, list[float]] = {r: [] for r in active}
+    for j in range(steps):
+        q = basis[:, j]
+        if len(active) == K:
+            w = hvp(q)
+        else:  # only the rows still iterating cost a product; the others' w stays 0
+            rows = torch.tensor(active, device=v.device)
+            w = torch.zeros_like(q).index_copy_(0, rows, hvp(q.index_select(0, rows)))
+        a = (w * q).sum(1)
+        block = basis[:, : j + 1]  # K × (j+1) × P
+        for _ in range(2):  # full reorthogonalisation (twice is enough)
+            w = w - torch.bmm(torch.bmm(block, w.unsqueeze(2)).transpose(1, 2), block).squeeze(1)
+        b = w.norm(dim=1)
+        a_list, b_list, going = a.tolist(), b.tolist(), []
+        for r in active:
+            alphas[r].append(a_list[r])
+            scale = max(abs(x) for x in alphas[r])
+            if j == steps - 1 or b_list[r] <= 1e-10 * scale:  # row r's Krylov space is invariant: its T is exact
+                continue
+            betas[r].append(b_list[r])
+            going.append(r)
+        if len(going) == K:
+            basis[:, j + 1] = w / b[:, None]
+        elif going:
+            rows = torch.tensor(going, device=v.device)
+            basis[rows, j + 1] = w.index_select(0, rows) / b.index_select(0, rows)[:, None]
+        active = going
+        if not active:
+            break
+    for r in alphas:
+        k = len(alphas[r])
+        T = torch.diag(torch.tensor(alphas[r], dtype=torch.float64))
+        if k > 1:
+            off = torch.tensor(betas[r][: k - 1], dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        ritz, vecs = torch.linalg.eigh(T)
+        coeff = (vecs @ (torch.exp(-eta * ritz.clamp(min=0)) * vecs[0])).to(v.device, v.dtype)
+        out[r] = beta0[r] * (coeff @ basis[r, :k])
+    return out
+
+
 PROPAGATORS: dict[str, Callable[[Hvp, torch.Tensor, float, int], torch.Tensor]] = {
     "exact": step, "coarse": step, "none": identity, "expm": lanczos_expm,
+}
+# the same for a stack of K costates (K × P, ``replay.module.ClassReplayModule``): λ − η H λ and λ are row-wise as
+# they stand (``step`` itself, which ``dynamics.Adam`` recognises); exp(−η H⁺) λ runs K Lanczos iterations in lockstep
+STACKED_PROPAGATORS: dict[str, Callable[[Hvp, torch.Tensor, float, int], torch.Tensor]] = {
+    "exact": step, "coarse": step, "none": identity, "expm": lanczos_expm_stack,
 }

@@ -25,6 +25,10 @@ are all-reduced, so λ is the same on every rank. Each snapshot's statistics are
 Resume: with ``progress_dir`` set, global rank zero records each finished snapshot there
 (``replay_store.ReplayProgress``); a new ReplayModule on the same directory continues after the last
 finished snapshot; ``stats.npz`` is written there only when every snapshot is done.
+
+``ClassReplayModule`` (``scoring.by_class``) is the same replay with λ a stack of K class costates, λ^{(k)} of
+J_k = the objective over the downstream examples labelled k: the Hessian-vector products batched over the classes,
+each pool example dotted with its own label's costate, one ``ReplayStats`` per class (``classes/<k>/stats.npz``).
 """
 from __future__ import annotations
 
@@ -39,10 +43,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from pmp_lightning.replay.costate import PROPAGATORS, ObjectiveFn, describe, downstream_gradient, hessian_vector_product
+from pmp_lightning.replay.costate import (PROPAGATORS, STACKED_PROPAGATORS, ObjectiveFn, describe, downstream_gradient,
+                                          hessian_vector_product, hessian_vector_products)
 from pmp_lightning.replay.dynamics import Dynamics, modelled_dynamics
 from pmp_lightning.replay.costate import objective as make_objective
 from pmp_lightning.errors import CostateDivergedError, ReplayConfigError, SnapshotError
@@ -67,6 +72,8 @@ class _Shard(DistributedSampler):
 
 
 class ReplayModule(pl.LightningModule):
+    propagators = PROPAGATORS  # P_t by replay.curvature, for one costate λ (flat)
+
     def __init__(
         self,
         net: nn.Module,
@@ -217,8 +224,12 @@ class ReplayModule(pl.LightningModule):
                  "objective": describe(self.objective), "hvp_samples": n_hvp,
                  "seed": seed, "lanczos_steps": self.lanczos_steps, "pool_labels": self.pool.y.tolist(),
                  "downstream": len(self.downstream), "dynamics": repr(self.dynamics), "blocks": self.blocks,
-                 "format": STATS_FORMAT}
+                 "format": STATS_FORMAT, **self._identity()}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _identity(self) -> dict:
+        """What a subclass adds to the fingerprint (nothing here, so the whole replay's fingerprint is unchanged)."""
+        return {}
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
@@ -262,12 +273,24 @@ class ReplayModule(pl.LightningModule):
         self._epoch_start = time.perf_counter()
         t = self.snapshot_of_epoch(self.current_epoch)
         self._load(t)
-        self._lam_dict = None if t == self.T else self._unflatten(self.direction)  # θ_T: no λ_{T+1}, no dot
+        self._lam_dict = None if t == self.T else self._directions()  # θ_T: no λ_{T+1}, no dot
         # Adam: P_t of interval t (θ_t → θ_{t+1}), kept with snapshot t+1, carries λ_{t+1} back; P_{t−1}, kept with
         # snapshot t, turns λ_t into the direction ψ_t = P_{t−1} λ_t of interval t − 1
         self._precond = {k: self._preconditioner(k) for k in (t + 1, t)} if self.dynamics.preconditioned else {}
         # Adam's exact adjoint: m_{t−1}, m_t, v_t and the step count at t turn λ_t into ψ_t (no moments before θ_1)
         self._moments = self._read_moments(t) if self.dynamics.needs_moments and t > 0 else None
+
+    def _propagator(self):
+        """P_t of ``replay.curvature``."""
+        return self.propagators[self.curvature]
+
+    def _directions(self):
+        """ψ_{t+1} by parameter name, what the statistics pass of this epoch dots with."""
+        return self._unflatten(self.direction)
+
+    def _direction_for(self, y: torch.Tensor):
+        """The direction the chunk with labels ``y`` is dotted with: ψ_{t+1} for every chunk here."""
+        return self._lam_dict
 
     def _row_stats(self, t: int) -> list[str]:
         """The statistics snapshot t has: all of them, but at θ_T only the model's outputs (a forward pass)."""
@@ -277,7 +300,7 @@ class ReplayModule(pl.LightningModule):
         x, y, i = batch
         t = self.snapshot_of_epoch(self.current_epoch)
         if t < self.T:
-            stats = per_example_stats(self.net, x, y, self._lam_dict, by_layer=True)
+            stats = per_example_stats(self.net, x, y, self._direction_for(y), by_layer=True)
             to_blocks = self._to_blocks.to(stats["layer_sq"].device, stats["layer_sq"].dtype)
             stats["block_dot"], stats["block_sq"] = stats.pop("layer_dot") @ to_blocks, stats.pop("layer_sq") @ to_blocks
         else:
@@ -296,7 +319,7 @@ class ReplayModule(pl.LightningModule):
             self._record_norm(t, share)
         elif t > 0:  # λ_0 enters no score
             later = self.lam  # λ_{t+1}
-            lam = self.dynamics.propagate(PROPAGATORS[self.curvature], self._hvp, later, self.direction,
+            lam = self.dynamics.propagate(self._propagator(), self._hvp, later, self.direction,
                                           float(self.eta[t]), self.lanczos_steps, self._precond.get(t + 1))
             grad_J, share = self._downstream(need_grad=self.horizon == "area")
             self.lam = lam + grad_J if self.horizon == "area" else lam
@@ -430,3 +453,221 @@ class ReplayModule(pl.LightningModule):
                            block_direction_norm=self.block_direction_norm.copy(), blocks=np.array(self.blocks),
                            direction_top_share=self.top_share.copy(), direction_top_param=self.top_param.copy())
 
+
+# ====================================================================== all the class costates in one replay
+class _ClassChunks(Dataset):
+    """The pool in chunks of one label each: each class's examples in their order, ``size`` at a time, the classes in
+    order. Item c is chunk c as a whole batch (x, y, positions in the pool), so a loader takes it with
+    ``batch_size=None`` and a distributed replay shards whole chunks (every example still scored exactly once)."""
+
+    def __init__(self, pool, classes: list[int], size: int):
+        self.pool = pool
+        self.chunks = []
+        for k in classes:
+            where = torch.nonzero(pool.y == k).flatten()
+            self.chunks += [where[s:s + size] for s in range(0, len(where), size)]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, c: int):
+        where = self.chunks[c]
+        return self.pool.x[where], self.pool.y[where], where
+
+
+class ClassReplayModule(ReplayModule):
+    """The class costates of ``scoring.by_class`` in one replay: for each class k of ``classes`` (by default the pool's
+    labels), J_k = the mean of ``objective`` over the downstream examples labelled k, and each pool example scored
+    along the costate of its own label only. It gives, class by class, what a ``ReplayModule`` on the pool examples
+    labelled k with the downstream examples labelled k gives (``results()``: one ``ReplayStats`` per class), at the
+    cost of about one replay instead of K:
+
+    - λ and ψ are stacks, K × P (row r: class ``classes[r]``), and every dynamics' formula applies to them row-wise;
+    - the Hessian-vector products of a snapshot take all K rows at once (``costate.hessian_vector_products``:
+      ``torch.func.vmap`` over the forward-over-reverse ``jvp``, so the training loss's forward and backward run once
+      per batch of the HVP subsample and only the tangents carry K; one ``jvp`` per row where vmap fails), and
+      ``curvature=expm`` runs the K Lanczos iterations in lockstep (``costate.lanczos_expm_stack``);
+    - ∇J_k of every k comes from one pass over the downstream set, each class's examples in their own batches;
+    - the statistics pass goes over the pool once, in chunks of one label each (``_ClassChunks``), each chunk dotted
+      with its label's ψ^{(k)}; grad_norm and the model's outputs do not depend on the costate at all.
+
+    Memory grows with K: λ and ψ (and Adam's exact costates of m and v) are K × P throughout; ``curvature=expm``'s
+    Lanczos basis is lanczos_steps × (rows at once) × P during a snapshot's propagation, and the vmapped tangents are
+    (rows at once) × an HVP batch's activations. ``class_batch`` sets the rows at once (by default all K on a CPU,
+    and on a GPU what fits a quarter of the free memory, halved whenever a product runs out of it: ``_rows_at_once``).
+    The per-step vectors (``lambda_norm``, ``participation``, ``direction_norm``, …) have one column per class; the
+    progress files hold the stacks, so an interrupted replay resumes them as the whole replay does."""
+
+    propagators = STACKED_PROPAGATORS
+
+    def __init__(self, net: nn.Module, snapshot_dir: str | Path, pool, downstream, train_set,
+                 classes: list[int] | None = None, class_batch: int | None = None, vectorised: bool = True, **settings):
+        labels = sorted(set(pool.y.tolist()))
+        classes = labels if classes is None else sorted({int(k) for k in classes})
+        if not classes:
+            raise ReplayConfigError("the class replay needs at least one class")
+        unscored = sorted(set(labels) - set(classes))
+        if unscored:
+            raise ReplayConfigError(f"pool examples are labelled with class(es) {unscored[:10]}, which the class replay "
+                                    f"was not given; each example is scored against its own label's costate")
+        lacking = [k for k in classes if not bool((downstream.y == k).any())]
+        if lacking:
+            raise ReplayConfigError(f"the downstream set has no example of class(es) {lacking[:10]}, so J_k is "
+                                    f"undefined there; give a downstream set with every class of the pool")
+        if class_batch is not None and int(class_batch) < 1:
+            raise ReplayConfigError(f"class_batch={class_batch!r}: give a positive number of classes, or None for all")
+        self.classes = classes  # before ReplayModule.__init__: the statistics' shapes and the fingerprint read it
+        self.class_batch, self.vectorised = class_batch, vectorised
+        super().__init__(net, snapshot_dir, pool, downstream, train_set, **settings)
+        self._class_downstream = [self.downstream.where(self.downstream.y == k) for k in classes]
+
+    def _identity(self) -> dict:
+        return {"classes": self.classes, "class_downstream": [int((self.downstream.y == k).sum()) for k in self.classes]}
+
+    def _empty_statistics(self, n: int) -> None:
+        super()._empty_statistics(n)
+        K = len(self.classes)
+        self.lambda_norm, self.direction_norm = np.full((self.T, K), np.nan), np.full((self.T, K), np.nan)
+        self.block_direction_norm = np.full((self.T, K, len(self.blocks)), np.nan)
+        self.participation, self.top_share = np.full((self.T, K), np.nan), np.full((self.T, K), np.nan)
+        self.top_param = np.full((self.T, K), "", dtype="U256")
+
+    # ------------------------------------------------------------------ the pool, chunk by chunk of one label
+    def train_dataloader(self) -> DataLoader:
+        chunks = _ClassChunks(self.pool, self.classes, self.chunk)
+        world = self.trainer.world_size
+        sampler = _Shard(chunks, num_replicas=world, rank=self.global_rank, shuffle=False) if world > 1 else None
+        return DataLoader(chunks, batch_size=None, shuffle=False, sampler=sampler)
+
+    def _directions(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {k: self._unflatten(self.direction[r]) for r, k in enumerate(self.classes)}
+
+    def _direction_for(self, y: torch.Tensor):
+        return self._lam_dict[int(y[0])]  # a chunk holds one label (_ClassChunks)
+
+    # ------------------------------------------------------------------ ∇J_k and the stacked Hessian-vector products
+    def _downstream(self, need_grad: bool = True) -> tuple[torch.Tensor | None, np.ndarray]:
+        """∇J_k at the loaded θ for every class (K × P; None unless ``need_grad``) and each J_k's participation: one
+        pass over the downstream set, each class's examples in batches of their own."""
+        grads, shares = [], []
+        for ds in self._class_downstream:
+            g, _, share = downstream_gradient(self.net, self._params, self.objective, self._batches(ds), len(ds),
+                                              need_grad, self._all_reduce)
+            if need_grad:
+                grads.append(self._all_reduce(self._flatten(g)) / len(ds))
+            shares.append(share)
+        return (torch.stack(grads) if need_grad else None), np.array(shares)
+
+    def _rows_at_once(self) -> int:
+        """Classes one Hessian-vector product (and one Lanczos group) carries: ``class_batch``, or by default all of
+        them on a CPU, and on a GPU as many as keep the Lanczos basis, λ and ψ of the group within a quarter of the
+        free memory (the tangents' share is bounded by halving on running out, ``_hvp``)."""
+        if self.class_batch is not None:
+            return int(self.class_batch)
+        K = len(self.classes)
+        if self.device.type != "cuda":
+            return K
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_class = (self.lanczos_steps + 4) * sum(p.numel() for p in self._params.values()) * self.dtype.itemsize
+        return max(1, min(K, int(0.25 * free // per_class)))
+
+    def _propagator(self):
+        propagate = self.propagators[self.curvature]
+        if self.curvature != "expm":
+            return propagate  # λ − η H λ and λ: one stacked HVP call, which _hvp groups itself
+        group = self._rows_at_once()  # exp(−η H⁺) λ: each group of rows holds its own Lanczos basis (steps × rows × P)
+        return lambda hvp, lam, eta, steps: torch.cat([propagate(hvp, lam[s:s + group], eta, steps)
+                                                       for s in range(0, len(lam), group)])
+
+    def _hvp(self, vec: torch.Tensor) -> torch.Tensor:
+        """∇²L(θ_t) · v for each row of ``vec`` (R × P), ``_rows_at_once`` rows per pass, halved while the device runs
+        out of memory (a flat ``vec``: the plain product)."""
+        if vec.dim() == 1:
+            return super()._hvp(vec)
+        group = min(len(vec), self._rows_at_once())
+        while True:
+            try:
+                return torch.cat([self._stacked_hvp(vec[start:start + group]) for start in range(0, len(vec), group)])
+            except torch.OutOfMemoryError:
+                if group == 1:
+                    raise
+                group = max(1, group // 2)
+                self.class_batch = group
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                warnings.warn(f"the class replay's stacked Hessian-vector products ran out of memory; {group} classes "
+                              f"at a time from now on")
+
+    def _stacked_hvp(self, rows: torch.Tensor) -> torch.Tensor:
+        vs = {k: rows[:, offset:offset + p.numel()].reshape(len(rows), *p.shape)
+              for (k, p), offset in zip(self._params.items(), self._offsets())}
+        batches = self._batches(self.hvp_set)
+        if self.vectorised:
+            try:
+                total = hessian_vector_products(self.net, self._params, vs, batches, vectorised=True)
+            except torch.OutOfMemoryError:
+                raise  # fewer classes at a time (_hvp), not the loop
+            except Exception as err:  # a layer without a vmap rule surfaces as one of several types deep inside torch
+                warnings.warn(f"the class replay's Hessian-vector products cannot be vectorised over the classes with "
+                              f"torch.func.vmap ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                              f"taking them one class at a time")
+                self.vectorised = False
+        if not self.vectorised:
+            total = hessian_vector_products(self.net, self._params, vs, batches, vectorised=False)
+        flat = torch.cat([total[k].reshape(len(rows), -1) for k in self._params], dim=1)
+        return self._all_reduce(flat) / len(self.hvp_set)
+
+    def _offsets(self) -> list[int]:
+        return np.cumsum([0] + [p.numel() for p in self._params.values()])[:-1].tolist()
+
+    # ------------------------------------------------------------------ per-class records
+    def _record_norm(self, t: int, share: np.ndarray) -> None:
+        norms = self.lam.norm(dim=1).double().cpu().numpy()
+        for r, k in enumerate(self.classes):
+            if not math.isfinite(norms[r]):
+                raise CostateDivergedError(
+                    f"the costate λ_{t} of class {k} became {norms[r]} at snapshot {t} (step "
+                    f"{self.manifest['snapshots'][t]['step']}) with replay.curvature={self.curvature}: η_t·λ_max(H) ≫ 2 "
+                    f"makes the recursion explode. No scores were written. Use replay.curvature=expm (stable) or none, "
+                    f"or snapshot more often.")
+        self.lambda_norm[t - 1] = norms
+        self.direction_norm[t - 1] = self.direction.norm(dim=1).double().cpu().numpy()
+        blocks = self._param_blocks.to(self.direction.device)
+        shapes = {k: tuple(p.shape) for k, p in self._params.items()}
+        for r in range(len(self.classes)):
+            by_block = torch.zeros(len(self.blocks), dtype=torch.float64, device=self.direction.device)
+            by_block.index_add_(0, blocks, self._flat_sq(self.direction[r]))
+            self.block_direction_norm[t - 1, r] = by_block.sqrt().cpu().numpy()
+            self.top_share[t - 1, r], self.top_param[t - 1, r] = top_share(self.direction[r], shapes)
+        self.participation[t - 1] = share
+        for r, k in enumerate(self.classes):
+            if t in growth_steps(self.lambda_norm[:, r], self.growth_warning):
+                prev = self.lambda_norm[t, r]
+                warnings.warn(f"the costate norm of class {k} grew {norms[r] / prev:.3g}x at snapshot {t} (‖λ_{t}‖ = "
+                              f"{norms[r]:.3g}, η = {self.eta[t]:.3g}, curvature={self.curvature}); scores from an "
+                              f"exploding recursion are unreliable: {growth_advice(self.curvature)}")
+        self.log("replay/lambda_norm", float(norms.max()), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+
+    # ------------------------------------------------------------------ results
+    def results(self) -> dict[int, ReplayStats]:
+        """One ``ReplayStats`` per class k: the columns of the pool examples labelled k (in their order) and class k's
+        per-step vectors, as a ``ReplayModule`` scoring only them with J_k gives."""
+        if any(np.isnan(a).any() for a in self.arrays.values()):
+            raise RuntimeError("the replay did not finish: some snapshots or pool examples have no statistics")
+        labels = self.pool.y.numpy()
+        out = {}
+        for r, k in enumerate(self.classes):
+            own = labels == k
+            out[k] = ReplayStats(**{name: a[:, own] for name, a in self.arrays.items()}, eta=self.eta,
+                                 lambda_norm=self.lambda_norm[:, r].copy(), direction_norm=self.direction_norm[:, r].copy(),
+                                 participation=self.participation[:, r].copy(),
+                                 block_direction_norm=self.block_direction_norm[:, r].copy(), blocks=np.array(self.blocks),
+                                 direction_top_share=self.top_share[:, r].copy(),
+                                 direction_top_param=self.top_param[:, r].copy())
+        return out
+
+    def save_stats(self) -> Path:
+        """Each class's statistics to ``progress_dir/classes/<k>/stats.npz`` (``ReplayProgress.class_stats_path``)."""
+        for k, stats in self.results().items():
+            stats.save(self.progress.class_stats_path(k))
+        return self.progress.directory

@@ -1,5 +1,5 @@
-"""The replay's files: ``stats.npz`` (``ReplayStats``, what the scores read) and the progress a killed replay resumes
-from (``ReplayProgress``: ``rows/row_<t>.npz`` per finished snapshot, then ``costate.npz`` with λ, the done-mask over
+"""The replay's files: ``stats.npz`` (``ReplayStats``, what the scores read; the class replay writes one per class,
+``classes/<k>/stats.npz``) and the progress a killed replay resumes from (``ReplayProgress``: ``rows/row_<t>.npz`` per finished snapshot, then ``costate.npz`` with λ, the done-mask over
 the snapshots and a fingerprint of the replay's inputs). Every file is written atomically, the costate last, so a
 crash between the two leaves a row that is simply redone."""
 from __future__ import annotations
@@ -86,6 +86,15 @@ class ReplayStats:
             return cls(**{f.name: z[f.name] for f in fields(cls)})
 
 
+CLASS_STATS = "classes"  # the class replay's entry: classes/<k>/stats.npz, one ReplayStats per class k
+
+
+def class_stats_path(directory: str | Path, k: int) -> Path:
+    """Where the class replay in ``directory`` keeps class k's statistics (a ``stats.npz`` of its own, as a replay of
+    that class alone keeps it)."""
+    return Path(directory) / CLASS_STATS / str(int(k)) / "stats.npz"
+
+
 class ReplayProgress:
     """Rank zero's record of a replay in progress in ``directory``, bound to the ``fingerprint`` of its inputs."""
 
@@ -95,6 +104,10 @@ class ReplayProgress:
     @property
     def stats_path(self) -> Path:
         return self.directory / "stats.npz"
+
+    def class_stats_path(self, k: int) -> Path:
+        """Class k's statistics, written by the replay of every class costate at once (``ClassReplayModule``)."""
+        return class_stats_path(self.directory, k)
 
     def load(self) -> dict | None:
         """The finished snapshots' rows (``{t: {statistic: row}}``) and the state ``save`` was given (``done``, the
