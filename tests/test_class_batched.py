@@ -174,51 +174,6 @@ def test_the_class_replay_refuses_a_class_without_downstream_examples(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_pipeline_runs_every_class_costate_in_one_cached_replay(tmp_path, caplog):
-    """scoring.by_class through the pipeline: one class-replay cache entry with one stats.npz per class, class_cosine
-    equal to the cosine of a standalone replay whose J is one class's (for the examples of that label), and a second
-    run hitting the entry."""
-    import csv
-
-    from hydra.utils import instantiate
-
-    from pmp_lightning.data.base import datamodule_from_config
-    from pmp_lightning.pipeline import run
-    from pmp_lightning.policy import resolve as scoring_defaults
-    from pmp_lightning.replay.costate import objective as make_objective
-    from pmp_lightning.scores.registry import CLASS_VARIANTS, SCORES
-    from pmp_lightning.training import shaped
-    from tests.test_pipeline import make_cfg
-
-    cfg = make_cfg(tmp_path, "scoring.by_class=true", "scoring.scores=[cosine,loss]", "trainer.max_epochs=3")
-    with caplog.at_level("INFO"):
-        metrics = run(cfg)
-    assert "class replays: 10 class costates in one replay" in caplog.text
-    assert set(CLASS_VARIANTS) <= set(metrics["detection"]) and metrics["cost_s"]["class_replay"] > 0
-    entries = [d for d in (tmp_path / "cache" / "replay").iterdir() if (d / "classes").is_dir()]
-    assert len(entries) == 1 and sorted(int(p.name) for p in (entries[0] / "classes").iterdir()) == list(range(10))
-    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
-    dm = datamodule_from_config(scoring_defaults(cfg))
-    dm.setup()
-    observed = dm.scored.y.numpy()
-    run_objective = instantiate(cfg.objective)
-    for k in (int(np.bincount(observed).argmax()), int(np.bincount(observed).argmin())):
-        module = instantiate(cfg.replay, _partial_=True)(
-            net=shaped(instantiate(cfg.model, _partial_=True), dm.pool.x, dm.num_classes)(),
-            objective=make_objective(run_objective.name, **run_objective.params), snapshot_dir=tmp_path / "snapshots",
-            pool=dm.scored, downstream=dm.downstream.where(dm.downstream.y == k), train_set=dm.train_set)
-        pl.Trainer(max_epochs=module.remaining, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False).fit(module)
-        reference = SCORES["cosine"](module.results())
-        got = np.array([float(r["class_cosine"]) for r in rows])
-        assert np.allclose(got[observed == k], reference[observed == k], rtol=1e-5, atol=1e-7)
-        assert not np.allclose(got[observed != k], reference[observed != k], rtol=1e-3)
-    again = run(make_cfg(tmp_path / "again", "scoring.by_class=true", "scoring.scores=[cosine,loss]", "trainer.max_epochs=3",
-                         cache=tmp_path / "cache"))
-    assert again["cache"]["computed"] == [] and "class_replay" in again["cost_s"]  # the class entry hits
-
-
-@pytest.mark.slow
 def test_two_processes_give_the_class_replay_of_one(tmp_path):
     """The batched class replay in 2 CPU processes (ddp_spawn, through the CLI): each rank scores whole one-label
     chunks of the pool and its share of every class's downstream examples; the class variants equal one process's."""
