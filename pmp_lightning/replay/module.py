@@ -370,26 +370,38 @@ class ReplayModule(pl.LightningModule):
     # ------------------------------------------------------------------ costate
     def _record_norm(self, t: int, share: float) -> None:
         norm = float(self.lam.norm())
-        if not math.isfinite(norm):
-            raise CostateDivergedError(
-                f"the costate λ_{t} became {norm} at snapshot {t} (step {self.manifest['snapshots'][t]['step']}) with "
-                f"replay.curvature={self.curvature}: η_t·λ_max(H) ≫ 2 makes the recursion explode. No scores were "
-                f"written. Use replay.curvature=expm (stable) or none, or snapshot more often."
-            )
+        self._check_finite(t, norm)
         self.lambda_norm[t - 1] = norm
         self.direction_norm[t - 1] = float(self.direction.norm())
-        by_block = torch.zeros(len(self.blocks), dtype=torch.float64, device=self.direction.device)
-        by_block.index_add_(0, self._param_blocks.to(self.direction.device), self._flat_sq(self.direction))
-        self.block_direction_norm[t - 1] = by_block.sqrt().cpu().numpy()
+        self.block_direction_norm[t - 1] = self._block_norms(self.direction)
         self.top_share[t - 1], self.top_param[t - 1] = top_share(self.direction,
                                                                  {k: tuple(p.shape) for k, p in self._params.items()})
         self.participation[t - 1] = share
-        if t in growth_steps(self.lambda_norm, self.growth_warning):
-            prev = self.lambda_norm[t]
-            warnings.warn(f"costate norm grew {norm / prev:.3g}x at snapshot {t} (‖λ_{t}‖ = {norm:.3g}, η = "
+        self._warn_growth(t, self.lambda_norm, "costate norm")
+        self.log("replay/lambda_norm", norm, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+
+    def _check_finite(self, t: int, norm: float, of: str = "") -> None:
+        """Stop, writing no scores, where the costate λ_t (``of``: which one) became inf or NaN."""
+        if not math.isfinite(norm):
+            raise CostateDivergedError(
+                f"the costate λ_{t}{of} became {norm} at snapshot {t} (step {self.manifest['snapshots'][t]['step']}) "
+                f"with replay.curvature={self.curvature}: η_t·λ_max(H) ≫ 2 makes the recursion explode. No scores were "
+                f"written. Use replay.curvature=expm (stable) or none, or snapshot more often."
+            )
+
+    def _block_norms(self, direction: torch.Tensor) -> np.ndarray:
+        """A flat direction's norm within each block of the network."""
+        by_block = torch.zeros(len(self.blocks), dtype=torch.float64, device=direction.device)
+        by_block.index_add_(0, self._param_blocks.to(direction.device), self._flat_sq(direction))
+        return by_block.sqrt().cpu().numpy()
+
+    def _warn_growth(self, t: int, lambda_norm: np.ndarray, what: str) -> None:
+        """Warn where ‖λ_t‖ (``lambda_norm``: one costate's norms over the snapshots) grew past ``growth_warning``."""
+        if t in growth_steps(lambda_norm, self.growth_warning):
+            norm, prev = lambda_norm[t - 1], lambda_norm[t]
+            warnings.warn(f"{what} grew {norm / prev:.3g}x at snapshot {t} (‖λ_{t}‖ = {norm:.3g}, η = "
                           f"{self.eta[t]:.3g}, curvature={self.curvature}); scores from an exploding recursion are "
                           f"unreliable: {growth_advice(self.curvature)}")
-        self.log("replay/lambda_norm", norm, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ θ_t, ∇J, Hessian-vector products
     def _load(self, t: int) -> None:
@@ -624,28 +636,16 @@ class ClassReplayModule(ReplayModule):
     def _record_norm(self, t: int, share: np.ndarray) -> None:
         norms = self.lam.norm(dim=1).double().cpu().numpy()
         for r, k in enumerate(self.classes):
-            if not math.isfinite(norms[r]):
-                raise CostateDivergedError(
-                    f"the costate λ_{t} of class {k} became {norms[r]} at snapshot {t} (step "
-                    f"{self.manifest['snapshots'][t]['step']}) with replay.curvature={self.curvature}: η_t·λ_max(H) ≫ 2 "
-                    f"makes the recursion explode. No scores were written. Use replay.curvature=expm (stable) or none, "
-                    f"or snapshot more often.")
+            self._check_finite(t, norms[r], f" of class {k}")
         self.lambda_norm[t - 1] = norms
         self.direction_norm[t - 1] = self.direction.norm(dim=1).double().cpu().numpy()
-        blocks = self._param_blocks.to(self.direction.device)
         shapes = {k: tuple(p.shape) for k, p in self._params.items()}
         for r in range(len(self.classes)):
-            by_block = torch.zeros(len(self.blocks), dtype=torch.float64, device=self.direction.device)
-            by_block.index_add_(0, blocks, self._flat_sq(self.direction[r]))
-            self.block_direction_norm[t - 1, r] = by_block.sqrt().cpu().numpy()
+            self.block_direction_norm[t - 1, r] = self._block_norms(self.direction[r])
             self.top_share[t - 1, r], self.top_param[t - 1, r] = top_share(self.direction[r], shapes)
         self.participation[t - 1] = share
         for r, k in enumerate(self.classes):
-            if t in growth_steps(self.lambda_norm[:, r], self.growth_warning):
-                prev = self.lambda_norm[t, r]
-                warnings.warn(f"the costate norm of class {k} grew {norms[r] / prev:.3g}x at snapshot {t} (‖λ_{t}‖ = "
-                              f"{norms[r]:.3g}, η = {self.eta[t]:.3g}, curvature={self.curvature}); scores from an "
-                              f"exploding recursion are unreliable: {growth_advice(self.curvature)}")
+            self._warn_growth(t, self.lambda_norm[:, r], f"the costate norm of class {k}")
         self.log("replay/lambda_norm", float(norms.max()), prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ results
