@@ -148,6 +148,19 @@ def test_the_test_set_is_held_out_of_a_target_file_or_given_as_one(tmp_path):
         corpus(tmp_path, downstream=str(target), test_size=10000).setup()
 
 
+def test_a_target_file_that_gives_canaries_keeps_them_out_of_j(tmp_path):
+    """A target file of your own gives its first documents for the canaries (``_hold_out_canaries``); J, both as the
+    tokens the replay's objective reads and as the documents DSIR fits its target on, is what it leaves: no canary's
+    clean twin is in J. Guard: before, ``target_documents`` still held the canaries' twins, so DSIR saw them."""
+    target = write_jsonl(tmp_path / "target.jsonl", lines(1, 60))
+    dm = corpus(tmp_path, downstream=str(target), canaries=4)
+    dm.setup()
+    assert dm.canary_mask is not None and dm.canary_mask.sum() == 4
+    assert len(dm.target_documents) == len(dm.downstream)
+    twins = {tuple(dm.scored[i][0].tolist()) for i in range(len(dm.pool) + 4, len(dm.scored))}
+    assert len(twins) == 4 and not twins & {tuple(dm.downstream[i][0].tolist()) for i in range(len(dm.downstream))}
+
+
 def test_a_path_is_read_as_the_pool_is(tmp_path):
     (tmp_path / "texts").mkdir()
     assert isinstance(source_at(str(tmp_path / "texts"), "data.downstream", FolderSource("x", [".md"])), FolderSource)

@@ -503,12 +503,12 @@ class CorpusDataModule(TaskDataModule):
                                                             "held out of data.downstream)"), "the training set",
                            "the model would be tested on documents it trained on: remove them from that file")
         corrupted, self.corrupted_mask, self.corruption_kind = self._corrupt(pool)
-        self.pool_documents, self.target_documents, self.test_documents = corrupted, target, test
+        self.pool_documents, self.test_documents = corrupted, test
         self.pool_index = np.arange(len(pool))
         tokens = lambda docs: IndexedDataset(*tokenize(docs, self.length, self.tokenizer))  # noqa: E731
         self.pool = tokens(corrupted)
         target = self._hold_out_canaries(target, dealt.get(CANARY), tokens)
-        self.downstream = tokens(target)
+        self.target_documents, self.downstream = target, tokens(target)  # J without the canaries' documents
         self.test_set = tokens(test)
         self.train_set = self.scored if self.pool_mode == "train" else tokens(train)
         if self.wide_size:  # documents the proxy never saw, corrupted as the pool is: the data scorer's (scores/scorer.py)
