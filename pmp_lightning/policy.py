@@ -3,7 +3,7 @@ and what chooses the score ``auto`` at the end, with the record of both.
 
 Before training (``resolve``): ``scoring.canaries=auto`` and ``scoring.by_class=auto`` become numbers and flags by a
 rule that sees the network, the data's sizes and where J comes from, never the pool's labels (``AUTO_CANARIES``
-canaries and the class replays on a stacked network that can spare them). After the replays (``choose``): the PMP
+canaries wherever the data can spare them, and the class replays on a stacked network). After the replays (``choose``): the PMP
 variant that ranks the canaries lowest becomes the score ``auto``, by a bootstrap test against the recommended
 cosine (``canary_choice``); a class variant is hedged with the whole-J variant the canaries choose among those alone
 (``auto_choice``, ``hedge``). Both are logged in one line and recorded in metrics.json (``scoring``, ``canaries``).
@@ -41,25 +41,25 @@ TRUSTED_SHARE = 10
 
 def resolve(cfg: DictConfig) -> DictConfig:
     """The config with ``scoring.canaries=auto`` and ``scoring.by_class=auto`` (the defaults) made concrete by a rule
-    that sees the network, the data's sizes and where J comes from, never the pool's labels: a *stacked* network (two
-    or more blocks of several layers, ``statistics.plan.stacked_blocks``: a ResNet's residual blocks, a ViT's encoder
-    blocks) gets ``AUTO_CANARIES`` canaries, drawn beside J from the data, and the class replays, so the canaries choose
-    among the block family and the class variants (the score ``auto``); a network of single layers (the reported CNN,
-    an MLP) keeps the whole-gradient cosine, with neither. A trusted J of your own (``data.downstream``) gives its
-    first 2k examples for them when it holds ``TRUSTED_SHARE`` × 2k or more. Data that cannot spare the canaries'
-    examples, a J holding the pool, a corpus (no labels) and scores that hold none of the variants the canaries
-    choose among get neither. The one place that resolves them: the run calls
-    it after checking every setting and before any training, and records what it resolved in metrics.json, which
-    the reports that rebuild its data read (``report.compare.run_config``)."""
+    that sees the network, the data's sizes and where J comes from, never the pool's labels: wherever the data can
+    spare them, ``AUTO_CANARIES`` canaries are drawn beside J, on any network, so that they choose the score ``auto``
+    among the PMP family (``choose``); a *stacked* network (two or more blocks of several layers,
+    ``statistics.plan.stacked_blocks``: a ResNet's residual blocks, a ViT's encoder blocks) on labelled data also
+    gets the class replays, so the canaries choose among the class variants too. A trusted J of your own
+    (``data.downstream``) gives its first 2k examples for them when it holds ``TRUSTED_SHARE`` × 2k or more. Data
+    that cannot spare the canaries' examples, a J holding the pool and scores that hold none of the variants the
+    canaries choose among get neither, and the log says why in one line. The one place that resolves them: the run
+    calls it after checking every setting and before any training, and records what it resolved in metrics.json,
+    which the reports that rebuild its data read (``report.compare.run_config``)."""
     canaries, by_class = cfg.scoring.get("canaries", 0), cfg.scoring.get("by_class", False)
     if "auto" not in (canaries, by_class):
         return cfg
     if canaries == 0:  # nothing would choose a class variant: no need to look at the network
-        stacked, why = [], "scoring.canaries=0"
+        spare, stacked, why = False, [], "scoring.canaries=0"
     else:
-        stacked, why = _stacked(cfg, AUTO_CANARIES if canaries == "auto" else canaries)
+        spare, stacked, why = _room(cfg, AUTO_CANARIES if canaries == "auto" else canaries)
     if canaries == "auto":
-        canaries = AUTO_CANARIES if stacked else 0
+        canaries = AUTO_CANARIES if spare else 0
     if by_class == "auto":
         kind = data_kind(cfg.data)
         by_class = bool(stacked and canaries) and (kind is None or kind.labelled)  # a corpus's documents have no class
@@ -71,17 +71,17 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
-    """The network's stacked blocks, none where canaries cannot be had, and why, in words. The data is set up once
-    with ``canaries`` to see that it can spare them (the run sets it up again: MNIST in well under a second) and the
-    network built on it as the run builds it; a model that cannot be built, or data that cannot be set up at all,
-    count as unstacked, and the run names their problem before any training (``check_model``, the data stage). The
-    data's warnings are held back here: the data stage's setup gives the same ones, so a run says each once."""
+def _room(cfg: DictConfig, canaries: int) -> tuple[bool, list[str], str]:
+    """Whether the data can spare ``canaries`` canaries, the network's stacked blocks, and why, in words. The data is
+    set up once with them to see that it can (the run sets it up again: MNIST in well under a second) and the network
+    built on it as the run builds it; a model that cannot be built, or data that cannot be set up at all, get no
+    canaries, and the run names their problem before any training (``check_model``, the data stage). The data's
+    warnings are held back here: the data stage's setup gives the same ones, so a run says each once."""
     if not any(n in AUTO_FAMILY for n in score_names(cfg.scoring)):
-        return [], (f"scoring.scores holds none of the variants the canaries choose among "
-                    f"({', '.join(AUTO_FAMILY)})")
+        return False, [], (f"scoring.scores holds none of the variants the canaries choose among "
+                           f"({', '.join(AUTO_FAMILY)})")
     if cfg.data.get("downstream_includes_pool"):
-        return [], "J holds the pool itself (data.downstream_includes_pool), and canaries would be cut from it"
+        return False, [], "J holds the pool itself (data.downstream_includes_pool), and canaries would be cut from it"
     spare = ""
     for k in dict.fromkeys((canaries, 0)):
         try:
@@ -93,9 +93,9 @@ def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
         except DataConfigError:
             spare = f"; the data cannot spare the {2 * canaries} examples of scoring.canaries={canaries} beside J"
         except Exception:  # noqa: BLE001 — the settings check and the data stage name what is wrong, before training
-            return [], "the data cannot be set up"
+            return False, [], "the data cannot be set up"
     else:
-        return [], "the data cannot be set up"
+        return False, [], "the data cannot be set up"
     trusted = cfg.data.get("downstream") is not None
     taken = canaries * (2 if datamodule.kind.labelled else 1)  # a corpus's controls are its canaries' clean twins
     if trusted and not spare and len(datamodule.downstream) + taken < TRUSTED_SHARE * taken:
@@ -107,11 +107,11 @@ def _stacked(cfg: DictConfig, canaries: int) -> tuple[list[str], str]:
             net = shaped(instantiate(cfg.model, _partial_=True), datamodule.pool.x, datamodule.num_classes,
                          datamodule.vocab_size)()
     except Exception:  # noqa: BLE001 — check_model names what is wrong with it, before any training
-        return [], "the model could not be built"
+        return False, [], "the model could not be built"
     blocks, kind = stacked_blocks(net), type(net).__name__
-    if len(blocks) < 2:
-        return [], f"{kind} is not stacked: {len(blocks)} block(s) of several layers"
-    return ([] if spare else blocks), f"{kind} is stacked: {len(blocks)} blocks of several layers ({', '.join(blocks)}){spare}"
+    shape = (f"{kind} is stacked: {len(blocks)} blocks of several layers ({', '.join(blocks)})" if len(blocks) >= 2
+             else f"{kind} is not stacked: {len(blocks)} block(s) of several layers, so no class replays")
+    return not spare, (blocks if len(blocks) >= 2 and not spare else []), shape + spare
 
 
 def choose(scores: dict[str, np.ndarray], canary_mask: np.ndarray | None, n: int) -> tuple[dict[str, np.ndarray], dict | None]:

@@ -1,6 +1,6 @@
 """scoring.canaries=auto and scoring.by_class=auto (the defaults): made concrete by the network's build and where J
-comes from (policy.py, resolve), never by the pool's labels. A stacked network (two or more blocks of
-several layers) gets 40 canaries and the class replays; a network of single layers keeps the plain cosine."""
+comes from (policy.py, resolve), never by the pool's labels. Every network gets 40 canaries where the data can spare
+them; a stacked network (two or more blocks of several layers) on labelled data also gets the class replays."""
 import json
 import re
 from pathlib import Path
@@ -36,11 +36,14 @@ def test_stacked_blocks_are_the_blocks_of_several_layers():
     assert stacked_blocks(vgg) == ["0", "1"]
 
 
-@pytest.mark.parametrize("model, canaries, by_class", [("mlp", 0, False), ("cnn", 0, False), ("logreg", 0, False),
-                                                       ("resnet", AUTO_CANARIES, True), ("vit", AUTO_CANARIES, True)])
-def test_auto_turns_canaries_and_class_replays_on_for_stacked_networks_only(model, canaries, by_class):
-    cfg = scoring_defaults(make_cfg(NOWHERE, f"model={model}"))
-    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (canaries, by_class)
+@pytest.mark.parametrize("model, by_class", [("mlp", False), ("cnn", False), ("logreg", False), ("resnet", True),
+                                             ("vit", True)])
+def test_auto_gives_every_network_canaries_and_stacked_ones_class_replays(model, by_class, caplog):
+    """Guard: before, a network of single layers got no canaries (the score auto could not choose there)."""
+    with caplog.at_level("INFO"):
+        cfg = scoring_defaults(make_cfg(NOWHERE, f"model={model}"))
+    assert (cfg.scoring.canaries, cfg.scoring.by_class) == (AUTO_CANARIES, by_class)
+    assert ("is stacked" if by_class else "is not stacked") in caplog.text
 
 
 def test_auto_leaves_what_was_set(monkeypatch):
@@ -49,7 +52,7 @@ def test_auto_leaves_what_was_set(monkeypatch):
     cfg = scoring_defaults(make_cfg(NOWHERE, "model=mlp", "scoring.canaries=10", "scoring.by_class=true"))
     assert (cfg.scoring.canaries, cfg.scoring.by_class) == (10, True)
     # no canaries: the class variants would idle, and the network is not even looked at
-    monkeypatch.setattr(check, "_stacked", lambda *a: pytest.fail("scoring.canaries=0 needs no look at the network"))
+    monkeypatch.setattr(check, "_room", lambda *a: pytest.fail("scoring.canaries=0 needs no look at the network"))
     cfg = scoring_defaults(make_cfg(NOWHERE, "model=resnet", "scoring.canaries=0"))
     assert (cfg.scoring.canaries, cfg.scoring.by_class) == (0, False)
 
@@ -86,13 +89,13 @@ def test_a_trusted_j_gives_canaries_when_it_can_spare_a_tenth(size, canaries, tm
 def test_a_corpus_gets_canary_documents_and_no_class_replays(caplog):
     """A corpus is a path that chooses too: on a stacked language model it holds out canary documents beside J (each
     corrupted, the kinds in turn, scored beside its clean twin); its documents have no class, so no class replays.
-    A one-block model keeps the cosine, as a network of single layers does."""
+    A one-block model gets them too."""
     from pmp_lightning.data.corruption import CORRUPTIONS
 
     with caplog.at_level("INFO"):
         flat = scoring_defaults(lm_cfg(NOWHERE))
         corpus = scoring_defaults(lm_cfg(NOWHERE, "model.depth=2"))
-    assert (flat.scoring.canaries, flat.scoring.by_class) == (0, False)
+    assert (flat.scoring.canaries, flat.scoring.by_class) == (AUTO_CANARIES, False)
     assert (corpus.scoring.canaries, corpus.scoring.by_class) == (AUTO_CANARIES, False)
     dm = datamodule_from_config(corpus)
     dm.setup()
@@ -112,23 +115,24 @@ def test_a_bad_setting_is_refused_before_auto_sets_the_data_up(bad, message, tmp
     from pmp_lightning.errors import SettingError
     from pmp_lightning.pipeline import run
 
-    monkeypatch.setattr(check, "_stacked", lambda *a: pytest.fail("the data was set up before the settings were checked"))
+    monkeypatch.setattr(check, "_room", lambda *a: pytest.fail("the data was set up before the settings were checked"))
     with pytest.raises(SettingError, match=re.escape(message)):
         run(make_cfg(tmp_path, "model=resnet", bad))
 
 
 def test_reports_rebuild_a_run_with_what_the_run_resolved(tmp_path):
     """compare and diagnose read scoring.canaries and by_class from the run's metrics.json, not from today's rule:
-    here the rule would give this MLP none, the run recorded 40 (as if resolved by an earlier rule)."""
+    here the rule would give this MLP 40 canaries and no class replays, the run recorded 10 and class replays (as if
+    resolved by another rule)."""
     from omegaconf import OmegaConf
 
     from pmp_lightning.report.compare import run_config
 
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(make_cfg(NOWHERE, "model=mlp"), tmp_path / ".hydra" / "config.yaml")
-    assert (run_config(tmp_path).scoring.canaries, run_config(tmp_path).scoring.by_class) == (0, False)  # no record
-    (tmp_path / "metrics.json").write_text(json.dumps({"scoring": {"canaries": 40, "by_class": True}}))
-    assert (run_config(tmp_path).scoring.canaries, run_config(tmp_path).scoring.by_class) == (40, True)
+    assert (run_config(tmp_path).scoring.canaries, run_config(tmp_path).scoring.by_class) == (40, False)  # no record
+    (tmp_path / "metrics.json").write_text(json.dumps({"scoring": {"canaries": 10, "by_class": True}}))
+    assert (run_config(tmp_path).scoring.canaries, run_config(tmp_path).scoring.by_class) == (10, True)
 
 
 def test_the_data_is_never_built_from_an_unresolved_auto():
