@@ -123,6 +123,9 @@ def choose(scores: dict[str, np.ndarray], canary_mask: np.ndarray | None, n: int
     # the family in its order, the cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
     candidates = {name: scores[name][n:] for name in (*AUTO_FAMILY, *CLASS_VARIANTS) if name in scores}
     choice = auto_choice(candidates, canary_mask)
+    # the choice's inputs, so that any other rule can be replayed on this run's canaries (report/suite.py's fit)
+    choice["inputs"] = {"is_canary": np.asarray(canary_mask, dtype=bool).astype(int).tolist(),
+                        "scores": {name: np.asarray(s, dtype=float).tolist() for name, s in candidates.items()}}
     scores = {name: s[:n] for name, s in scores.items()}
     scores["auto"], said = scores[choice["chosen"]], choice["chosen"]
     if "hedged_with" in choice:
