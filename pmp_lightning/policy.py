@@ -26,7 +26,7 @@ from sklearn.metrics import average_precision_score
 
 from pmp_lightning.config import data_kind, score_names
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS
+from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS, PMP_VARIANTS
 from pmp_lightning.statistics.plan import stacked_blocks
 from pmp_lightning.training import shaped
 
@@ -123,9 +123,10 @@ def choose(scores: dict[str, np.ndarray], canary_mask: np.ndarray | None, n: int
     # the family in its order, the cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
     candidates = {name: scores[name][n:] for name in (*AUTO_FAMILY, *CLASS_VARIANTS) if name in scores}
     choice = auto_choice(candidates, canary_mask)
-    # the choice's inputs, so that any other rule can be replayed on this run's canaries (report/suite.py's fit)
+    # the choice's inputs, every PMP variant's, so that another rule can be replayed on this run's canaries
     choice["inputs"] = {"is_canary": np.asarray(canary_mask, dtype=bool).astype(int).tolist(),
-                        "scores": {name: np.asarray(s, dtype=float).tolist() for name, s in candidates.items()}}
+                        "scores": {name: np.asarray(s[n:], dtype=float).tolist() for name, s in scores.items()
+                                   if name in PMP_VARIANTS or name in CLASS_VARIANTS}}
     scores = {name: s[:n] for name, s in scores.items()}
     scores["auto"], said = scores[choice["chosen"]], choice["chosen"]
     if "hedged_with" in choice:
