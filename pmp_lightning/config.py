@@ -226,14 +226,21 @@ def _check_selection(select, pool_mode: str | None, names: list[str]) -> None:
 
 
 def _rank_by(wanted: str | None, names: list[str], canaries) -> str:
-    """The score that orders suspects.csv: ``scoring.rank_by``; by default the variant the canaries choose (``auto``)
-    when there are canaries (``auto`` before ``policy.resolve`` counts as some), else the cosine when computed."""
-    if wanted == "auto" and not canaries:
-        raise SettingError("scoring.rank_by=auto ranks by the variant the canaries choose; set scoring.canaries (e.g. 40)")
+    """The score that orders suspects.csv: ``scoring.rank_by``; by default ``auto``, the variant the policy chooses
+    (on the canaries where there are any, else its incumbent: ``policy.choose``) when the run computes a PMP variant,
+    else the first score."""
+    pmp = any(name in PMP_VARIANTS or name in CLASS_VARIANTS for name in names)
+    if wanted == "auto" and not pmp:
+        raise SettingError("scoring.rank_by=auto ranks by the PMP variant the policy chooses, and this run computes "
+                           "none; add some to scoring.scores (e.g. scoring=all)")
     if wanted is None:
-        return "auto" if canaries else "cosine" if "cosine" in names else names[0]
+        return "auto" if pmp else names[0]
     if wanted == "auto":
         return wanted
+    if wanted not in names:
+        raise UnknownScoreError(f"scoring.rank_by={wanted} is not among the scores this run computes; pick one of "
+                                f"{', '.join(names)}, or auto")
+    return wanted
     if wanted not in names:
         raise UnknownScoreError(f"scoring.rank_by={wanted} is not among the scores this run computes; pick one of "
                                 f"{', '.join(names)}")

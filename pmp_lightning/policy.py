@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -114,86 +115,151 @@ def _room(cfg: DictConfig, canaries: int) -> tuple[bool, list[str], str]:
     return not spare, (blocks if len(blocks) >= 2 and not spare else []), shape + spare
 
 
-def choose(scores: dict[str, np.ndarray], canary_mask: np.ndarray | None, n: int) -> tuple[dict[str, np.ndarray], dict | None]:
-    """The pool's scores (the first ``n`` of each scored column; the canaries and controls after them), with the score
-    ``auto`` where there are canaries: the PMP variant that ranks them lowest (``auto_choice``), and the choice's
-    record for metrics.json (None without canaries)."""
-    if canary_mask is None:
-        return scores, None
-    # the family in its order, the cosine first, so that it wins a tie (small sets of easy canaries often tie at AP 1)
-    candidates = {name: scores[name][n:] for name in (*AUTO_FAMILY, *CLASS_VARIANTS) if name in scores}
-    choice = auto_choice(candidates, canary_mask)
-    # the choice's inputs, every PMP variant's, so that another rule can be replayed on this run's canaries
-    choice["inputs"] = {"is_canary": np.asarray(canary_mask, dtype=bool).astype(int).tolist(),
-                        "scores": {name: np.asarray(s[n:], dtype=float).tolist() for name, s in scores.items()
-                                   if name in PMP_VARIANTS or name in CLASS_VARIANTS}}
-    scores = {name: s[:n] for name, s in scores.items()}
-    scores["auto"], said = scores[choice["chosen"]], choice["chosen"]
-    if "hedged_with" in choice:
-        scores["auto"] = hedge(scores["auto"], scores[choice["hedged_with"]])
-        said += f" hedged with {choice['hedged_with']} (the mean of their ranks)"
-    first = next(iter(candidates))
-    log.info(f"canaries: {said} is the score auto (AP on the {choice['canaries']} canaries among as many "
-             f"controls: " + ", ".join(f"{name} {ap:.3f}" for name, ap in choice["ap"].items())
-             + f"; another than {first} only where it does better in ≥ {CANARY_CONFIDENCE:.0%} of resamples)")
-    return scores, choice
+# ----------------------------------------------------------------------------- the score auto
+@dataclass(frozen=True)
+class Rule:
+    """How the canaries choose the score ``auto``:
+
+    - ``variants``: among which scores: ``family`` (``AUTO_FAMILY``, then the class variants) or ``all`` (every PMP
+      variant of the registry, then the class variants); only those the run computed take part;
+    - ``incumbent``: what holds without a confident reason to move: ``cosine`` or ``fallback`` (``FALLBACK``, the
+      variant best on average over the development suite);
+    - ``decide``: ``none`` (the incumbent, whatever the canaries say), ``test`` (another replaces the incumbent only
+      where it ranks the canaries better in at least ``CANARY_CONFIDENCE`` of the bootstrap resamples; of those that
+      do, the best AP on the canaries), ``best`` (the best AP on the canaries, the incumbent on a tie) or ``tied`` (the
+      mean rank of the best and of every variant that the best does not beat in ``CANARY_CONFIDENCE`` of the
+      resamples: no difference that 2k examples cannot tell from chance decides);
+    - ``hedge``: a class variant chosen by ``test`` is ranked together with the whole-J variant that the same test
+      chooses among those alone (the rule of issue 24, kept to be measured against).
+
+    A run without canaries takes the incumbent."""
+
+    variants: str
+    incumbent: str
+    decide: str
+    hedge: bool = False
 
 
-# an alternative replaces the recommended variant only if it ranks the canaries better in this share of resamples
+# every rule the development suite weighs (python -m pmp_lightning.report.suite fit); RULE names the one the run uses
+RULES = {
+    "cosine": Rule("family", "cosine", "none"),
+    "fallback": Rule("family", "fallback", "none"),
+    "test_cosine_hedged": Rule("family", "cosine", "test", hedge=True),
+    "test_cosine": Rule("family", "cosine", "test"),
+    "test_fallback": Rule("family", "fallback", "test"),
+    "best": Rule("family", "fallback", "best"),
+    "tied": Rule("family", "fallback", "tied"),
+    "all_test_fallback": Rule("all", "fallback", "test"),
+    "all_best": Rule("all", "fallback", "best"),
+    "all_tied": Rule("all", "fallback", "tied"),
+}
+RULE = "test_cosine_hedged"
+FALLBACK = "cosine"
+# an alternative replaces the incumbent only if it ranks the canaries better in this share of resamples
 CANARY_CONFIDENCE = 0.95
 CANARY_RESAMPLES = 1000
 
 
-def canary_choice(scores: dict[str, np.ndarray], is_canary: np.ndarray, confidence: float = CANARY_CONFIDENCE,
-                  resamples: int = CANARY_RESAMPLES) -> dict:
-    """The variant that ranks the canaries (examples given a wrong label on purpose) lowest among them and the
-    controls (as many with their own label), by average precision; only the run's downstream set decides, the pool's
-    labels play no part. The first of ``scores`` (the recommended cosine) stays unless another beats its AP in at least
-    ``confidence`` of the bootstrap resamples of canaries and controls (each resampled with replacement, the same
-    resample for every variant): a difference that 2k examples cannot tell from chance does not move the choice. Of
-    those that pass, the best AP on the whole set wins (the earlier on a tie)."""
+def choose(scores: dict[str, np.ndarray], canary_mask: np.ndarray | None, n: int,
+           rule: str | None = None) -> tuple[dict[str, np.ndarray], dict | None]:
+    """The pool's scores (the first ``n`` of each scored column; the canaries and controls after them) with the score
+    ``auto``: what ``rule`` decides on the canaries (``decide``), or its incumbent where there are none; and the
+    decision's record for metrics.json, its inputs included (every PMP variant's scores on the canaries), so that
+    another rule can be replayed on the run. None where the run computes none of the variants."""
+    rule = rule or RULE
+    pool = {name: s[:n] for name, s in scores.items()}
+    variants = candidates(RULES[rule], scores)
+    if not variants:
+        return pool, None
+    if canary_mask is None:
+        choice = {"rule": rule, "canaries": 0, "combined": [variants[0]]}
+        said = f"{variants[0]} is the score auto (no canaries: the incumbent of rule {rule})"
+    else:
+        inputs = {name: np.asarray(s[n:], dtype=float) for name, s in scores.items()
+                  if name in PMP_VARIANTS or name in CLASS_VARIANTS}
+        choice = decide(RULES[rule], inputs, canary_mask, variants)
+        choice = {"rule": rule, **choice,
+                  "inputs": {"is_canary": np.asarray(canary_mask, dtype=bool).astype(int).tolist(),
+                             "scores": {name: s.tolist() for name, s in inputs.items()}}}
+        said = (" and ".join(choice["combined"]) + " is the score auto" + (" (the mean of their ranks)" if
+                len(choice["combined"]) > 1 else "") + f" (rule {rule}; AP on the {choice['canaries']} canaries among "
+                f"as many controls: " + ", ".join(f"{name} {ap:.3f}" for name, ap in choice["ap"].items()) + ")")
+    pool["auto"] = combine([pool[name] for name in choice["combined"]])
+    log.info(f"canaries: {said}")
+    return pool, choice
+
+
+def candidates(rule: Rule, scores, fallback: str | None = None) -> list[str]:
+    """The variants ``rule`` chooses among, of those in ``scores``, its incumbent first (``fallback``: the incumbent
+    ``fallback`` stands for, by default ``FALLBACK``); where the run computes none of them (scores of your own), the
+    PMP variants it does compute."""
+    names = AUTO_FAMILY if rule.variants == "family" else PMP_VARIANTS
+    names = [name for name in (*names, *CLASS_VARIANTS) if name in scores] or [
+        name for name in (*PMP_VARIANTS, *CLASS_VARIANTS) if name in scores]
+    incumbent = (fallback or FALLBACK) if rule.incumbent == "fallback" else rule.incumbent
+    if incumbent in names:
+        names.remove(incumbent)
+        names.insert(0, incumbent)
+    return names
+
+
+def decide(rule: Rule, scores: dict[str, np.ndarray], is_canary: np.ndarray, variants: list[str]) -> dict:
+    """What ``rule`` makes of ``variants``' scores on the canaries (``is_canary``: which of the scored are canaries,
+    the rest their controls): ``combined``, the variants whose mean rank is the score auto, with the AP of each variant
+    on the canaries and, for the bootstrap rules, how often each beats the incumbent (``beats``) and how often the
+    best beats each (``beaten_by_best``). The resamples are the same for every variant and every rule (canaries and
+    controls each resampled with replacement, ``CANARY_RESAMPLES`` times, seeded)."""
     is_canary = np.asarray(is_canary, dtype=bool)
-    ap = {name: float(average_precision_score(is_canary, -s)) for name, s in scores.items()}
-    first, *others = scores
+    ap = {name: float(average_precision_score(is_canary, -scores[name])) for name in variants}
+    first, *others = variants
+    record = {"canaries": int(is_canary.sum()), "controls": int((~is_canary).sum()), "ap": ap}
+    if rule.decide == "none" or not others:
+        return {**record, "combined": [first]}
+    best = max(variants, key=lambda name: ap[name])  # the earlier on a tie: the incumbent first
+    if rule.decide == "best":
+        return {**record, "combined": [best]}
+    boot = resampled_ap(scores, is_canary, variants)
+    if rule.decide == "tied":
+        beaten = {name: float(np.mean(boot[best] > boot[name])) for name in variants if name != best}
+        tied = [name for name in variants if name == best or beaten[name] < CANARY_CONFIDENCE]
+        return {**record, "beaten_by_best": beaten, "combined": tied}
+    beats = {name: float(np.mean(boot[name] > boot[first])) for name in others}
+    chosen = _pick(others, first, ap, beats)
+    combined = [chosen]
+    if rule.hedge and chosen in CLASS_VARIANTS and first in AUTO_FAMILY:
+        combined.append(_pick([name for name in others if name in AUTO_FAMILY], first, ap, beats))
+    return {**record, "beats": beats, "combined": combined}
+
+
+def resampled_ap(scores: dict[str, np.ndarray], is_canary: np.ndarray, names: list[str],
+                 resamples: int = CANARY_RESAMPLES) -> dict[str, np.ndarray]:
+    """Each variant's AP on ``resamples`` bootstrap resamples of the canaries and controls (each group resampled with
+    replacement, the same resample for every variant, seeded)."""
     rng = np.random.default_rng(0)
     canaries, controls = np.flatnonzero(is_canary), np.flatnonzero(~is_canary)
-    wins = dict.fromkeys(others, 0)
-    for _ in range(resamples if others else 0):
+    out = {name: np.empty(resamples) for name in names}
+    for r in range(resamples):
         idx = np.concatenate([rng.choice(canaries, len(canaries)), rng.choice(controls, len(controls))])
-        base = average_precision_score(is_canary[idx], -scores[first][idx])
-        for name in others:
-            wins[name] += average_precision_score(is_canary[idx], -scores[name][idx]) > base
-    beats = {name: wins[name] / resamples for name in others}
-    return {"canaries": int(is_canary.sum()), "controls": int((~is_canary).sum()), "ap": ap,
-            f"beats_{first}": beats, "chosen": _pick(others, first, ap, beats, confidence)}
+        for name in names:
+            out[name][r] = average_precision_score(is_canary[idx], -scores[name][idx])
+    return out
 
 
-def _pick(names, first: str, ap: dict[str, float], beats: dict[str, float], confidence: float) -> str:
-    """Of ``names``, those that beat ``first`` in at least ``confidence`` of the resamples; the best AP of them wins
-    (the earlier on a tie), else ``first``."""
-    passed = [name for name in names if beats[name] >= confidence]
+def _pick(names, first: str, ap: dict[str, float], beats: dict[str, float]) -> str:
+    """Of ``names``, those that beat ``first`` in at least ``CANARY_CONFIDENCE`` of the resamples; the best AP of them
+    wins (the earlier on a tie), else ``first``."""
+    passed = [name for name in names if beats[name] >= CANARY_CONFIDENCE]
     return max(passed, key=lambda name: ap[name]) if passed else first
 
 
-def auto_choice(candidates: dict[str, np.ndarray], is_canary: np.ndarray) -> dict:
-    """The canaries' choice (``canary_choice``) over ``candidates``, the family ``AUTO_FAMILY`` and the class variants,
-    in that order. Where it is a class variant, also ``hedged_with``: the whole-J variant the canaries choose among
-    those alone, which the score ``auto`` ranks together with it (``registry.hedge``). Random wrong labels are the
-    class variants' easiest case (a random image far from its label's class) and need not be the pool's errors: a
-    wrong label the model learned as a systematic confusion sits close to its label's class, where only the costate
-    of every class sees the harm it does to the class it came from (docs/design-notes.md, "The hedge")."""
-    choice = canary_choice(candidates, is_canary)
-    first, *others = candidates  # the whole-J variants come first: among them alone, the same resamples decide
-    whole = [name for name in others if name in AUTO_FAMILY]
-    if choice["chosen"] in CLASS_VARIANTS and first in AUTO_FAMILY:
-        choice["hedged_with"] = _pick(whole, first, choice["ap"], choice[f"beats_{first}"], CANARY_CONFIDENCE)
-    return choice
+def combine(scores: list[np.ndarray]) -> np.ndarray:
+    """One score as it is; several, the mean of their ranks (``hedge``)."""
+    return scores[0] if len(scores) == 1 else hedge(*scores)
 
 
 def hedge(*scores: np.ndarray) -> np.ndarray:
     """The mean of the scores' ranks over the same examples (each scaled to (0, 1], ties averaged): an example is a
-    suspect as far as every one of them finds it one. The canaries' choice hedges a class variant with a whole-J
-    variant (``choose``)."""
+    suspect as far as every one of them finds it one (``combine``)."""
     from scipy.stats import rankdata
 
     return np.mean([rankdata(s) / len(s) for s in scores], axis=0)

@@ -10,7 +10,8 @@ from sklearn.metrics import average_precision_score
 
 from pmp_lightning.data.labelled import PoolDataModule, TrustedSet
 from pmp_lightning.errors import DataConfigError, SettingError
-from pmp_lightning.policy import canary_choice
+from pmp_lightning import policy
+from pmp_lightning.policy import RULES, Rule, choose, decide
 from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.pipeline import run
 from pmp_lightning.scores.registry import AUTO_FAMILY
@@ -71,23 +72,32 @@ def test_too_many_canaries_and_auto_without_them_are_named():
                         test_size=20, canaries=25)
     with pytest.raises(DataConfigError, match=r"canaries and controls \(2 × scoring.canaries=25, drawn beside J\) needs 50"):
         dm.setup()
-    with pytest.raises(SettingError, match=r"scoring.rank_by=auto ranks by the variant the canaries choose; set scoring.canaries"):
-        run(make_cfg(__import__("pathlib").Path("/nonexistent"), "scoring.rank_by=auto"))
+    with pytest.raises(SettingError, match=r"scoring.rank_by=auto ranks by the PMP variant the policy chooses, and this "
+                                           r"run computes none"):
+        run(make_cfg(__import__("pathlib").Path("/nonexistent"), "scoring.rank_by=auto", "scoring=baselines"))
     with pytest.raises(SettingError, match=r"scoring.canaries chooses among the PMP variants cosine, .* and this run computes none"):
         run(make_cfg(__import__("pathlib").Path("/nonexistent"), "scoring.canaries=5", "scoring=baselines"))
+
+
+TEST = Rule("family", "cosine", "test")
 
 
 def test_the_variant_that_ranks_the_canaries_lowest_wins():
     is_canary = np.array([True] * 5 + [False] * 5)
     good = np.where(is_canary, -1.0, 1.0) + np.linspace(0, 0.1, 10)
-    choice = canary_choice({"bad": -good, "good": good, "tie": good.copy()}, is_canary)
-    assert choice["chosen"] == "good" and choice["ap"]["good"] == 1.0 and choice["ap"]["bad"] < 0.5
-    assert (choice["canaries"], choice["controls"]) == (5, 5) and choice["beats_bad"] == {"good": 1.0, "tie": 1.0}
+    scores = {"bad": -good, "good": good, "tie": good.copy()}
+    choice = decide(TEST, scores, is_canary, list(scores))
+    assert choice["combined"] == ["good"] and choice["ap"]["good"] == 1.0 and choice["ap"]["bad"] < 0.5
+    assert (choice["canaries"], choice["controls"]) == (5, 5) and choice["beats"] == {"good": 1.0, "tie": 1.0}
+    assert decide(Rule("family", "cosine", "best"), scores, is_canary, list(scores))["combined"] == ["good"]
+    assert decide(Rule("family", "cosine", "none"), scores, is_canary, list(scores))["combined"] == ["bad"]
+    # tied: the best and every variant it does not beat with confidence (here its copy), by the mean of their ranks
+    assert decide(Rule("family", "cosine", "tied"), scores, is_canary, list(scores))["combined"] == ["good", "tie"]
 
 
 def test_a_difference_the_canaries_cannot_tell_from_chance_keeps_the_first():
-    """An alternative a little better on 40 + 40 examples does not replace the recommended first variant; a clearly
-    better one does; without the resamples' test (confidence 0) the slightly better one would have won."""
+    """An alternative a little better on 40 + 40 examples does not replace the incumbent; a clearly better one does;
+    without the resamples' test (the rule best) the slightly better one would have won."""
     rng = np.random.default_rng(1)
     is_canary = np.arange(80) < 40
     first = np.where(is_canary, -1.0, 1.0) + rng.normal(0, 1.2, 80)
@@ -95,16 +105,28 @@ def test_a_difference_the_canaries_cannot_tell_from_chance_keeps_the_first():
     while average_precision_score(is_canary, -slightly) <= average_precision_score(is_canary, -first):
         slightly = first + rng.normal(0, 0.3, 80)
     clearly = np.where(is_canary, -1.0, 1.0) + rng.normal(0, 0.5, 80)
-    assert canary_choice({"cosine": first, "slightly": slightly}, is_canary)["chosen"] == "cosine"
-    assert canary_choice({"cosine": first, "slightly": slightly}, is_canary, confidence=0.0)["chosen"] == "slightly"
-    choice = canary_choice({"cosine": first, "slightly": slightly, "clearly": clearly}, is_canary)
-    assert choice["chosen"] == "clearly" and choice["beats_cosine"]["clearly"] >= 0.95 > choice["beats_cosine"]["slightly"]
+    two = {"cosine": first, "slightly": slightly}
+    assert decide(TEST, two, is_canary, list(two))["combined"] == ["cosine"]
+    assert decide(Rule("family", "cosine", "best"), two, is_canary, list(two))["combined"] == ["slightly"]
+    three = {**two, "clearly": clearly}
+    choice = decide(TEST, three, is_canary, list(three))
+    assert choice["combined"] == ["clearly"] and choice["beats"]["clearly"] >= 0.95 > choice["beats"]["slightly"]
+
+
+def test_every_rule_is_of_the_kinds_named_and_a_run_without_canaries_takes_the_incumbent():
+    assert all(r.variants in ("family", "all") and r.incumbent in ("cosine", "fallback") and
+               r.decide in ("none", "test", "best", "tied") for r in RULES.values())
+    pool = {"cosine": np.arange(5.0), "block_cosine": -np.arange(5.0), "loss": np.ones(5)}
+    out, record = choose(pool, None, 5, rule="test_cosine")
+    assert record == {"rule": "test_cosine", "canaries": 0, "combined": ["cosine"]}
+    assert np.array_equal(out["auto"], out["cosine"])
+    assert choose({"loss": np.ones(5)}, None, 5)[1] is None  # no PMP variant: no score auto
 
 
 @pytest.mark.slow
 def test_a_run_with_canaries_ranks_by_the_chosen_variant(tmp_path):
     metrics = run(make_cfg(tmp_path, "scoring.canaries=20", "data.downstream_size=100"))
-    chosen = metrics["canaries"]["chosen"]
+    chosen, = metrics["canaries"]["combined"]
     assert chosen in AUTO_FAMILY and list(metrics["canaries"]["ap"]) == list(AUTO_FAMILY)
     assert metrics["suspects"]["rank_by"] == "auto" and metrics["detection"]["auto"] == metrics["detection"][chosen]
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
@@ -149,22 +171,22 @@ def test_the_hedge_is_the_mean_of_the_ranks():
 def test_a_class_variant_the_canaries_choose_is_hedged_with_the_best_whole_j_variant():
     """Where the canaries choose a class variant, the whole-J variant they choose among the family alone goes with it
     (``hedged_with``); where they choose a whole-J variant, nothing does."""
-    from pmp_lightning.policy import auto_choice
-
     rng = np.random.default_rng(0)
     is_canary = np.arange(80) < 40
     signal = np.where(is_canary, -1.0, 1.0)
     weak, fair, sharp = (signal + rng.normal(0, s, 80) for s in (3.0, 1.0, 0.2))
     whole = {"cosine": weak, "block_cosine": weak.copy(), "late_cosine": fair, "late_fisher": weak[::-1].copy()}
-    choice = auto_choice({**whole, "class_cosine": weak.copy(), "class_late_fisher": sharp}, is_canary)
-    assert choice["chosen"] == "class_late_fisher" and choice["hedged_with"] == "late_cosine"
-    choice = auto_choice({**whole, "class_cosine": weak.copy(), "class_late_fisher": weak.copy()}, is_canary)
-    assert choice["chosen"] == "late_cosine" and "hedged_with" not in choice
-    choice = auto_choice({"class_cosine": weak.copy(), "class_late_fisher": sharp}, is_canary)  # no whole-J variant
-    assert choice["chosen"] == "class_late_fisher" and "hedged_with" not in choice
+    hedged = lambda scores: decide(RULES["test_cosine_hedged"], scores, is_canary, list(scores))["combined"]  # noqa: E731
+    assert hedged({**whole, "class_cosine": weak.copy(), "class_late_fisher": sharp}) == ["class_late_fisher", "late_cosine"]
+    assert hedged({**whole, "class_cosine": weak.copy(), "class_late_fisher": weak.copy()}) == ["late_cosine"]
+    assert hedged({"class_cosine": weak.copy(), "class_late_fisher": sharp}) == ["class_late_fisher"]  # no whole-J one
+    # guard: the unhedged rule keeps the class variant alone
+    assert decide(RULES["test_cosine"], {**whole, "class_late_fisher": sharp}, is_canary,
+                  [*whole, "class_late_fisher"])["combined"] == ["class_late_fisher"]
 
 
 def test_the_run_ranks_the_pool_by_the_hedge_where_the_canaries_choose_a_class_variant(monkeypatch):
+    monkeypatch.setattr(policy, "RULE", "test_cosine_hedged")
     """score_stage: ``auto`` on the pool is the hedge of the chosen class variant and ``hedged_with``, ranked over the
     pool alone, and every score comes back without the canaries' rows."""
     from types import SimpleNamespace
@@ -183,6 +205,6 @@ def test_the_run_ranks_the_pool_by_the_hedge_where_the_canaries_choose_a_class_v
     monkeypatch.setattr(pipeline.ReplayStats, "load", staticmethod(lambda path: None))
     datamodule = SimpleNamespace(pool=range(n), canary_mask=is_canary, scored=SimpleNamespace(y=torch.zeros(n + 80)))
     scores, choice = pipeline.score_stage(None, [*AUTO_FAMILY, *CLASS_VARIANTS], datamodule, {0: Path("unused")})
-    assert (choice["chosen"], choice["hedged_with"]) == ("class_late_fisher", "late_cosine")
+    assert choice["combined"] == ["class_late_fisher", "late_cosine"] and choice["rule"] == "test_cosine_hedged"
     assert np.array_equal(scores["auto"], hedge(full["class_late_fisher"][:n], full["late_cosine"][:n]))
     assert all(len(s) == n for s in scores.values())

@@ -301,7 +301,7 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
     end through a _target_, its statistics proven before training. It is stacked (blocks of several layers), so the
     default draws 40 canaries and their controls (80 examples) from what would have been the pool, and adds the class
     replays' variants and the canaries' choice."""
-    from pmp_lightning.policy import hedge
+    from pmp_lightning.policy import combine
     from pmp_lightning.scores.registry import CLASS_VARIANTS
 
     from sklearn.datasets import load_digits
@@ -316,9 +316,7 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
     assert metrics["scoring"] == {"canaries": 40, "by_class": True}  # as resolved: what the reports rebuild from
     rows, choice = _rows(tmp_path / "scores.csv"), metrics["canaries"]
     column = lambda name: np.array([float(r[name]) for r in rows])  # noqa: E731
-    expected = column(choice["chosen"])
-    if "hedged_with" in choice:
-        expected = hedge(expected, column(choice["hedged_with"]))
+    expected = combine([column(name) for name in choice["combined"]])
     assert np.allclose(column("auto"), expected)
     assert "net.attn.in_proj_weight" in json.loads((tmp_path / "snapshots" / "manifest.json").read_text())["param_shapes"]
 

@@ -534,6 +534,124 @@ def suite_table(suite: dict, runs: Path, suite_name: str = "") -> tuple[str, lis
     return "\n".join(lines) + "\n", results
 
 
+# ----------------------------------------------------------------------------- fit
+# Written down before the development suite's results were read (issue 39, item 2): every rule of policy.RULES is
+# replayed on every run's recorded canaries; the one with the lowest mean regret over the rows wins (ties: the lower
+# largest regret). FALLBACK, the incumbent a run without canaries takes, is the whole-J PMP variant with the highest
+# mean over the rows of its AP / the row's best PMP column's AP. The class replays stay on by default only where
+# they lower the winning rule's mean regret by more than CLASS_WORTH (they cost 2.5x a replay at 10 classes).
+CLASS_WORTH = 0.005
+
+
+@dataclass
+class Run:
+    """One finished run, as the fit reads it: each column's pool scores and AP, the ground truth, and the canaries'
+    recorded inputs (None without canaries)."""
+
+    ap: dict[str, float]
+    pool: dict[str, "np.ndarray"]
+    truth: "np.ndarray"
+    inputs: dict | None
+
+
+def load_run(run_dir: Path) -> Run | None:
+    """A run's metrics.json and scores.csv; None where the run did not finish. Checks that scores.csv's cosine gives
+    metrics.json's AP (the same convention: a low score is a suspect)."""
+    import csv
+
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+
+    pmp, _ = score_families()
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    with open(run_dir / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    truth = np.array([int(r["is_mislabeled"]) for r in rows], dtype=bool)
+    pool = {name: np.array([float(r[name]) for r in rows]) for name in rows[0] if name in pmp}
+    ap = {name: row["ap"] for name, row in metrics["detection"].items()}
+    if "cosine" in pool and abs(average_precision_score(truth, -pool["cosine"]) - ap["cosine"]) > 1e-6:
+        raise ValueError(f"{run_dir}: scores.csv's cosine does not give metrics.json's AP")
+    record = metrics.get("canaries") or {}
+    inputs = record.get("inputs")
+    if inputs:
+        inputs = {"is_canary": np.array(inputs["is_canary"], dtype=bool),
+                  "scores": {name: np.array(v) for name, v in inputs["scores"].items()}}
+    return Run(ap, pool, truth, inputs)
+
+
+def rule_ap(run: Run, rule, fallback: str, class_replays: bool = True) -> float:
+    """The pool AP of the score ``auto`` that ``rule`` gives on this run (``class_replays=False``: as if the run had
+    computed no class variant)."""
+    from sklearn.metrics import average_precision_score
+
+    from pmp_lightning.policy import candidates, combine, decide
+    from pmp_lightning.scores.registry import CLASS_VARIANTS
+
+    have = {name for name in run.pool if class_replays or name not in CLASS_VARIANTS}
+    if run.inputs is None:
+        combined = candidates(rule, have, fallback)[:1]
+    else:
+        scores = {name: s for name, s in run.inputs["scores"].items() if name in have}
+        combined = decide(rule, scores, run.inputs["is_canary"], candidates(rule, scores, fallback))["combined"]
+    if len(combined) == 1:
+        return run.ap[combined[0]]
+    return float(average_precision_score(run.truth, -combine([run.pool[name] for name in combined])))
+
+
+def fit(suite: dict, runs: Path) -> tuple[str, str, str, bool]:
+    """Every rule of ``policy.RULES`` replayed on the suite's runs: the markdown report, the winning rule, the
+    fallback and whether the class replays earn their cost (see the comment above ``CLASS_WORTH``)."""
+    from pmp_lightning.policy import RULES
+    from pmp_lightning.scores.registry import PMP_VARIANTS
+
+    rows = []
+    for row in suite["rows"]:
+        loaded = [r for r in (load_run(Path(runs) / row["name"] / f"seed{seed}") for seed in row["seeds"]) if r]
+        if loaded:
+            rows.append((row, row_result(row, runs), loaded))
+    if not rows:
+        raise ValueError(f"no finished runs under {runs}")
+    whole = [c for c in PMP_VARIANTS if all(c in run.ap for _, _, loaded in rows for run in loaded)]
+    normalised = {c: _mean(_mean(run.ap[c] for run in loaded) / result.best_pmp_ap for _, result, loaded in rows)
+                  for c in whole}
+    fallback = max(whole, key=lambda c: normalised[c])
+    table = {}
+    for name, rule in RULES.items():
+        for class_replays in (True, False):
+            aps = [_mean(rule_ap(run, rule, fallback, class_replays) for run in loaded) for _, _, loaded in rows]
+            regrets = [result.best_pmp_ap - ap for (_, result, _), ap in zip(rows, aps)]
+            ratios = [ap / result.best_baseline_ap for (_, result, _), ap in zip(rows, aps) if result.best_baseline_ap]
+            table[name, class_replays] = dict(aps=aps, regrets=regrets, mean=_mean(regrets), median=_median(regrets),
+                                              max=max(regrets), share=_mean(r >= RATIO_TARGET for r in ratios))
+    best = min(RULES, key=lambda n: (table[n, True]["mean"], table[n, True]["max"]))
+    class_worth = table[best, False]["mean"] - table[best, True]["mean"] > CLASS_WORTH
+    lines = [f"Fallback (no canaries): **{fallback}**; each whole-J PMP variant's mean of AP / the row's best PMP "
+             f"column's AP over {len(rows)} rows: " + ", ".join(f"{c} {v:.3f}" for c, v in
+                                                                sorted(normalised.items(), key=lambda kv: -kv[1])), "",
+             "| rule | variants | incumbent | decide | hedge | class replays | mean regret | median | max | "
+             f"rows ≥ {RATIO_TARGET}× best baseline |", "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for (name, class_replays), t in table.items():
+        rule = RULES[name]
+        lines.append(f"| {'**' + name + '**' if name == best and class_replays else name} | {rule.variants} | "
+                     f"{rule.incumbent} | {rule.decide} | {'yes' if rule.hedge else 'no'} | "
+                     f"{'yes' if class_replays else 'no'} | {t['mean']:.4f} | {t['median']:.4f} | {t['max']:.4f} | "
+                     f"{t['share']:.0%} |")
+    lines += ["", f"Winner: **{best}** (lowest mean regret with the class replays); without them its mean regret is "
+                  f"{table[best, False]['mean']:.4f} against {table[best, True]['mean']:.4f}, so the class replays "
+                  + ("earn" if class_worth else "do not earn") + f" their cost (the bar: more than {CLASS_WORTH}).", "",
+              f"| row | seeds | best PMP column | AP | {best} | regret | without class replays | best baseline | AP |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for k, (row, result, loaded) in enumerate(rows):
+        lines.append(f"| {row['name']} | {len(loaded)} | {result.best_pmp} | {_f(result.best_pmp_ap)} | "
+                     f"{_f(table[best, True]['aps'][k])} | {_f(table[best, True]['regrets'][k])} | "
+                     f"{_f(table[best, False]['aps'][k])} | {result.best_baseline or '–'} | "
+                     f"{_f(result.best_baseline_ap)} |")
+    return "\n".join(lines) + "\n", best, fallback, class_worth
+
+
 # ----------------------------------------------------------------------------- command line
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pmp_lightning.report.suite", description=__doc__.split("\n\n")[0])
@@ -547,6 +665,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--only", action="append", help="a row's name (repeat for several)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p = sub.add_parser("fit", help="replay every rule of policy.RULES on a suite's runs and name the best")
+    p.add_argument("suite", type=Path)
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("table", help="the per-row table and summary of a suite's runs")
     p.add_argument("suite", type=Path)
     p.add_argument("--runs", type=Path, required=True)
@@ -563,6 +685,11 @@ def main(argv=None) -> int:
         suite = load_suite(args.suite)
         if args.command == "run":
             return 1 if run_suite(suite, args.out, args.only, args.dry_run) else 0
+        if args.command == "fit":
+            text, *_ = fit(suite, args.runs)
+            save_text(args.out, f"# Rules fitted on {args.suite.stem}\n\n{text}")
+            print(text, end="")
+            return 0
     except ValueError as err:
         parser.exit(2, f"suite: {err}\n")
     text, _ = suite_table(suite, args.runs, args.suite.stem)
