@@ -23,7 +23,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from sklearn.metrics import average_precision_score
 
 from pmp_lightning.config import data_kind, score_names
 from pmp_lightning.errors import DataConfigError
@@ -210,7 +209,7 @@ def decide(rule: Rule, scores: dict[str, np.ndarray], is_canary: np.ndarray, var
     best beats each (``beaten_by_best``). The resamples are the same for every variant and every rule (canaries and
     controls each resampled with replacement, ``CANARY_RESAMPLES`` times, seeded)."""
     is_canary = np.asarray(is_canary, dtype=bool)
-    ap = {name: float(average_precision_score(is_canary, -scores[name])) for name in variants}
+    ap = {name: float(average_precision(is_canary, -np.asarray(scores[name]))[0]) for name in variants}
     first, *others = variants
     record = {"canaries": int(is_canary.sum()), "controls": int((~is_canary).sum()), "ap": ap}
     if rule.decide == "none" or not others:
@@ -237,12 +236,23 @@ def resampled_ap(scores: dict[str, np.ndarray], is_canary: np.ndarray, names: li
     replacement, the same resample for every variant, seeded)."""
     rng = np.random.default_rng(0)
     canaries, controls = np.flatnonzero(is_canary), np.flatnonzero(~is_canary)
-    out = {name: np.empty(resamples) for name in names}
-    for r in range(resamples):
-        idx = np.concatenate([rng.choice(canaries, len(canaries)), rng.choice(controls, len(controls))])
-        for name in names:
-            out[name][r] = average_precision_score(is_canary[idx], -scores[name][idx])
-    return out
+    idx = np.stack([np.concatenate([rng.choice(canaries, len(canaries)), rng.choice(controls, len(controls))])
+                    for _ in range(resamples)])
+    return {name: average_precision(is_canary[idx], -np.asarray(scores[name])[idx]) for name in names}
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """scikit-learn's ``average_precision_score`` (tied scores share one threshold) along the last axis, for many
+    rows at once: the mean over the positives of the precision at the end of each one's group of tied scores."""
+    labels, scores = np.atleast_2d(labels).astype(float), np.atleast_2d(scores)
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    labels, scores = np.take_along_axis(labels, order, -1), np.take_along_axis(scores, order, -1)
+    m = scores.shape[-1]
+    precision = np.cumsum(labels, -1) / np.arange(1, m + 1)
+    ends = np.ones_like(scores, dtype=bool)
+    ends[..., :-1] = scores[..., 1:] != scores[..., :-1]
+    last = np.minimum.accumulate(np.where(ends, np.arange(m), m)[..., ::-1], axis=-1)[..., ::-1]  # each group's end
+    return (labels * np.take_along_axis(precision, last, -1)).sum(-1) / labels.sum(-1)
 
 
 def _pick(names, first: str, ap: dict[str, float], beats: dict[str, float]) -> str:

@@ -208,3 +208,27 @@ def test_the_run_ranks_the_pool_by_the_hedge_where_the_canaries_choose_a_class_v
     assert choice["combined"] == ["class_late_fisher", "late_cosine"] and choice["rule"] == "test_cosine_hedged"
     assert np.array_equal(scores["auto"], hedge(full["class_late_fisher"][:n], full["late_cosine"][:n]))
     assert all(len(s) == n for s in scores.values())
+
+
+def test_the_canaries_average_precision_is_scikit_learns_ties_included():
+    """policy.average_precision, many resamples at once, gives average_precision_score on random and on heavily tied
+    scores (integers 0-4): tied scores share one threshold. Guard: the precision at each positive's own position,
+    ignoring ties, differs on the tied ones."""
+    from pmp_lightning.policy import average_precision
+
+    rng = np.random.default_rng(0)
+    naive_differs = False
+    for t in range(200):
+        m = int(rng.integers(5, 60))
+        y = rng.random(m) < 0.4
+        y[0] = True
+        s = rng.integers(0, 5, m).astype(float) if t % 2 else rng.normal(size=m)
+        assert abs(average_precision(y, s)[0] - average_precision_score(y, s)) < 1e-12
+        order = np.argsort(-s, kind="stable")
+        naive = (np.cumsum(y[order]) / np.arange(1, m + 1))[y[order]].mean()
+        naive_differs |= abs(naive - average_precision_score(y, s)) > 1e-6
+    assert naive_differs
+    rows = rng.normal(size=(3, 20))
+    labels = np.arange(20) < 7
+    assert np.allclose(average_precision(np.tile(labels, (3, 1)), rows),
+                       [average_precision_score(labels, r) for r in rows])

@@ -219,3 +219,50 @@ def test_replay_cost_adds_the_class_replays_and_the_canaries_extra():
     assert S.replay_cost({"cost_s": {"replay": 10.0, "class_replay": 25.0, "canary_train": 5.0, "train": 99.0,
                                      "cleanlab": 50.0}}) == pytest.approx(4.0)
     assert S.replay_cost({"cost_s": {"replay": None}}) is None and S.replay_cost({}) is None
+
+
+def _fitted_run(runs: Path, row: str, seed: int, canaries: bool) -> None:
+    """A run whose pool late_fisher ranks perfectly and the cosine at chance (loss in between, the baseline), and, with
+    canaries, recorded canary inputs where late_fisher separates them clearly and the rest do not."""
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(seed)
+    truth = np.arange(40) < 10
+    pool = {"cosine": rng.normal(size=40), "block_cosine": rng.normal(size=40), "late_cosine": rng.normal(size=40),
+            "late_fisher": np.where(truth, -1.0, 1.0) + rng.normal(0, 0.1, 40),
+            "loss": np.where(truth, -1.0, 1.0) + rng.normal(0, 1.0, 40)}
+    metrics = _metrics({name: float(average_precision_score(truth, -s)) for name, s in pool.items()}, rank_by="auto")
+    if canaries:
+        is_canary = np.arange(80) < 40
+        inputs = {name: rng.normal(size=80).tolist() for name in ("cosine", "block_cosine", "late_cosine")}
+        inputs["late_fisher"] = (np.where(is_canary, -1.0, 1.0) + rng.normal(0, 0.2, 80)).tolist()
+        metrics["canaries"] = {"inputs": {"is_canary": is_canary.astype(int).tolist(), "scores": inputs}}
+    _write(runs, row, seed, metrics)
+    lines = ["index,is_mislabeled," + ",".join(pool)] + [
+        f"{i},{int(truth[i])}," + ",".join(repr(float(s[i])) for s in pool.values()) for i in range(40)]
+    (runs / row / f"seed{seed}" / "scores.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_fit_replays_every_rule_and_names_the_fallback_and_the_winner(tmp_path):
+    """On runs where late_fisher is the best column and the canaries say so clearly: the fallback is late_fisher (the
+    whole-J variant best on average), the winner has no regret on any row, the cosine's rule has (the guard that the
+    rules are told apart), and a run without canaries takes the incumbent."""
+    from pmp_lightning.policy import RULES
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        _fitted_run(runs, "with", seed, canaries=True)
+        _fitted_run(runs, "without", seed, canaries=False)
+    suite = {"generator_version": 1, "seed": 0,
+             "rows": [{"name": "with", "seeds": [0, 1]}, {"name": "without", "seeds": [0, 1]}]}
+    text, best, fallback, class_worth = S.fit(suite, runs)
+    assert fallback == "late_fisher" and not class_worth
+    assert best in RULES and f"**{best}**" in text
+    run = S.load_run(runs / "with" / "seed0")
+    assert S.rule_ap(run, RULES["test_cosine"], fallback) == run.ap["late_fisher"]  # the canaries move it
+    assert S.rule_ap(run, RULES["cosine"], fallback) == run.ap["cosine"] < run.ap["late_fisher"]
+    bare = S.load_run(runs / "without" / "seed0")
+    assert S.rule_ap(bare, RULES["test_fallback"], fallback) == bare.ap["late_fisher"]
+    assert S.rule_ap(bare, RULES["test_cosine"], fallback) == bare.ap["cosine"]
+    assert "| with | 2 | late_fisher |" in text
