@@ -549,8 +549,8 @@ class Run:
     recorded inputs (None without canaries)."""
 
     ap: dict[str, float]
-    pool: dict[str, "np.ndarray"]
-    truth: "np.ndarray"
+    pool: dict  # column name -> the pool's scores (a numpy array)
+    truth: object  # the pool's ground truth (a numpy array of bools)
     inputs: dict | None
 
 
