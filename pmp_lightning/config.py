@@ -227,14 +227,14 @@ def _check_selection(select, pool_mode: str | None, names: list[str]) -> None:
 
 def _rank_by(wanted: str | None, names: list[str], canaries) -> str:
     """The score that orders suspects.csv: ``scoring.rank_by``; by default ``auto``, the variant the policy chooses
-    (on the canaries where there are any, else its incumbent: ``policy.choose``) when the run computes a PMP variant,
-    else the first score."""
-    pmp = any(name in PMP_VARIANTS or name in CLASS_VARIANTS for name in names)
-    if wanted == "auto" and not pmp:
+    (on the canaries where there are any, else its incumbent: ``policy.choose``) when the run computes two PMP
+    variants or more, else the one it computes, else the first score."""
+    pmp = [name for name in names if name in PMP_VARIANTS or name in CLASS_VARIANTS]
+    if wanted == "auto" and len(pmp) < 2:
         raise SettingError("scoring.rank_by=auto ranks by the PMP variant the policy chooses, and this run computes "
-                           "none; add some to scoring.scores (e.g. scoring=all)")
+                           f"{'only ' + pmp[0] if pmp else 'none'}; add more to scoring.scores (e.g. scoring=all)")
     if wanted is None:
-        return "auto" if pmp else names[0]
+        return "auto" if len(pmp) >= 2 else pmp[0] if pmp else names[0]
     if wanted == "auto":
         return wanted
     if wanted not in names:

@@ -24,7 +24,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from pmp_lightning.config import score_names
 from pmp_lightning.errors import DataConfigError
 from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS, PMP_VARIANTS
 
@@ -42,8 +41,9 @@ def resolve(cfg: DictConfig) -> DictConfig:
     that sees the data's sizes and where J comes from, never the pool's labels: wherever the data can spare them,
     ``AUTO_CANARIES`` canaries are drawn beside J, on any network, so that they choose the score ``auto`` among the
     PMP family (``choose``). A trusted J of your own (``data.downstream``) gives its first 2k examples for them when
-    it holds ``TRUSTED_SHARE`` × 2k or more. Data that cannot spare the canaries' examples, a J holding the pool and
-    scores that hold none of the variants the canaries choose among get none, and the log says why in one line.
+    it holds ``TRUSTED_SHARE`` × 2k or more. Data that cannot spare the canaries' examples and a J holding the pool
+    get none, and the log says why in one line. The scores asked for play no part, so that changing them retrains
+    nothing (the canaries train with a training pool).
     ``by_class=auto`` is off: on the development suite the class replays lowered the chosen rule's mean regret by
     0.001 AP, less than the 0.005 fixed beforehand as their worth, at 2.5-19× a replay (docs/suites/development.md);
     ``scoring.by_class=true`` adds them, and the canaries choose among them too. The one place that resolves them:
@@ -74,9 +74,6 @@ def _room(cfg: DictConfig, canaries: int) -> tuple[bool, str]:
     that it can (the run sets it up again: MNIST in well under a second); data that cannot be set up at all gets
     none, and the data stage names its problem before any training. The data's warnings are held back here: the data
     stage's setup gives the same ones, so a run says each once."""
-    if not any(n in AUTO_FAMILY for n in score_names(cfg.scoring)):
-        return False, (f"scoring.scores holds none of the variants the canaries choose among "
-                       f"({', '.join(AUTO_FAMILY)})")
     if cfg.data.get("downstream_includes_pool"):
         return False, "J holds the pool itself (data.downstream_includes_pool), and canaries would be cut from it"
     try:
@@ -146,11 +143,12 @@ def choose(scores: dict[str, np.ndarray], canary_mask: np.ndarray | None, n: int
     """The pool's scores (the first ``n`` of each scored column; the canaries and controls after them) with the score
     ``auto``: what ``rule`` decides on the canaries (``decide``), or its incumbent where there are none; and the
     decision's record for metrics.json, its inputs included (every PMP variant's scores on the canaries), so that
-    another rule can be replayed on the run. None where the run computes none of the variants."""
+    another rule can be replayed on the run. No ``auto`` and None where the run computes fewer than two PMP variants
+    (nothing to choose between: ``config.run_scores`` ranks by the one there is)."""
     rule = rule or RULE
     pool = {name: s[:n] for name, s in scores.items()}
     variants = candidates(RULES[rule], scores)
-    if not variants:
+    if sum(name in PMP_VARIANTS or name in CLASS_VARIANTS for name in scores) < 2:
         return pool, None
     if canary_mask is None:
         choice = {"rule": rule, "canaries": 0, "combined": [variants[0]]}

@@ -65,7 +65,8 @@ def test_each_example_is_scored_against_its_own_class_costate(tmp_path, caplog):
     """class_cosine equals the cosine of a plain replay whose J is the uncentred objective over the downstream examples
     of one class, for the pool examples labelled with that class (their observed, possibly wrong, label); examples of
     other labels get another costate. The class costates run in one replay, and the log says so."""
-    cfg = make_cfg(tmp_path, "scoring.by_class=true", "scoring.scores=[cosine,loss]", "trainer.max_epochs=3")
+    cfg = make_cfg(tmp_path, "scoring.by_class=true", "scoring.scores=[cosine,loss]", "trainer.max_epochs=3",
+                   "scoring.canaries=0")
     with caplog.at_level("INFO"):
         metrics = run(cfg)
     assert "class replays: 10 class costates in one replay" in caplog.text
@@ -89,5 +90,6 @@ def test_each_example_is_scored_against_its_own_class_costate(tmp_path, caplog):
         assert np.allclose(got[observed == k], reference[observed == k], rtol=1e-5, atol=1e-7)
         assert not np.allclose(got[observed != k], reference[observed != k], rtol=1e-3)
     again = run(make_cfg(tmp_path / "again", "scoring.by_class=true", "scoring.scores=[cosine,loss]", "trainer.max_epochs=3",
+                         "scoring.canaries=0",
                          cache=tmp_path / "cache"))
     assert again["cache"]["computed"] == [] and "class_replay" in again["cost_s"]  # every class's entry hits

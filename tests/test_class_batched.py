@@ -190,7 +190,8 @@ def test_two_processes_give_the_class_replay_of_one(tmp_path):
     from pmp_lightning.training import shaped
     from tests.test_pipeline import ROOT, SMALL, make_cfg
 
-    shared = ["trainer.max_epochs=2", "data.pool_size=301", "scoring.by_class=true", "scoring.scores=[cosine,loss]"]
+    shared = ["trainer.max_epochs=2", "data.pool_size=301", "scoring.by_class=true", "scoring.scores=[cosine,loss]",
+              "scoring.canaries=0"]
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "run.py", *SMALL, *shared, "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.strategy=ddp_spawn", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}"]

@@ -17,7 +17,7 @@ from tests.test_pipeline import ROOT, SMALL, make_cfg
 pytestmark = pytest.mark.slow  # every test here runs the pipeline or several processes
 
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2", "data.pool_size=301",
-       "scoring.scores=[raw,cosine,loss,grand]"]
+       "scoring.scores=[raw,cosine,loss,grand]", "scoring.canaries=0"]
 
 
 def single_process_scores(cfg, snapshot_dir, names, accelerator="cpu"):

@@ -28,7 +28,8 @@ def _digits_file(path, start, stop, test=False):
 
 
 TENSORS = ("data=tensors", "model=mlp", "model.in_features=64", "data.test_size=60", "data.pool_size=null",
-           "trainer.max_epochs=2", "scoring.scores=[cosine,loss]")
+           "trainer.max_epochs=2", "scoring.scores=[cosine,loss]",
+           "scoring.canaries=0")  # J's source alone changes between the runs compared here (canaries: test_canaries.py)
 
 
 @pytest.mark.slow

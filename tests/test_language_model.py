@@ -257,14 +257,14 @@ def test_code_lm_runs_end_to_end_and_names_the_documents(tmp_path, monkeypatch):
     from pmp_lightning.scores.registry import CORPUS_BASELINES, SCORES
 
     retrains = spy_on_retrains(monkeypatch)
-    metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss,dsir]"))
+    metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss,dsir]", "scoring.canaries=0"))
     assert retrains == [(60, 16), *[(48, 16)] * 4]  # whole pool, oracle, loss, dsir (a corpus baseline), random
     sel = metrics["selection"]
     assert sel["measure"] == "test loss" and set(sel["0.2"]) == {"loss", "dsir", "random"}
     assert sel["measured_on"].startswith("16 documents of the Python") and "beside the target set's" in sel["measured_on"]
     assert all(0 < v < 10 for v in [sel["full"], sel["oracle"], *sel["0.2"].values()])
     assert metrics["ground_truth"] == "corrupted documents"
-    assert set(metrics["detection"]) == set(SCORES) | set(CORPUS_BASELINES)
+    assert set(metrics["detection"]) == set(SCORES) | set(CORPUS_BASELINES) | {"auto"}
     by_kind = metrics["auroc_by_corruption"]
     assert set(by_kind) <= set(CORRUPTIONS) and all(set(row) == set(metrics["detection"]) for row in by_kind.values())
     assert 0.0 < metrics["test_accuracy"] < 1.0  # next-token accuracy on the test files
@@ -456,7 +456,7 @@ def test_code_lm_with_a_wide_slice_scores_and_selects_it(tmp_path, monkeypatch):
     from tests.test_pipeline import make_cfg as image_cfg
 
     retrains = spy_on_retrains(monkeypatch)
-    metrics = run(make_cfg(tmp_path, "data.wide_size=120", "data.max_per_file=null",  # two packages' every window
+    metrics = run(make_cfg(tmp_path, "data.wide_size=120", "data.max_per_file=null", "scoring.canaries=0",  # two packages' every window
                            "select.fractions=[0.2]", "select.scores=[loss]"))
     scorer = metrics["scorer"]
     assert scorer["target"] == "raw" and -1 <= scorer["pool"]["spearman_out_of_fold"] <= 1

@@ -48,7 +48,7 @@ def test_metrics_json_has_every_field(train_pool_run):
     out, returned = train_pool_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(returned))
-    assert set(metrics["detection"]) == set(SCORES)
+    assert set(metrics["detection"]) == set(SCORES) | {"auto"}  # auto: the policy's choice (policy.choose)
     for row in metrics["detection"].values():
         assert set(row) == set(METRICS)
         assert all(0.0 <= v <= 1.0 for m, v in row.items() if m != "hits_in_lowest_1pct")
@@ -80,14 +80,14 @@ def test_artefacts_live_in_the_run_directory(train_pool_run):
     out, _ = train_pool_run
     assert (out / "snapshots" / "manifest.json").is_file() and (out / "replay" / "stats.npz").is_file()
     stats = np.load(out / "replay" / "stats.npz")
-    assert stats["dot"].shape == (4, 600) and stats["eta"].shape == (4,)
+    assert stats["dot"].shape == (4, 680) and stats["eta"].shape == (4,)  # the pool, then 40 canaries and 40 controls
 
 
 def test_holdout_pool_scores_examples_the_trajectory_never_saw(tmp_path):
     metrics = run(make_cfg(tmp_path, "pool=holdout", "data.pool_size=300", "replay.curvature=coarse",
                            "scoring.scores=[raw,cosine,loss]"))
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
-    assert len(rows) == 300 and set(metrics["detection"]) == {"raw", "cosine", "loss"}
+    assert len(rows) == 300 and set(metrics["detection"]) == {"raw", "cosine", "loss", "auto"}
     assert metrics["costate"]["mode"] == "coarse"
     assert metrics["detection"]["loss"]["auroc"] > 0.9
 

@@ -179,7 +179,7 @@ def test_own_model_and_own_tensors_from_config(tmp_path, examples_on_path):
     metrics = run(_byo_cfg(tmp_path, "+experiment=byo_digits", f"data.source.path={tmp_path / 'digits.npz'}",
                            "data.test_size=100", "data.downstream_size=60"))
     assert metrics["test_accuracy"] > 0.5
-    assert len(_rows(tmp_path / "scores.csv")) == 700 - 100 - 60
+    assert len(_rows(tmp_path / "scores.csv")) == 700 - 100 - 60 - 80  # the rest, less 40 canaries and 40 controls
     assert metrics["detection"]["loss"]["auroc"] > 0.6  # above chance (0.5 ± 0.03 with 108 of 540 mislabeled) after 3 epochs
     manifest = json.loads((tmp_path / "snapshots" / "manifest.json").read_text())
     assert manifest["param_shapes"]["net.0.weight"] == [16, 1, 3, 3]  # the user's TinyConvNet was trained and replayed
@@ -195,7 +195,7 @@ def test_a_torchvision_style_dataset_from_config(tmp_path):
                    "data.test_size=50", "data.downstream_size=50", "scoring.scores=[cosine,loss]")
     metrics = run(cfg)
     rows = _rows(tmp_path / "scores.csv")
-    assert len(rows) == 200 and set(metrics["detection"]) == {"cosine", "loss"}
+    assert len(rows) == 300 - 50 - 50 - 80 and set(metrics["detection"]) == {"cosine", "loss"}  # 80: the canaries
     assert (tmp_path / "suspects.png").is_file()
     # the run read the dataset the config built: each scored example's true label is FakeData's at its index, and
     # the model was built for its 1 × 28 × 28 images
@@ -203,7 +203,7 @@ def test_a_torchvision_style_dataset_from_config(tmp_path):
 
     fake = FakeData(size=300, image_size=(1, 28, 28), num_classes=10)
     assert [int(r["true_label"]) for r in rows] == [int(fake[int(r["index"])][1]) for r in rows]
-    assert len({int(r["index"]) for r in rows}) == 200 and len({int(r["true_label"]) for r in rows}) > 5
+    assert len({int(r["index"]) for r in rows}) == 120 and len({int(r["true_label"]) for r in rows}) > 5
     manifest = json.loads((tmp_path / "snapshots" / "manifest.json").read_text())
     first_linear = next(shape for shape in manifest["param_shapes"].values() if len(shape) == 2)
     assert first_linear[1] == 28 * 28
@@ -290,7 +290,7 @@ def test_a_text_model_on_token_ids_from_config(tmp_path):
     metrics = run(make_cfg(tmp_path, "data=tensors", f"data.source.path={path}", "model=text", "model.vocab_size=20",
                            "data.test_size=60", "data.downstream_size=40", "data.pool_size=null", "trainer.max_epochs=2",
                            "scoring.scores=[cosine,loss]"))
-    assert set(metrics["detection"]) == {"cosine", "loss"} and len(_rows(tmp_path / "scores.csv")) == 300
+    assert set(metrics["detection"]) == {"cosine", "loss"} and len(_rows(tmp_path / "scores.csv")) == 300 - 80  # canaries
     manifest = json.loads((tmp_path / "snapshots" / "manifest.json").read_text())
     assert manifest["param_shapes"]["net.tokens.weight"] == [20, 64]
 
@@ -298,9 +298,9 @@ def test_a_text_model_on_token_ids_from_config(tmp_path):
 @pytest.mark.slow
 def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
     """A user's own nn.Module of the kinds people train (bare parameters, nn.MultiheadAttention, LayerNorm) runs end to
-    end through a _target_, its statistics proven before training. It is stacked (blocks of several layers), so the
-    default draws 40 canaries and their controls (80 examples) from what would have been the pool, and adds the class
-    replays' variants and the canaries' choice."""
+    end through a _target_, its statistics proven before training. The default draws 40 canaries and their controls
+    (80 examples) from what would have been the pool; scoring.by_class=true adds the class replays' variants, and the
+    canaries choose among them too."""
     from pmp_lightning.policy import combine
     from pmp_lightning.scores.registry import CLASS_VARIANTS
 
@@ -308,7 +308,7 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
 
     digits = load_digits()
     np.savez(tmp_path / "digits.npz", x=digits.images[:500, None].astype(np.float32) / 16.0, y=digits.target[:500])
-    metrics = run(_byo_cfg(tmp_path, "+experiment=byo_digits", "model=tiny_transformer",
+    metrics = run(_byo_cfg(tmp_path, "+experiment=byo_digits", "model=tiny_transformer", "scoring.by_class=true",
                            f"data.source.path={tmp_path / 'digits.npz'}", "data.test_size=100", "data.downstream_size=60",
                            "scoring.scores=[cosine,loss]"))
     assert len(_rows(tmp_path / "scores.csv")) == 340 - 80
