@@ -402,6 +402,21 @@ def test_an_interrupted_exact_adam_replay_resumes_with_the_costates_of_m_and_v(t
     np.testing.assert_array_equal(fit_replay(second, tmp_path / "second").results().dot, whole)
 
 
+def test_under_adam_the_scores_read_psi_only_where_a_training_gradient_reached():
+    """``Dynamics.reach``: a coordinate where √v̂ ≤ ε/1000 (v̂ = 0: no training gradient reached it) is left out of the
+    dots and norms the scores read, from the frozen P kept with a snapshot and from the exact adjoint's v alike; just
+    above the line it is read. Plain descent and momentum read ψ everywhere."""
+    from pmp_lightning.replay.dynamics import SGD, UNREACHED, Adam, Dynamics, ExactAdam
+
+    eps, beta2, k = 1e-8, 0.999, 5
+    root = torch.tensor([0.0, 1e-30, 0.5 * UNREACHED * eps, 2 * UNREACHED * eps, 1e-3, 1.0], dtype=torch.float64)
+    want = torch.tensor([False, False, False, True, True, True])
+    frozen = Adam(0.0, True, eps).reach(precond=(1 / (root + eps)).float().double())  # P is kept in float32
+    exact = ExactAdam(0.0, True, eps, 0.9, beta2).reach(moments=(None, None, root**2 * (1 - beta2**k), k))
+    assert torch.equal(frozen, want) and torch.equal(exact, want)
+    assert Dynamics().reach() is None and SGD(0.0, 0.9).reach() is None
+
+
 @pytest.mark.parametrize("kind", ["AdamW", "Adam"])
 def test_adam_replays_the_preconditioned_recursion(tmp_path, kind):
     """Adam/AdamW with the preconditioner P_t held fixed over each step: the replay's dots are ⟨P_t λ_{t+1}, ∇l_n(θ_t)⟩

@@ -163,37 +163,51 @@ def test_a_curvature_typo_stops_the_command_before_any_data_or_training(tmp_path
 
 # ------------------------------------------------------------------ end to end
 @pytest.mark.slow
-def test_a_target_document_of_bytes_the_pool_never_holds_is_warned_of(tmp_path, caplog):
-    """The new user's case: AdamW leaves v = 0 on the embedding rows of bytes that no training document holds, so the
-    frozen preconditioner is 1/ε = 1e8 there. J's target set holds such bytes (non-ASCII text), so ψ = P λ lives on
-    those rows, which no pool example's gradient touches: every cosine collapses. The run says so, names the rows, and
-    writes it in metrics.json; the same run with target documents of the pool's own words says nothing (the guard).
-    (A byte that the pool holds only as the last byte of its lines, a target, never an input, counts as never seen:
-    a target line with such a byte inside it is warned of too, rightly.)"""
-    from tests.test_user_corpus import TINY, compose_data, lines, write_jsonl
+def test_a_target_document_of_bytes_the_pool_never_holds_leaves_the_cosines_whole(tmp_path, caplog, monkeypatch):
+    """The new user's case: AdamW leaves v = 0 on the embedding rows of bytes that no training document holds, so its
+    preconditioner is 1/ε = 1e8 there. J's target set holds such bytes (non-ASCII text), so ψ = P λ is huge on those
+    rows, which no pool example's gradient touches. The replay reads ψ only where a training gradient reached
+    (``Dynamics.reach``), so the whole-gradient cosines keep the size they have with target documents of the pool's own
+    words. The guard: with ψ read everywhere (the replay before), every cosine collapses to about 1e-5 of that and
+    the run warns of the concentration, naming the rows.
+    (A byte that the pool holds only as the last byte of its lines, a target, never an input, counts as never seen.)"""
+    from tests.test_user_corpus import compose_data, lines, write_jsonl
 
     from pmp_lightning.pipeline import run
+    from pmp_lightning.replay.dynamics import Adam
 
     pool = write_jsonl(tmp_path / "pool.jsonl", lines(0, 60))
-    results = {}
     test = write_jsonl(tmp_path / "test.jsonl", lines(2, 8))  # a test file: every target line is J's
     rare = ["Größe für café, naïve façade, ñandú, 日本語 " * 3]
-    for kind, extra in (("rare", rare), ("ascii", lines(9, 1))):  # ascii: the pool's own words, its bytes all seen
+    results = {}
+
+    def scored(kind, extra, cache):
         target = write_jsonl(tmp_path / f"target_{kind}.jsonl", [*lines(1, 30), *extra])
         cfg = compose_data(tmp_path / kind, "+experiment=code_lm", "data=jsonl", f"data.path={pool}",
                            f"data.downstream={target}", f"data.test={test}", "noise=none", "scoring=cosine",
-                           cache=tmp_path / "cache")
+                           cache=tmp_path / cache)
         caplog.clear()
         with caplog.at_level(logging.INFO):
             metrics = run(cfg)
-        results[kind] = (metrics, caplog.text)
-    metrics, text = results["rare"]
+        cosine = np.abs(np.loadtxt(tmp_path / kind / "scores.csv", delimiter=",", skiprows=1, usecols=4,
+                                   dtype=float)).max()
+        results[kind] = (metrics, caplog.text, cosine)
+
+    scored("rare", rare, "cache")
+    scored("ascii", lines(9, 1), "cache")  # the pool's own words, its bytes all seen
+    monkeypatch.setattr(Adam, "reach", lambda self, precond=None, moments=None: None)
+    scored("everywhere", rare, "cache_everywhere")  # a cache of its own: the code differs, not the settings
+
+    metrics, text, rare_cosine = results["rare"]
     assert metrics["costate"]["dynamics"].startswith("AdamW: preconditioner")
-    assert "replay: models AdamW: preconditioner" in text
     assert "pool 130 documents from 60 lines" in metrics["corpus_splits"]  # where the corpus's lines went
+    _, _, ascii_cosine = results["ascii"]
+    print(f"largest |cosine| summed over snapshots: rare {rare_cosine:.3g}, ascii {ascii_cosine:.3g}, "
+          f"rare read everywhere {results['everywhere'][2]:.3g}")
+    assert 0.3 < rare_cosine / ascii_cosine < 3, (rare_cosine, ascii_cosine)  # the same order
+    assert "concentration" not in metrics["costate"] and "dominate" not in text
+    metrics, text, everywhere = results["everywhere"]  # the guard
+    assert everywhere < 1e-4 * ascii_cosine
     found = metrics["costate"]["concentration"]
     assert max(found["share"]) > TOP_SHARE_WARNING and found["parameter"].startswith("tokens.weight rows [")
     assert "a few parameters dominate the replayed direction" in text
-    metrics, text = results["ascii"]
-    assert "concentration" not in metrics["costate"] and "dominate" not in text
-    assert json.loads((tmp_path / "rare" / "metrics.json").read_text())["costate"]["concentration"] == found

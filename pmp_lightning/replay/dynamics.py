@@ -26,6 +26,9 @@ from pmp_lightning.replay.costate import Hvp, step
 DYNAMICS: dict[str, list[type["Dynamics"]]] = {}  # optimizer type name -> the classes that may model it, in order
 
 
+UNREACHED = 1e-3  # √v̂ ≤ UNREACHED · ε: a coordinate that no training gradient has reached (Adam.reach)
+
+
 def register(*names: str) -> Callable[[type["Dynamics"]], type["Dynamics"]]:
     def add(cls: type["Dynamics"]) -> type["Dynamics"]:
         for name in names:
@@ -81,6 +84,11 @@ class Dynamics:
         η_{t−1} (``eta_before``); Adam's exact adjoint also reads the moments around snapshot t and keeps the costates
         of m and v in ``carry`` (the replay saves it with λ and ψ)."""
         return lam
+
+    def reach(self, precond: torch.Tensor | None = None, moments=None) -> torch.Tensor | None:
+        """Where the scores may read ψ_s (a flat bool mask; None: everywhere), from the state kept with snapshot s:
+        its preconditioner (``precond``) or Adam's moments (``moments``, as ``direction`` takes them)."""
+        return None
 
 
 @register("SGD")
@@ -183,6 +191,7 @@ class Adam(Dynamics):
     gradient (H̃ = H + wI); AdamW's is decoupled, θ ← (1 − ηw) θ each step, so it joins as w_d = w outside P."""
 
     decoupled: bool = False
+    eps: float = 1e-8
     preconditioned: ClassVar[bool] = True
 
     @classmethod
@@ -191,8 +200,8 @@ class Adam(Dynamics):
                                                                         or bool(optimizer.get("decoupled_weight_decay")))
         if one_step_per_snapshot and curvature in ("exact", "coarse") and "moments" in recorded:
             beta1, beta2 = optimizer["betas"]
-            return ExactAdam(decay, decoupled, float(beta1), float(beta2), float(optimizer["eps"]))
-        return cls(decay, decoupled)
+            return ExactAdam(decay, decoupled, float(optimizer["eps"]), float(beta1), float(beta2))
+        return cls(decay, decoupled, float(optimizer.get("eps", 1e-8)))
 
     def describe(self, optimizer: dict) -> str:
         return (f"{optimizer.get('name', 'Adam')}: preconditioner 1/(√v̂+ε) held over each interval between snapshots, "
@@ -214,6 +223,14 @@ class Adam(Dynamics):
         """P_{t−1} λ_t."""
         return precond * lam
 
+    def reach(self, precond=None, moments=None):
+        """Where √v̂ is more than ε/1000: a coordinate below it is one that no training gradient has reached (v̂ = 0
+        up to rounding; a byte or token that no training document holds), where P = 1/ε. Adam's derivative there is
+        1/ε-sized while its step to any finite gradient is bounded (about η), and no pool example of the training set
+        has a gradient there: left in, those entries hold most of ‖ψ‖ and every cosine collapses
+        (docs/design-notes.md, "Where no gradient reached")."""
+        return precond * self.eps < 1.0 / (1.0 + UNREACHED)
+
 
 @dataclass(frozen=True)
 class ExactAdam(Adam):
@@ -227,7 +244,6 @@ class ExactAdam(Adam):
 
     beta1: float = 0.9
     beta2: float = 0.999
-    eps: float = 1e-8
     preconditioned: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = True
 
@@ -261,6 +277,11 @@ class ExactAdam(Adam):
         g_bar = (1.0 - self.beta1) * m_bar + 2.0 * (1.0 - self.beta2) * g * v_bar
         carry["a"], carry["b"] = self.beta1 * m_bar, self.beta2 * v_bar
         return -g_bar / eta_before
+
+    def reach(self, precond=None, moments=None):
+        """Where √v̂_s is more than ε/1000 (``Adam.reach``), from the v kept with snapshot s."""
+        _, _, v, k = moments
+        return (v / (1.0 - self.beta2 ** k)).sqrt() > UNREACHED * self.eps
 
 
 def modelled_dynamics(manifest: dict, curvature: str) -> tuple[Dynamics | None, str]:

@@ -117,6 +117,7 @@ class ReplayModule(pl.LightningModule):
         self._empty_statistics(len(self.pool))
         self.lam: torch.Tensor | None = None
         self.direction: torch.Tensor | None = None  # ψ_{t+1}: λ_{t+1} itself unless momentum is replayed exactly
+        self.scored: torch.Tensor | None = None  # ψ_{t+1} where a training gradient reached: what the pass dots with
         self.carry: dict[str, torch.Tensor] = {}  # the dynamics' other costates (Adam's exact adjoint: of m and v)
         self.done = np.zeros(self.T + 1, dtype=bool)  # per snapshot θ_0..θ_T
         self.seconds = np.zeros(self.T + 1)  # each finished snapshot's wall time, kept across interruptions
@@ -273,10 +274,11 @@ class ReplayModule(pl.LightningModule):
         self._epoch_start = time.perf_counter()
         t = self.snapshot_of_epoch(self.current_epoch)
         self._load(t)
-        self._lam_dict = None if t == self.T else self._directions()  # θ_T: no λ_{T+1}, no dot
         # Adam: P_t of interval t (θ_t → θ_{t+1}), kept with snapshot t+1, carries λ_{t+1} back; P_{t−1}, kept with
         # snapshot t, turns λ_t into the direction ψ_t = P_{t−1} λ_t of interval t − 1
         self._precond = {k: self._preconditioner(k) for k in (t + 1, t)} if self.dynamics.preconditioned else {}
+        self.scored = None if t == self.T else self._reached(self.direction, t + 1)
+        self._lam_dict = None if t == self.T else self._directions()  # θ_T: no λ_{T+1}, no dot
         # Adam's exact adjoint: m_{t−1}, m_t, v_t and the step count at t turn λ_t into ψ_t (no moments before θ_1)
         self._moments = self._read_moments(t) if self.dynamics.needs_moments and t > 0 else None
 
@@ -285,8 +287,17 @@ class ReplayModule(pl.LightningModule):
         return self.propagators[self.curvature]
 
     def _directions(self):
-        """ψ_{t+1} by parameter name, what the statistics pass of this epoch dots with."""
-        return self._unflatten(self.direction)
+        """ψ_{t+1} by parameter name where the optimizer's step reached (``_reached``), what the statistics pass of
+        this epoch dots with."""
+        return self._unflatten(self.scored)
+
+    def _reached(self, direction: torch.Tensor, s: int) -> torch.Tensor:
+        """ψ_s (``direction``) on the coordinates the dynamics say a training gradient has reached by snapshot s
+        (``Dynamics.reach``: under Adam, where √v̂ > ε/1000), zero elsewhere: what the dots and every norm that scores
+        read are taken along. The recursion keeps the whole ψ."""
+        reach = self.dynamics.reach(self._preconditioner(s) if self.dynamics.preconditioned else None,
+                                    self._read_moments(s) if self.dynamics.needs_moments else None)
+        return direction if reach is None else direction * reach
 
     def _direction_for(self, y: torch.Tensor):
         """The direction the chunk with labels ``y`` is dotted with: ψ_{t+1} for every chunk here."""
@@ -372,10 +383,10 @@ class ReplayModule(pl.LightningModule):
         norm = float(self.lam.norm())
         self._check_finite(t, norm)
         self.lambda_norm[t - 1] = norm
-        self.direction_norm[t - 1] = float(self.direction.norm())
-        self.block_direction_norm[t - 1] = self._block_norms(self.direction)
-        self.top_share[t - 1], self.top_param[t - 1] = top_share(self.direction,
-                                                                 {k: tuple(p.shape) for k, p in self._params.items()})
+        scored = self._reached(self.direction, t)
+        self.direction_norm[t - 1] = float(scored.norm())
+        self.block_direction_norm[t - 1] = self._block_norms(scored)
+        self.top_share[t - 1], self.top_param[t - 1] = top_share(scored, {k: tuple(p.shape) for k, p in self._params.items()})
         self.participation[t - 1] = share
         self._warn_growth(t, self.lambda_norm, "costate norm")
         self.log("replay/lambda_norm", norm, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
@@ -552,7 +563,7 @@ class ClassReplayModule(ReplayModule):
         return DataLoader(chunks, batch_size=None, shuffle=False, sampler=sampler)
 
     def _directions(self) -> dict[int, dict[str, torch.Tensor]]:
-        return {k: self._unflatten(self.direction[r]) for r, k in enumerate(self.classes)}
+        return {k: self._unflatten(self.scored[r]) for r, k in enumerate(self.classes)}
 
     def _direction_for(self, y: torch.Tensor):
         return self._lam_dict[int(y[0])]  # a chunk holds one label (_ClassChunks)
@@ -638,11 +649,12 @@ class ClassReplayModule(ReplayModule):
         for r, k in enumerate(self.classes):
             self._check_finite(t, norms[r], f" of class {k}")
         self.lambda_norm[t - 1] = norms
-        self.direction_norm[t - 1] = self.direction.norm(dim=1).double().cpu().numpy()
+        scored = self._reached(self.direction, t)
+        self.direction_norm[t - 1] = scored.norm(dim=1).double().cpu().numpy()
         shapes = {k: tuple(p.shape) for k, p in self._params.items()}
         for r in range(len(self.classes)):
-            self.block_direction_norm[t - 1, r] = self._block_norms(self.direction[r])
-            self.top_share[t - 1, r], self.top_param[t - 1, r] = top_share(self.direction[r], shapes)
+            self.block_direction_norm[t - 1, r] = self._block_norms(scored[r])
+            self.top_share[t - 1, r], self.top_param[t - 1, r] = top_share(scored[r], shapes)
         self.participation[t - 1] = share
         for r, k in enumerate(self.classes):
             self._warn_growth(t, self.lambda_norm[:, r], f"the costate norm of class {k}")

@@ -16,8 +16,9 @@ from pmp_lightning.io import save_npz
 
 # the format of stats.npz and of the replay's progress, in the replay cache key and the progress fingerprint:
 # 3: θ_T's outputs are a row of their own; 4: the direction ψ the dots are taken along (momentum), direction_norm;
-# 5: how much of ψ a few of its entries hold (direction_top_share, direction_top_param)
-STATS_FORMAT = 5
+# 5: how much of ψ a few of its entries hold (direction_top_share, direction_top_param); 6: under Adam the dots and
+# norms are taken along ψ where a training gradient reached (Dynamics.reach)
+STATS_FORMAT = 6
 
 
 def replay_key_config(cfg: DictConfig) -> dict[str, Any]:
@@ -37,7 +38,8 @@ class ReplayStats:
     verdict use the trained snapshots θ_1..θ_T (``trained``), so the final model counts and the initialisation
     does not.
     ``lambda_norm[t] = ‖λ_{t+1}‖`` and ``direction_norm[t] = ‖ψ_{t+1}‖``, the vector ``dot`` is taken along (λ itself
-    unless momentum is replayed exactly: ``replay.dynamics``). Per block of the network (``blocks``, names;
+    unless momentum is replayed exactly: ``replay.dynamics``; under Adam, only where a training gradient reached,
+    ``Dynamics.reach``). Per block of the network (``blocks``, names;
     ``stats.block_of``): ``block_dot[t, n, b]`` and ``block_sq[t, n, b]``, block b's share of ``dot`` and of
     ``grad_norm²`` (they add up to the whole), and ``block_direction_norm[t, b]``, ψ_{t+1}'s norm there.
     ``participation[t]`` is the fraction of downstream examples carrying
@@ -200,8 +202,8 @@ def concentration(stats: ReplayStats) -> dict | None:
                f"its largest {TOP_FRACTION:.0%} of entries, mostly in {param}, and no pool example's whole-gradient "
                f"cosine with it exceeds {cosine[t]:.1e} (snapshots {steps}). The cosine reads almost only those entries, "
                f"which no pool example's gradient touches; raw and the block variants are less affected. Under Adam "
-               f"this is its frozen preconditioner 1/(√v̂+ε) on rows that training has barely or never updated (a rare "
-               f"token, or one only J's target set holds).")
+               f"this is its preconditioner 1/(√v̂+ε) on rows that training has barely updated (a rare token; rows "
+               f"it never updated are left out of every score).")
     return {"top_fraction": TOP_FRACTION, "share": [round(float(v), 6) for v in share], "parameter": param,
             "largest_cosine": [float(f"{v:.3g}") for v in cosine], "snapshots": steps, "warning": warning}
 
