@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
 from pmp_lightning.replay.settings import check_replay_settings
-from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, CORPUS_BASELINES, PMP_VARIANTS,
+from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, CORPUS_BASELINES, PMP_VARIANTS, pmp_names,
                                            SCORER_TARGET, SCORES)
 
 ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
@@ -229,7 +229,7 @@ def _rank_by(wanted: str | None, names: list[str], canaries) -> str:
     """The score that orders suspects.csv: ``scoring.rank_by``; by default ``auto``, the variant the policy chooses
     (on the canaries where there are any, else its incumbent: ``policy.choose``) when the run computes two PMP
     variants or more, else the one it computes, else the first score."""
-    pmp = [name for name in names if name in PMP_VARIANTS or name in CLASS_VARIANTS]
+    pmp = pmp_names(names)
     if wanted == "auto" and len(pmp) < 2:
         raise SettingError("scoring.rank_by=auto ranks by the PMP variant the policy chooses, and this run computes "
                            f"{'only ' + pmp[0] if pmp else 'none'}; add more to scoring.scores (e.g. scoring=all)")

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS, PMP_VARIANTS
+from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS, PMP_VARIANTS, pmp_names
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +147,14 @@ def choose(scores: dict[str, np.ndarray], canary_mask: np.ndarray | None, n: int
     (nothing to choose between: ``config.run_scores`` ranks by the one there is)."""
     rule = rule or RULE
     pool = {name: s[:n] for name, s in scores.items()}
-    variants = candidates(RULES[rule], scores)
-    if sum(name in PMP_VARIANTS or name in CLASS_VARIANTS for name in scores) < 2:
+    if len(pmp_names(scores)) < 2:
         return pool, None
+    variants = candidates(RULES[rule], scores)
     if canary_mask is None:
         choice = {"rule": rule, "canaries": 0, "combined": [variants[0]]}
         said = f"{variants[0]} is the score auto (no canaries: the incumbent of rule {rule})"
     else:
-        inputs = {name: np.asarray(s[n:], dtype=float) for name, s in scores.items()
-                  if name in PMP_VARIANTS or name in CLASS_VARIANTS}
+        inputs = {name: np.asarray(scores[name][n:], dtype=float) for name in pmp_names(scores)}
         choice = decide(RULES[rule], inputs, canary_mask, variants)
         choice = {"rule": rule, **choice,
                   "inputs": {"is_canary": np.asarray(canary_mask, dtype=bool).astype(int).tolist(),

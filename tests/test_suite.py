@@ -259,10 +259,11 @@ def test_fit_replays_every_rule_and_names_the_fallback_and_the_winner(tmp_path):
     text, best, fallback, class_worth = S.fit(suite, runs)
     assert fallback == "late_fisher" and not class_worth
     assert best in RULES and f"**{best}**" in text
-    run = S.load_run(runs / "with" / "seed0")
+    load = lambda run_dir: S.load_run(run_dir, json.loads((run_dir / "metrics.json").read_text()))  # noqa: E731
+    run = load(runs / "with" / "seed0")
     assert S.rule_ap(run, RULES["test_cosine"], fallback) == run.ap["late_fisher"]  # the canaries move it
     assert S.rule_ap(run, RULES["cosine"], fallback) == run.ap["cosine"] < run.ap["late_fisher"]
-    bare = S.load_run(runs / "without" / "seed0")
+    bare = load(runs / "without" / "seed0")
     assert S.rule_ap(bare, RULES["test_fallback"], fallback) == bare.ap["late_fisher"]
     assert S.rule_ap(bare, RULES["test_cosine"], fallback) == bare.ap["cosine"]
     assert "| with | 2 | late_fisher |" in text

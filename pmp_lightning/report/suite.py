@@ -450,19 +450,25 @@ class RowResult:
         return self.default_ap / self.best_baseline_ap if self.best_baseline_ap else math.nan
 
 
-def row_result(row: dict, runs: Path) -> RowResult:
+def finished(row: dict, runs: Path) -> tuple[dict[Path, dict], list[int]]:
+    """The row's finished runs (each run directory with its metrics.json, read) and the seeds that have none."""
+    done, missing = {}, []
+    for seed in row["seeds"]:
+        run_dir = Path(runs) / row["name"] / f"seed{seed}"
+        if (run_dir / "metrics.json").is_file():
+            done[run_dir] = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            missing.append(seed)
+    return done, missing
+
+
+def row_result(row: dict, runs: Path, done: tuple[dict[Path, dict], list[int]] | None = None) -> RowResult:
     """Mean over the row's seeds: each column's AP is averaged over the seeds, then the best PMP column and the best
-    baseline are the best of those means (one column each, named)."""
+    baseline are the best of those means (one column each, named). ``done``: the row's ``finished`` runs, if read."""
     pmp, not_baselines = score_families()
     result = RowResult(row["name"])
-    metrics = []
-    for seed in row["seeds"]:
-        path = Path(runs) / row["name"] / f"seed{seed}" / "metrics.json"
-        if path.is_file():
-            metrics.append(json.loads(path.read_text()))
-        else:
-            result.missing.append(seed)
-    metrics = [m for m in metrics if m.get("detection")]
+    runs_read, result.missing = done or finished(row, runs)
+    metrics = [m for m in runs_read.values() if m.get("detection")]
     if not metrics:
         return result
     result.seeds = len(metrics)
@@ -554,25 +560,22 @@ class Run:
     inputs: dict | None
 
 
-def load_run(run_dir: Path) -> Run | None:
-    """A run's metrics.json and scores.csv; None where the run did not finish. Checks that scores.csv's cosine gives
+def load_run(run_dir: Path, metrics: dict) -> Run:
+    """A finished run, from its metrics.json (``metrics``, read) and scores.csv. Checks that scores.csv's cosine gives
     metrics.json's AP (the same convention: a low score is a suspect)."""
     import csv
 
     import numpy as np
-    from sklearn.metrics import average_precision_score
+
+    from pmp_lightning.policy import average_precision
 
     pmp, _ = score_families()
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        return None
-    metrics = json.loads(metrics_path.read_text())
     with open(run_dir / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     truth = np.array([int(r["is_mislabeled"]) for r in rows], dtype=bool)
     pool = {name: np.array([float(r[name]) for r in rows]) for name in rows[0] if name in pmp}
     ap = {name: row["ap"] for name, row in metrics["detection"].items()}
-    if "cosine" in pool and abs(average_precision_score(truth, -pool["cosine"]) - ap["cosine"]) > 1e-6:
+    if "cosine" in pool and abs(float(average_precision(truth, -pool["cosine"])[0]) - ap["cosine"]) > 1e-6:
         raise ValueError(f"{run_dir}: scores.csv's cosine does not give metrics.json's AP")
     record = metrics.get("canaries") or {}
     inputs = record.get("inputs")
@@ -585,9 +588,7 @@ def load_run(run_dir: Path) -> Run | None:
 def rule_ap(run: Run, rule, fallback: str, class_replays: bool = True) -> float:
     """The pool AP of the score ``auto`` that ``rule`` gives on this run (``class_replays=False``: as if the run had
     computed no class variant)."""
-    from sklearn.metrics import average_precision_score
-
-    from pmp_lightning.policy import candidates, combine, decide
+    from pmp_lightning.policy import average_precision, candidates, combine, decide
     from pmp_lightning.scores.registry import CLASS_VARIANTS
 
     have = {name for name in run.pool if class_replays or name not in CLASS_VARIANTS}
@@ -598,7 +599,7 @@ def rule_ap(run: Run, rule, fallback: str, class_replays: bool = True) -> float:
         combined = decide(rule, scores, run.inputs["is_canary"], candidates(rule, scores, fallback))["combined"]
     if len(combined) == 1:
         return run.ap[combined[0]]
-    return float(average_precision_score(run.truth, -combine([run.pool[name] for name in combined])))
+    return float(average_precision(run.truth, -combine([run.pool[name] for name in combined]))[0])
 
 
 def fit(suite: dict, runs: Path) -> tuple[str, str, str, bool]:
@@ -609,9 +610,10 @@ def fit(suite: dict, runs: Path) -> tuple[str, str, str, bool]:
 
     rows = []
     for row in suite["rows"]:
-        loaded = [r for r in (load_run(Path(runs) / row["name"] / f"seed{seed}") for seed in row["seeds"]) if r]
+        done = finished(row, runs)
+        loaded = [load_run(run_dir, metrics) for run_dir, metrics in done[0].items()]
         if loaded:
-            rows.append((row, row_result(row, runs), loaded))
+            rows.append((row, row_result(row, runs, done), loaded))
     if not rows:
         raise ValueError(f"no finished runs under {runs}")
     whole = [c for c in PMP_VARIANTS if all(c in run.ap for _, _, loaded in rows for run in loaded)]

@@ -165,6 +165,12 @@ AUTO_FAMILY = ("cosine", "block_cosine", "late_cosine", "late_fisher")
 CLASS_VARIANTS = {"class_cosine": "cosine", "class_late_cosine": "late_cosine", "class_late_fisher": "late_fisher"}
 
 
+def pmp_names(names) -> list[str]:
+    """Those of ``names`` that are PMP variants, whole-J or per class, in ``names``' order: what ``auto`` chooses
+    among (``policy``) and what decides whether a run has a choice to make (``config``)."""
+    return [name for name in names if name in PMP_VARIANTS or name in CLASS_VARIANTS]
+
+
 def class_scores(by_class: dict[int, ReplayStats], labels: np.ndarray) -> dict[str, np.ndarray]:
     """The class variants of every scored example (``labels``: the observed ones), from the replay of its class
     (``by_class[k]`` scored exactly the examples labelled k, in their order)."""
