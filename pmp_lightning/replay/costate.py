@@ -242,17 +242,21 @@ def downstream_gradient(net: nn.Module, params: Params, fn: ObjectiveFn, batches
     return grads, mean_pull, share
 
 
+def _along(net: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> Callable[[Params], Params]:
+    """v ↦ ∇²(Σ_n l_n)(θ) · v on the batch (x, y): forward-over-reverse."""
+    def summed_loss(p):
+        return training_loss(functional_call(net, p, (x,)), y, reduction="sum")
+
+    return lambda v: jvp(grad(summed_loss), (params,), (v,))[1]
+
+
 def hessian_vector_product(net: nn.Module, params: Params, v: Params, batches: Batches) -> Params:
     """Σ over the examples ``batches()`` yields of ∇²l_n(θ) · v, the training loss's curvature along ``v``
     (forward-over-reverse; attention through the math kernel, the one with forward-mode derivatives)."""
     total = {k: torch.zeros_like(p) for k, p in params.items()}
-
-    def summed_loss(p, x, y):
-        return training_loss(functional_call(net, p, (x,)), y, reduction="sum")
-
     with sdpa_kernel(SDPBackend.MATH):
         for x, y in batches():
-            hv = jvp(lambda p: grad(summed_loss)(p, x, y), (params,), (v,))[1]  # noqa: B023
+            hv = _along(net, params, x, y)(v)
             for k in total:
                 total[k] += hv[k]
     return total
@@ -265,16 +269,10 @@ def hessian_vector_products(net: nn.Module, params: Params, vs: Params, batches:
     carry the K axis); otherwise one ``jvp`` per direction, the primal recomputed each time (for layers vmap cannot
     batch)."""
     total = {k: torch.zeros_like(v) for k, v in vs.items()}
-
-    def summed_loss(p, x, y):
-        return training_loss(functional_call(net, p, (x,)), y, reduction="sum")
-
     count = next(iter(vs.values())).shape[0]
     with sdpa_kernel(SDPBackend.MATH):
         for x, y in batches():
-            def along(v):
-                return jvp(lambda p: grad(summed_loss)(p, x, y), (params,), (v,))[1]  # noqa: B023
-
+            along = _along(net, params, x, y)
             if vectorised:
                 hv = vmap(along)(vs)
             else:
@@ -323,15 +321,20 @@ def lanczos_expm(hvp: Hvp, v: torch.Tensor, eta: float, steps: int) -> torch.Ten
             break
         betas.append(b)
         basis.append(w / b)
+    coeff = _krylov_expm(torch.stack(alphas), torch.stack(betas) if betas else alphas[0].new_zeros(0), eta)
+    return beta0 * sum(c * q for c, q in zip(coeff.to(v.device, v.dtype), basis))
+
+
+def _krylov_expm(alphas: torch.Tensor, betas: torch.Tensor, eta: float) -> torch.Tensor:
+    """exp(−η T⁺) e_1 for the Lanczos tridiagonal matrix T (diagonal ``alphas``, off-diagonal the first
+    len(alphas) − 1 of ``betas``), negative Ritz values set to 0: the coefficients of the result in the Krylov basis."""
     k = len(alphas)
-    T = torch.diag(torch.stack(alphas).double())
+    T = torch.diag(alphas.double().cpu())
     if k > 1:
-        off = torch.stack(betas[: k - 1]).double()
+        off = betas[: k - 1].double().cpu()
         T = T + torch.diag(off, 1) + torch.diag(off, -1)
     ritz, vecs = torch.linalg.eigh(T)
-    coeff = vecs @ (torch.exp(-eta * ritz.clamp(min=0)) * vecs[0])
-    coeff = coeff.to(v.dtype)
-    return beta0 * sum(c * q for c, q in zip(coeff, basis))
+    return vecs @ (torch.exp(-eta * ritz.clamp(min=0)) * vecs[0])
 
 
 def lanczos_expm_stack(hvp: Hvp, v: torch.Tensor, eta: float, steps: int) -> torch.Tensor:
@@ -382,14 +385,9 @@ def lanczos_expm_stack(hvp: Hvp, v: torch.Tensor, eta: float, steps: int) -> tor
         if not active:
             break
     for r in alphas:
-        k = len(alphas[r])
-        T = torch.diag(torch.tensor(alphas[r], dtype=torch.float64))
-        if k > 1:
-            off = torch.tensor(betas[r][: k - 1], dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        ritz, vecs = torch.linalg.eigh(T)
-        coeff = (vecs @ (torch.exp(-eta * ritz.clamp(min=0)) * vecs[0])).to(v.device, v.dtype)
-        out[r] = beta0[r] * (coeff @ basis[r, :k])
+        coeff = _krylov_expm(torch.tensor(alphas[r], dtype=torch.float64), torch.tensor(betas[r], dtype=torch.float64),
+                             eta).to(v.device, v.dtype)
+        out[r] = beta0[r] * (coeff @ basis[r, :len(alphas[r])])
     return out
 
 
