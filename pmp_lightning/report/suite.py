@@ -602,9 +602,11 @@ def rule_ap(run: Run, rule, fallback: str, class_replays: bool = True) -> float:
     return float(average_precision(run.truth, -combine([run.pool[name] for name in combined]))[0])
 
 
-def fit(suite: dict, runs: Path) -> tuple[str, str, str, bool]:
+def fit(suite: dict, runs: Path, fallback: str | None = None) -> tuple[str, str, str, bool]:
     """Every rule of ``policy.RULES`` replayed on the suite's runs: the markdown report, the winning rule, the
-    fallback and whether the class replays earn their cost (see the comment above ``CLASS_WORTH``)."""
+    fallback and whether the class replays earn their cost (see the comment above ``CLASS_WORTH``). ``fallback``:
+    the incumbent to replay the rules with (a suite that validates a fitted default keeps its fallback), instead of
+    the one these runs would pick."""
     from pmp_lightning.policy import RULES
     from pmp_lightning.scores.registry import PMP_VARIANTS
 
@@ -619,7 +621,11 @@ def fit(suite: dict, runs: Path) -> tuple[str, str, str, bool]:
     whole = [c for c in PMP_VARIANTS if all(c in run.ap for _, _, loaded in rows for run in loaded)]
     normalised = {c: _mean(_mean(run.ap[c] for run in loaded) / result.best_pmp_ap for _, result, loaded in rows)
                   for c in whole}
-    fallback = max(whole, key=lambda c: normalised[c])
+    given = fallback is not None
+    if not given:
+        fallback = max(whole, key=lambda c: normalised[c])
+    elif fallback not in whole:
+        raise ValueError(f"--fallback {fallback}: not a PMP column of every run ({', '.join(whole)})")
     table = {}
     for name, rule in RULES.items():
         for class_replays in (True, False):
@@ -630,7 +636,8 @@ def fit(suite: dict, runs: Path) -> tuple[str, str, str, bool]:
                                               max=max(regrets), share=_mean(r >= RATIO_TARGET for r in ratios))
     best = min(RULES, key=lambda n: (table[n, True]["mean"], table[n, True]["max"]))
     class_worth = table[best, False]["mean"] - table[best, True]["mean"] > CLASS_WORTH
-    lines = [f"Fallback (no canaries): **{fallback}**; each whole-J PMP variant's mean of AP / the row's best PMP "
+    lines = [f"Fallback (no canaries): **{fallback}**{' (given)' if given else ''}; each whole-J PMP variant's mean of "
+             f"AP / the row's best PMP "
              f"column's AP over {len(rows)} rows: " + ", ".join(f"{c} {v:.3f}" for c, v in
                                                                 sorted(normalised.items(), key=lambda kv: -kv[1])), "",
              "| rule | variants | incumbent | decide | hedge | class replays | mean regret | median | max | "
@@ -671,6 +678,7 @@ def main(argv=None) -> int:
     p.add_argument("suite", type=Path)
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fallback", help="replay with this incumbent (e.g. the fitted default's, on a validation suite)")
     p = sub.add_parser("table", help="the per-row table and summary of a suite's runs")
     p.add_argument("suite", type=Path)
     p.add_argument("--runs", type=Path, required=True)
@@ -688,7 +696,7 @@ def main(argv=None) -> int:
         if args.command == "run":
             return 1 if run_suite(suite, args.out, args.only, args.dry_run) else 0
         if args.command == "fit":
-            text, *_ = fit(suite, args.runs)
+            text, *_ = fit(suite, args.runs, args.fallback)
             save_text(args.out, f"# Rules fitted on {args.suite.stem}\n\n{text}")
             print(text, end="")
             return 0
