@@ -78,8 +78,8 @@ class ThetaSnapshot(Callback):
         precond = adam_preconditioner(pl_module, trainer.optimizers[0]) if t and trainer.optimizers else None
         if precond is not None:
             entry["preconditioner"] = preconditioner_file(t)
-        # a snapshot after every step: Adam's moments too, for the exact adjoint of (θ, m, v)
-        moments = adam_moments(pl_module, trainer.optimizers[0]) if self.every_n_steps == 1 and trainer.optimizers else None
+        # Adam's moments too, for the adjoint of (θ, m, v): exact with a snapshot after every step, folded otherwise
+        moments = adam_moments(pl_module, trainer.optimizers[0]) if trainer.optimizers else None
         if moments is not None:
             entry["moments"] = moments_file(t)
         if trainer.is_global_zero:

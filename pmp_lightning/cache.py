@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from pmp_lightning.errors import PMPError
 from pmp_lightning.io import save_json
 from pmp_lightning.memory import PeakMemory
+from pmp_lightning.trajectory import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 MANIFEST = "cache_manifest.json"
@@ -202,7 +203,8 @@ def train_key_config(cfg: DictConfig) -> dict[str, Any]:
     (``model_code``, ``code_digest``), not only its ``_target_``."""
     trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in COSMETIC_TRAINER_KEYS}
     keys = ("data", "noise", "model", "optimizer", "lr_schedule", "snapshot")
-    config = {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}}
+    config = {"seed": cfg.seed, "trainer": trainer, **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys},
+              "trajectory_format": FORMAT_VERSION}
     for key in NOT_TRAIN_KEYS:
         config["data"].pop(key, None)
     if "reference" in config["noise"]:

@@ -6,8 +6,8 @@ Layout of a snapshot directory::
     theta_0000.pt ... theta_T.pt    the training module's state_dict at each snapshot
     precond_0001.pt ...             Adam / AdamW only: the preconditioner P = 1/(√v̂ + ε) that the optimizer's last
                                     step before snapshot t used, per trainable parameter (entry "preconditioner")
-    moments_0000.pt ...             Adam / AdamW with a snapshot after every step only: m and v and the step count
-                                    at snapshot t (entry "moments"), what the exact adjoint of (θ, m, v) replays
+    moments_0000.pt ...             Adam / AdamW only: m and v and the step count at snapshot t (entry "moments"),
+                                    what the adjoint of (θ, m, v) replays (since format 2)
     manifest.json                   one entry per snapshot (t, file, step, epoch, lr_sum, lrs) plus the
                                     parameter shapes, dtype, optimizer and batches per epoch; "complete"
                                     turns true when training ends
@@ -28,7 +28,7 @@ from pmp_lightning.errors import SnapshotError
 from pmp_lightning.io import save_json, save_torch
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Adam's moments with every snapshot, not only with a snapshot per step (in the train cache key)
 PREFIX = "net."  # the training module's attribute holding the network
 
 

@@ -412,9 +412,51 @@ def test_under_adam_the_scores_read_psi_only_where_a_training_gradient_reached()
     root = torch.tensor([0.0, 1e-30, 0.5 * UNREACHED * eps, 2 * UNREACHED * eps, 1e-3, 1.0], dtype=torch.float64)
     want = torch.tensor([False, False, False, True, True, True])
     frozen = Adam(0.0, True, eps).reach(precond=(1 / (root + eps)).float().double())  # P is kept in float32
-    exact = ExactAdam(0.0, True, eps, 0.9, beta2).reach(moments=(None, None, root**2 * (1 - beta2**k), k))
+    exact = ExactAdam(0.0, True, eps, 0.9, beta2).reach(moments=(None, None, root**2 * (1 - beta2**k), k, 1))
     assert torch.equal(frozen, want) and torch.equal(exact, want)
     assert Dynamics().reach() is None and SGD(0.0, 0.9).reach() is None
+
+
+def test_the_folded_adam_adjoint_is_the_exact_one_run_over_the_interval_with_the_state_held():
+    """``FoldedAdam`` (several steps per snapshot, m and v kept with each): with S = 1 its direction and the costates
+    it carries are ExactAdam's; with S = 4 they are ExactAdam's run step by step over 4 steps whose state is held (m
+    and v at a fixed point: m = g, v = g², each step with its own step count and η/4), the costates chained from step
+    to step. The guard: the frozen P's direction P λ on the same state differs."""
+    from pmp_lightning.replay.dynamics import ExactAdam, FoldedAdam
+
+    torch.manual_seed(0)
+    n, k, eta = 50, 37, 0.3
+    g = torch.randn(n, dtype=torch.float64)
+    g[:5] = 0.0  # rows no gradient reached
+    lam, m_before = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    m, v = torch.randn(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
+    a0, b0 = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    settings = dict(weight_decay=0.1, decoupled=True, eps=1e-8, beta1=0.9, beta2=0.99)
+    exact, folded = ExactAdam(**settings), FoldedAdam(**settings)
+
+    def run(dynamics, moments, step_eta, start=(a0, b0)):
+        carry = {"a": start[0].clone(), "b": start[1].clone()}
+        return dynamics.direction(lam, None, 0.0, step_eta, moments=moments, carry=carry), carry
+
+    one, one_carry = run(folded, (m_before, m, v, k, 1), eta)
+    want, want_carry = run(exact, (m_before, m, v, k, 1), eta)
+    torch.testing.assert_close(one, want, rtol=1e-13, atol=0)
+    for key in "ab":
+        torch.testing.assert_close(one_carry[key], want_carry[key], rtol=1e-13, atol=0)
+
+    held = (g, g, g * g)  # m_before = m = g, v = g²: the state each of the S steps sees
+    four, four_carry = run(folded, (*held, k, 4), eta)
+    carry, total = {"a": a0.clone(), "b": b0.clone()}, torch.zeros(n, dtype=torch.float64)
+    for j in range(4):
+        total += exact.direction(lam, None, 0.0, eta / 4, moments=(*held, k - j, 1), carry=carry) * (eta / 4)
+    torch.testing.assert_close(four, total / eta, rtol=1e-12, atol=1e-300)
+    for key in "ab":
+        torch.testing.assert_close(four_carry[key], carry[key], rtol=1e-12, atol=1e-300)
+
+    # at θ_T (no costates of m and v yet) the frozen P reads P λ; the folded adjoint takes the v-costate off it
+    fresh, _ = run(folded, (*held, k, 4), eta, start=(torch.zeros(n, dtype=torch.float64),) * 2)
+    frozen = lam / ((g * g / (1 - settings["beta2"] ** k)).sqrt() + settings["eps"])
+    assert (frozen - fresh)[5:].abs().max() > 0.1 * fresh[5:].abs().max()
 
 
 @pytest.mark.parametrize("kind", ["AdamW", "Adam"])

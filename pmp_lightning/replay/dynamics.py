@@ -198,9 +198,11 @@ class Adam(Dynamics):
     def build(cls, optimizer: dict, one_step_per_snapshot: bool, curvature: str, recorded: set[str]) -> "Adam":
         decay, decoupled = float(optimizer.get("weight_decay", 0.0)), (optimizer["name"] == "AdamW"
                                                                         or bool(optimizer.get("decoupled_weight_decay")))
-        if one_step_per_snapshot and curvature in ("exact", "coarse") and "moments" in recorded:
+        if "moments" in recorded:
             beta1, beta2 = optimizer["betas"]
-            return ExactAdam(decay, decoupled, float(optimizer["eps"]), float(beta1), float(beta2))
+            exact = one_step_per_snapshot and curvature in ("exact", "coarse")
+            return (ExactAdam if exact else FoldedAdam)(decay, decoupled, float(optimizer["eps"]), float(beta1),
+                                                        float(beta2))
         return cls(decay, decoupled, float(optimizer.get("eps", 1e-8)))
 
     def describe(self, optimizer: dict) -> str:
@@ -262,8 +264,8 @@ class ExactAdam(Adam):
 
     def direction(self, lam, previous, eta, eta_before, precond=None, later=None, moments=None, carry=None):
         """ψ_t = −ḡ_{t−1}/η_{t−1} from λ_t and the costates of m_t, v_t (``carry``, zero at θ_T), which it moves
-        back to m_{t−1}, v_{t−1}; ``moments``: (m_{t−1}, m_t, v_t, k), k the step count at snapshot t."""
-        m_before, m, v, k = moments
+        back to m_{t−1}, v_{t−1}; ``moments``: (m_{t−1}, m_t, v_t, k, 1), k the step count at snapshot t."""
+        m_before, m, v, k, _ = moments
         a, b = carry.get("a", torch.zeros_like(lam)), carry.get("b", torch.zeros_like(lam))
         c1, c2 = 1.0 / (1.0 - self.beta1 ** k), 1.0 / (1.0 - self.beta2 ** k)
         root = (c2 * v).sqrt()
@@ -280,8 +282,51 @@ class ExactAdam(Adam):
 
     def reach(self, precond=None, moments=None):
         """Where √v̂_s is more than ε/1000 (``Adam.reach``), from the v kept with snapshot s."""
-        _, _, v, k = moments
+        _, _, v, k, _ = moments
         return (v / (1.0 - self.beta2 ** k)).sqrt() > UNREACHED * self.eps
+
+
+@dataclass(frozen=True)
+class FoldedAdam(ExactAdam):
+    """Adam and AdamW with several steps between snapshots (a snapshot per epoch), m and v kept with each: the exact
+    adjoint of (θ, m, v) (``ExactAdam``) run through each interval's S steps with the state held at the interval's end
+    (docs/design-notes.md, "The per-epoch replay from the exact recursion"). Each step j of the interval (backward
+    from its end) has λ_{t+1} for its λ', step size η/S, the bias corrections of its own step count, m_{t+1} and
+    v_{t+1} for its m' and v', and the interval's mean gradient g = (m_{t+1} − β1^S m_t)/(1 − β1^S) for its batch
+    gradient; ψ_{t+1} = −Σ_j ḡ_j/η, and the costates of m and v leave the interval as ExactAdam's do. λ is carried
+    back as the frozen-P replay carries it (``Adam.propagate``). With S = 1 the direction is ExactAdam's (tested).
+
+    What the frozen P leaves out and this keeps: an example's gradient enters v, and Adam's step is invariant to the
+    scale of its gradient. Where the gradient is steady (m̂² ≈ v̂) the v-term cancels most of P λ; where it is noise
+    (m̂² ≪ v̂) P λ stands."""
+
+    preconditioned: ClassVar[bool] = True  # λ is carried back through P (Adam.propagate)
+    propagate = Adam.propagate
+
+    def describe(self, optimizer: dict) -> str:
+        return (f"{optimizer.get('name', 'Adam')}: the exact adjoint of (θ, m, v) folded over each interval between "
+                f"snapshots, the state held at its end (β1 {self.beta1:g}, β2 {self.beta2:g}, ε {self.eps:g}), "
+                f"{self._decay(self.decoupled)}")
+
+    def direction(self, lam, previous, eta, eta_before, precond=None, later=None, moments=None, carry=None):
+        """ψ_t from λ_t over interval t − 1's S steps (``moments``: (m_{t−1}, m_t, v_t, k, S), k the step count at
+        snapshot t); the costates of m and v (``carry``) move back to m_{t−1}, v_{t−1}."""
+        m_before, m, v, k, steps = moments
+        a, b = carry.get("a", torch.zeros_like(lam)), carry.get("b", torch.zeros_like(lam))
+        g = (m - self.beta1 ** steps * m_before) / (1.0 - self.beta1 ** steps)
+        u_bar, g_bar = -(eta_before / steps) * lam, torch.zeros_like(lam)
+        for j in range(steps):  # step k − j, backward from the interval's end
+            c1, c2 = 1.0 / (1.0 - self.beta1 ** (k - j)), 1.0 / (1.0 - self.beta2 ** (k - j))
+            root = (c2 * v).sqrt()
+            denom = root + self.eps
+            m_bar = a + u_bar * c1 / denom
+            du_dv = torch.where(v > 0, -c1 * c2 * m / (2 * denom**2 * root.clamp_min(torch.finfo(v.dtype).tiny)),
+                                torch.zeros_like(v))
+            v_bar = b + u_bar * du_dv
+            g_bar += (1.0 - self.beta1) * m_bar + 2.0 * (1.0 - self.beta2) * g * v_bar
+            a, b = self.beta1 * m_bar, self.beta2 * v_bar
+        carry["a"], carry["b"] = a, b
+        return -g_bar / eta_before
 
 
 def modelled_dynamics(manifest: dict, curvature: str) -> tuple[Dynamics | None, str]:

@@ -424,12 +424,13 @@ class ReplayModule(pl.LightningModule):
         self.net.eval()  # the replay differentiates the deterministic network: dropout off
         self._params = {k: p.detach() for k, p in trainable(self.net).items()}
 
-    def _read_moments(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Adam's m_{t−1}, m_t and v_t, flat like λ, on the device, and its step count at snapshot t."""
-        m_before, _, _ = load_moments(self.snapshot_dir, self.manifest["snapshots"][t - 1])
+    def _read_moments(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """Adam's m_{t−1}, m_t and v_t, flat like λ, on the device, its step count at snapshot t and the steps it took
+        from snapshot t − 1 to t."""
+        m_before, _, k_before = load_moments(self.snapshot_dir, self.manifest["snapshots"][t - 1])
         m, v, k = load_moments(self.snapshot_dir, self.manifest["snapshots"][t])
         flat = lambda d: self._flatten(d).to(self.device, self.dtype)  # noqa: E731
-        return flat(m_before), flat(m), flat(v), k
+        return flat(m_before), flat(m), flat(v), k, k - k_before
 
     def _preconditioner(self, t: int) -> torch.Tensor | None:
         """The flat preconditioner kept with snapshot t (the optimizer's last step before it), on the device."""
