@@ -132,7 +132,8 @@ def check_settings(cfg) -> None:
                            f"label's class, false does not, auto (the default) does on a stacked network with canaries"
                            + ("; a corpus has no labels: leave it auto or false" if by_class is True else ""))
     names = _computed(cfg)
-    _check_selection(cfg.select, cfg.data.get("pool_mode"), [*names, *(CORPUS_BASELINES if corpus else ())])
+    chosen = ["auto"] if len(pmp_names(names)) >= 2 else []  # the policy's choice, where it has one to make
+    _check_selection(cfg.select, cfg.data.get("pool_mode"), [*names, *chosen, *(CORPUS_BASELINES if corpus else ())])
     if cfg.data.get("wide_size") and not corpus:
         raise SettingError("data.wide_size is the data scorer's wide slice of a corpus (data=code, +experiment=code_lm); "
                            "this data has no documents to deal it from")

@@ -93,13 +93,28 @@ def test_holdout_pool_scores_examples_the_trajectory_never_saw(tmp_path):
 
 
 def test_selection_retrains_without_the_lowest_scored_examples(tmp_path):
-    metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss]", "scoring.scores=[raw,loss]"))
+    """The loss baseline and the default (``auto``, the policy's choice: here without canaries, its fallback among the
+    two PMP variants computed) each retrain without their lowest-scored 20%."""
+    metrics = run(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[loss,auto]", "scoring.scores=[raw,cosine,loss]",
+                           "scoring.canaries=0"))
     sel = metrics["selection"]
-    assert set(sel) == {"measure", "full", "oracle", "0.2"} and sel["measure"] == "test accuracy" and set(sel["0.2"]) == {"loss", "random"}
+    assert set(sel) == {"measure", "full", "oracle", "0.2"} and sel["measure"] == "test accuracy"
+    assert set(sel["0.2"]) == {"loss", "auto", "random"}
     assert all(0.0 < v <= 1.0 for v in (sel["full"], sel["oracle"], *sel["0.2"].values()))
     # the loss baseline finds most mislabels (AUROC > 0.9 above), so dropping its lowest 20% beats a random 20%
     assert sel["0.2"]["loss"] > sel["0.2"]["random"]
     assert json.loads((tmp_path / "metrics.json").read_text())["selection"] == sel
+
+
+def test_selection_by_auto_needs_a_choice_to_make(tmp_path):
+    """``select.scores=[auto]`` exists only where the run computes two PMP variants or more (the guard: with two, the
+    same setting passes)."""
+    from pmp_lightning.config import check_settings
+    from pmp_lightning.errors import DataConfigError
+
+    with pytest.raises(DataConfigError, match=r"select.scores \['auto'\] are not computed by this run"):
+        check_settings(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[auto]", "scoring.scores=[raw,loss]"))
+    check_settings(make_cfg(tmp_path, "select.fractions=[0.2]", "select.scores=[auto]", "scoring.scores=[raw,cosine,loss]"))
 
 
 def test_selection_needs_a_pool_that_is_the_training_set(tmp_path):
