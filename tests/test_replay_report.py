@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def manifest(optimizer: dict, steps_per_snapshot: int = 1) -> dict:
-    return {"optimizer": optimizer, "snapshots": [{"lrs": []}] + [{"lrs": [0.1] * steps_per_snapshot}] * 3}
+    """Snapshots of ``steps_per_snapshot`` steps each; an optimizer with ``betas`` (Adam written since trajectory
+    format 2) has its moments kept with every snapshot."""
+    kept = {"moments": "moments.pt"} if "betas" in optimizer else {}
+    return {"optimizer": optimizer,
+            "snapshots": [{"lrs": [], **kept}] + [{"lrs": [0.1] * steps_per_snapshot, **kept}] * 3}
 
 
 @pytest.mark.parametrize("optimizer, steps, curvature, said", [
@@ -36,6 +40,11 @@ def manifest(optimizer: dict, steps_per_snapshot: int = 1) -> dict:
     ({"name": "Adam", "weight_decay": 0.0}, 5, "expm",
      "Adam: preconditioner 1/(√v̂+ε) held over each interval between snapshots, first moment at its steady state, "
      "no weight decay"),
+    ({"name": "AdamW", "weight_decay": 0.05, "betas": [0.9, 0.999], "eps": 1e-8}, 5, "expm",
+     "AdamW: the exact adjoint of (θ, m, v) folded over each interval between snapshots, the state held at its end "
+     "(β1 0.9, β2 0.999, ε 1e-08), decoupled weight decay 0.05"),
+    ({"name": "Adam", "weight_decay": 0.0, "betas": [0.9, 0.99], "eps": 1e-8}, 1, "coarse",
+     "Adam: the exact adjoint of (θ, m, v), step by step (β1 0.9, β2 0.99, ε 1e-08), no weight decay"),
     ({"name": "SGD", "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}, 5, "expm",
      "SGD: Nesterov momentum 0.9 at its steady state within each interval (step η/(1−β)), no weight decay"),
     ({"name": "SGD", "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}, 1, "coarse",
@@ -72,7 +81,7 @@ def test_a_direction_held_by_a_few_rows_is_measured_named_and_warned_of():
     report = concentration(_stats(np.array([0.2, share]), np.array(["head.weight", where]), cosine=1e-5))
     assert report["snapshots"] == [2] and report["parameter"] == "emb.weight rows [3]"
     assert f"{share:.1%} of ‖ψ‖² lies in its largest {TOP_FRACTION:.0%}" in report["warning"]
-    assert "exceeds 1.0e-05" in report["warning"] and "frozen preconditioner" in report["warning"]
+    assert "exceeds 1.0e-05" in report["warning"] and "its preconditioner 1/(√v̂+ε)" in report["warning"]
     # guards: just under the share, or cosines that did not collapse (a concentrated but healthy direction), say nothing
     assert concentration(_stats(np.array([TOP_SHARE_WARNING - 1e-9]), np.array([where]), cosine=1e-5)) is None
     assert concentration(_stats(np.array([0.99]), np.array([where]), cosine=COSINE_COLLAPSE * 1.01)) is None
@@ -174,7 +183,7 @@ def test_a_target_document_of_bytes_the_pool_never_holds_leaves_the_cosines_whol
     from tests.test_user_corpus import compose_data, lines, write_jsonl
 
     from pmp_lightning.pipeline import run
-    from pmp_lightning.replay.dynamics import Adam
+    from pmp_lightning.replay.dynamics import Adam, ExactAdam
 
     pool = write_jsonl(tmp_path / "pool.jsonl", lines(0, 60))
     test = write_jsonl(tmp_path / "test.jsonl", lines(2, 8))  # a test file: every target line is J's
@@ -195,11 +204,12 @@ def test_a_target_document_of_bytes_the_pool_never_holds_leaves_the_cosines_whol
 
     scored("rare", rare, "cache")
     scored("ascii", lines(9, 1), "cache")  # the pool's own words, its bytes all seen
-    monkeypatch.setattr(Adam, "reach", lambda self, precond=None, moments=None: None)
+    for cls in (Adam, ExactAdam):  # the folded replay reads the moments' line (ExactAdam.reach), the frozen P's its own
+        monkeypatch.setattr(cls, "reach", lambda self, precond=None, moments=None: None)
     scored("everywhere", rare, "cache_everywhere")  # a cache of its own: the code differs, not the settings
 
     metrics, text, rare_cosine = results["rare"]
-    assert metrics["costate"]["dynamics"].startswith("AdamW: preconditioner")
+    assert metrics["costate"]["dynamics"].startswith("AdamW: the exact adjoint of (θ, m, v) folded")
     assert "pool 130 documents from 60 lines" in metrics["corpus_splits"]  # where the corpus's lines went
     _, _, ascii_cosine = results["ascii"]
     print(f"largest |cosine| summed over snapshots: rare {rare_cosine:.3g}, ascii {ascii_cosine:.3g}, "
