@@ -183,7 +183,7 @@ def test_a_target_document_of_bytes_the_pool_never_holds_leaves_the_cosines_whol
     from tests.test_user_corpus import compose_data, lines, write_jsonl
 
     from pmp_lightning.pipeline import run
-    from pmp_lightning.replay.dynamics import Adam, ExactAdam
+    from pmp_lightning.replay.dynamics import Adam, ExactAdam, FoldedAdam
 
     pool = write_jsonl(tmp_path / "pool.jsonl", lines(0, 60))
     test = write_jsonl(tmp_path / "test.jsonl", lines(2, 8))  # a test file: every target line is J's
@@ -204,7 +204,7 @@ def test_a_target_document_of_bytes_the_pool_never_holds_leaves_the_cosines_whol
 
     scored("rare", rare, "cache")
     scored("ascii", lines(9, 1), "cache")  # the pool's own words, its bytes all seen
-    for cls in (Adam, ExactAdam):  # the folded replay reads the moments' line (ExactAdam.reach), the frozen P's its own
+    for cls in (Adam, ExactAdam, FoldedAdam):  # each Adam replay's line, the folded one's included
         monkeypatch.setattr(cls, "reach", lambda self, precond=None, moments=None: None)
     scored("everywhere", rare, "cache_everywhere")  # a cache of its own: the code differs, not the settings
 

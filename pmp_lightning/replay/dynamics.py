@@ -263,21 +263,25 @@ class ExactAdam(Adam):
         return shrink * lam - eta * self.curvature(hvp)(direction)
 
     def direction(self, lam, previous, eta, eta_before, precond=None, later=None, moments=None, carry=None):
-        """ψ_t = −ḡ_{t−1}/η_{t−1} from λ_t and the costates of m_t, v_t (``carry``, zero at θ_T), which it moves
-        back to m_{t−1}, v_{t−1}; ``moments``: (m_{t−1}, m_t, v_t, k, 1), k the step count at snapshot t."""
-        m_before, m, v, k, _ = moments
+        """ψ_t = −Σ_j ḡ_j/η_{t−1} over interval t − 1's S steps (one with a snapshot per step) from λ_t and the
+        costates of m_t, v_t (``carry``, zero at θ_T), which it moves back to m_{t−1}, v_{t−1}; ``moments``:
+        (m_{t−1}, m_t, v_t, k, S), k the step count at snapshot t. Over several steps the state is held at the
+        interval's end (``FoldedAdam``)."""
+        m_before, m, v, k, steps = moments
         a, b = carry.get("a", torch.zeros_like(lam)), carry.get("b", torch.zeros_like(lam))
-        c1, c2 = 1.0 / (1.0 - self.beta1 ** k), 1.0 / (1.0 - self.beta2 ** k)
-        root = (c2 * v).sqrt()
-        denom = root + self.eps
-        u_bar = -eta_before * lam
-        m_bar = a + u_bar * c1 / denom
-        du_dv = torch.where(v > 0, -c1 * c2 * m / (2 * denom**2 * root.clamp_min(torch.finfo(v.dtype).tiny)),
-                            torch.zeros_like(v))
-        v_bar = b + u_bar * du_dv
-        g = (m - self.beta1 * m_before) / (1.0 - self.beta1)
-        g_bar = (1.0 - self.beta1) * m_bar + 2.0 * (1.0 - self.beta2) * g * v_bar
-        carry["a"], carry["b"] = self.beta1 * m_bar, self.beta2 * v_bar
+        g = (m - self.beta1 ** steps * m_before) / (1.0 - self.beta1 ** steps)
+        u_bar, g_bar = -(eta_before / steps) * lam, torch.zeros_like(lam)
+        for j in range(steps):  # step k − j, backward from the interval's end
+            c1, c2 = 1.0 / (1.0 - self.beta1 ** (k - j)), 1.0 / (1.0 - self.beta2 ** (k - j))
+            root = (c2 * v).sqrt()
+            denom = root + self.eps
+            m_bar = a + u_bar * c1 / denom
+            du_dv = torch.where(v > 0, -c1 * c2 * m / (2 * denom**2 * root.clamp_min(torch.finfo(v.dtype).tiny)),
+                                torch.zeros_like(v))
+            v_bar = b + u_bar * du_dv
+            g_bar += (1.0 - self.beta1) * m_bar + 2.0 * (1.0 - self.beta2) * g * v_bar
+            a, b = self.beta1 * m_bar, self.beta2 * v_bar
+        carry["a"], carry["b"] = a, b
         return -g_bar / eta_before
 
     def reach(self, precond=None, moments=None):
@@ -300,33 +304,14 @@ class FoldedAdam(ExactAdam):
     scale of its gradient. Where the gradient is steady (m̂² ≈ v̂) the v-term cancels most of P λ; where it is noise
     (m̂² ≪ v̂) P λ stands."""
 
-    preconditioned: ClassVar[bool] = True  # λ is carried back through P (Adam.propagate)
+    preconditioned: ClassVar[bool] = True  # λ is carried back through P (Adam.propagate), and P marks the reach
     propagate = Adam.propagate
+    reach = Adam.reach
 
     def describe(self, optimizer: dict) -> str:
         return (f"{optimizer.get('name', 'Adam')}: the exact adjoint of (θ, m, v) folded over each interval between "
                 f"snapshots, the state held at its end (β1 {self.beta1:g}, β2 {self.beta2:g}, ε {self.eps:g}), "
                 f"{self._decay(self.decoupled)}")
-
-    def direction(self, lam, previous, eta, eta_before, precond=None, later=None, moments=None, carry=None):
-        """ψ_t from λ_t over interval t − 1's S steps (``moments``: (m_{t−1}, m_t, v_t, k, S), k the step count at
-        snapshot t); the costates of m and v (``carry``) move back to m_{t−1}, v_{t−1}."""
-        m_before, m, v, k, steps = moments
-        a, b = carry.get("a", torch.zeros_like(lam)), carry.get("b", torch.zeros_like(lam))
-        g = (m - self.beta1 ** steps * m_before) / (1.0 - self.beta1 ** steps)
-        u_bar, g_bar = -(eta_before / steps) * lam, torch.zeros_like(lam)
-        for j in range(steps):  # step k − j, backward from the interval's end
-            c1, c2 = 1.0 / (1.0 - self.beta1 ** (k - j)), 1.0 / (1.0 - self.beta2 ** (k - j))
-            root = (c2 * v).sqrt()
-            denom = root + self.eps
-            m_bar = a + u_bar * c1 / denom
-            du_dv = torch.where(v > 0, -c1 * c2 * m / (2 * denom**2 * root.clamp_min(torch.finfo(v.dtype).tiny)),
-                                torch.zeros_like(v))
-            v_bar = b + u_bar * du_dv
-            g_bar += (1.0 - self.beta1) * m_bar + 2.0 * (1.0 - self.beta2) * g * v_bar
-            a, b = self.beta1 * m_bar, self.beta2 * v_bar
-        carry["a"], carry["b"] = a, b
-        return -g_bar / eta_before
 
 
 def modelled_dynamics(manifest: dict, curvature: str) -> tuple[Dynamics | None, str]:

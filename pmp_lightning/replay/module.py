@@ -277,10 +277,10 @@ class ReplayModule(pl.LightningModule):
         # Adam: P_t of interval t (θ_t → θ_{t+1}), kept with snapshot t+1, carries λ_{t+1} back; P_{t−1}, kept with
         # snapshot t, turns λ_t into the direction ψ_t = P_{t−1} λ_t of interval t − 1
         self._precond = {k: self._preconditioner(k) for k in (t + 1, t)} if self.dynamics.preconditioned else {}
-        self.scored = None if t == self.T else self._reached(self.direction, t + 1)
-        self._lam_dict = None if t == self.T else self._directions()  # θ_T: no λ_{T+1}, no dot
         # Adam's exact adjoint: m_{t−1}, m_t, v_t and the step count at t turn λ_t into ψ_t (no moments before θ_1)
         self._moments = self._read_moments(t) if self.dynamics.needs_moments and t > 0 else None
+        self.scored = None if t == self.T else self._reached(self.direction, t + 1)
+        self._lam_dict = None if t == self.T else self._directions()  # θ_T: no λ_{T+1}, no dot
 
     def _propagator(self):
         """P_t of ``replay.curvature``."""
@@ -295,8 +295,10 @@ class ReplayModule(pl.LightningModule):
         """ψ_s (``direction``) on the coordinates the dynamics say a training gradient has reached by snapshot s
         (``Dynamics.reach``: under Adam, where √v̂ > ε/1000), zero elsewhere: what the dots and every norm that scores
         read are taken along. The recursion keeps the whole ψ."""
-        reach = self.dynamics.reach(self._preconditioner(s) if self.dynamics.preconditioned else None,
-                                    self._read_moments(s) if self.dynamics.needs_moments else None)
+        moments = None  # the state kept with snapshot s: its P (loaded for this epoch), else Adam's moments
+        if self.dynamics.needs_moments and not self.dynamics.preconditioned:
+            moments = self._moments if s == self.snapshot_of_epoch(self.current_epoch) else self._read_moments(s)
+        reach = self.dynamics.reach(self._precond.get(s), moments)
         return direction if reach is None else direction * reach
 
     def _direction_for(self, y: torch.Tensor):
