@@ -118,8 +118,10 @@ def run(cfg: DictConfig) -> dict:
             log.warning(replayed["concentration"]["warning"])
         final_probs = final_probabilities(final, datamodule, trained["test_accuracy"])
         scores, canaries = score_stage(stats, [n for n in names if n != "cleanlab"], datamodule, replay_dirs)
+        wide_baselines = {}  # a corpus's wide slice: RHO-LOSS there, from the pool baselines' reference model
         if datamodule.kind is LANGUAGE_MODEL:  # its documents' baselines: DSIR, the loss filter, RHO-LOSS
-            scores.update(corpus_baselines_stage(stages, final, training, objective, datamodule))
+            corpus, wide_baselines = corpus_baselines_stage(stages, final, training, objective, datamodule)
+            scores.update(corpus)
         cleanlab = None
         if crossval is not None:
             scores["cleanlab"], cleanlab = cleanlab_stage(stages, crossval, training, datamodule, folds, final_probs)
@@ -129,7 +131,7 @@ def run(cfg: DictConfig) -> dict:
                   "scoring": {"canaries": cfg.scoring.canaries, "by_class": cfg.scoring.by_class},  # as resolved
                   "selection": selection_stage(stages, fractions, list(cfg.select.scores), training, datamodule, scores,
                                                trained["test_accuracy"]),
-                  "scorer": scorer_stage(stages, fractions, final, training, datamodule, scores)}
+                  "scorer": scorer_stage(stages, fractions, final, training, datamodule, scores, wide_baselines)}
         metrics = assemble_metrics(stages, detection, trained, replayed, stats, objective, replay_settings.keywords,
                                    train_dir, replay_dir, datamodule, extras, rank_by)
         write_outputs(stages.out, datamodule, scores, metrics, None if final_probs is None else final_probs.argmax(1))
@@ -291,15 +293,16 @@ def score_stage(stats: ReplayStats, names: list[str], datamodule,
 
 
 def scorer_stage(stages: Stages, fractions: list[float], net: torch.nn.Module, training: Training, datamodule,
-                 scores: dict[str, np.ndarray]) -> dict | None:
+                 scores: dict[str, np.ndarray], baselines: dict[str, np.ndarray]) -> dict | None:
     """With a corpus's wide slice (``data.wide_size``): the data scorer learns the pool's γ and scores the slice
-    (``scores/scorer.py``), each document's scores written to ``wide_scores.csv``; with ``select.fractions``, fresh
+    (``scores/scorer.py``) beside the loss filter, DSIR, the slice's ``baselines`` (RHO-LOSS) and random, each
+    document's scores written to ``wide_scores.csv``; with ``select.fractions``, fresh
     models trained on the slice without each score's lowest documents, the slice's own token budget."""
     if datamodule.wide is None:
         return None
     with stages.stage("scorer"):
         gamma = scores[SCORER_TARGET]
-        report, oof, wide = data_scorer(net, datamodule, gamma, training.seed)
+        report, oof, wide = data_scorer(net, datamodule, gamma, training.seed, baselines)
         write_wide_scores(stages.out / "wide_scores.csv", datamodule, wide)
         report["wide"]["file"] = "wide_scores.csv"
         if datamodule.is_mislabeled.any():

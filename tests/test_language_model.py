@@ -446,7 +446,7 @@ def test_the_data_scorer_learns_what_the_features_hold_and_reads_real_positions_
 @pytest.mark.slow
 def test_code_lm_with_a_wide_slice_scores_and_selects_it(tmp_path, monkeypatch):
     """The tiny run with a wide slice of 120 documents: the scorer learns the pool's γ, scores the slice beside the
-    proxy's loss, DSIR and random, writes each document's scores to wide_scores.csv (named as scores.csv names the
+    proxy's loss, DSIR, RHO-LOSS and random, writes each document's scores to wide_scores.csv (named as scores.csv names the
     pool's, the scores metrics.json measured), and each retrain on the slice has the slice's token budget (2 epochs
     of 120 documents in batches of 8: 30 steps)."""
     import csv as csv_module
@@ -460,14 +460,15 @@ def test_code_lm_with_a_wide_slice_scores_and_selects_it(tmp_path, monkeypatch):
                            "select.fractions=[0.2]", "select.scores=[loss]"))
     scorer = metrics["scorer"]
     assert scorer["target"] == "raw" and -1 <= scorer["pool"]["spearman_out_of_fold"] <= 1
-    assert scorer["wide"]["size"] == 120 and set(scorer["wide"]["detection"]) == {"scorer", "loss", "dsir", "random"}
+    assert scorer["wide"]["size"] == 120 and set(scorer["wide"]["detection"]) == {"scorer", "loss", "dsir", "rho_loss", "random"}
     assert retrains[:4] == [(60, 16), (48, 16), (48, 16), (48, 16)]  # the pool's selection first: whole, oracle, loss, random
-    assert retrains[4:] == [(120, 30), (96, 30), *[(96, 30)] * 4]  # the slice: whole, oracle, scorer, loss, dsir, random
-    assert set(scorer["selection"]["0.2"]) == {"scorer", "loss", "dsir", "random"}
+    assert retrains[4:] == [(120, 30), (96, 30), *[(96, 30)] * 5]  # the slice: whole, oracle, scorer, loss, dsir,
+    assert set(scorer["selection"]["0.2"]) == {"scorer", "loss", "dsir", "rho_loss", "random"}  # rho_loss, random
     wide = list(csv_module.DictReader((tmp_path / "wide_scores.csv").open()))  # each document's scores, as scores.csv
     pool = list(csv_module.DictReader((tmp_path / "scores.csv").open()))
     assert scorer["wide"]["file"] == "wide_scores.csv" and len(wide) == 120
-    assert list(wide[0]) == ["index", "document", "corruption", "is_mislabeled", "scorer", "loss", "dsir", "random"]
+    assert list(wide[0]) == ["index", "document", "corruption", "is_mislabeled", "scorer", "loss", "dsir", "rho_loss",
+                        "random"]
     assert [int(r["index"]) for r in wide] == list(range(120)) and list(pool[0])[:2] == ["index", "document"]
     assert all(re.fullmatch(r"(json|csv)\S*\.py@\d+", r["document"]) for r in wide + pool)
     assert not {r["document"] for r in wide} & {r["document"] for r in pool}  # the slice: documents the proxy never saw

@@ -48,13 +48,14 @@ def fit_scorer(features: np.ndarray, gamma: np.ndarray, seed: int):
     return head.fit(features, gamma), oof
 
 
-def data_scorer(net: torch.nn.Module, datamodule, gamma: np.ndarray, seed: int):
+def data_scorer(net: torch.nn.Module, datamodule, gamma: np.ndarray, seed: int, baselines: dict[str, np.ndarray]):
     """What metrics.json says of the scorer, the out-of-fold predictions on the pool, and the wide slice's scores: the
-    scorer's, the proxy's loss (perplexity filtering), DSIR toward the target set, and random."""
+    scorer's, the proxy's loss (perplexity filtering), DSIR toward the target set, the ``baselines`` computed on the
+    slice elsewhere (RHO-LOSS, whose reference model the pool's baselines train: ``scores/text.py``), and random."""
     head, oof = fit_scorer(document_features(net, datamodule.pool), gamma, seed)
     wide = {"scorer": head.predict(document_features(net, datamodule.wide)),
             "loss": -document_losses(net, datamodule.wide),
-            "dsir": dsir(datamodule.wide_documents, datamodule.target_documents),
+            "dsir": dsir(datamodule.wide_documents, datamodule.target_documents), **baselines,
             "random": np.random.default_rng(0).random(len(datamodule.wide))}
     report = {"target": SCORER_TARGET, "features": "proxy θ_T, mean last hidden state", "alpha": float(head[-1].alpha_),
               "pool": {"spearman_out_of_fold": float(spearmanr(gamma, oof)[0])}, "wide": {"size": len(datamodule.wide)}}

@@ -60,12 +60,15 @@ def token_loss(net: torch.nn.Module, dataset, batch_size: int = 64) -> float:
     return float((document_losses(net, dataset, batch_size) * counts).sum() / counts.sum())
 
 
-def rho_loss(final_net: torch.nn.Module, training, datamodule) -> np.ndarray:
-    """The reducible loss: under θ_T minus under a model trained by ``training`` (the run's recipe and seed) on the
-    target set."""
+def reference_model(training, datamodule) -> torch.nn.Module:
+    """RHO-LOSS's irreducible-loss model: one trained by ``training`` (the run's recipe and seed) on the target set."""
     loader = DataLoader(datamodule.downstream, batch_size=datamodule.batch_size, shuffle=True)
-    irreducible, _ = training.fit(loader, None, one_process=True)
-    return document_losses(final_net, datamodule.pool) - document_losses(irreducible.net, datamodule.pool)
+    return training.fit(loader, None, one_process=True)[0].net
+
+
+def rho_loss(final_net: torch.nn.Module, reference: torch.nn.Module, dataset) -> np.ndarray:
+    """The reducible loss of each document of ``dataset``: under θ_T minus under the ``reference`` model."""
+    return document_losses(final_net, dataset) - document_losses(reference, dataset)
 
 
 def influence(final_net: torch.nn.Module, objective, datamodule, batch_size: int = 64) -> np.ndarray:
@@ -80,9 +83,14 @@ def influence(final_net: torch.nn.Module, objective, datamodule, batch_size: int
                       for x, y in zip(pool.x.split(batch_size), pool.y.split(batch_size))]).double().numpy() / len(ds)
 
 
-def corpus_baselines_stage(stages: Stages, net: torch.nn.Module, training: Training, objective, datamodule) -> dict:
+def corpus_baselines_stage(stages: Stages, net: torch.nn.Module, training: Training, objective,
+                           datamodule) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A corpus's language-model baselines (``text_scores``): DSIR, RHO-LOSS (one small training more, on the target
-    set) and the IF-score at θ_T (``net``)."""
+    set) and the IF-score at θ_T (``net``); and with a wide slice (``data.wide_size``), the slice's RHO-LOSS from the
+    same reference model, for the data scorer's comparison (``scores/scorer.py``)."""
     with stages.stage("corpus_baselines"):
-        return {"dsir": dsir(datamodule.pool_documents, datamodule.target_documents),
-                "rho_loss": rho_loss(net, training, datamodule), "influence": influence(net, objective, datamodule)}
+        reference = reference_model(training, datamodule)
+        pool = {"dsir": dsir(datamodule.pool_documents, datamodule.target_documents),
+                "rho_loss": rho_loss(net, reference, datamodule.pool), "influence": influence(net, objective, datamodule)}
+        wide = {} if datamodule.wide is None else {"rho_loss": rho_loss(net, reference, datamodule.wide)}
+        return pool, wide
