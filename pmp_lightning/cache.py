@@ -193,7 +193,8 @@ class CacheError(PMPError, RuntimeError):
 
 # data settings the content key covers better (they decide what is in the pool, the training and test sets, whose
 # bytes the key holds) or that belong to the replay (the downstream set) or to no stage (the known errors)
-NOT_TRAIN_KEYS = ("known_errors", "downstream_size", "downstream_includes_pool", "downstream", "labels_file", "labels_key")
+NOT_TRAIN_KEYS = ("known_errors", "downstream_size", "downstream_includes_pool", "downstream", "labels_file", "labels_key",
+                  "wide_size")  # the data scorer's wide slice is dealt after the splits the training reads
 
 
 def train_key_config(cfg: DictConfig) -> dict[str, Any]:

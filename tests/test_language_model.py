@@ -464,6 +464,10 @@ def test_code_lm_with_a_wide_slice_scores_and_selects_it(tmp_path, monkeypatch):
     assert retrains[:4] == [(60, 16), (48, 16), (48, 16), (48, 16)]  # the pool's selection first: whole, oracle, loss, random
     assert retrains[4:] == [(120, 30), (96, 30), *[(96, 30)] * 5]  # the slice: whole, oracle, scorer, loss, dsir,
     assert set(scorer["selection"]["0.2"]) == {"scorer", "loss", "dsir", "rho_loss", "random"}  # rho_loss, random
+    from pmp_lightning.cache import train_key_config  # the slice is dealt after the pool: it retrains nothing
+
+    assert train_key_config(make_cfg(tmp_path, "data.wide_size=120")) == train_key_config(make_cfg(tmp_path))
+    assert train_key_config(make_cfg(tmp_path, "data.pool_size=50")) != train_key_config(make_cfg(tmp_path))  # guard
     wide = list(csv_module.DictReader((tmp_path / "wide_scores.csv").open()))  # each document's scores, as scores.csv
     pool = list(csv_module.DictReader((tmp_path / "scores.csv").open()))
     assert scorer["wide"]["file"] == "wide_scores.csv" and len(wide) == 120
