@@ -47,7 +47,7 @@ def table(paths: list[Path], fractions: list[float]) -> list[str]:
     mean = lambda rows, d: np.mean([r[d] for r in rows])  # noqa: E731
     lines = [f"{len(paths)} run(s): the share of each domain among the removed documents", "",
              "| score | removed | " + " | ".join(DOMAINS) + " |", "| --- | ---: |" + " ---: |" * len(DOMAINS),
-             "| (the whole pool) | – | " + " | ".join(f"{mean(pool, d):.2f}" for d in DOMAINS) + " |"]
+             "| (all of them) | – | " + " | ".join(f"{mean(pool, d):.2f}" for d in DOMAINS) + " |"]
     for name, by_fraction in found.items():
         for f, rows in by_fraction.items():
             lines.append(f"| {name} | {f:.0%} | " + " | ".join(f"{mean(rows, d):.2f}" for d in DOMAINS) + " |")
