@@ -370,6 +370,6 @@ def test_a_documented_command_runs_as_written(tmp_path_factory, number):
     if "data.wide_size" in command:
         rows = list(csv.DictReader((out / "wide_scores.csv").open()))
         assert len(rows) == 40 and list(rows[0]) == ["index", "document", "corruption", "is_mislabeled", "scorer",
-                                                     "loss", "dsir", "random"]
+                                                     "loss", "dsir", "rho_loss", "random"]
         assert {r["document"].split("@")[0] for r in rows} == {n for n, f in fates.items() if f == "wide slice"}
         assert metrics["scorer"]["wide"]["file"] == "wide_scores.csv"
