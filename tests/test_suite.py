@@ -94,6 +94,25 @@ def test_every_drawn_row_composes_and_passes_the_settings_check(row, tmp_path):
         assert cfg.data.source.root == "../shared/data"
 
 
+@pytest.mark.parametrize("row", yaml.safe_load((ROOT / "docs/suites/readme.yaml").read_text())["rows"],
+                         ids=lambda row: row["name"])
+def test_the_readme_suites_rows_compose_and_pass_the_settings_check(row, tmp_path):
+    """The README's table as a hand-written suite: each row is what run.py will start, checked as run.py checks it."""
+    from hydra import compose, initialize_config_dir
+
+    from pmp_lightning.config import check_settings, register_configs
+
+    suite = S.load_suite(ROOT / "docs/suites/readme.yaml")
+    assert suite["seed"] is None and row in suite["rows"]
+    register_configs()
+    overrides = [o for o in S.run_command(row, 0, tmp_path)[2:] if not o.startswith("hydra.")]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}",
+                                           f"paths.cache_dir={tmp_path / 'cache'}"])
+    check_settings(cfg)
+    assert cfg.data.pool_mode == row["name"].rsplit("-", 1)[-1] and cfg.seed == 0 and not cfg.logger
+
+
 def test_run_dry_run_prints_the_commands(tmp_path, capsys):
     path = SUITES["development"][0]
     rows = yaml.safe_load(path.read_text())["rows"]
@@ -267,3 +286,20 @@ def test_fit_replays_every_rule_and_names_the_fallback_and_the_winner(tmp_path):
     assert S.rule_ap(bare, RULES["test_fallback"], fallback) == bare.ap["late_fisher"]
     assert S.rule_ap(bare, RULES["test_cosine"], fallback) == bare.ap["cosine"]
     assert "| with | 2 | late_fisher |" in text
+
+
+def test_fit_lists_the_named_rules_rows_side_by_side(tmp_path):
+    """``rules``: each named rule's per-row AP and regret (the comparison a suite was drawn to decide). The cosine's
+    rule keeps its regret where the canaries point to late_fisher, the winner has none; an unknown rule is refused."""
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        _fitted_run(runs, "with", seed, canaries=True)
+    suite = {"generator_version": 1, "seed": 0, "rows": [{"name": "with", "seeds": [0, 1]}]}
+    text, best, _, _ = S.fit(suite, runs, rules=["cosine", "test_cosine"])
+    header = next(line for line in text.splitlines() if line.startswith("| row |"))
+    assert "| cosine | regret | test_cosine | regret |" in header
+    row = next(line for line in text.splitlines() if line.startswith("| with |")).split(" | ")
+    cosine_ap, cosine_regret, test_ap, test_regret = map(float, row[4:8])
+    assert cosine_regret > 0.05 and test_regret == 0.0 and test_ap == float(row[3]) > cosine_ap
+    with pytest.raises(ValueError, match="no such rule"):
+        S.fit(suite, runs, rules=["tide"])

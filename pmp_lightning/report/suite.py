@@ -508,7 +508,8 @@ def suite_table(suite: dict, runs: Path, suite_name: str = "") -> tuple[str, lis
     results = [row_result(row, runs) for row in suite["rows"]]
     cheap = {r["name"]: r.get("cheap") for r in suite["rows"]}
     lines = [f"# Suite {suite_name}".rstrip(), "",
-             f"Generator version {suite['generator_version']}, seed {suite['seed']}, {len(results)} rows; runs from "
+             ("Hand-written rows" if suite.get("seed") is None else
+              f"Generator version {suite['generator_version']}, seed {suite['seed']}") + f", {len(results)} rows; runs from "
              f"`{runs}`. AP: mean over the row's seeds (a column's mean, then the best column of those). Regret: best "
              f"PMP column − default. Cost: (replay + class replays + canaries' extra) / replay seconds.", "",
              "| row | seeds | default | default AP | best PMP column | AP | best baseline | AP | regret | "
@@ -602,13 +603,19 @@ def rule_ap(run: Run, rule, fallback: str, class_replays: bool = True) -> float:
     return float(average_precision(run.truth, -combine([run.pool[name] for name in combined]))[0])
 
 
-def fit(suite: dict, runs: Path, fallback: str | None = None) -> tuple[str, str, str, bool]:
+def fit(suite: dict, runs: Path, fallback: str | None = None,
+        rules: list[str] | None = None) -> tuple[str, str, str, bool]:
     """Every rule of ``policy.RULES`` replayed on the suite's runs: the markdown report, the winning rule, the
     fallback and whether the class replays earn their cost (see the comment above ``CLASS_WORTH``). ``fallback``:
     the incumbent to replay the rules with (a suite that validates a fitted default keeps its fallback), instead of
-    the one these runs would pick."""
+    the one these runs would pick. ``rules``: the rules whose per-row AP and regret the report lists side by side (a
+    comparison fixed before the suite ran), instead of the winner's alone."""
     from pmp_lightning.policy import RULES
     from pmp_lightning.scores.registry import PMP_VARIANTS
+
+    unknown = sorted(set(rules or ()) - set(RULES))
+    if unknown:
+        raise ValueError(f"--rules {', '.join(unknown)}: no such rule; the rules: {', '.join(RULES)}")
 
     rows = []
     for row in suite["rows"]:
@@ -650,8 +657,18 @@ def fit(suite: dict, runs: Path, fallback: str | None = None) -> tuple[str, str,
                      f"{t['share']:.0%} |")
     lines += ["", f"Winner: **{best}** (lowest mean regret with the class replays); without them its mean regret is "
                   f"{table[best, False]['mean']:.4f} against {table[best, True]['mean']:.4f}, so the class replays "
-                  + ("earn" if class_worth else "do not earn") + f" their cost (the bar: more than {CLASS_WORTH}).", "",
-              f"| row | seeds | best PMP column | AP | {best} | regret | without class replays | best baseline | AP |",
+                  + ("earn" if class_worth else "do not earn") + f" their cost (the bar: more than {CLASS_WORTH}).", ""]
+    if rules:
+        lines += [f"| row | seeds | best PMP column | AP | " + " | ".join(f"{n} | regret" for n in rules)
+                  + " | best baseline | AP |",
+                  "| --- | ---: | --- | ---: | " + " | ".join("---: | ---:" for _ in rules) + " | --- | ---: |"]
+        for k, (row, result, loaded) in enumerate(rows):
+            lines.append(f"| {row['name']} | {len(loaded)} | {result.best_pmp} | {_f(result.best_pmp_ap)} | "
+                         + " | ".join(f"{_f(table[n, True]['aps'][k])} | {_f(table[n, True]['regrets'][k])}"
+                                      for n in rules)
+                         + f" | {result.best_baseline or '–'} | {_f(result.best_baseline_ap)} |")
+        return "\n".join(lines) + "\n", best, fallback, class_worth
+    lines += [f"| row | seeds | best PMP column | AP | {best} | regret | without class replays | best baseline | AP |",
               "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for k, (row, result, loaded) in enumerate(rows):
         lines.append(f"| {row['name']} | {len(loaded)} | {result.best_pmp} | {_f(result.best_pmp_ap)} | "
@@ -679,6 +696,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--fallback", help="replay with this incumbent (e.g. the fitted default's, on a validation suite)")
+    p.add_argument("--rules", help="comma-separated rules whose per-row AP and regret to list side by side")
     p = sub.add_parser("table", help="the per-row table and summary of a suite's runs")
     p.add_argument("suite", type=Path)
     p.add_argument("--runs", type=Path, required=True)
@@ -696,7 +714,7 @@ def main(argv=None) -> int:
         if args.command == "run":
             return 1 if run_suite(suite, args.out, args.only, args.dry_run) else 0
         if args.command == "fit":
-            text, *_ = fit(suite, args.runs, args.fallback)
+            text, *_ = fit(suite, args.runs, args.fallback, args.rules.split(",") if args.rules else None)
             save_text(args.out, f"# Rules fitted on {args.suite.stem}\n\n{text}")
             print(text, end="")
             return 0
