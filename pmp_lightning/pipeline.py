@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> dict:
             log.warning(replayed["concentration"]["warning"])
         final_probs = final_probabilities(final, datamodule, trained["test_accuracy"])
         scores, canaries = score_stage(stats, [n for n in names if n != "cleanlab"], datamodule, replay_dirs)
-        wide_baselines = {}  # a corpus's wide slice: RHO-LOSS there, from the pool baselines' reference model
+        wide_baselines = {}  # a corpus's wide slice: the loss and RHO-LOSS there, from one pass of θ_T
         if datamodule.kind is LANGUAGE_MODEL:  # its documents' baselines: DSIR, the loss filter, RHO-LOSS
             corpus, wide_baselines = corpus_baselines_stage(stages, final, training, objective, datamodule)
             scores.update(corpus)
@@ -295,7 +295,7 @@ def score_stage(stats: ReplayStats, names: list[str], datamodule,
 def scorer_stage(stages: Stages, fractions: list[float], net: torch.nn.Module, training: Training, datamodule,
                  scores: dict[str, np.ndarray], baselines: dict[str, np.ndarray]) -> dict | None:
     """With a corpus's wide slice (``data.wide_size``): the data scorer learns the pool's γ and scores the slice
-    (``scores/scorer.py``) beside the loss filter, DSIR, the slice's ``baselines`` (RHO-LOSS) and random, each
+    (``scores/scorer.py``) beside DSIR, the slice's ``baselines`` (the loss filter, RHO-LOSS) and random, each
     document's scores written to ``wide_scores.csv``; with ``select.fractions``, fresh
     models trained on the slice without each score's lowest documents, the slice's own token budget."""
     if datamodule.wide is None:

@@ -455,9 +455,19 @@ def test_code_lm_with_a_wide_slice_scores_and_selects_it(tmp_path, monkeypatch):
     from pmp_lightning.pipeline import run
     from tests.test_pipeline import make_cfg as image_cfg
 
+    from pmp_lightning.scores import text
+
     retrains = spy_on_retrains(monkeypatch)
+    passes, output_stats = [], text.output_stats  # each batch that a network's document losses are computed on
+
+    def counted(net, x, y):
+        passes.append((float(sum(p.double().sum() for p in net.parameters())), tuple(x.shape), x.sum().item()))
+        return output_stats(net, x, y)
+
+    monkeypatch.setattr(text, "output_stats", counted)
     metrics = run(make_cfg(tmp_path, "data.wide_size=120", "data.max_per_file=null", "scoring.canaries=0",  # two packages' every window
                            "select.fractions=[0.2]", "select.scores=[loss]"))
+    assert passes and len(set(passes)) == len(passes)  # no network's losses on a batch twice: θ_T once over the slice
     scorer = metrics["scorer"]
     assert scorer["target"] == "raw" and -1 <= scorer["pool"]["spearman_out_of_fold"] <= 1
     assert scorer["wide"]["size"] == 120 and set(scorer["wide"]["detection"]) == {"scorer", "loss", "dsir", "rho_loss", "random"}

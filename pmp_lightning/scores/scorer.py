@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pmp_lightning.errors import SettingError
 from pmp_lightning.scores.registry import SCORER_TARGET
-from pmp_lightning.scores.text import document_losses, dsir
+from pmp_lightning.scores.text import dsir
 from pmp_lightning.task import IGNORE
 
 FOLDS = 5
@@ -50,11 +50,10 @@ def fit_scorer(features: np.ndarray, gamma: np.ndarray, seed: int):
 
 def data_scorer(net: torch.nn.Module, datamodule, gamma: np.ndarray, seed: int, baselines: dict[str, np.ndarray]):
     """What metrics.json says of the scorer, the out-of-fold predictions on the pool, and the wide slice's scores: the
-    scorer's, the proxy's loss (perplexity filtering), DSIR toward the target set, the ``baselines`` computed on the
-    slice elsewhere (RHO-LOSS, whose reference model the pool's baselines train: ``scores/text.py``), and random."""
+    scorer's, the proxy's loss (perplexity filtering), DSIR toward the target set, the other ``baselines`` computed
+    on the slice where the pool's are (the loss and RHO-LOSS, from one pass of θ_T: ``scores/text.py``), and random."""
     head, oof = fit_scorer(document_features(net, datamodule.pool), gamma, seed)
-    wide = {"scorer": head.predict(document_features(net, datamodule.wide)),
-            "loss": -document_losses(net, datamodule.wide),
+    wide = {"scorer": head.predict(document_features(net, datamodule.wide)), "loss": baselines["loss"],
             "dsir": dsir(datamodule.wide_documents, datamodule.target_documents), **baselines,
             "random": np.random.default_rng(0).random(len(datamodule.wide))}
     report = {"target": SCORER_TARGET, "features": "proxy θ_T, mean last hidden state", "alpha": float(head[-1].alpha_),

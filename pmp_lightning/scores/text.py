@@ -66,9 +66,13 @@ def reference_model(training, datamodule) -> torch.nn.Module:
     return training.fit(loader, None, one_process=True)[0].net
 
 
-def rho_loss(final_net: torch.nn.Module, reference: torch.nn.Module, dataset) -> np.ndarray:
-    """The reducible loss of each document of ``dataset``: under θ_T minus under the ``reference`` model."""
-    return document_losses(final_net, dataset) - document_losses(reference, dataset)
+def rho_loss(final_net: torch.nn.Module, reference: torch.nn.Module, dataset,
+             final_losses: np.ndarray | None = None) -> np.ndarray:
+    """The reducible loss of each document of ``dataset``: under θ_T minus under the ``reference`` model
+    (``final_losses``: the documents' losses under θ_T, where the caller has them)."""
+    if final_losses is None:
+        final_losses = document_losses(final_net, dataset)
+    return final_losses - document_losses(reference, dataset)
 
 
 def influence(final_net: torch.nn.Module, objective, datamodule, batch_size: int = 64) -> np.ndarray:
@@ -86,11 +90,14 @@ def influence(final_net: torch.nn.Module, objective, datamodule, batch_size: int
 def corpus_baselines_stage(stages: Stages, net: torch.nn.Module, training: Training, objective,
                            datamodule) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A corpus's language-model baselines (``text_scores``): DSIR, RHO-LOSS (one small training more, on the target
-    set) and the IF-score at θ_T (``net``); and with a wide slice (``data.wide_size``), the slice's RHO-LOSS from the
-    same reference model, for the data scorer's comparison (``scores/scorer.py``)."""
+    set) and the IF-score at θ_T (``net``); and with a wide slice (``data.wide_size``), the slice's loss filter and
+    its RHO-LOSS from the same reference model and one pass of θ_T over it, for the data scorer's comparison
+    (``scores/scorer.py``)."""
     with stages.stage("corpus_baselines"):
         reference = reference_model(training, datamodule)
         pool = {"dsir": dsir(datamodule.pool_documents, datamodule.target_documents),
                 "rho_loss": rho_loss(net, reference, datamodule.pool), "influence": influence(net, objective, datamodule)}
-        wide = {} if datamodule.wide is None else {"rho_loss": rho_loss(net, reference, datamodule.wide)}
-        return pool, wide
+        if datamodule.wide is None:
+            return pool, {}
+        final = document_losses(net, datamodule.wide)
+        return pool, {"loss": -final, "rho_loss": rho_loss(net, reference, datamodule.wide, final)}
