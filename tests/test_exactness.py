@@ -382,6 +382,29 @@ def test_the_frozen_preconditioner_misses_the_identity_through_adam(tmp_path, ki
     assert _exact_adam(tmp_path, kind, "gated", Adam(ADAM["weight_decay"], kind == "AdamW")) > 1e-2
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_replay_reads_each_snapshots_optimizer_state_once_per_use(tmp_path, monkeypatch, frozen):
+    """The state kept with snapshot t is read by the epochs of snapshots t and t − 1; the second takes the first's
+    copy. The frozen P: each snapshot's P read once. The exact adjoint: each snapshot's moments read twice (as m_t at
+    snapshot t, as m_{t−1} at snapshot t + 1), not four times. The scores are those the identity test checks."""
+    from pmp_lightning.replay import module
+    from pmp_lightning.replay.dynamics import Adam
+
+    reads = []
+    for name in ("load_moments", "load_preconditioner"):
+        load = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda d, entry, load=load, name=name: reads.append((name, entry["step"]))
+                            or load(d, entry))
+    _exact_adam(tmp_path, "AdamW", "gated", Adam(ADAM["weight_decay"], True) if frozen else None)
+    steps = sorted({step for _, step in reads})  # a snapshot per step: snapshot t is step t
+    assert {name for name, _ in reads} == {"load_preconditioner" if frozen else "load_moments"}
+    counts = [sum(step == s for _, step in reads) for s in steps]
+    if frozen:  # P_1 … P_T (none before θ_1), once each
+        assert steps == list(range(1, STEPS + 1)) and counts == [1] * STEPS
+    else:  # θ_0's moments only as m_0, θ_T's only as m_T, the others as both
+        assert steps == list(range(STEPS + 1)) and counts == [1] + [2] * (STEPS - 1) + [1]
+
+
 def test_an_interrupted_exact_adam_replay_resumes_with_the_costates_of_m_and_v(tmp_path):
     """The exact adjoint carries two more costates (of m and v); a replay stopped after 3 of its 7 snapshots and
     resumed from its progress gives the dots of one never stopped."""

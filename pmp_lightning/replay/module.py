@@ -119,6 +119,10 @@ class ReplayModule(pl.LightningModule):
         self.direction: torch.Tensor | None = None  # ψ_{t+1}: λ_{t+1} itself unless momentum is replayed exactly
         self.scored: torch.Tensor | None = None  # ψ_{t+1} where a training gradient reached: what the pass dots with
         self.carry: dict[str, torch.Tensor] = {}  # the dynamics' other costates (Adam's exact adjoint: of m and v)
+        # the optimizer state the epoch reads, kept with snapshots t + 1 and t; the next epoch (snapshot t − 1) reuses
+        # snapshot t's instead of reading it again
+        self._precond: dict[int, torch.Tensor | None] = {}  # P by snapshot (a frozen preconditioner)
+        self._moments, self._moments_of = None, None  # Adam's moments at snapshot t (the exact adjoint), and that t
         self.done = np.zeros(self.T + 1, dtype=bool)  # per snapshot θ_0..θ_T
         self.seconds = np.zeros(self.T + 1)  # each finished snapshot's wall time, kept across interruptions
         self.automatic_optimization = False
@@ -276,10 +280,14 @@ class ReplayModule(pl.LightningModule):
         self._load(t)
         # Adam: P_t of interval t (θ_t → θ_{t+1}), kept with snapshot t+1, carries λ_{t+1} back; P_{t−1}, kept with
         # snapshot t, turns λ_t into the direction ψ_t = P_{t−1} λ_t of interval t − 1
-        self._precond = {k: self._preconditioner(k) for k in (t + 1, t)} if self.dynamics.preconditioned else {}
+        before = self._precond  # the epoch before's, of snapshots t + 2 and t + 1 (none on a resume)
+        self._precond = ({k: before[k] if k in before else self._preconditioner(k) for k in (t + 1, t)}
+                         if self.dynamics.preconditioned else {})
         # Adam's exact adjoint: m_{t−1}, m_t, v_t and the step count at t turn λ_t into ψ_t (no moments before θ_1)
+        later = self._moments if self._moments_of == t + 1 else None  # the epoch before's: snapshot t + 1's
         self._moments = self._read_moments(t) if self.dynamics.needs_moments and t > 0 else None
-        self.scored = None if t == self.T else self._reached(self.direction, t + 1)
+        self._moments_of = t
+        self.scored = None if t == self.T else self._reached(self.direction, t + 1, later)
         self._lam_dict = None if t == self.T else self._directions()  # θ_T: no λ_{T+1}, no dot
 
     def _propagator(self):
@@ -291,12 +299,15 @@ class ReplayModule(pl.LightningModule):
         this epoch dots with."""
         return self._unflatten(self.scored)
 
-    def _reached(self, direction: torch.Tensor, s: int) -> torch.Tensor:
+    def _reached(self, direction: torch.Tensor, s: int, moments=None) -> torch.Tensor:
         """ψ_s (``direction``) on the coordinates the dynamics say a training gradient has reached by snapshot s
         (``Dynamics.reach``: under Adam, where √v̂ > ε/1000), zero elsewhere: what the dots and every norm that scores
-        read are taken along. The recursion keeps the whole ψ."""
-        moments = None  # the state kept with snapshot s: its P (loaded for this epoch), else Adam's moments
-        if self.dynamics.needs_moments and not self.dynamics.preconditioned:
+        read are taken along. The recursion keeps the whole ψ. ``moments``: Adam's at snapshot s, where the caller
+        has them."""
+        # the state kept with snapshot s: its P (loaded for this epoch), else Adam's moments
+        if not self.dynamics.needs_moments or self.dynamics.preconditioned:
+            moments = None
+        elif moments is None:
             moments = self._moments if s == self.snapshot_of_epoch(self.current_epoch) else self._read_moments(s)
         reach = self.dynamics.reach(self._precond.get(s), moments)
         return direction if reach is None else direction * reach
