@@ -658,23 +658,17 @@ def fit(suite: dict, runs: Path, fallback: str | None = None,
     lines += ["", f"Winner: **{best}** (lowest mean regret with the class replays); without them its mean regret is "
                   f"{table[best, False]['mean']:.4f} against {table[best, True]['mean']:.4f}, so the class replays "
                   + ("earn" if class_worth else "do not earn") + f" their cost (the bar: more than {CLASS_WORTH}).", ""]
-    if rules:
-        lines += [f"| row | seeds | best PMP column | AP | " + " | ".join(f"{n} | regret" for n in rules)
-                  + " | best baseline | AP |",
-                  "| --- | ---: | --- | ---: | " + " | ".join("---: | ---:" for _ in rules) + " | --- | ---: |"]
-        for k, (row, result, loaded) in enumerate(rows):
-            lines.append(f"| {row['name']} | {len(loaded)} | {result.best_pmp} | {_f(result.best_pmp_ap)} | "
-                         + " | ".join(f"{_f(table[n, True]['aps'][k])} | {_f(table[n, True]['regrets'][k])}"
-                                      for n in rules)
-                         + f" | {result.best_baseline or '–'} | {_f(result.best_baseline_ap)} |")
-        return "\n".join(lines) + "\n", best, fallback, class_worth
-    lines += [f"| row | seeds | best PMP column | AP | {best} | regret | without class replays | best baseline | AP |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    # per row: the named rules' AP and regret side by side, else the winner's, and its AP without the class replays
+    columns = [column for name in rules or [best] for column in ((name, table[name, True]["aps"]),
+                                                                   ("regret", table[name, True]["regrets"]))]
+    if not rules:
+        columns.append(("without class replays", table[best, False]["aps"]))
+    lines += ["| row | seeds | best PMP column | AP | " + " | ".join(h for h, _ in columns) + " | best baseline | AP |",
+              "| --- | ---: | --- | ---: | " + " | ".join("---:" for _ in columns) + " | --- | ---: |"]
     for k, (row, result, loaded) in enumerate(rows):
         lines.append(f"| {row['name']} | {len(loaded)} | {result.best_pmp} | {_f(result.best_pmp_ap)} | "
-                     f"{_f(table[best, True]['aps'][k])} | {_f(table[best, True]['regrets'][k])} | "
-                     f"{_f(table[best, False]['aps'][k])} | {result.best_baseline or '–'} | "
-                     f"{_f(result.best_baseline_ap)} |")
+                     + " | ".join(_f(values[k]) for _, values in columns)
+                     + f" | {result.best_baseline or '–'} | {_f(result.best_baseline_ap)} |")
     return "\n".join(lines) + "\n", best, fallback, class_worth
 
 
