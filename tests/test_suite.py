@@ -66,21 +66,25 @@ def _rows():
             for which, (path, _, _) in SUITES.items() for row in yaml.safe_load(path.read_text())["rows"]]
 
 
-@pytest.mark.parametrize("row", _rows())
-def test_every_drawn_row_composes_and_passes_the_settings_check(row, tmp_path):
-    """What ``run`` will start, up to the run directory: composed as run.py composes it, checked as run.py checks it
-    (no data is read: the check needs no ../shared/data)."""
+def _composed_and_checked(row: dict, tmp_path):
+    """What ``run`` will start for ``row`` (seed 0), up to the run directory: composed as run.py composes it, checked
+    as run.py checks it (no data is read: the check needs no ../shared/data)."""
     from hydra import compose, initialize_config_dir
 
     from pmp_lightning.config import check_settings, register_configs
 
     register_configs()
-    command = S.run_command(row, 0, tmp_path)
-    overrides = [o for o in command[2:] if not o.startswith("hydra.")]
+    overrides = [o for o in S.run_command(row, 0, tmp_path)[2:] if not o.startswith("hydra.")]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}",
                                            f"paths.cache_dir={tmp_path / 'cache'}"])
     check_settings(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("row", _rows())
+def test_every_drawn_row_composes_and_passes_the_settings_check(row, tmp_path):
+    cfg = _composed_and_checked(row, tmp_path)
     axes = row["axes"]
     assert cfg.data.pool_mode == axes["pool"] and cfg.seed == 0 and not cfg.logger
     assert cfg.model._target_.rsplit(".", 1)[-1] == {"cnn": "reported_cnn", "mlp": "mlp", "resnet": "ResNet",
@@ -99,18 +103,9 @@ def test_every_drawn_row_composes_and_passes_the_settings_check(row, tmp_path):
                          ids=lambda row: row["name"])
 def test_the_readme_suites_rows_compose_and_pass_the_settings_check(row, tmp_path):
     """The README's table as a hand-written suite: each row is what run.py will start, checked as run.py checks it."""
-    from hydra import compose, initialize_config_dir
-
-    from pmp_lightning.config import check_settings, register_configs
-
     suite = S.load_suite(ROOT / "docs/suites/readme.yaml")
     assert suite["seed"] is None and row in suite["rows"]
-    register_configs()
-    overrides = [o for o in S.run_command(row, 0, tmp_path)[2:] if not o.startswith("hydra.")]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}",
-                                           f"paths.cache_dir={tmp_path / 'cache'}"])
-    check_settings(cfg)
+    cfg = _composed_and_checked(row, tmp_path)
     assert cfg.data.pool_mode == row["name"].rsplit("-", 1)[-1] and cfg.seed == 0 and not cfg.logger
 
 
