@@ -26,7 +26,7 @@ from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from pmp_lightning.errors import DataConfigError
-from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS, PMP_VARIANTS, pmp_names
+from pmp_lightning.scores.registry import AUTO_FAMILY, CLASS_VARIANTS, FITTED_VARIANTS, PMP_VARIANTS, pmp_names
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ def _room(cfg: DictConfig, canaries: int) -> tuple[bool, str]:
 class Rule:
     """How the canaries choose the score ``auto``:
 
-    - ``variants``: among which scores: ``family`` (``AUTO_FAMILY``, then the class variants) or ``all`` (every PMP
-      variant of the registry, then the class variants); only those the run computed take part;
+    - ``variants``: among which scores: ``family`` (``AUTO_FAMILY``, then the class variants), ``fitted`` (the
+      family, ``block_fit``, then the class variants) or ``all`` (every PMP variant of the registry, then the class
+      variants); only those the run computed take part;
     - ``incumbent``: what holds without a confident reason to move: ``cosine`` or ``fallback`` (``FALLBACK``, the
       variant best on average over the development suite);
     - ``decide``: ``none`` (the incumbent, whatever the canaries say), ``test`` (another replaces the incumbent only
@@ -131,6 +132,7 @@ RULES = {
     "all_test_fallback": Rule("all", "fallback", "test"),
     "all_best": Rule("all", "fallback", "best"),
     "all_tied": Rule("all", "fallback", "tied"),
+    "best_fit": Rule("fitted", "fallback", "best"),
 }
 # the canaries' best AP: on the third drawn suite (docs/suites/test.yaml, seed 3) it had the lower mean regret of the
 # two rules it was drawn to decide between, fixed before it ran: 0.016 against "tied"'s 0.022 (docs/suites/test_fit.md)
@@ -174,7 +176,7 @@ def candidates(rule: Rule, scores, fallback: str | None = None) -> list[str]:
     """The variants ``rule`` chooses among, of those in ``scores``, its incumbent first (``fallback``: the incumbent
     ``fallback`` stands for, by default ``FALLBACK``); where the run computes none of them (scores of your own), the
     PMP variants it does compute."""
-    names = AUTO_FAMILY if rule.variants == "family" else PMP_VARIANTS
+    names = {"family": AUTO_FAMILY, "fitted": (*AUTO_FAMILY, *FITTED_VARIANTS)}.get(rule.variants, PMP_VARIANTS)
     names = [name for name in (*names, *CLASS_VARIANTS) if name in scores] or [
         name for name in (*PMP_VARIANTS, *CLASS_VARIANTS) if name in scores]
     incumbent = (fallback or FALLBACK) if rule.incumbent == "fallback" else rule.incumbent

@@ -114,3 +114,77 @@ def test_late_fisher_is_the_cosine_in_the_blocks_fisher_metric():
     assert not np.allclose(after["late_cosine"], before["late_cosine"])
     one = _random_stats(B=1)
     np.testing.assert_allclose(compute_scores(["late_fisher"], one)["late_fisher"], compute_scores(["cosine"], one)["cosine"])
+
+
+def _separated_stats(pool=300, k=40, seed=0):
+    """Block 0 tells the errors (the pool's first tenth, and the canaries) from the rest by its cosine's sign; blocks
+    1–3 are noise, block 3 with gradients 1,000× larger. The scored examples: the pool, then k canaries, k controls."""
+    s = _random_stats(T=3, N=pool + 2 * k, B=4, seed=seed)
+    bad = np.zeros(pool + 2 * k, dtype=bool)
+    bad[: pool // 10], bad[pool: pool + k] = True, True
+    rng = np.random.default_rng(seed)
+    norms = np.sqrt(s.block_sq) * s.block_direction_norm[:, None, :]  # the cosine's denominator, per block
+    cosines = 0.4 * rng.normal(size=norms.shape)
+    cosines[:, :, 0] = np.where(bad, -0.15, 0.15) + 0.1 * rng.normal(size=bad.shape)
+    s.block_dot = cosines * norms
+    s.block_sq[:, :, 3] *= 1e6
+    s.block_dot[:, :, 3] *= 1e3
+    s.dot = s.block_dot.sum(2)
+    return s, bad[:pool], np.arange(2 * k) < k
+
+
+def test_block_fit_weighs_the_block_that_tells_the_canaries_from_their_controls():
+    """Fitted on the canaries alone, the weights find the separating block among three of noise: the pool's errors
+    rank lowest, where ``block_cosine`` (one vote per block) is diluted by the noise. Written out: the pool's score is
+    the blocks' cosines summed over the snapshots, weighted ≥ 0, and block 0 carries nearly all the weight."""
+    from pmp_lightning.policy import average_precision
+    from pmp_lightning.scores.registry import _block_cosines, _block_weights, block_fit
+
+    s, errors, is_canary = _separated_stats()
+    fitted = block_fit(s, is_canary)
+    pool = len(errors)
+    ap = lambda scores: float(average_precision(errors, -scores[:pool])[0])  # noqa: E731
+    assert ap(fitted) > 0.85 > ap(compute_scores(["block_cosine"], s)["block_cosine"]) + 0.5
+    features = _block_cosines(s).sum(0)
+    w = _block_weights(features[pool:], is_canary)
+    assert (w >= 0).all() and w[0] * features[:, 0].std() > 5 * (w[1:] * features[:, 1:].std(0)).max()
+    np.testing.assert_allclose(fitted[:pool], features[:pool] @ w)
+
+
+def test_block_fit_scores_each_canary_out_of_fold():
+    """A canary's or control's score comes from weights fitted without its fold: relabelling the examples of one fold
+    (canary ↔ control) leaves their own scores as they were and moves the others', and the pool's. Guard: scored with
+    the weights of every canary and control (in-sample), the relabelled fold's scores move."""
+    from pmp_lightning.scores.registry import FIT_FOLDS, _block_cosines, _block_weights, block_fit
+
+    s, errors, is_canary = _separated_stats()
+    pool, m = len(errors), len(is_canary)
+    fold = np.random.default_rng(0).permutation(m) % FIT_FOLDS == 0  # block_fit's first fold
+    relabelled = np.where(fold, ~is_canary, is_canary)
+    before, after = block_fit(s, is_canary), block_fit(s, relabelled)
+    np.testing.assert_allclose(after[pool:][fold], before[pool:][fold])
+    assert not np.allclose(after[pool:][~fold], before[pool:][~fold]) and not np.allclose(after[:pool], before[:pool])
+    marked = _block_cosines(s).sum(0)[pool:]
+    in_sample = lambda labels: marked[fold] @ _block_weights(marked, labels)  # noqa: E731
+    assert not np.allclose(in_sample(relabelled), in_sample(is_canary))
+
+
+def test_the_rule_best_fit_takes_block_fit_where_its_out_of_fold_ap_is_the_best():
+    """``best_fit`` chooses among the family and ``block_fit``, on the latter's out-of-fold scores; ``best`` never
+    takes it. Through the run's scoring stage: with canaries, ``block_fit`` is a column and among the recorded
+    inputs; without them it is not computed."""
+    from types import SimpleNamespace
+
+    from pmp_lightning import pipeline, policy
+
+    s, errors, is_canary = _separated_stats()
+    names = ["cosine", "block_cosine", "late_cosine", "late_fisher", "loss"]
+    datamodule = SimpleNamespace(canary_mask=is_canary, pool=errors)
+    scores, choice = pipeline.score_stage(s, names, datamodule, {})
+    assert "block_fit" in scores and "block_fit" in choice["inputs"]["scores"]
+    assert choice["combined"] != ["block_fit"]  # the shipped rule chooses among the family only
+    full = {**compute_scores(names, s), "block_fit": pipeline.block_fit(s, is_canary)}
+    _, fitted = policy.choose(full, is_canary, len(errors), rule="best_fit")
+    assert fitted["combined"] == ["block_fit"] and fitted["ap"]["block_fit"] == max(fitted["ap"].values())
+    scores, _ = pipeline.score_stage(s, names, SimpleNamespace(canary_mask=None, pool=errors), {})
+    assert "block_fit" not in scores

@@ -114,7 +114,7 @@ def test_a_difference_the_canaries_cannot_tell_from_chance_keeps_the_first():
 
 
 def test_every_rule_is_of_the_kinds_named_and_a_run_without_canaries_takes_the_incumbent():
-    assert all(r.variants in ("family", "all") and r.incumbent in ("cosine", "fallback") and
+    assert all(r.variants in ("family", "fitted", "all") and r.incumbent in ("cosine", "fallback") and
                r.decide in ("none", "test", "best", "tied") for r in RULES.values())
     pool = {"cosine": np.arange(5.0), "block_cosine": -np.arange(5.0), "loss": np.ones(5)}
     out, record = choose(pool, None, 5, rule="test_cosine")
@@ -206,6 +206,7 @@ def test_the_run_ranks_the_pool_by_the_hedge_where_the_canaries_choose_a_class_v
     monkeypatch.setattr(pipeline, "compute_scores", lambda names, stats: {k: full[k] for k in AUTO_FAMILY})
     monkeypatch.setattr(pipeline, "class_scores", lambda by_class, labels: {k: full[k] for k in CLASS_VARIANTS})
     monkeypatch.setattr(pipeline.ReplayStats, "load", staticmethod(lambda path: None))
+    monkeypatch.setattr(pipeline, "block_fit", lambda stats, mask: rng.random(n + 80))  # not among the rule's
     datamodule = SimpleNamespace(pool=range(n), canary_mask=is_canary, scored=SimpleNamespace(y=torch.zeros(n + 80)))
     scores, choice = pipeline.score_stage(None, [*AUTO_FAMILY, *CLASS_VARIANTS], datamodule, {0: Path("unused")})
     assert choice["combined"] == ["class_late_fisher", "late_cosine"] and choice["rule"] == "test_cosine_hedged"

@@ -403,9 +403,9 @@ def run_suite(suite: dict, out: Path, only: list[str] | None = None, dry_run: bo
 # ----------------------------------------------------------------------------- table
 def score_families() -> tuple[set[str], set[str]]:
     """The PMP columns and the columns that are no baseline (the default ``auto`` and the random control)."""
-    from pmp_lightning.scores.registry import CLASS_VARIANTS, PMP_VARIANTS
+    from pmp_lightning.scores.registry import CLASS_VARIANTS, FITTED_VARIANTS, PMP_VARIANTS
 
-    return set(PMP_VARIANTS) | set(CLASS_VARIANTS), {"auto", "random"}
+    return set(PMP_VARIANTS) | set(CLASS_VARIANTS) | set(FITTED_VARIANTS), {"auto", "random"}
 
 
 def default_score(metrics: dict) -> str:

@@ -166,9 +166,61 @@ CLASS_VARIANTS = {"class_cosine": "cosine", "class_late_cosine": "late_cosine", 
 
 
 def pmp_names(names) -> list[str]:
-    """Those of ``names`` that are PMP variants, whole-J or per class, in ``names``' order: what ``auto`` chooses
-    among (``policy``) and what decides whether a run has a choice to make (``config``)."""
-    return [name for name in names if name in PMP_VARIANTS or name in CLASS_VARIANTS]
+    """Those of ``names`` that are PMP variants, whole-J, per class or fitted on the canaries, in ``names``' order: what
+    ``auto`` chooses among (``policy``) and what decides whether a run has a choice to make (``config``)."""
+    return [name for name in names if name in PMP_VARIANTS or name in CLASS_VARIANTS or name in FITTED_VARIANTS]
+
+
+# ``block_fit``: with canaries (``scoring.canaries``), the blocks' cosines weighted by how well each tells the canaries
+# from their controls, after Li et al. (2025), "Learning to Weight Parameters for Training Data Attribution", who fit
+# per-group weights of the gradient inner product. Features: each block's cosine summed over the snapshots (the terms
+# ``block_cosine`` averages with one vote each); weights: a logistic regression of canary against control on the
+# standardised features, L2 penalty ``FIT_L2``, weights ≥ 0 (a block can only vote, never against its cosine). The
+# pool is scored with the weights fitted on every canary and control; each canary and control with those of the
+# ``FIT_FOLDS`` − 1 folds it is not in, so that its AP on the canaries is out of fold, comparable with the fixed
+# variants'. A function of the statistics *and* the canaries, so the run computes it where it has canaries
+# (``pipeline.score_stage``), not from the registry.
+FITTED_VARIANTS = ("block_fit",)
+FIT_L2 = 1.0
+FIT_FOLDS = 5
+
+
+def block_fit(s: ReplayStats, is_canary: np.ndarray) -> np.ndarray:
+    """The score ``block_fit`` of every scored example: the pool first, then the ``len(is_canary)`` canaries and
+    controls (``is_canary`` marks the canaries among them), these out of fold (seeded folds)."""
+    features = _block_cosines(s).sum(0)  # N × B
+    is_canary = np.asarray(is_canary, dtype=bool)
+    m = len(is_canary)
+    pool, marked = features[:-m], features[-m:]
+    scores = np.empty(len(features))
+    scores[:-m] = pool @ _block_weights(marked, is_canary)
+    folds = np.random.default_rng(0).permutation(m) % FIT_FOLDS
+    for k in range(FIT_FOLDS):
+        held = folds == k
+        scores[len(pool) + np.flatnonzero(held)] = marked[held] @ _block_weights(marked[~held], is_canary[~held])
+    return scores
+
+
+def _block_weights(features: np.ndarray, is_canary: np.ndarray) -> np.ndarray:
+    """The blocks' weights (≥ 0, on the unstandardised features) of a logistic regression of canary (a *low* score)
+    against control on the standardised ``features`` with an unpenalised intercept and L2 penalty ``FIT_L2``."""
+    from scipy.optimize import minimize
+
+    spread = features.std(0)
+    z = _safe_div(features - features.mean(0), spread)
+    y = is_canary.astype(float)
+
+    def loss(params):
+        w, b = params[:-1], params[-1]
+        logit = b - z @ w  # a low score is a canary
+        p = 1 / (1 + np.exp(-logit))
+        value = np.sum(np.logaddexp(0, logit) - y * logit) + FIT_L2 * w @ w / 2
+        return value, np.append(-z.T @ (p - y) + FIT_L2 * w, np.sum(p - y))
+
+    start = np.append(np.full(z.shape[1], 1.0 / z.shape[1]), 0.0)
+    bounds = [(0, None)] * z.shape[1] + [(None, None)]
+    w = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=bounds).x[:-1]
+    return _safe_div(w, spread)
 
 
 def class_scores(by_class: dict[int, ReplayStats], labels: np.ndarray) -> dict[str, np.ndarray]:
