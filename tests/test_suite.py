@@ -14,7 +14,8 @@ from pmp_lightning.report import suite as S
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {"development": (ROOT / "docs" / "suites" / "development.yaml", 1, 16),
           "validation": (ROOT / "docs" / "suites" / "validation.yaml", 2, 16),
-          "test": (ROOT / "docs" / "suites" / "test.yaml", 3, 16)}
+          "test": (ROOT / "docs" / "suites" / "test.yaml", 3, 16),
+          "fourth": (ROOT / "docs" / "suites" / "fourth.yaml", 4, 16)}
 
 
 def test_the_draw_is_the_same_for_the_same_seed_and_differs_for_another(tmp_path):
