@@ -38,7 +38,7 @@ from omegaconf import OmegaConf, open_dict  # noqa: E402
 from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 from pmp_lightning.io import atomic_write, save_text  # noqa: E402
-from pmp_lightning.scores.registry import PMP_VARIANTS  # noqa: E402
+from pmp_lightning.scores.registry import pmp_names  # noqa: E402
 
 log = logging.getLogger(__name__)
 AVERAGED = ("scoring", "seed")  # override keys that do not define a setting
@@ -273,8 +273,8 @@ def scores_per_setting(jobs: list[Job]) -> dict[str, tuple[dict[str, np.ndarray]
 
 def score_styles(names) -> dict[str, dict]:
     """One colour per score (tab20, then dashes), PMP variants solid and baselines dotted, the same in every plot."""
-    colours = plt.get_cmap("tab20").colors
-    return {name: {"color": colours[i % len(colours)], "ls": ("-" if name in PMP_VARIANTS else ":") if i < len(colours) else "--"}
+    colours, pmp = plt.get_cmap("tab20").colors, set(pmp_names(names))
+    return {name: {"color": colours[i % len(colours)], "ls": ("-" if name in pmp else ":") if i < len(colours) else "--"}
             for i, name in enumerate(sorted(names))}
 
 

@@ -21,10 +21,10 @@ trainer.enable_progress_bar=false hydra.run.dir=<out>/<row>/seed<s>`` from the p
 exists is skipped, so a killed suite resumes where it stopped (each run resumes from its cache too).
 
 **table** reads each run's ``metrics.json`` and writes, per row (mean over its seeds): the default's AP (the score
-``suspects.rank_by`` names, the one suspects.csv is ranked by), the best PMP column (``PMP_VARIANTS`` and
-``CLASS_VARIANTS``) and the best baseline (every other score but ``random`` and the default itself), the regret
-(best PMP column − default), the ratio default / best baseline and the cost relative to one replay, then the summary:
-median and largest regret, the share of rows at ≥ ``RATIO_TARGET`` of the best baseline and the rows below it.
+``suspects.rank_by`` names, the one suspects.csv is ranked by), the best PMP column (``PMP_VARIANTS``,
+``CLASS_VARIANTS`` and ``FITTED_VARIANTS``) and the best baseline (every other score but ``random`` and the default
+itself), the regret (best PMP column − default), the ratio default / best baseline and the cost relative to one
+replay, then the summary: median and largest regret, the share of rows at ≥ ``RATIO_TARGET`` of the best baseline and the rows below it.
 """
 from __future__ import annotations
 
