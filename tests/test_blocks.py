@@ -170,8 +170,8 @@ def test_block_fit_scores_each_canary_out_of_fold():
 
 
 def test_the_rule_best_fit_takes_block_fit_where_its_out_of_fold_ap_is_the_best():
-    """``best_fit`` chooses among the family and ``block_fit``, on the latter's out-of-fold scores; ``best`` never
-    takes it. Through the run's scoring stage: with canaries, ``block_fit`` is a column and among the recorded
+    """``best_fit`` (the shipped rule) chooses among the family and ``block_fit``, on the latter's out-of-fold
+    scores; ``best`` never takes it. Through the run's scoring stage: with canaries, ``block_fit`` is a column and among the recorded
     inputs; without them it is not computed."""
     from types import SimpleNamespace
 
@@ -181,10 +181,11 @@ def test_the_rule_best_fit_takes_block_fit_where_its_out_of_fold_ap_is_the_best(
     names = ["cosine", "block_cosine", "late_cosine", "late_fisher", "loss"]
     datamodule = SimpleNamespace(canary_mask=is_canary, pool=errors)
     scores, choice = pipeline.score_stage(s, names, datamodule, {})
-    assert "block_fit" in scores and "block_fit" in choice["inputs"]["scores"]
-    assert choice["combined"] != ["block_fit"]  # the shipped rule chooses among the family only
+    assert "block_fit" in scores and "block_fit" in choice["inputs"]["scores"] and choice["rule"] == policy.RULE
     full = {**compute_scores(names, s), "block_fit": pipeline.block_fit(s, is_canary)}
     _, fitted = policy.choose(full, is_canary, len(errors), rule="best_fit")
     assert fitted["combined"] == ["block_fit"] and fitted["ap"]["block_fit"] == max(fitted["ap"].values())
+    _, family = policy.choose(full, is_canary, len(errors), rule="best")
+    assert family["combined"] != ["block_fit"] and "block_fit" not in family["ap"]  # the family alone
     scores, _ = pipeline.score_stage(s, names, SimpleNamespace(canary_mask=None, pool=errors), {})
     assert "block_fit" not in scores

@@ -14,7 +14,7 @@ from pmp_lightning import policy
 from pmp_lightning.policy import RULES, Rule, choose, decide
 from pmp_lightning.data.noise import LabelNoise
 from pmp_lightning.pipeline import run
-from pmp_lightning.scores.registry import AUTO_FAMILY
+from pmp_lightning.scores.registry import AUTO_FAMILY, FITTED_VARIANTS
 from tests.conftest import RandomSource
 from tests.test_pipeline import make_cfg
 
@@ -128,7 +128,8 @@ def test_every_rule_is_of_the_kinds_named_and_a_run_without_canaries_takes_the_i
 def test_a_run_with_canaries_ranks_by_the_chosen_variant(tmp_path):
     metrics = run(make_cfg(tmp_path, "scoring.canaries=20", "data.downstream_size=100"))
     combined = metrics["canaries"]["combined"]
-    assert set(combined) <= set(AUTO_FAMILY) and set(metrics["canaries"]["ap"]) == set(AUTO_FAMILY)
+    assert set(combined) <= {*AUTO_FAMILY, *FITTED_VARIANTS}
+    assert set(metrics["canaries"]["ap"]) == {*AUTO_FAMILY, *FITTED_VARIANTS}
     assert metrics["canaries"]["rule"] == policy.RULE and metrics["suspects"]["rank_by"] == "auto"
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
     column = lambda name: np.array([float(r[name]) for r in rows])  # noqa: E731

@@ -180,11 +180,12 @@ def test_a_corpus_run_chooses_its_score_on_canary_documents(tmp_path):
     import csv
 
     from pmp_lightning.pipeline import run
-    from pmp_lightning.scores.registry import AUTO_FAMILY
+    from pmp_lightning.scores.registry import AUTO_FAMILY, FITTED_VARIANTS
 
     metrics = run(lm_cfg(tmp_path, "model.depth=2", "trainer.max_epochs=1"))
     assert metrics["scoring"] == {"canaries": AUTO_CANARIES, "by_class": False}
-    assert set(metrics["canaries"]["combined"]) <= set(AUTO_FAMILY) and set(metrics["canaries"]["ap"]) <= set(AUTO_FAMILY)
+    assert set(metrics["canaries"]["combined"]) <= {*AUTO_FAMILY, *FITTED_VARIANTS}
+    assert set(metrics["canaries"]["ap"]) <= {*AUTO_FAMILY, *FITTED_VARIANTS}
     with open(tmp_path / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 60 and "auto" in rows[0]
