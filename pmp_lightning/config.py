@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 
 from pmp_lightning.errors import DataConfigError, ReplayConfigError, SettingError, UnknownScoreError
 from pmp_lightning.replay.settings import check_replay_settings
-from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, CORPUS_BASELINES, PMP_VARIANTS, pmp_names,
-                                           SCORER_TARGET, SCORES)
+from pmp_lightning.scores.registry import (AUTO_FAMILY, CLASS_VARIANTS, CORPUS_BASELINES, FITTED_VARIANTS, PMP_VARIANTS,
+                                           SCORER_TARGET, SCORES, pmp_names)
 
 ScoreName = Enum("ScoreName", {name: name for name in SCORES}, type=str)
 
@@ -160,8 +160,12 @@ def run_scores(cfg) -> tuple[list[str], str]:
 
 
 def _computed(cfg) -> list[str]:
-    return [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else []),
-            *(CLASS_VARIANTS if cfg.scoring.get("by_class", False) is True else [])]
+    names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else []),
+             *(CLASS_VARIANTS if cfg.scoring.get("by_class", False) is True else [])]
+    if cfg.scoring.get("canaries", 0) not in (0, None) and len(pmp_names(names)) >= 2:
+        names += FITTED_VARIANTS  # fitted on the canaries, where the policy has a choice to make (before policy.resolve,
+        # canaries=auto counts: a run whose data cannot spare them drops it there, before any training)
+    return names
 
 
 HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
@@ -238,6 +242,10 @@ def _rank_by(wanted: str | None, names: list[str], canaries) -> str:
         return "auto" if len(pmp) >= 2 else pmp[0] if pmp else names[0]
     if wanted == "auto":
         return wanted
+    if wanted in FITTED_VARIANTS and wanted not in names:
+        raise SettingError(f"scoring.rank_by={wanted}: {wanted} is fitted on the canaries, and this run has none or "
+                           f"computes fewer than two PMP variants; set scoring.canaries (e.g. 40) where the data can "
+                           f"spare them, or rank by auto")
     if wanted not in names:
         raise UnknownScoreError(f"scoring.rank_by={wanted} is not among the scores this run computes; pick one of "
                                 f"{', '.join(names)}, or auto")

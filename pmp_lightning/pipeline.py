@@ -49,8 +49,8 @@ from pmp_lightning.replay.store import ReplayStats, concentration, replay_key_co
 from pmp_lightning.replay.costate import describe
 from pmp_lightning.replay.dynamics import modelled_dynamics
 from pmp_lightning.replay.costate import objective as make_objective
-from pmp_lightning.scores.registry import (CLASS_VARIANTS, SCORER_TARGET, block_fit, class_scores, compute_scores,
-                                          pmp_names)
+from pmp_lightning.scores.registry import (CLASS_VARIANTS, FITTED_VARIANTS, SCORER_TARGET, block_fit, class_scores,
+                                          compute_scores)
 from pmp_lightning.scores.scorer import data_scorer, document_features
 from pmp_lightning.scores.select import selection, selection_stage
 from pmp_lightning.scores.text import corpus_baselines_stage
@@ -285,8 +285,8 @@ def score_stage(stats: ReplayStats, names: list[str], datamodule,
     """The pool's scores, the class variants from the replays of ``class_dirs`` among them (``scoring.by_class``);
     with canaries (``scoring.canaries``), also ``block_fit`` (the blocks weighted on them) and the score ``auto`` the policy chooses on them (``policy.choose``) and
     its record, for metrics.json."""
-    scores = compute_scores([n for n in names if n not in CLASS_VARIANTS], stats)
-    if datamodule.canary_mask is not None and pmp_names(names):
+    scores = compute_scores([n for n in names if n not in CLASS_VARIANTS and n not in FITTED_VARIANTS], stats)
+    if "block_fit" in names and datamodule.canary_mask is not None:  # config.run_scores: with canaries, ≥ 2 variants
         scores["block_fit"] = block_fit(stats, datamodule.canary_mask)
     if class_dirs:
         by_class = {k: ReplayStats.load(d / "stats.npz") for k, d in class_dirs.items()}

@@ -136,9 +136,11 @@ def _separated_stats(pool=300, k=40, seed=0):
 def test_block_fit_weighs_the_block_that_tells_the_canaries_from_their_controls():
     """Fitted on the canaries alone, the weights find the separating block among three of noise: the pool's errors
     rank lowest, where ``block_cosine`` (one vote per block) is diluted by the noise. Written out: the pool's score is
-    the blocks' cosines summed over the snapshots, weighted ≥ 0, and block 0 carries nearly all the weight."""
+    the blocks' cosines summed over the snapshots, weighted ≥ 0, block 0 carrying nearly all the weight, and the
+    weights solve the stated problem (the optimality conditions of the penalised logistic loss with weights ≥ 0, its
+    gradient computed here from the standardised features)."""
     from pmp_lightning.policy import average_precision
-    from pmp_lightning.scores.registry import _block_cosines, _block_weights, block_fit
+    from pmp_lightning.scores.registry import FIT_L2, _block_cosines, _block_weights, block_fit
 
     s, errors, is_canary = _separated_stats()
     fitted = block_fit(s, is_canary)
@@ -146,15 +148,23 @@ def test_block_fit_weighs_the_block_that_tells_the_canaries_from_their_controls(
     ap = lambda scores: float(average_precision(errors, -scores[:pool])[0])  # noqa: E731
     assert ap(fitted) > 0.85 > ap(compute_scores(["block_cosine"], s)["block_cosine"]) + 0.5
     features = _block_cosines(s).sum(0)
-    w = _block_weights(features[pool:], is_canary)
+    w, offset = _block_weights(features[pool:], is_canary)
     assert (w >= 0).all() and w[0] * features[:, 0].std() > 5 * (w[1:] * features[:, 1:].std(0)).max()
     np.testing.assert_allclose(fitted[:pool], features[:pool] @ w)
+    marked = features[pool:]
+    z = (marked - marked.mean(0)) / marked.std(0)
+    w_z, b = w * marked.std(0), offset - marked.mean(0) @ w
+    logit = b - z @ w_z  # the log-odds of a canary
+    residual = 1 / (1 + np.exp(-logit)) - is_canary
+    gradient = -z.T @ residual + FIT_L2 * w_z
+    assert abs(residual.sum()) < 1e-3 and np.all(np.where(w_z > 1e-8, np.abs(gradient) < 1e-3, gradient > -1e-3))
 
 
 def test_block_fit_scores_each_canary_out_of_fold():
     """A canary's or control's score comes from weights fitted without its fold: relabelling the examples of one fold
     (canary ↔ control) leaves their own scores as they were and moves the others', and the pool's. Guard: scored with
-    the weights of every canary and control (in-sample), the relabelled fold's scores move."""
+    the weights of every canary and control (in-sample), the relabelled fold's scores move. Without canaries and
+    controls both, nothing is fitted: zero for every example."""
     from pmp_lightning.scores.registry import FIT_FOLDS, _block_cosines, _block_weights, block_fit
 
     s, errors, is_canary = _separated_stats()
@@ -165,8 +175,9 @@ def test_block_fit_scores_each_canary_out_of_fold():
     np.testing.assert_allclose(after[pool:][fold], before[pool:][fold])
     assert not np.allclose(after[pool:][~fold], before[pool:][~fold]) and not np.allclose(after[:pool], before[:pool])
     marked = _block_cosines(s).sum(0)[pool:]
-    in_sample = lambda labels: marked[fold] @ _block_weights(marked, labels)  # noqa: E731
+    in_sample = lambda labels: marked[fold] @ _block_weights(marked, labels)[0]  # noqa: E731
     assert not np.allclose(in_sample(relabelled), in_sample(is_canary))
+    assert not block_fit(s, np.ones(m, dtype=bool)).any() and not block_fit(s, np.zeros(m, dtype=bool)).any()
 
 
 def test_the_rule_best_fit_takes_block_fit_where_its_out_of_fold_ap_is_the_best():
@@ -178,11 +189,11 @@ def test_the_rule_best_fit_takes_block_fit_where_its_out_of_fold_ap_is_the_best(
     from pmp_lightning import pipeline, policy
 
     s, errors, is_canary = _separated_stats()
-    names = ["cosine", "block_cosine", "late_cosine", "late_fisher", "loss"]
+    names = ["cosine", "block_cosine", "late_cosine", "late_fisher", "loss", "block_fit"]  # as config.run_scores has it
     datamodule = SimpleNamespace(canary_mask=is_canary, pool=errors)
     scores, choice = pipeline.score_stage(s, names, datamodule, {})
     assert "block_fit" in scores and "block_fit" in choice["inputs"]["scores"] and choice["rule"] == policy.RULE
-    full = {**compute_scores(names, s), "block_fit": pipeline.block_fit(s, is_canary)}
+    full = {**compute_scores(names[:-1], s), "block_fit": pipeline.block_fit(s, is_canary)}
     _, fitted = policy.choose(full, is_canary, len(errors), rule="best_fit")
     assert fitted["combined"] == ["block_fit"] and fitted["ap"]["block_fit"] == max(fitted["ap"].values())
     _, family = policy.choose(full, is_canary, len(errors), rule="best")

@@ -113,6 +113,22 @@ def test_a_difference_the_canaries_cannot_tell_from_chance_keeps_the_first():
     assert choice["combined"] == ["clearly"] and choice["beats"]["clearly"] >= 0.95 > choice["beats"]["slightly"]
 
 
+def test_block_fit_is_computed_where_the_policy_chooses_on_canaries_and_asked_for_elsewhere_is_refused_before_work():
+    """``block_fit`` is among the run's scores with canaries (auto or a number) and two PMP variants or more, and
+    ``scoring.rank_by`` may name it there; with one PMP variant or no canaries it is not, and asking to rank by it says
+    why and what to set, before any data is set up (the output directory does not exist)."""
+    from pmp_lightning.config import run_scores
+
+    out = Path("/nonexistent")
+    assert "block_fit" in run_scores(make_cfg(out))[0]  # the defaults: canaries=auto, every score
+    assert run_scores(make_cfg(out, "scoring.canaries=20", "scoring.rank_by=block_fit"))[1] == "block_fit"
+    assert "block_fit" not in run_scores(make_cfg(out, "scoring.scores=[cosine,loss]"))[0]
+    assert "block_fit" not in run_scores(make_cfg(out, "scoring.canaries=0"))[0]
+    with pytest.raises(SettingError, match=r"scoring.rank_by=block_fit: block_fit is fitted on the canaries, and this "
+                                           r"run has none .* set scoring.canaries"):
+        run(make_cfg(out, "scoring.canaries=0", "scoring.rank_by=block_fit"))
+
+
 def test_every_rule_is_of_the_kinds_named_and_a_run_without_canaries_takes_the_incumbent():
     assert all(r.variants in ("family", "fitted", "all") and r.incumbent in ("cosine", "fallback") and
                r.decide in ("none", "test", "best", "tied") for r in RULES.values())
@@ -207,7 +223,6 @@ def test_the_run_ranks_the_pool_by_the_hedge_where_the_canaries_choose_a_class_v
     monkeypatch.setattr(pipeline, "compute_scores", lambda names, stats: {k: full[k] for k in AUTO_FAMILY})
     monkeypatch.setattr(pipeline, "class_scores", lambda by_class, labels: {k: full[k] for k in CLASS_VARIANTS})
     monkeypatch.setattr(pipeline.ReplayStats, "load", staticmethod(lambda path: None))
-    monkeypatch.setattr(pipeline, "block_fit", lambda stats, mask: rng.random(n + 80))  # not among the rule's
     datamodule = SimpleNamespace(pool=range(n), canary_mask=is_canary, scored=SimpleNamespace(y=torch.zeros(n + 80)))
     scores, choice = pipeline.score_stage(None, [*AUTO_FAMILY, *CLASS_VARIANTS], datamodule, {0: Path("unused")})
     assert choice["combined"] == ["class_late_fisher", "late_cosine"] and choice["rule"] == "test_cosine_hedged"

@@ -48,7 +48,8 @@ def test_metrics_json_has_every_field(train_pool_run):
     out, returned = train_pool_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(returned))
-    assert set(metrics["detection"]) == set(SCORES) | {"auto"}  # auto: the policy's choice (policy.choose)
+    # auto: the policy's choice (policy.choose); block_fit: fitted on the canaries it chooses on
+    assert set(metrics["detection"]) == set(SCORES) | {"auto", "block_fit"}
     for row in metrics["detection"].values():
         assert set(row) == set(METRICS)
         assert all(0.0 <= v <= 1.0 for m, v in row.items() if m != "hits_in_lowest_1pct")
@@ -87,7 +88,7 @@ def test_holdout_pool_scores_examples_the_trajectory_never_saw(tmp_path):
     metrics = run(make_cfg(tmp_path, "pool=holdout", "data.pool_size=300", "replay.curvature=coarse",
                            "scoring.scores=[raw,cosine,loss]"))
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
-    assert len(rows) == 300 and set(metrics["detection"]) == {"raw", "cosine", "loss", "auto"}
+    assert len(rows) == 300 and set(metrics["detection"]) == {"raw", "cosine", "loss", "auto", "block_fit"}
     assert metrics["costate"]["mode"] == "coarse"
     assert metrics["detection"]["loss"]["auroc"] > 0.9
 

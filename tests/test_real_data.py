@@ -312,7 +312,7 @@ def test_a_transformer_of_ones_own_from_config(tmp_path, examples_on_path):
                            f"data.source.path={tmp_path / 'digits.npz'}", "data.test_size=100", "data.downstream_size=60",
                            "scoring.scores=[cosine,loss]"))
     assert len(_rows(tmp_path / "scores.csv")) == 340 - 80
-    assert set(metrics["detection"]) == {"cosine", "loss", "auto", *CLASS_VARIANTS}
+    assert set(metrics["detection"]) == {"cosine", "loss", "auto", "block_fit", *CLASS_VARIANTS}
     assert metrics["scoring"] == {"canaries": 40, "by_class": True}  # as resolved: what the reports rebuild from
     rows, choice = _rows(tmp_path / "scores.csv"), metrics["canaries"]
     column = lambda name: np.array([float(r[name]) for r in rows])  # noqa: E731

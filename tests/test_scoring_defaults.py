@@ -186,6 +186,7 @@ def test_a_corpus_run_chooses_its_score_on_canary_documents(tmp_path):
     assert metrics["scoring"] == {"canaries": AUTO_CANARIES, "by_class": False}
     assert set(metrics["canaries"]["combined"]) <= {*AUTO_FAMILY, *FITTED_VARIANTS}
     assert set(metrics["canaries"]["ap"]) <= {*AUTO_FAMILY, *FITTED_VARIANTS}
+    assert set(FITTED_VARIANTS) <= set(metrics["canaries"]["inputs"]["scores"])  # fitted on the canary documents too
     with open(tmp_path / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 60 and "auto" in rows[0]

@@ -187,27 +187,36 @@ FIT_FOLDS = 5
 
 def block_fit(s: ReplayStats, is_canary: np.ndarray) -> np.ndarray:
     """The score ``block_fit`` of every scored example: the pool first, then the ``len(is_canary)`` canaries and
-    controls (``is_canary`` marks the canaries among them), these out of fold (seeded folds)."""
+    controls (``is_canary`` marks the canaries among them), these out of fold (seeded folds). Each is scored by the
+    weights alone, the pool's by those fitted on every canary and control, each fold's by its own fit: the version the
+    fourth suite validated. The folds' scores so carry offsets of their own (no fold's centre or intercept); scoring
+    each fold by its full decision function instead was measured on three sets of runs and was not better
+    (docs/design-notes.md, "Blocks weighted on the canaries"). Zero for every example where the canaries and
+    controls are not both there to fit on."""
     features = _block_cosines(s).sum(0)  # N × B
     is_canary = np.asarray(is_canary, dtype=bool)
     m = len(is_canary)
+    scores = np.zeros(len(features))
+    if not (is_canary.any() and (~is_canary).any()):
+        return scores
     pool, marked = features[:-m], features[-m:]
-    scores = np.empty(len(features))
-    scores[:-m] = pool @ _block_weights(marked, is_canary)
+    scores[:-m] = pool @ _block_weights(marked, is_canary)[0]
     folds = np.random.default_rng(0).permutation(m) % FIT_FOLDS
     for k in range(FIT_FOLDS):
         held = folds == k
-        scores[len(pool) + np.flatnonzero(held)] = marked[held] @ _block_weights(marked[~held], is_canary[~held])
+        scores[len(pool) + np.flatnonzero(held)] = marked[held] @ _block_weights(marked[~held], is_canary[~held])[0]
     return scores
 
 
-def _block_weights(features: np.ndarray, is_canary: np.ndarray) -> np.ndarray:
-    """The blocks' weights (≥ 0, on the unstandardised features) of a logistic regression of canary (a *low* score)
-    against control on the standardised ``features`` with an unpenalised intercept and L2 penalty ``FIT_L2``."""
+def _block_weights(features: np.ndarray, is_canary: np.ndarray) -> tuple[np.ndarray, float]:
+    """A logistic regression of canary (a *low* score) against control on the standardised ``features``, weights ≥ 0,
+    an unpenalised intercept, L2 penalty ``FIT_L2``: the blocks' weights on the unstandardised features and the
+    offset that makes ``features @ weights - offset`` its decision function. A class missing from ``features``
+    gives weights 0."""
     from scipy.optimize import minimize
 
-    spread = features.std(0)
-    z = _safe_div(features - features.mean(0), spread)
+    centre, spread = features.mean(0), features.std(0)
+    z = _safe_div(features - centre, spread)
     y = is_canary.astype(float)
 
     def loss(params):
@@ -219,8 +228,9 @@ def _block_weights(features: np.ndarray, is_canary: np.ndarray) -> np.ndarray:
 
     start = np.append(np.full(z.shape[1], 1.0 / z.shape[1]), 0.0)
     bounds = [(0, None)] * z.shape[1] + [(None, None)]
-    w = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=bounds).x[:-1]
-    return _safe_div(w, spread)
+    w, b = np.split(minimize(loss, start, jac=True, method="L-BFGS-B", bounds=bounds).x, [-1])
+    weights = _safe_div(w, spread)
+    return weights, float(centre @ weights + b[0])
 
 
 def class_scores(by_class: dict[int, ReplayStats], labels: np.ndarray) -> dict[str, np.ndarray]:
