@@ -162,9 +162,10 @@ def run_scores(cfg) -> tuple[list[str], str]:
 def _computed(cfg) -> list[str]:
     names = [*score_names(cfg.scoring), *(["cleanlab"] if cfg.baselines.cleanlab else []),
              *(CLASS_VARIANTS if cfg.scoring.get("by_class", False) is True else [])]
+    # fitted on the canaries, where the policy has a choice to make (before policy.resolve, canaries=auto counts: a
+    # run whose data cannot spare them drops it there, before any training)
     if cfg.scoring.get("canaries", 0) not in (0, None) and len(pmp_names(names)) >= 2:
-        names += FITTED_VARIANTS  # fitted on the canaries, where the policy has a choice to make (before policy.resolve,
-        # canaries=auto counts: a run whose data cannot spare them drops it there, before any training)
+        names += FITTED_VARIANTS
     return names
 
 

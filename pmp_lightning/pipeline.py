@@ -283,8 +283,8 @@ def final_probabilities(net: torch.nn.Module, datamodule, test_accuracy: float |
 def score_stage(stats: ReplayStats, names: list[str], datamodule,
                 class_dirs: dict[int, Path]) -> tuple[dict[str, np.ndarray], dict | None]:
     """The pool's scores, the class variants from the replays of ``class_dirs`` among them (``scoring.by_class``);
-    with canaries (``scoring.canaries``), also ``block_fit`` (the blocks weighted on them) and the score ``auto`` the policy chooses on them (``policy.choose``) and
-    its record, for metrics.json."""
+    with canaries (``scoring.canaries``), also ``block_fit`` (the blocks weighted on them) and the score ``auto`` the
+    policy chooses on them (``policy.choose``) and its record, for metrics.json."""
     scores = compute_scores([n for n in names if n not in CLASS_VARIANTS and n not in FITTED_VARIANTS], stats)
     if "block_fit" in names and datamodule.canary_mask is not None:  # config.run_scores: with canaries, ≥ 2 variants
         scores["block_fit"] = block_fit(stats, datamodule.canary_mask)

@@ -7,8 +7,9 @@ wherever the data can spare them; no class replays). After the replays (``choose
 registry ``RULES`` makes the score ``auto`` of what the canaries say; without canaries, its incumbent ``FALLBACK``.
 The rule and the fallback were fitted on a suite of settings drawn before any rule was (``report/suite.py``: the
 development suite, then the validation suite once), the rule was settled between the two best there by a third
-suite drawn before it ran, and ``block_fit`` joined its candidates by a fourth (docs/design-notes.md). Both steps are logged in one line each and recorded in
-metrics.json (``scoring``, ``canaries``, the latter with the choice's inputs).
+suite drawn before it ran, and ``block_fit`` joined its candidates by a fourth (docs/design-notes.md). Both steps
+are logged in one line each and recorded in metrics.json (``scoring``, ``canaries``, the latter with the choice's
+inputs).
 
 The other settings named ``auto`` resolve where their names are read: ``objective=auto`` by the pool's mode when the
 config is composed (``config.recommended_objective``), ``scoring.rank_by`` (suspects.csv's order) to ``auto`` where

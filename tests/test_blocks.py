@@ -118,7 +118,8 @@ def test_late_fisher_is_the_cosine_in_the_blocks_fisher_metric():
 
 def _separated_stats(pool=300, k=40, seed=0):
     """Block 0 tells the errors (the pool's first tenth, and the canaries) from the rest by its cosine's sign; blocks
-    1–3 are noise, block 3 with gradients 1,000× larger. The scored examples: the pool, then k canaries, k controls."""
+    1–3 are noise, block 3 with gradients 1,000× larger. The scored examples: the pool, then k canaries, then k
+    controls."""
     s = _random_stats(T=3, N=pool + 2 * k, B=4, seed=seed)
     bad = np.zeros(pool + 2 * k, dtype=bool)
     bad[: pool // 10], bad[pool: pool + k] = True, True
@@ -182,8 +183,8 @@ def test_block_fit_scores_each_canary_out_of_fold():
 
 def test_the_rule_best_fit_takes_block_fit_where_its_out_of_fold_ap_is_the_best():
     """``best_fit`` (the shipped rule) chooses among the family and ``block_fit``, on the latter's out-of-fold
-    scores; ``best`` never takes it. Through the run's scoring stage: with canaries, ``block_fit`` is a column and among the recorded
-    inputs; without them it is not computed."""
+    scores; ``best`` never takes it. Through the run's scoring stage: with canaries, ``block_fit`` is a column and
+    among the recorded inputs; without them it is not computed."""
     from types import SimpleNamespace
 
     from pmp_lightning import pipeline, policy

@@ -2,9 +2,10 @@
 function of the replay's statistics (each run's ``replay/stats.npz``) and of which scored examples are canaries
 (metrics.json's recorded canary inputs), so it is recomputed exactly on the run. Per row (mean over its seeds): the
 AP of what ``best`` and ``best_fit`` choose (``best_fit`` also with each fold's canaries scored by its whole
-decision function, centred: ``block_fit_centred``), the best PMP column with ``block_fit`` among them, ``block_fit``'s own
-AP and the best baseline's; then both rules' mean and largest regret against that column and their rows at 0.95× the
-best baseline or more. Rows without canaries (nothing to fit) are left out. Read-only: it chooses nothing.
+decision function, centred: ``block_fit_centred``), the best PMP column with ``block_fit`` among them,
+``block_fit``'s own AP and the best baseline's; then the rules' mean and largest regret against that column and
+their rows at 0.95× the best baseline or more. Rows without canaries (nothing to fit) are left out. Read-only: it
+chooses nothing.
 
     python docs/explorations/block_fit_offline.py <suite runs dir>
 """
@@ -83,7 +84,8 @@ def main(runs: Path) -> None:
     print()
     for rule in regret:
         print(f"{rule}: mean regret {np.mean(regret[rule]):.4f}, median {np.median(regret[rule]):.4f}, max "
-              f"{np.max(regret[rule]):.3f}; {sum(share[rule])} of {len(rows)} rows at ≥ {RATIO_TARGET}× the best baseline")
+              f"{np.max(regret[rule]):.3f}; {sum(share[rule])} of {len(rows)} rows at ≥ {RATIO_TARGET}× the best "
+              "baseline")
 
 
 if __name__ == "__main__":

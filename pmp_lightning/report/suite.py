@@ -24,7 +24,8 @@ exists is skipped, so a killed suite resumes where it stopped (each run resumes 
 ``suspects.rank_by`` names, the one suspects.csv is ranked by), the best PMP column (``PMP_VARIANTS``,
 ``CLASS_VARIANTS`` and ``FITTED_VARIANTS``) and the best baseline (every other score but ``random`` and the default
 itself), the regret (best PMP column − default), the ratio default / best baseline and the cost relative to one
-replay, then the summary: median and largest regret, the share of rows at ≥ ``RATIO_TARGET`` of the best baseline and the rows below it.
+replay, then the summary: median and largest regret, the share of rows at ≥ ``RATIO_TARGET`` of the best baseline
+and the rows below it.
 """
 from __future__ import annotations
 
