@@ -166,11 +166,11 @@ def test_block_fit_scores_each_canary_out_of_fold():
     (canary ↔ control) leaves their own scores as they were and moves the others', and the pool's. Guard: scored with
     the weights of every canary and control (in-sample), the relabelled fold's scores move. Without canaries and
     controls both, nothing is fitted: zero for every example."""
-    from pmp_lightning.scores.registry import FIT_FOLDS, _block_cosines, _block_weights, block_fit
+    from pmp_lightning.scores.registry import _block_cosines, _block_weights, block_fit, canary_folds
 
     s, errors, is_canary = _separated_stats()
     pool, m = len(errors), len(is_canary)
-    fold = np.random.default_rng(0).permutation(m) % FIT_FOLDS == 0  # block_fit's first fold
+    fold = canary_folds(m) == 0  # block_fit's first fold
     relabelled = np.where(fold, ~is_canary, is_canary)
     before, after = block_fit(s, is_canary), block_fit(s, relabelled)
     np.testing.assert_allclose(after[pool:][fold], before[pool:][fold])

@@ -21,7 +21,7 @@ import numpy as np
 from pmp_lightning.policy import RULES, average_precision, candidates, decide
 from pmp_lightning.replay.store import ReplayStats
 from pmp_lightning.report.suite import RATIO_TARGET, score_families
-from pmp_lightning.scores.registry import FIT_FOLDS, _block_cosines, _block_weights, block_fit
+from pmp_lightning.scores.registry import FIT_FOLDS, _block_cosines, _block_weights, block_fit, canary_folds
 
 
 def block_fit_centred(stats: ReplayStats, is_canary: np.ndarray) -> np.ndarray:
@@ -30,7 +30,7 @@ def block_fit_centred(stats: ReplayStats, is_canary: np.ndarray) -> np.ndarray:
     features = _block_cosines(stats).sum(0)
     m = len(is_canary)
     scores = block_fit(stats, is_canary)
-    folds = np.random.default_rng(0).permutation(m) % FIT_FOLDS
+    folds = canary_folds(m)
     for k in range(FIT_FOLDS):
         held = folds == k
         weights, offset = _block_weights(features[-m:][~held], is_canary[~held])

@@ -201,11 +201,16 @@ def block_fit(s: ReplayStats, is_canary: np.ndarray) -> np.ndarray:
         return scores
     pool, marked = features[:-m], features[-m:]
     scores[:-m] = pool @ _block_weights(marked, is_canary)[0]
-    folds = np.random.default_rng(0).permutation(m) % FIT_FOLDS
+    folds = canary_folds(m)
     for k in range(FIT_FOLDS):
         held = folds == k
         scores[len(pool) + np.flatnonzero(held)] = marked[held] @ _block_weights(marked[~held], is_canary[~held])[0]
     return scores
+
+
+def canary_folds(m: int) -> np.ndarray:
+    """The fold (0 … ``FIT_FOLDS`` − 1) of each of ``m`` canaries and controls, seeded, the same for any labels."""
+    return np.random.default_rng(0).permutation(m) % FIT_FOLDS
 
 
 def _block_weights(features: np.ndarray, is_canary: np.ndarray) -> tuple[np.ndarray, float]:
